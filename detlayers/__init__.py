@@ -1,0 +1,109 @@
+"""detlayers: detectron2's detection layers (``detectron2.layers``) for JAX and Flax linen.
+
+Every public name of ``../shared/SPEC.md`` is importable from here (``import detlayers as L``).
+Submodules are imported lazily on first attribute access, so ``import detlayers`` stays cheap and
+one op family never pays for another's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it (one op family a file).
+_EXPORTS: dict[str, str] = {
+    # box and suppression ops
+    "NMSResult": "nms",
+    "nms": "nms",
+    "batched_nms": "nms",
+    "nms_rotated": "nms",
+    "batched_nms_rotated": "nms",
+    "pairwise_iou_rotated": "rotated_boxes",
+    # ROI pooling
+    "roi_align": "roi_align",
+    "ROIAlign": "roi_align",
+    "roi_align_rotated": "roi_align_rotated",
+    "ROIAlignRotated": "roi_align_rotated",
+    # deformable convolution
+    "deform_conv": "deform_conv",
+    "modulated_deform_conv": "deform_conv",
+    "DeformConv": "deform_conv",
+    "ModulatedDeformConv": "deform_conv",
+    # masks
+    "paste_masks_in_image": "mask_ops",
+    # normalization
+    "BatchNorm2d": "batch_norm",
+    "FrozenBatchNorm2d": "batch_norm",
+    "NaiveSyncBatchNorm": "batch_norm",
+    "get_norm": "batch_norm",
+    "LayerNorm": "batch_norm",
+    "CycleBatchNormList": "batch_norm",
+    "convert_frozen_batchnorm": "batch_norm",
+    # wrappers and blocks
+    "ShapeSpec": "shape_spec",
+    "Conv2d": "wrappers",
+    "ConvTranspose2d": "wrappers",
+    "Linear": "wrappers",
+    "cat": "wrappers",
+    "interpolate": "wrappers",
+    "nonzero_tuple": "wrappers",
+    "shapes_to_tensor": "wrappers",
+    "cross_entropy": "wrappers",
+    "CNNBlockBase": "blocks",
+    "DepthwiseSeparableConv2d": "blocks",
+    "ASPP": "aspp",
+    "diou_loss": "losses",
+    "ciou_loss": "losses",
+    # checkpoints
+    "load_torch_state_dict": "checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'detlayers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"detlayers.{module_name}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static tools see the real definitions
+    from detlayers.aspp import ASPP
+    from detlayers.batch_norm import (
+        BatchNorm2d,
+        CycleBatchNormList,
+        FrozenBatchNorm2d,
+        LayerNorm,
+        NaiveSyncBatchNorm,
+        convert_frozen_batchnorm,
+        get_norm,
+    )
+    from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
+    from detlayers.checkpoint import load_torch_state_dict
+    from detlayers.deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
+    from detlayers.losses import ciou_loss, diou_loss
+    from detlayers.mask_ops import paste_masks_in_image
+    from detlayers.nms import NMSResult, batched_nms, batched_nms_rotated, nms, nms_rotated
+    from detlayers.roi_align import ROIAlign, roi_align
+    from detlayers.roi_align_rotated import ROIAlignRotated, roi_align_rotated
+    from detlayers.rotated_boxes import pairwise_iou_rotated
+    from detlayers.shape_spec import ShapeSpec
+    from detlayers.wrappers import (
+        Conv2d,
+        ConvTranspose2d,
+        Linear,
+        cat,
+        cross_entropy,
+        interpolate,
+        nonzero_tuple,
+        shapes_to_tensor,
+    )
