@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "get_norm": "batch_norm",
     "LayerNorm": "batch_norm",
     "CycleBatchNormList": "batch_norm",
-    "convert_frozen_batchnorm": "batch_norm",
+    "convert_frozen_batchnorm": "freeze",
     # wrappers and blocks
     "ShapeSpec": "shape_spec",
     "Conv2d": "wrappers",
@@ -84,11 +84,11 @@ if TYPE_CHECKING:  # static tools see the real definitions
         FrozenBatchNorm2d,
         LayerNorm,
         NaiveSyncBatchNorm,
-        convert_frozen_batchnorm,
         get_norm,
     )
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
     from detlayers.checkpoint import load_torch_state_dict
+    from detlayers.freeze import convert_frozen_batchnorm
     from detlayers.deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
     from detlayers.losses import ciou_loss, diou_loss
     from detlayers.mask_ops import paste_masks_in_image
