@@ -1,0 +1,119 @@
+"""Loading of the compiled XLA custom calls (``custom_calls/``) and their FFI registration.
+
+The build (CMake via scikit-build-core) installs up to two plain shared libraries into
+``detlayers/_lib``: ``libdetlayers_cpu.so`` (C++ handlers) and ``libdetlayers_cuda.so`` (CUDA
+handlers). They have no Python ABI, so they are opened with :mod:`ctypes`; each exported handler
+symbol is wrapped with :func:`jax.ffi.pycapsule` and registered with
+:func:`jax.ffi.register_ffi_target` under the platform it runs on ("cpu" or "CUDA").
+
+Search order for each library: the directory named by the environment variable
+``DETLAYERS_LIB_DIR`` (if set), then ``_lib/`` in every entry of ``detlayers.__path__`` (an
+editable install keeps the compiled files in site-packages while the sources stay in the
+checkout). A missing or unloadable library is not an error: the ops that would use it fall back to
+their pure-XLA implementation, and one :class:`RuntimeWarning` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import pathlib
+import threading
+import warnings
+
+import jax
+
+import detlayers
+
+LIB_DIR_ENV = "DETLAYERS_LIB_DIR"
+
+# FFI target name -> exported handler symbol, per library.
+_CPU_TARGETS: dict[str, str] = {
+    "detlayers_nms": "DetlayersNmsCpu",
+    "detlayers_batched_nms": "DetlayersBatchedNmsCpu",
+    "detlayers_nms_rotated": "DetlayersNmsRotatedCpu",
+    "detlayers_batched_nms_rotated": "DetlayersBatchedNmsRotatedCpu",
+}
+_CUDA_TARGETS: dict[str, str] = {
+    "detlayers_nms": "DetlayersNmsCuda",
+    "detlayers_batched_nms": "DetlayersBatchedNmsCuda",
+    "detlayers_nms_rotated": "DetlayersNmsRotatedCuda",
+    "detlayers_batched_nms_rotated": "DetlayersBatchedNmsRotatedCuda",
+}
+_LIBRARIES: dict[str, tuple[str, str, dict[str, str]]] = {
+    # key -> (file name, XLA platform name, targets)
+    "cpu": ("libdetlayers_cpu.so", "cpu", _CPU_TARGETS),
+    "cuda": ("libdetlayers_cuda.so", "CUDA", _CUDA_TARGETS),
+}
+
+_lock = threading.Lock()
+_warned = False
+
+
+def library_candidates(file_name: str) -> list[pathlib.Path]:
+    """Paths where ``file_name`` is looked for, in order."""
+    dirs: list[pathlib.Path] = []
+    override = os.environ.get(LIB_DIR_ENV)
+    if override:
+        dirs.append(pathlib.Path(override))
+    dirs.extend(pathlib.Path(p) / "_lib" for p in detlayers.__path__)
+    return [d / file_name for d in dirs]
+
+
+def _find(file_name: str) -> pathlib.Path | None:
+    for path in library_candidates(file_name):
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.cache
+def _load(key: str) -> frozenset[str]:
+    """Opens one library and registers its handlers; returns the registered target names."""
+    file_name, platform, targets = _LIBRARIES[key]
+    path = _find(file_name)
+    if path is None:
+        return frozenset()
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as err:  # e.g. built for another architecture
+        _warn_once(f"could not load {path}: {err}")
+        return frozenset()
+    registered = set()
+    for target, symbol in targets.items():
+        handler = getattr(lib, symbol, None)
+        if handler is None:  # a library built before that handler existed
+            continue
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform=platform)
+        registered.add(target)
+    return frozenset(registered)
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"detlayers: {message}; using the pure-XLA NMS instead", RuntimeWarning, stacklevel=3)
+
+
+def available_targets(key: str) -> frozenset[str]:
+    """FFI targets registered from library ``key`` ("cpu" or "cuda"), loading it on first use."""
+    with _lock:
+        return _load(key)
+
+
+def has_target(key: str, target: str) -> bool:
+    """True when ``target`` is registered for library ``key``."""
+    return target in available_targets(key)
+
+
+def warn_if_missing(target: str) -> None:
+    """Warns once per process when no compiled CPU handler exists for ``target``.
+
+    (A CUDA library is only expected where nvcc was found at build time, so its absence is quiet;
+    the pure-XLA path is used on GPU then.)
+    """
+    if not has_target("cpu", target):
+        where = ", ".join(str(p.parent) for p in library_candidates(_LIBRARIES["cpu"][0]))
+        _warn_once(f"no compiled custom call {target!r} (looked in {where})")

@@ -1,0 +1,224 @@
+"""Shared machinery of the ROI pooling ops (``roi_align``, ``roi_align_rotated``).
+
+Private module.  Two ideas carry everything here:
+
+* **Exact grids with static shapes.**  detectron2's adaptive grid (``sampling_ratio=0``) gives every
+  ROI its own number of samples per bin.  Instead of capping that number, ROIs are sorted by the
+  work they need and cut into fixed-size chunks; each chunk runs a loop whose trip count is the
+  largest grid *in that chunk* (a ``lax.fori_loop`` with a traced bound).  Shapes stay static,
+  nothing is truncated, and the waste is only the spread of sizes inside one chunk.
+* **Gathers of whole channel vectors.**  Features are NHWC, flattened to ``[N*H*W, C]``; one gather
+  index fetches a contiguous ``C`` vector, and the weighted sum of a handful of gathers fuses into a
+  single XLA loop.
+
+The loops have traced trip counts, which reverse-mode autodiff cannot see through, so the pooling
+runs under a ``jax.custom_vjp`` whose backward pass replays the same chunked loops with
+scatter-adds: the feature gradient is, sample for sample, the one detectron2/torchvision write.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# ROIs per chunk of the adaptive loops.  Small enough that the chunk's accumulator
+# ([chunk, PH, PW, C] float32) stays in cache and ROIs of different sizes rarely share a chunk;
+# large enough that one loop iteration does real work (measured in detlayers/bench/roi_align.py).
+CHUNK_ROIS = 16
+
+
+def normalize_output_size(output_size: Any) -> tuple[int, int]:
+    """``int`` or ``(PH, PW)`` -> ``(PH, PW)``, both positive Python ints."""
+    if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
+        size = (int(output_size), int(output_size))
+    elif isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in output_size
+    ):
+        size = (int(output_size[0]), int(output_size[1]))
+    else:
+        raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"output_size must be positive, got {output_size!r}")
+    return size
+
+
+def check_sampling_ratio(sampling_ratio: Any) -> int:
+    if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool):
+        raise TypeError(f"sampling_ratio must be an int >= 0, got {sampling_ratio!r}")
+    if sampling_ratio < 0:
+        raise ValueError(f"sampling_ratio must be >= 0 (0 = adaptive), got {sampling_ratio}")
+    return int(sampling_ratio)
+
+
+def check_spatial_scale(spatial_scale: Any) -> float:
+    if isinstance(spatial_scale, jax.core.Tracer):
+        raise TypeError("spatial_scale must be a static Python number, not a traced value")
+    try:
+        return float(spatial_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"spatial_scale must be a number, got {spatial_scale!r}") from None
+
+
+def check_inputs(name: str, features: Any, rois: Any, roi_cols: int) -> tuple[jax.Array, jax.Array]:
+    features = jnp.asarray(features)
+    rois = jnp.asarray(rois)
+    if features.ndim != 4:
+        raise ValueError(f"{name}: input must be NHWC with rank 4, got shape {features.shape}")
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        raise TypeError(f"{name}: input must be floating point, got {features.dtype}")
+    if rois.ndim != 2 or rois.shape[1] != roi_cols:
+        raise ValueError(f"{name}: rois must have shape [R, {roi_cols}], got {rois.shape}")
+    if not jnp.issubdtype(rois.dtype, jnp.floating):
+        rois = rois.astype(jnp.float32)
+    return features, rois
+
+
+def batch_index_and_validity(name: str, rois: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Batch index column as int32 plus a mask of ROIs whose index names an image.
+
+    Concrete ROIs with an index outside ``[0, N)`` raise ``ValueError``; traced ones (under
+    ``jit``) cannot be inspected, so such ROIs pool to zeros and receive no gradient.
+    """
+    column = rois[:, 0]
+    if not isinstance(column, jax.core.Tracer):
+        values = np.asarray(column)
+        bad = (values < 0) | (values >= batch) | (values != np.floor(values))
+        if bad.any():
+            raise ValueError(
+                f"{name}: rois[:, 0] must hold batch indices in [0, {batch}) (input has N={batch});"
+                f" got {values[bad][:5].tolist()} at rows {np.nonzero(bad)[0][:5].tolist()}"
+            )
+    index = column.astype(jnp.int32)
+    valid = (index >= 0) & (index < batch)
+    return jnp.clip(index, 0, max(batch - 1, 0)), valid
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """float32 for every half type (accumulate in float32); float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def sample_grid(roi_extent: jax.Array, bins: int, sampling_ratio: int) -> jax.Array:
+    """Samples per bin along one axis: ``sampling_ratio`` or ``ceil(extent / bins)`` (may be <= 0)."""
+    if sampling_ratio > 0:
+        return jnp.full(roi_extent.shape, sampling_ratio, jnp.int32)
+    return jnp.ceil(roi_extent / bins).astype(jnp.int32)
+
+
+def sample_coordinate(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bin_index: Any,
+                      k: Any) -> jax.Array:
+    """Position of sample ``k`` of bin ``bin_index``, in detectron2's operation order.
+
+    ``start + bin * bin_size + (k + 0.5) * bin_size / grid``; keeping the order (and float32)
+    reproduces the reference's rounding, which matters at the ``-1`` / ``size`` validity edges.
+    """
+    dtype = start.dtype
+    offset = (jnp.asarray(k, dtype) + jnp.asarray(0.5, dtype)) * bin_size / grid.astype(dtype)
+    return (start + jnp.asarray(bin_index, dtype) * bin_size) + offset
+
+
+def axis_weights(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bins: int, length: int,
+                 max_grid: Any) -> jax.Array:
+    """Dense separable sampling weights along one axis, ``[R, bins, length]``.
+
+    ``W[r, p, h]`` is the weight the ``grid[r]`` samples of bin ``p`` put on pixel row ``h``,
+    divided by the sample count: the sum over samples of the 1-D bilinear weights with
+    detectron2's boundary rules (a sample below -1 or above ``length`` adds nothing; one in
+    ``[-1, 0]`` reads row 0; one at or past the last row reads the last row).  Because the 2-D
+    bilinear weight is the product of a row and a column weight and the validity test is per axis,
+    a bin's average is exactly ``sum_{h,w} Wy[p, h] Wx[q, w] F[h, w]``.
+
+    ``max_grid`` bounds the loop over samples (a traced value is fine: the loop is a while loop).
+    """
+    dtype = start.dtype
+    rows = jnp.arange(length, dtype=jnp.int32)
+    bin_ids = jnp.arange(bins, dtype=dtype)[None, :]
+
+    def add_sample(k, acc):
+        y = sample_coordinate(start[:, None], bin_size[:, None], grid[:, None], bin_ids, k)
+        valid = (k < grid[:, None]) & (y >= -1.0) & (y <= length)
+        y = jnp.maximum(y, 0.0)
+        low = jnp.floor(y).astype(jnp.int32)
+        at_end = low >= length - 1
+        low = jnp.where(at_end, length - 1, low)
+        high = jnp.where(at_end, length - 1, low + 1)
+        frac = jnp.where(at_end, 0.0, y - low.astype(dtype))
+        w_low = jnp.where(valid, 1.0 - frac, 0.0)[..., None]
+        w_high = jnp.where(valid, frac, 0.0)[..., None]
+        return (acc + jnp.where(rows == low[..., None], w_low, 0.0)
+                + jnp.where(rows == high[..., None], w_high, 0.0))
+
+    acc = jnp.zeros((start.shape[0], bins, length), dtype)
+    if isinstance(max_grid, int):
+        for k in range(max_grid):
+            acc = add_sample(k, acc)
+    else:
+        acc = lax.fori_loop(0, max_grid, add_sample, acc)
+    return acc / jnp.maximum(grid, 1).astype(dtype)[:, None, None]
+
+
+def compact_taps(weights: jax.Array, taps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Nonzero entries of ``weights [R, P, L]`` moved to the front: ``(index, weight, count)``.
+
+    Returns ``index int32[R, P, taps]`` and ``weight [R, P, taps]`` (zeros past the nonzeros) and
+    ``count int32[R]``, the largest number of nonzeros over the ROI's bins.  ``taps`` must be at
+    least the largest possible number of nonzeros (it is ``L`` when that is unknown).
+    """
+    length = weights.shape[-1]
+    positions = jnp.arange(length, dtype=jnp.int32)
+    nonzero = weights != 0
+    # Nonzeros keep their order and come first; lax.top_k of a negated key is a stable compaction.
+    key = jnp.where(nonzero, positions, length + positions)
+    _, index = lax.top_k(-key, taps)
+    index = index.astype(jnp.int32)
+    tap_weights = jnp.take_along_axis(weights, index, axis=-1)
+    count = nonzero.sum(-1).max(-1).astype(jnp.int32)
+    return index, tap_weights, count
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked loops with data-dependent trip counts.
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_plan(work: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, int]:
+    """Sort ROIs by ``work`` and pad to whole chunks.
+
+    Returns ``order int32[R_pad]`` (positions into the ROI axis; padding repeats ROI 0 and must be
+    masked by the caller through ``real``), ``real bool[R_pad]`` and the number of chunks.
+    """
+    num = work.shape[0]
+    num_chunks = -(-num // chunk)
+    padded = num_chunks * chunk
+    order = jnp.argsort(work, stable=True).astype(jnp.int32)
+    order = jnp.concatenate([order, jnp.zeros((padded - num,), jnp.int32)])
+    real = jnp.arange(padded) < num
+    return order, real, num_chunks
+
+
+def to_chunks(x: jax.Array, order: jax.Array, num_chunks: int) -> jax.Array:
+    taken = jnp.take(x, order, axis=0)
+    return taken.reshape((num_chunks, -1) + x.shape[1:])
+
+
+def from_chunks(y: jax.Array, order: jax.Array, num: int) -> jax.Array:
+    """Inverse of ``to_chunks`` for per-ROI results ``[num_chunks, chunk, ...]``."""
+    flat = y.reshape((-1,) + y.shape[2:])
+    inverse = jnp.zeros((num,), jnp.int32).at[order[:num]].set(jnp.arange(num, dtype=jnp.int32))
+    return jnp.take(flat, inverse, axis=0)
+
+
+def gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
+    """``table[index]`` for in-range indices (callers clamp), one contiguous row per index."""
+    return table.at[index].get(mode="promise_in_bounds")
+
+
+def scatter_add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+    return table.at[index].add(rows, mode="promise_in_bounds")

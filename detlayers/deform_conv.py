@@ -1,0 +1,464 @@
+"""Deformable convolution v1 (:paper:`deformconv`) and v2 / modulated (:paper:`deformconv2`), NHWC.
+
+Semantics are torchvision's ``torchvision.ops.deform_conv2d`` (which detectron2's CPU path calls
+and whose CUDA kernels share the layout and bilinear rule), moved to Flax's layout:
+
+* ``input``  ``[N, H, W, C]``; ``kernel`` HWIO ``[kh, kw, C / groups, O]``; output
+  ``[N, Ho, Wo, O]`` with PyTorch's output size ``(H + 2*pad - (dil*(k-1) + 1)) // stride + 1``.
+* ``offset`` ``[N, Ho, Wo, 2 * dg * kh * kw]``: for deformable group ``g`` and kernel tap
+  ``k = i * kw + j`` channel ``g*2*kh*kw + 2*k`` is the y offset and ``+1`` the x offset (detectron2's
+  / torchvision's channel order, moved to the last axis).  Deformable group ``g`` covers the input
+  channels ``[g * C/dg, (g+1) * C/dg)``.
+* ``mask`` ``[N, Ho, Wo, dg * kh * kw]``, channel ``g*kh*kw + k``; it multiplies the sample as
+  given (apply any sigmoid before).
+* Tap ``(i, j)`` of output ``(ho, wo)`` samples the point
+  ``y = ho*stride_h - pad_h + i*dil_h + dy``, ``x = wo*stride_w - pad_w + j*dil_w + dx``.  The sample
+  is taken only when ``-1 < y < H`` and ``-1 < x < W`` (else it is 0); inside that window it is the
+  bilinear blend of the four neighbours ``floor(y) + {0, 1}`` x ``floor(x) + {0, 1}``, neighbours
+  outside the image counting as 0.
+
+Gradients equal torchvision's backward for input, offset, mask, kernel and bias.  One detail where
+torchvision's offset gradient is not the derivative of its forward: at a sample lying exactly on
+``y == -1`` (or ``x == -1``) the forward is 0, but torchvision's offset gradient is the one-sided
+derivative of the bilinear blend (the in-image neighbour pulls the point inward).  That point is
+hit all the time in practice -- zero offsets with ``padding = dilation`` put the border taps
+exactly there, which is how detectron2 initialises its offset convolutions -- so we reproduce it:
+the bilinear weights carry the gate as a constant (``stop_gradient``) factor.  detectron2's own CUDA
+kernel returns 0 there instead.
+
+Implementation: a bilinear im2col by gathers -- for every (output position, tap, deformable group)
+the four neighbouring channel vectors (contiguous in NHWC) are gathered from the flattened image,
+blended with the bilinear weights times the mask -- followed by one matmul per convolution group
+over (tap, channel), so the heavy part runs on the matrix units with float32 accumulation
+(``preferred_element_type``).  The column tensor has ``N*Ho*Wo*kh*kw*C`` elements; above
+``max_column_elements`` (default ``2**26``, 256 MiB in float32) the output rows are processed in
+chunks with ``lax.map`` so memory stays bounded.  Gradients come from autodiff through the gathers
+(scatter-adds for the input).
+
+dtypes: bfloat16 / float16 inputs are gathered in their dtype, blended and accumulated in float32,
+the columns are cast back to the input dtype for the matmul (as PyTorch's im2col does) and the
+matmul accumulates in float32; the result has the promoted dtype of ``input`` and ``kernel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
+
+IntOrPair = int | Sequence[int]
+
+# Bound on the number of elements of the bilinear column tensor built at once (256 MiB in f32).
+DEFAULT_MAX_COLUMN_ELEMENTS = 2**26
+
+
+def _pair(value: IntOrPair, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    elif (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def output_size(
+    size: int, kernel_size: int, stride: int, padding: int, dilation: int
+) -> int:
+    """PyTorch's convolution output length along one axis."""
+    return (size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1
+
+
+def _check_rank(array: jax.Array, name: str, layout: str) -> None:
+    if jnp.ndim(array) != 4:
+        raise ValueError(f"{name} must be rank 4 {layout}, got shape {jnp.shape(array)}")
+
+
+def _bilinear_columns(
+    image_rows: jax.Array,
+    batch_index: jax.Array,
+    out_rows: jax.Array,
+    offset: jax.Array,
+    mask: jax.Array | None,
+    *,
+    height: int,
+    width: int,
+    kernel_hw: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    deformable_groups: int,
+) -> jax.Array:
+    """Bilinear im2col for a block of output rows.
+
+    Args:
+      image_rows: ``[N*H*W*dg, C/dg]`` the input with every pixel's channel vector split per
+        deformable group (row ``((n*H + y)*W + x)*dg + g``).
+      batch_index: int32 ``[R]`` image index of each output row of the block.
+      out_rows: int32 ``[R]`` output row (``ho``) of each row of the block.
+      offset: ``[R, Wo, dg, K, 2]`` (y, x) offsets.
+      mask: ``[R, Wo, dg, K]`` or None.
+
+    Returns:
+      ``[R, Wo, K, dg, C/dg]`` float32 columns (``K = kh*kw``).
+    """
+    kh, kw = kernel_hw
+    dg = deformable_groups
+    taps = np.arange(kh * kw)
+    tap_y = jnp.asarray((taps // kw) * dilation[0], jnp.float32)  # [K]
+    tap_x = jnp.asarray((taps % kw) * dilation[1], jnp.float32)
+    wo = offset.shape[1]
+    base_y = (out_rows * stride[0] - padding[0]).astype(jnp.float32)  # [R]
+    base_x = (jnp.arange(wo) * stride[1] - padding[1]).astype(jnp.float32)  # [Wo]
+
+    offset = offset.astype(jnp.float32)
+    # [R, Wo, K, dg]: taps before deformable groups so the columns come out in (k, c) order.
+    off_y = jnp.swapaxes(offset[..., 0], -1, -2)
+    off_x = jnp.swapaxes(offset[..., 1], -1, -2)
+    y = base_y[:, None, None, None] + tap_y[None, None, :, None] + off_y
+    x = base_x[None, :, None, None] + tap_x[None, None, :, None] + off_x
+
+    # The forward samples only inside (-1, H) x (-1, W).  The gate multiplies the weights as a
+    # constant so the offset gradient stays torchvision's one-sided derivative on the border.
+    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    y_floor = jnp.floor(y)
+    x_floor = jnp.floor(x)
+    frac_y = y - y_floor
+    frac_x = x - x_floor
+    y0 = y_floor.astype(jnp.int32)
+    x0 = x_floor.astype(jnp.int32)
+
+    scale = None if mask is None else jnp.swapaxes(mask.astype(jnp.float32), -1, -2)
+    pixel_base = batch_index[:, None, None, None] * (height * width)  # [R, 1, 1, 1]
+    group = jnp.arange(dg, dtype=jnp.int32)
+
+    columns = None
+    for dy, weight_y in ((0, 1.0 - frac_y), (1, frac_y)):
+        row = y0 + dy
+        row_ok = (row >= 0) & (row < height)
+        row_clipped = jnp.clip(row, 0, height - 1)
+        for dx, weight_x in ((0, 1.0 - frac_x), (1, frac_x)):
+            col = x0 + dx
+            ok = row_ok & (col >= 0) & (col < width)
+            col_clipped = jnp.clip(col, 0, width - 1)
+            weight = jnp.where(ok, weight_y * weight_x, 0.0)
+            weight = weight + lax.stop_gradient(jnp.where(inside, 0.0, -weight))
+            if scale is not None:
+                weight = weight * scale
+            index = (pixel_base + row_clipped * width + col_clipped) * dg + group
+            values = image_rows.at[index].get(mode="promise_in_bounds")
+            term = weight[..., None] * values.astype(jnp.float32)
+            columns = term if columns is None else columns + term
+    return columns
+
+
+def _deform_conv_impl(
+    input: jax.Array,
+    offset: jax.Array,
+    mask: jax.Array | None,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    stride: IntOrPair,
+    padding: IntOrPair,
+    dilation: IntOrPair,
+    groups: int,
+    deformable_groups: int,
+    max_column_elements: int | None,
+    fn_name: str,
+) -> jax.Array:
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    groups = _positive_int(groups, "groups")
+    dg = _positive_int(deformable_groups, "deformable_groups")
+    _check_rank(input, "input", "[N, H, W, C]")
+    _check_rank(offset, "offset", "[N, Ho, Wo, 2*dg*kh*kw]")
+    _check_rank(kernel, "kernel", "HWIO [kh, kw, C/groups, O]")
+    n, h, w, c = input.shape
+    kh, kw, c_per_group, o = kernel.shape
+    if c % groups or c_per_group * groups != c:
+        raise ValueError(
+            f"{fn_name}: kernel shape {kernel.shape} (HWIO) needs input channels = "
+            f"kernel.shape[2] * groups = {c_per_group} * {groups}, but input has shape {input.shape}"
+        )
+    if o % groups:
+        raise ValueError(
+            f"{fn_name}: output channels kernel.shape[3] = {o} must be divisible by "
+            f"groups = {groups} (kernel shape {kernel.shape})"
+        )
+    if c % dg:
+        raise ValueError(
+            f"{fn_name}: input channels {c} (input shape {input.shape}) must be divisible by "
+            f"deformable_groups = {dg}"
+        )
+    ho = output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = output_size(w, kw, stride[1], padding[1], dilation[1])
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"{fn_name}: input {input.shape} is too small for kernel {kernel.shape[:2]} with "
+            f"stride {stride}, padding {padding}, dilation {dilation} (output {ho}x{wo})"
+        )
+    taps = kh * kw
+    expected_offset = (n, ho, wo, 2 * dg * taps)
+    if tuple(offset.shape) != expected_offset:
+        raise ValueError(
+            f"{fn_name}: offset must have shape [N, Ho, Wo, 2*deformable_groups*kh*kw] = "
+            f"{expected_offset} for input {input.shape}, kernel {kernel.shape}, "
+            f"deformable_groups={dg}; got {offset.shape}"
+        )
+    if mask is not None:
+        _check_rank(mask, "mask", "[N, Ho, Wo, dg*kh*kw]")
+        expected_mask = (n, ho, wo, dg * taps)
+        if tuple(mask.shape) != expected_mask:
+            raise ValueError(
+                f"{fn_name}: mask must have shape [N, Ho, Wo, deformable_groups*kh*kw] = "
+                f"{expected_mask} for input {input.shape}, kernel {kernel.shape}, "
+                f"deformable_groups={dg}; got {mask.shape}"
+            )
+    if bias is not None and tuple(jnp.shape(bias)) != (o,):
+        raise ValueError(f"{fn_name}: bias must have shape ({o},), got {jnp.shape(bias)}")
+
+    out_dtype = jnp.result_type(input.dtype, kernel.dtype)
+    if bias is not None:
+        out_dtype = jnp.result_type(out_dtype, bias.dtype)
+    if not jnp.issubdtype(out_dtype, jnp.floating):
+        raise TypeError(f"{fn_name}: input and kernel must be floating point, got {out_dtype}")
+    if n == 0:
+        return jnp.zeros((0, ho, wo, o), out_dtype)
+
+    # Low-precision inputs feed the matmul in their own dtype; everything else in float32.
+    matmul_dtype = jnp.promote_types(input.dtype, kernel.dtype)
+    if jnp.finfo(matmul_dtype).bits > 32:
+        matmul_dtype = jnp.float32
+    image_rows = input.reshape(n * h * w * dg, c // dg)
+    # [K, C/groups, groups, O/groups]: output channel o belongs to group o // (O/groups).
+    grouped_kernel = kernel.reshape(taps, c_per_group, groups, o // groups).astype(matmul_dtype)
+    offset_rows = offset.reshape(n * ho, wo, dg, taps, 2)
+    mask_rows = None if mask is None else mask.reshape(n * ho, wo, dg, taps)
+
+    def block(batch_index, out_rows, offset_block, mask_block):
+        columns = _bilinear_columns(
+            image_rows, batch_index, out_rows, offset_block, mask_block,
+            height=h, width=w, kernel_hw=(kh, kw), stride=stride, padding=padding,
+            dilation=dilation, deformable_groups=dg,
+        )
+        rows = columns.shape[0]
+        columns = columns.reshape(rows * wo, taps, groups, c_per_group).astype(matmul_dtype)
+        out = jnp.einsum(
+            "mkgc,kcgo->mgo", columns, grouped_kernel, preferred_element_type=jnp.float32
+        )
+        return out.reshape(rows, wo, o)
+
+    total_rows = n * ho
+    limit = DEFAULT_MAX_COLUMN_ELEMENTS if max_column_elements is None else max_column_elements
+    per_row = wo * taps * c
+    rows_per_chunk = max(1, min(total_rows, int(limit) // per_row))
+    flat_row = jnp.arange(total_rows, dtype=jnp.int32)
+    if rows_per_chunk >= total_rows:
+        out = block(flat_row // ho, flat_row % ho, offset_rows, mask_rows)
+    else:
+        chunks = -(-total_rows // rows_per_chunk)
+        padded = chunks * rows_per_chunk
+        pad = padded - total_rows
+
+        def chunked(a):
+            a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+            return a.reshape(chunks, rows_per_chunk, *a.shape[1:])
+
+        # Padded rows read image 0 row 0 with zero offsets; their outputs are dropped.
+        flat_row = jnp.arange(padded, dtype=jnp.int32) % total_rows
+        xs = (chunked(flat_row // ho), chunked(flat_row % ho), chunked(offset_rows))
+        if mask_rows is None:
+            out = lax.map(lambda args: block(*args, None), xs)
+        else:
+            out = lax.map(lambda args: block(*args), (*xs, chunked(mask_rows)))
+        out = out.reshape(padded, wo, o)[:total_rows]
+    out = out.reshape(n, ho, wo, o)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(out_dtype)
+
+
+def deform_conv(
+    input: jax.Array,
+    offset: jax.Array,
+    kernel: jax.Array,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    deformable_groups: int = 1,
+    *,
+    max_column_elements: int | None = None,
+) -> jax.Array:
+    """Deformable convolution v1 (no mask, no bias), NHWC.
+
+    Args:
+      input: ``[N, H, W, C]``.
+      offset: ``[N, Ho, Wo, 2 * deformable_groups * kh * kw]``, per group and tap (y, x) pairs in
+        detectron2's channel order (see the module docstring).
+      kernel: HWIO ``[kh, kw, C // groups, O]``.
+      stride, padding, dilation: int or (h, w) pair, PyTorch meaning (symmetric zero padding).
+      groups: convolution groups (``C`` and ``O`` divisible by it).
+      deformable_groups: offset groups (``C`` divisible by it).
+      max_column_elements: bound on the bilinear column tensor built at once (default ``2**26``);
+        larger problems run in chunks of output rows.
+
+    Returns:
+      ``[N, Ho, Wo, O]`` in the promoted dtype of ``input`` and ``kernel``.
+
+    Raises:
+      ValueError / TypeError at trace time for wrong ranks, channel counts or arguments.
+    """
+    return _deform_conv_impl(
+        input, offset, None, kernel, None, stride, padding, dilation, groups,
+        deformable_groups, max_column_elements, "deform_conv",
+    )
+
+
+def modulated_deform_conv(
+    input: jax.Array,
+    offset: jax.Array,
+    mask: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    deformable_groups: int = 1,
+    *,
+    max_column_elements: int | None = None,
+) -> jax.Array:
+    """Modulated deformable convolution (DCNv2), NHWC.
+
+    As :func:`deform_conv`, plus ``mask`` ``[N, Ho, Wo, deformable_groups * kh * kw]`` (channel
+    ``g*kh*kw + k``) multiplying every sample as given, and an optional ``bias`` ``[O]``.
+    """
+    return _deform_conv_impl(
+        input, offset, mask, kernel, bias, stride, padding, dilation, groups,
+        deformable_groups, max_column_elements, "modulated_deform_conv",
+    )
+
+
+def _kernel_init() -> Callable[..., jax.Array]:
+    # detectron2: nn.init.kaiming_uniform_(weight, nonlinearity="relu") -> U(+-sqrt(6 / fan_in)),
+    # fan_in = in_channels/groups * kh * kw (Flax's fan_in for an HWIO kernel).
+    return nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
+
+
+class _DeformConvBase(nn.Module):
+    in_channels: int
+    out_channels: int
+    kernel_size: IntOrPair
+    stride: IntOrPair = 1
+    padding: IntOrPair = 0
+    dilation: IntOrPair = 1
+    groups: int = 1
+    deformable_groups: int = 1
+    bias: bool = False
+    norm: Any = None
+    activation: Callable[[jax.Array], jax.Array] | None = None
+    param_dtype: Any = jnp.float32
+
+    def _params(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        kh, kw = _pair(self.kernel_size, "kernel_size", 1)
+        groups = _positive_int(self.groups, "groups")
+        if self.in_channels % groups or self.out_channels % groups:
+            raise ValueError(
+                f"{type(self).__name__}: in_channels={self.in_channels} and "
+                f"out_channels={self.out_channels} must be divisible by groups={groups}"
+            )
+        if jnp.ndim(x) != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected input [N, H, W, {self.in_channels}], "
+                f"got shape {jnp.shape(x)}"
+            )
+        kernel = self.param(
+            "kernel", _kernel_init(), (kh, kw, self.in_channels // groups, self.out_channels),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", nn.initializers.zeros_init(), (self.out_channels,), self.param_dtype)
+            if self.bias
+            else None
+        )
+        return kernel, bias
+
+    def _finish(self, y: jax.Array, train: bool) -> jax.Array:
+        if self.norm is not None and self.norm != "":
+            from detlayers.batch_norm import get_norm
+
+            norm = get_norm(self.norm, self.out_channels, name="norm")
+            if norm is not None:
+                y = norm(y, train=train)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+class DeformConv(_DeformConvBase):
+    """Deformable convolution v1 layer, detectron2's ``DeformConv`` in NHWC.
+
+    Parameters ``kernel`` (HWIO ``[kh, kw, in/groups, out]``, kaiming-uniform with ReLU gain as in
+    detectron2) and, when ``bias=True`` (detectron2 forbids it; allowed here), ``bias`` (zeros).
+    ``norm`` (a name or callable for :func:`detlayers.batch_norm.get_norm`, built as the submodule
+    ``norm``) and ``activation`` are applied after the convolution, like ``Conv2d``.
+
+    ``__call__(x [N, H, W, in], offset [N, Ho, Wo, 2*dg*kh*kw], train=False) -> [N, Ho, Wo, out]``.
+    """
+
+    bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, offset: jax.Array, train: bool = False) -> jax.Array:
+        kernel, bias = self._params(x)
+        y = deform_conv(
+            x, offset, kernel, self.stride, self.padding, self.dilation, self.groups,
+            self.deformable_groups,
+        )
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
+        return self._finish(y, train)
+
+
+class ModulatedDeformConv(_DeformConvBase):
+    """Modulated deformable convolution (DCNv2) layer, detectron2's ``ModulatedDeformConv``, NHWC.
+
+    As :class:`DeformConv` with ``bias=True`` by default (bias initialised to 0) and a ``mask``
+    argument (apply the sigmoid before, as detectron2's callers do).
+
+    ``__call__(x, offset, mask [N, Ho, Wo, dg*kh*kw], train=False) -> [N, Ho, Wo, out]``.
+    """
+
+    bias: bool = True
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, offset: jax.Array, mask: jax.Array, train: bool = False
+    ) -> jax.Array:
+        kernel, bias = self._params(x)
+        y = modulated_deform_conv(
+            x, offset, mask, kernel, bias, self.stride, self.padding, self.dilation, self.groups,
+            self.deformable_groups,
+        )
+        return self._finish(y, train)

@@ -1,0 +1,66 @@
+"""``python -m detlayers.demo``: train the shapes detector, report COCO AP, draw predictions.
+
+On a CPU-only machine the demo splits the CPU into one XLA host device per core (unless
+``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``), so the data-parallel step
+and the synchronized batch norm really run over several devices.  The flag must be set before
+JAX starts, which is why this module parses its arguments before importing JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from detlayers.demo.model import DetectorConfig  # no JAX work at import
+    from detlayers.demo.train import TrainConfig
+
+    t = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m detlayers.demo", description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=t.steps, help="training steps")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="devices to train on (default: all local devices; on CPU one forced "
+                             "host device per core)")
+    parser.add_argument("--batch-size", type=int, default=t.batch_per_device,
+                        help="images per device per step")
+    parser.add_argument("--lr", type=float, default=t.learning_rate, help="peak learning rate")
+    parser.add_argument("--eval-images", type=int, default=160, help="held-out images for AP")
+    parser.add_argument("--show-images", type=int, default=8, help="test images in the PNG")
+    parser.add_argument("--image-size", type=int, default=DetectorConfig.image_size,
+                        help="square image side (a multiple of 8)")
+    parser.add_argument("--seed", type=int, default=t.seed)
+    parser.add_argument("--out", default="demo_out",
+                        help="output directory (or a .png path for the picture)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    # read when JAX starts its CPU backend (first use, not import): set it before any JAX work
+    if _DEVICE_FLAG not in flags:
+        count = args.devices or _cpu_cores()
+        os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={count}".strip()
+
+    from detlayers.demo.run import run_demo
+
+    run_demo(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

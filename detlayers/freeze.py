@@ -1,0 +1,286 @@
+"""Freezing: batch norms into frozen batch norms (module *and* variables), and optimiser masks.
+
+detectron2 freezes in place (``FrozenBatchNorm2d.convert_frozen_batchnorm(model)``,
+``block.freeze()``, ``requires_grad=False``). Flax keeps variables outside modules, so every
+function here takes the variables too and returns new ones; nothing is changed in place.
+
+* :func:`convert_frozen_batchnorm` -- ``(module, variables) -> (frozen_module, frozen_variables)``.
+* :func:`freeze_module` -- what :meth:`detlayers.CNNBlockBase.freeze` does: the conversion, plus
+  stopped gradients into the module's parameters and ``frozen=True``.
+* :func:`frozen_class` -- a block class whose parameters receive no gradient (for building
+  frozen blocks inside a parent module).
+* :func:`trainable_mask`, :func:`prefix_trainable_mask`, :func:`masked_optimizer` -- an optax
+  optimiser that leaves frozen parameters bit-for-bit unchanged (zero gradients alone are not
+  enough once weight decay or momentum is involved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.core import unfreeze
+
+from detlayers.batch_norm import BatchNorm2d, FrozenBatchNorm2d, NaiveSyncBatchNorm
+
+__all__ = [
+    "convert_frozen_batchnorm",
+    "freeze_module",
+    "frozen_class",
+    "masked_optimizer",
+    "prefix_trainable_mask",
+    "trainable_mask",
+]
+
+# get_norm names whose layer is a (sync) batch norm with running statistics.
+BATCH_NORM_NAMES = frozenset({"BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"})
+_BATCH_NORM_TYPES = (BatchNorm2d, NaiveSyncBatchNorm)
+_FLAX_INTERNAL_FIELDS = frozenset({"parent", "name"})
+
+
+# --------------------------------------------------------------------------------------------
+# module side
+# --------------------------------------------------------------------------------------------
+def _convert_value(field_name: str, value: Any) -> Any:
+    if isinstance(value, nn.Module):
+        return _convert_module(value)
+    if isinstance(value, str) and "norm" in field_name.lower() and value in BATCH_NORM_NAMES:
+        return "FrozenBN"
+    if isinstance(value, (list, tuple)):
+        converted = [_convert_value(field_name, v) for v in value]
+        if any(c is not v for c, v in zip(converted, value)):
+            return type(value)(converted) if not hasattr(value, "_fields") else type(value)(*converted)
+    return value
+
+
+def _convert_module(module: nn.Module) -> nn.Module:
+    if isinstance(module, _BATCH_NORM_TYPES):
+        return FrozenBatchNorm2d(module.num_features, eps=module.eps, name=module.name)
+    updates = {}
+    for field in dataclasses.fields(module):
+        if field.name in _FLAX_INTERNAL_FIELDS or not field.init:
+            continue
+        value = getattr(module, field.name)
+        converted = _convert_value(field.name, value)
+        if converted is not value:
+            updates[field.name] = converted
+    return module.clone(**updates) if updates else module
+
+
+# --------------------------------------------------------------------------------------------
+# variable side
+# --------------------------------------------------------------------------------------------
+def _to_dict(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _pop(tree: dict, path: tuple[str, ...], leaf: str) -> Any:
+    """Removes ``tree[path][leaf]`` and any dicts left empty on the way up; returns the value."""
+    node = _get(tree, path)
+    if not isinstance(node, dict) or leaf not in node:
+        return None
+    value = node.pop(leaf)
+    for depth in range(len(path), 0, -1):
+        parent = _get(tree, path[: depth - 1])
+        if parent[path[depth - 1]]:
+            break
+        del parent[path[depth - 1]]
+    return value
+
+
+def _batch_norm_paths(batch_stats: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths whose ``batch_stats`` entry is exactly a batch norm's ``{mean, var}``."""
+    found = []
+    leaves = {k for k, v in batch_stats.items() if not isinstance(v, Mapping)}
+    if leaves == {"mean", "var"}:
+        found.append(prefix)
+    for key, value in batch_stats.items():
+        if isinstance(value, Mapping):
+            found.extend(_batch_norm_paths(value, prefix + (key,)))
+    return found
+
+
+def _convert_variables(variables: Mapping, paths: Iterable[tuple[str, ...]]) -> dict:
+    new = _to_dict(unfreeze(variables) if not isinstance(variables, dict) else variables)
+    new.setdefault("params", {})
+    for path in paths:
+        stats = _get(new["batch_stats"], path)
+        mean, var = stats["mean"], stats["var"]
+        scale = _pop(new["params"], path, "scale")
+        bias = _pop(new["params"], path, "bias")
+        channels = mean.shape[-1]
+        stats["scale"] = jnp.ones((channels,), jnp.float32) if scale is None else scale
+        stats["bias"] = jnp.zeros((channels,), jnp.float32) if bias is None else bias
+        stats["mean"], stats["var"] = mean, var
+    if not new["params"] and "params" not in variables:
+        del new["params"]
+    return new
+
+
+def _module_paths_of(module: nn.Module, predicate: Callable[[nn.Module], bool], args, kwargs) -> set:
+    """Scope paths (tuples of names) of every submodule satisfying ``predicate`` that runs during
+    ``module.init(*args, **kwargs)``; traced abstractly (``jax.eval_shape``), nothing is computed."""
+    found: set[tuple[str, ...]] = set()
+
+    def interceptor(next_fun, fargs, fkwargs, context):
+        if predicate(context.module):
+            found.add(tuple(context.module.path))
+        return next_fun(*fargs, **fkwargs)
+
+    def run(rng):
+        with nn.intercept_methods(interceptor):
+            return module.init(rng, *args, **kwargs)
+
+    jax.eval_shape(run, jax.random.key(0))
+    return found
+
+
+def _structure(tree: Any) -> Any:
+    return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype).name), _to_dict(tree))
+
+
+def convert_frozen_batchnorm(
+    module: nn.Module, variables: Mapping, *example_args: Any, **example_kwargs: Any
+) -> tuple[nn.Module, dict]:
+    """Turns a model's batch norms into :class:`~detlayers.FrozenBatchNorm2d`, keeping its outputs.
+
+    Module: walks the dataclass fields of ``module`` recursively (submodules given as fields,
+    lists/tuples of them); a field whose name contains ``"norm"`` and holds a batch-norm name
+    (``"BN"``, ``"SyncBN"``, ``"nnSyncBN"``, ``"naiveSyncBN"``, ``"naiveSyncBN_N"``) becomes
+    ``"FrozenBN"``, and a :class:`~detlayers.BatchNorm2d` / :class:`~detlayers.NaiveSyncBatchNorm`
+    instance becomes ``FrozenBatchNorm2d(num_features, eps)``. Batch norms created inside a
+    ``compact`` method without a field cannot be reached: pass them in through a field.
+
+    Variables: at every path where ``batch_stats`` holds exactly ``{mean, var}`` (a batch norm
+    with running statistics), ``params/{scale, bias}`` (ones/zeros when the norm had no affine)
+    move next to them, giving FrozenBN's ``batch_stats/{scale, bias, mean, var}``. Other
+    collections are copied unchanged. The inputs are not modified.
+
+    Result: ``frozen_module.apply(frozen_variables, x)`` equals ``module.apply(variables, x)``
+    with ``train=False`` (FrozenBN computes the same ``(x - mean) / sqrt(var + eps) * scale +
+    bias``), and in training nothing normalises with batch statistics or updates them.
+
+    ``example_args``/``example_kwargs`` (optional): inputs for ``init``. When given, the
+    conversion is exact instead of structural -- only the variables of the batch-norm
+    submodules that actually run are moved -- and the result is checked against the frozen
+    module's own variable tree (a ``ValueError`` lists any difference).
+    """
+    frozen_module = _convert_module(module)
+    batch_stats = variables.get("batch_stats", {}) if isinstance(variables, Mapping) else {}
+    if example_args or example_kwargs:
+        paths = _module_paths_of(
+            module, lambda m: isinstance(m, _BATCH_NORM_TYPES), example_args, example_kwargs
+        )
+        paths = {p for p in paths if isinstance(_get(batch_stats, p), Mapping) and "mean" in _get(batch_stats, p)}
+    else:
+        paths = set(_batch_norm_paths(batch_stats))
+    frozen_variables = _convert_variables(variables, sorted(paths))
+    if example_args or example_kwargs:
+        expected = jax.eval_shape(lambda r: frozen_module.init(r, *example_args, **example_kwargs), jax.random.key(0))
+        have = {k: v for k, v in _structure(frozen_variables).items() if k in ("params", "batch_stats")}
+        want = {k: v for k, v in _structure(expected).items() if k in ("params", "batch_stats")}
+        if have != want:
+            raise ValueError(
+                "convert_frozen_batchnorm: the converted variables do not match the frozen module "
+                f"(are some batch norms created without a field?).\n converted: {have}\n expected: {want}"
+            )
+    return frozen_module, frozen_variables
+
+
+# --------------------------------------------------------------------------------------------
+# stopping gradients
+# --------------------------------------------------------------------------------------------
+def _stop_gradient_tree(tree: Any) -> Any:
+    return jax.tree.map(jax.lax.stop_gradient, tree)
+
+
+@functools.cache
+def frozen_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` lifted so that its ``params`` (its own and its submodules') receive no gradient.
+
+    The variable tree is unchanged (same names and shapes), so variables of a normal ``cls``
+    instance work with the lifted one and vice versa. ``isinstance(frozen_class(C)(...), C)``
+    holds. Cached per class, so applying it twice is harmless.
+    """
+    if getattr(cls, "_detlayers_frozen_class", False):
+        return cls
+    lifted = nn.map_variables(cls, "params", trans_in_fn=_stop_gradient_tree, init=True)
+    lifted._detlayers_frozen_class = True
+    lifted.__doc__ = f"{cls.__name__} with gradients into its parameters stopped (detlayers.freeze.frozen_class)."
+    return lifted
+
+
+def freeze_module(module: nn.Module, variables: Mapping) -> tuple[nn.Module, dict]:
+    """:meth:`detlayers.CNNBlockBase.freeze`: BN -> FrozenBN (module and variables), parameters
+    without gradient, ``frozen=True``. Returns ``(frozen_module, frozen_variables)``."""
+    converted, frozen_variables = convert_frozen_batchnorm(module, variables)
+    kwargs = {
+        f.name: getattr(converted, f.name)
+        for f in dataclasses.fields(converted)
+        if f.init and f.name not in _FLAX_INTERNAL_FIELDS
+    }
+    if "frozen" in kwargs:
+        kwargs["frozen"] = True
+    frozen = frozen_class(type(converted))(**kwargs, name=converted.name)
+    return frozen, frozen_variables
+
+
+# --------------------------------------------------------------------------------------------
+# optimiser masks
+# --------------------------------------------------------------------------------------------
+def _mask_from_prefixes(params: Any, frozen_prefixes: Iterable[tuple[str, ...]]) -> Any:
+    prefixes = [tuple(p) for p in frozen_prefixes]
+
+    def trainable(path, _leaf) -> bool:
+        names = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+        return not any(names[: len(p)] == p for p in prefixes)
+
+    return jax.tree_util.tree_map_with_path(trainable, _to_dict(params))
+
+
+def prefix_trainable_mask(params: Any, frozen_prefixes: Sequence[str | Sequence[str]]) -> Any:
+    """Bool tree over ``params``: False under any of ``frozen_prefixes``, True elsewhere.
+
+    A prefix is a ``"/"``-separated Flax path (``"backbone/stem"``) or a tuple of names; this is
+    detectron2's ``freeze_at`` expressed on variable paths.
+    """
+    prefixes = [tuple(p.split("/")) if isinstance(p, str) else tuple(p) for p in frozen_prefixes]
+    return _mask_from_prefixes(params, prefixes)
+
+
+def trainable_mask(module: nn.Module, params: Any, *example_args: Any, **example_kwargs: Any) -> Any:
+    """Bool tree over ``params``: False for parameters inside any submodule with ``frozen=True``
+    (e.g. blocks returned by :meth:`~detlayers.CNNBlockBase.freeze`), True elsewhere.
+
+    The frozen submodules are found by tracing ``module.init(*example_args, **example_kwargs)``
+    abstractly (no computation).
+    """
+    paths = _module_paths_of(module, lambda m: getattr(m, "frozen", False) is True, example_args, example_kwargs)
+    return _mask_from_prefixes(params, paths)
+
+
+def masked_optimizer(tx: optax.GradientTransformation, trainable: Any) -> optax.GradientTransformation:
+    """``tx`` on parameters where ``trainable`` is True; zero updates (``optax.set_to_zero``)
+    elsewhere, so frozen parameters never change -- also under weight decay or momentum.
+
+    ``trainable`` is a bool tree with the structure of the parameters (from
+    :func:`trainable_mask` or :func:`prefix_trainable_mask`).
+    """
+    labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable)
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

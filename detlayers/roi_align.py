@@ -1,0 +1,246 @@
+"""ROIAlign on NHWC features: ``roi_align`` and the Flax module ``ROIAlign``.
+
+detectron2's ``ROIAlign`` is ``torchvision.ops.roi_align``; this module computes the same numbers
+(forward and feature gradient) for every setting, including the adaptive sampling grid
+(``sampling_ratio=0``), with static shapes and without any cap on the grid.
+
+How (measured alternatives are in ``detlayers/bench/roi_align.py``'s docstring):
+
+1. **Separable weights.**  The bilinear weight of a sample is a row weight times a column weight
+   and detectron2's validity test (``y < -1 or y > H`` ...) is per axis, so a bin's average is
+   ``sum_{h,w} Wy[p,h] Wx[q,w] F[h,w,:]`` with ``Wy[p,h]`` the summed, count-normalised 1-D weights
+   of the bin's sample rows (built exactly, sample by sample, in ``[R, PH, H]``; likewise ``Wx``).
+2. **Taps.**  Only the nonzero rows/columns of ``Wy``/``Wx`` matter.  With ``sampling_ratio=s > 0``
+   there are at most ``2s`` per bin, a static bound, so the pooling is an unrolled, fully fused sum
+   of ``(2s)^2`` gathers of contiguous channel vectors (NHWC).  The adaptive grid makes about
+   ``ceil(bin)+1`` taps per bin, which is data-dependent: ROIs are sorted by tap count and pooled in
+   chunks by loops whose trip count is the chunk's largest tap count (exact, nothing truncated), under
+   a ``custom_vjp`` that replays the loops with scatter-adds for the feature gradient.
+
+Compared with sampling every grid point (4 gathers per sample), merging a bin's samples into
+taps needs ``(g+1)^2`` instead of ``4 g^2`` gathers for a ``g x g`` grid.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from detlayers import _roi_sampling as rs
+
+# Above this many (row tap x column tap) pairs per bin, a fixed sampling_ratio also uses the
+# chunked loops instead of one unrolled fusion (compile time grows with the unrolled count).
+_MAX_UNROLLED_TAPS = 64
+# Column taps unrolled inside one iteration of the adaptive loops.
+_COLUMN_UNROLL = 4
+
+
+def roi_align(
+    input: jax.Array,
+    rois: jax.Array,
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = True,
+) -> jax.Array:
+    """Average-pools ``output_size`` bins of bilinear samples inside each ROI (detectron2/torchvision).
+
+    Args:
+      input: features ``[N, H, W, C]`` (NHWC), any float dtype.  Half types are computed in float32
+        and the result is cast back.
+      rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image pixels.
+      output_size: ``PH`` or ``(PH, PW)``.
+      spatial_scale: multiplies the box coordinates (e.g. ``1/stride`` of the feature level).
+      sampling_ratio: samples per bin along each axis; ``0`` means adaptive,
+        ``ceil(roi_size / output_size)`` per ROI, exact for every ROI size.
+      aligned: shift box corners by -0.5 pixel (detectron2's ``ROIAlign(aligned=True)``).  When
+        False, ROI width and height are clamped to at least 1 (the legacy behaviour).
+
+    Returns:
+      ``[R, PH, PW, C]`` in ``input.dtype``.  Bin ``(p, q)`` averages a ``gh x gw`` grid of samples at
+      cell centres; samples with ``y < -1``, ``y > H``, ``x < -1`` or ``x > W`` count as 0 but still
+      count in the average; empty grids (an empty ROI when aligned) give 0.
+
+    Differentiable w.r.t. ``input`` (the gradient equals torchvision's backward); like
+    torchvision, the box coordinates receive no gradient (they are treated as constants).
+
+    A batch index outside ``[0, N)`` raises ``ValueError`` when ``rois`` is concrete; under ``jit``
+    it cannot be checked and such a ROI pools to zeros.
+    """
+    features, rois = rs.check_inputs("roi_align", input, rois, 5)
+    pooled_h, pooled_w = rs.normalize_output_size(output_size)
+    sampling_ratio = rs.check_sampling_ratio(sampling_ratio)
+    scale = rs.check_spatial_scale(spatial_scale)
+    if not isinstance(aligned, (bool, int)) or isinstance(aligned, jax.core.Tracer):
+        raise TypeError(f"aligned must be a Python bool, got {aligned!r}")
+    batch, height, width, channels = features.shape
+    num_rois = rois.shape[0]
+    out_dtype = features.dtype
+    if num_rois == 0 or channels == 0:
+        return jnp.zeros((num_rois, pooled_h, pooled_w, channels), out_dtype)
+    if batch == 0 or height == 0 or width == 0:
+        raise ValueError(f"roi_align: input has an empty batch or map, shape {features.shape}")
+
+    dtype = rs.compute_dtype(out_dtype)
+    boxes = lax.stop_gradient(rois).astype(dtype)
+    batch_index, valid = rs.batch_index_and_validity("roi_align", boxes, batch)
+
+    offset = jnp.asarray(0.5 if aligned else 0.0, dtype)
+    scale_ = jnp.asarray(scale, dtype)
+    x1 = boxes[:, 1] * scale_ - offset
+    y1 = boxes[:, 2] * scale_ - offset
+    x2 = boxes[:, 3] * scale_ - offset
+    y2 = boxes[:, 4] * scale_ - offset
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if not aligned:
+        roi_w = jnp.maximum(roi_w, 1.0)
+        roi_h = jnp.maximum(roi_h, 1.0)
+    bin_h = roi_h / pooled_h
+    bin_w = roi_w / pooled_w
+    grid_h = rs.sample_grid(roi_h, pooled_h, sampling_ratio)
+    grid_w = rs.sample_grid(roi_w, pooled_w, sampling_ratio)
+    max_h = sampling_ratio if sampling_ratio > 0 else jnp.max(grid_h)
+    max_w = sampling_ratio if sampling_ratio > 0 else jnp.max(grid_w)
+
+    weight_y = rs.axis_weights(y1, bin_h, grid_h, pooled_h, height, max_h)
+    weight_x = rs.axis_weights(x1, bin_w, grid_w, pooled_w, width, max_w)
+    weight_y = jnp.where(valid[:, None, None], weight_y, 0.0)
+
+    table = features.astype(dtype).reshape(batch * height * width, channels)
+    if sampling_ratio > 0:
+        taps_y = min(2 * sampling_ratio, height)
+        taps_x = min(2 * sampling_ratio, width)
+    else:
+        taps_y, taps_x = height, width
+    row, wy, count_y = rs.compact_taps(weight_y, taps_y)
+    col, wx, count_x = rs.compact_taps(weight_x, taps_x)
+    row_base = (batch_index[:, None, None] * height + row) * width
+
+    if sampling_ratio > 0 and taps_y * taps_x <= _MAX_UNROLLED_TAPS:
+        out = _pool_unrolled(table, row_base, wy, col, wx)
+    else:
+        out = _pool_chunked(table, row_base, wy, col, wx, count_y, count_x)
+    return out.astype(out_dtype)
+
+
+def _pool_unrolled(table, row_base, wy, col, wx):
+    """Static tap counts: one fused sum of ``Ty * Tx`` gathers (autodiff gives the scatter-adds)."""
+    out = None
+    for i in range(row_base.shape[-1]):
+        for j in range(col.shape[-1]):
+            index = row_base[:, :, None, i] + col[:, None, :, j]
+            weight = wy[:, :, None, i] * wx[:, None, :, j]
+            term = weight[..., None] * rs.gather_rows(table, index)
+            out = term if out is None else out + term
+    return out
+
+
+def _chunk_arrays(row_base, wy, col, wx, count_y, count_x):
+    """Sort ROIs by tap work, pad to chunks, pad column taps for the unrolled inner loop."""
+    num = row_base.shape[0]
+    chunk = min(rs.CHUNK_ROIS, num)
+    order, real, num_chunks = rs.chunk_plan(count_y * count_x, chunk)
+    pad = [(0, 0), (0, 0), (0, _COLUMN_UNROLL)]
+    col = jnp.pad(col, pad)
+    wx = jnp.pad(wx, pad)
+    wy = jnp.where(real[:, None, None], jnp.take(wy, order, axis=0), 0.0)
+    chunks = dict(
+        row_base=rs.to_chunks(row_base, order, num_chunks),
+        wy=wy.reshape((num_chunks, chunk) + wy.shape[1:]),
+        col=rs.to_chunks(col, order, num_chunks),
+        wx=rs.to_chunks(wx, order, num_chunks),
+    )
+    count_y = jnp.where(real, jnp.take(count_y, order), 0).reshape(num_chunks, chunk).max(-1)
+    count_x = jnp.where(real, jnp.take(count_x, order), 0).reshape(num_chunks, chunk).max(-1)
+    return chunks, count_y, count_x, order
+
+
+def _chunk_loops(c, trips_y, trips_x, visit, carry):
+    """``visit(index [S,P,Q], weight [S,P,Q], carry)`` for every (row tap, column tap) of a chunk."""
+
+    def over_rows(i, carry):
+        base = lax.dynamic_index_in_dim(c["row_base"], i, axis=2, keepdims=False)
+        wy = lax.dynamic_index_in_dim(c["wy"], i, axis=2, keepdims=False)
+
+        def over_cols(block, carry):
+            cols = lax.dynamic_slice_in_dim(c["col"], block * _COLUMN_UNROLL, _COLUMN_UNROLL, axis=2)
+            wxs = lax.dynamic_slice_in_dim(c["wx"], block * _COLUMN_UNROLL, _COLUMN_UNROLL, axis=2)
+            for u in range(_COLUMN_UNROLL):
+                index = base[:, :, None] + cols[:, None, :, u]
+                weight = wy[:, :, None] * wxs[:, None, :, u]
+                carry = visit(index, weight, carry)
+            return carry
+
+        blocks = (trips_x + _COLUMN_UNROLL - 1) // _COLUMN_UNROLL
+        return lax.fori_loop(0, blocks, over_cols, carry)
+
+    return lax.fori_loop(0, trips_y, over_rows, carry)
+
+
+@jax.custom_vjp
+def _pool_chunked(table, row_base, wy, col, wx, count_y, count_x):
+    return _pool_chunked_fwd(table, row_base, wy, col, wx, count_y, count_x)[0]
+
+
+def _pool_chunked_fwd(table, row_base, wy, col, wx, count_y, count_x):
+    num, pooled_h = wy.shape[:2]
+    pooled_w = wx.shape[1]
+    chunks, trips_y, trips_x, order = _chunk_arrays(row_base, wy, col, wx, count_y, count_x)
+
+    def one_chunk(args):
+        c, ty, tx = args
+        acc = jnp.zeros(c["wy"].shape[:2] + (pooled_w, table.shape[1]), table.dtype)
+
+        def visit(index, weight, acc):
+            return acc + weight[..., None] * rs.gather_rows(table, index)
+
+        return _chunk_loops(c, ty, tx, visit, acc)
+
+    out = lax.map(one_chunk, (chunks, trips_y, trips_x))
+    out = rs.from_chunks(out, order, num)
+    del pooled_h
+    return out, (table.shape, chunks, trips_y, trips_x, order)
+
+
+def _pool_chunked_bwd(residuals, grad):
+    table_shape, chunks, trips_y, trips_x, order = residuals
+    num_chunks = trips_y.shape[0]
+    grad_chunks = rs.to_chunks(grad, order, num_chunks)
+
+    def one_chunk(dtable, args):
+        c, ty, tx, g = args
+
+        def visit(index, weight, dtable):
+            return rs.scatter_add_rows(dtable, index, weight[..., None] * g)
+
+        return _chunk_loops(c, ty, tx, visit, dtable), None
+
+    dtable, _ = lax.scan(one_chunk, jnp.zeros(table_shape, grad.dtype),
+                         (chunks, trips_y, trips_x, grad_chunks))
+    return dtable, None, None, None, None, None, None
+
+
+_pool_chunked.defvjp(_pool_chunked_fwd, _pool_chunked_bwd)
+
+
+class ROIAlign(nn.Module):
+    """Flax wrapper of :func:`roi_align` (detectron2's ``ROIAlign``), no parameters.
+
+    ``__call__(input [N, H, W, C], rois [R, 5]) -> [R, PH, PW, C]``.
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool = True
+
+    @nn.compact
+    def __call__(self, input: jax.Array, rois: jax.Array) -> jax.Array:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+                         self.aligned)

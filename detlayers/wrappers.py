@@ -1,0 +1,686 @@
+"""Thin layers and functions that detectron2 wraps around ``torch.nn`` (``detectron2.layers.wrappers``).
+
+Everything here is NHWC (Flax's layout) and uses Flax parameter names: convolution ``kernel``
+``[kh, kw, in/groups, out]`` (HWIO) and ``bias``; linear ``kernel`` ``[in, out]`` and ``bias``.
+Arguments, defaults and output sizes are PyTorch's, so a detectron2 model can be rewritten line by
+line and its weights loaded with :func:`detlayers.load_torch_state_dict`.
+
+Dtypes: float32 gives PyTorch's float32 numbers. bfloat16/float16 inputs run with the parameters
+cast to the input dtype and products accumulated in float32 (``preferred_element_type``); the
+result comes back in the input dtype.
+
+Precision: ``precision=None`` follows JAX's default matmul precision (exact float32 on CPU; on
+recent NVIDIA GPUs XLA may use TF32, as PyTorch's cuDNN convolutions do by default). Pass
+``precision=jax.lax.Precision.HIGHEST`` for bit-for-bit float32 on GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+IntOrPair = int | Sequence[int]
+Initializer = Callable[..., Array]
+
+__all__ = [
+    "Conv2d",
+    "ConvTranspose2d",
+    "Linear",
+    "cat",
+    "cross_entropy",
+    "interpolate",
+    "nonzero_tuple",
+    "shapes_to_tensor",
+    "torch_default_kernel_init",
+    "torch_default_bias_init",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# argument helpers
+# --------------------------------------------------------------------------------------------
+def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
+    """``3 -> (3, 3)``; ``(3, 1) -> (3, 1)``; anything else raises naming the argument."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+            return int(value[0]), int(value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_floating(x: Array, name: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def _check_nhwc(x: Array, in_channels: int, layer: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{layer}: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
+    if x.shape[-1] != in_channels:
+        raise ValueError(
+            f"{layer}: input has {x.shape[-1]} channels (shape {x.shape}, NHWC) but "
+            f"in_channels={in_channels}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch's default initialisation (nn.Conv2d / nn.Linear reset_parameters)
+# --------------------------------------------------------------------------------------------
+# torch uses kaiming_uniform_(a=sqrt(5)) for weights, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+# which is variance scaling with scale 1/3; biases are U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+def torch_default_kernel_init(fan_in: int) -> Initializer:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for conv and linear weights."""
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for conv and linear biases."""
+    return torch_default_kernel_init(fan_in)
+
+
+def _compute_dtype(x: Array) -> Any:
+    return x.dtype
+
+
+def _add_bias(y: Array, bias: Array | None) -> Array:
+    if bias is None:
+        return y
+    return y + bias.astype(y.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Conv2d
+# --------------------------------------------------------------------------------------------
+def _conv_padding(
+    padding: IntOrPair | str, kernel_size: tuple[int, int], dilation: tuple[int, int], stride: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch padding (int, pair, ``"valid"`` or ``"same"``) as explicit (low, high) per axis."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in PyTorch)")
+            pads = []
+            for k, d in zip(kernel_size, dilation):
+                total = d * (k - 1)
+                # PyTorch puts the odd pixel of an uneven 'same' padding on the high side.
+                pads.append((total // 2, total - total // 2))
+            return pads[0], pads[1]
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return (ph, ph), (pw, pw)
+
+
+def conv2d(
+    x: Array,
+    kernel: Array,
+    bias: Array | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | str = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    *,
+    precision: Any = None,
+) -> Array:
+    """``torch.nn.functional.conv2d`` in NHWC/HWIO.
+
+    Args:
+      x: ``[N, H, W, C_in]``.
+      kernel: ``[kh, kw, C_in / groups, C_out]``.
+      bias: ``[C_out]`` or None.
+    Returns:
+      ``[N, Ho, Wo, C_out]`` with ``Ho = floor((H + 2*ph - dh*(kh-1) - 1) / sh) + 1`` (PyTorch's rule),
+      in ``x.dtype``; products accumulate in float32.
+    """
+    _check_floating(x, "x")
+    if kernel.ndim != 4:
+        raise ValueError(f"conv2d: kernel must be HWIO [kh, kw, in/groups, out], got shape {kernel.shape}")
+    if x.ndim != 4:
+        raise ValueError(f"conv2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(
+            f"conv2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
+            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
+        )
+    if kernel.shape[3] % groups:
+        raise ValueError(f"conv2d: out channels {kernel.shape[3]} not divisible by groups={groups}")
+    kh, kw = kernel.shape[:2]
+    stride_hw = _pair(stride, "stride")
+    dilation_hw = _pair(dilation, "dilation")
+    pad_h, pad_w = _conv_padding(padding, (kh, kw), dilation_hw, stride_hw)
+    for axis, (size, (lo, hi), k, d) in enumerate(
+        zip(x.shape[1:3], (pad_h, pad_w), (kh, kw), dilation_hw)
+    ):
+        if size + lo + hi < d * (k - 1) + 1:
+            raise ValueError(
+                f"conv2d: padded input size {size + lo + hi} along {'HW'[axis]} is smaller than the "
+                f"dilated kernel size {d * (k - 1) + 1} (input shape {x.shape})"
+            )
+    dtype = _compute_dtype(x)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(dtype),
+        window_strides=stride_hw,
+        padding=(pad_h, pad_w),
+        rhs_dilation=dilation_hw,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class Conv2d(nn.Module):
+    """``detectron2.layers.Conv2d``: convolution, then ``norm``, then ``activation``; NHWC.
+
+    Attributes (PyTorch's ``nn.Conv2d`` arguments plus detectron2's two extras):
+      in_channels, out_channels: channel counts; both divisible by ``groups``.
+      kernel_size, stride, dilation: int or ``(h, w)``.
+      padding: int, ``(h, w)``, ``"valid"`` or ``"same"``; zero padding on both sides, so the output
+        size is PyTorch's ``floor((H + 2p - d(k-1) - 1) / s) + 1``.
+      groups: grouped convolution (``groups == in_channels`` is depthwise).
+      bias: whether to add a learned bias (param ``bias`` ``[out]``).
+      norm: ``None``/``""``, a :func:`detlayers.get_norm` name (``"BN"``, ``"GN"``, ``"FrozenBN"``,
+        ...), a callable ``channels -> flax Module``, or an (unbound) Flax module. It becomes the
+        submodule ``norm`` and is called as ``norm(x, train=train)``.
+      activation: callable applied last (e.g. ``jax.nn.relu``), or None.
+      kernel_init, bias_init: Flax initialisers. ``None`` means PyTorch's ``nn.Conv2d`` default
+        (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for both, ``fan_in = in/groups * kh * kw``), which is
+        what detectron2's ``Conv2d`` gets unless a caller re-initialises it (detectron2's heads call
+        ``c2_msra_fill``/``c2_xavier_fill``; pass the matching Flax initialiser to get those).
+      precision: ``jax.lax`` precision of the convolution (see module docstring).
+      param_dtype: dtype of the parameters (float32).
+
+    Parameters: ``kernel`` ``[kh, kw, in/groups, out]`` and, if ``bias``, ``bias`` ``[out]``.
+
+    ``__call__(x, train=False)``: ``x`` is ``[N, H, W, in_channels]`` (any floating dtype, ``N`` may
+    be 0); returns ``[N, Ho, Wo, out_channels]`` in ``x.dtype``. ``train`` is forwarded to the norm.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: IntOrPair
+    stride: IntOrPair = 1
+    padding: IntOrPair | str = 0
+    dilation: IntOrPair = 1
+    groups: int = 1
+    bias: bool = True
+    norm: Any = None
+    activation: Callable[[Array], Array] | None = None
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    precision: Any = None
+    param_dtype: Any = jnp.float32
+
+    def _check_config(self) -> tuple[int, int]:
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"Conv2d: in_channels={self.in_channels} and out_channels={self.out_channels} must "
+                f"both be divisible by groups={self.groups}"
+            )
+        return _pair(self.kernel_size, "kernel_size")
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        kh, kw = self._check_config()
+        _check_nhwc(x, self.in_channels, "Conv2d")
+        _check_floating(x, "x")
+        fan_in = self.in_channels // self.groups * kh * kw
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or torch_default_kernel_init(fan_in),
+            (kh, kw, self.in_channels // self.groups, self.out_channels),
+            self.param_dtype,
+        )
+        bias = None
+        if self.bias:
+            bias = self.param(
+                "bias", self.bias_init or torch_default_bias_init(fan_in), (self.out_channels,), self.param_dtype
+            )
+        y = conv2d(
+            x, kernel, bias, self.stride, self.padding, self.dilation, self.groups, precision=self.precision
+        )
+        norm = _make_norm(self.norm, self.out_channels)
+        if norm is not None:
+            y = norm(y, train=train)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+
+def _make_norm(norm: Any, channels: int) -> nn.Module | None:
+    """Builds the ``norm`` submodule inside a compact method (so Flax names it ``norm``)."""
+    if norm is None or (isinstance(norm, str) and norm == ""):
+        return None
+    if isinstance(norm, nn.Module):
+        # An unbound module given as a field is adopted by the parent under the field name.
+        return norm
+    from detlayers.batch_norm import get_norm  # imported lazily: norm-free convs don't need it
+
+    return get_norm(norm, channels, name="norm")
+
+
+# --------------------------------------------------------------------------------------------
+# ConvTranspose2d
+# --------------------------------------------------------------------------------------------
+def conv_transpose2d(
+    x: Array,
+    kernel: Array,
+    bias: Array | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    output_padding: IntOrPair = 0,
+    groups: int = 1,
+    dilation: IntOrPair = 1,
+    *,
+    precision: Any = None,
+) -> Array:
+    """``torch.nn.functional.conv_transpose2d`` in NHWC.
+
+    Args:
+      x: ``[N, H, W, C_in]``.
+      kernel: ``[kh, kw, C_in / groups, C_out]`` where ``kernel[y, x, i, g * (C_out/groups) + o]`` is
+        PyTorch's ``weight[g * (C_in/groups) + i, o, y, x]`` (PyTorch stores ``[C_in, C_out/groups,
+        kh, kw]``). The spatial taps are *not* flipped: they are PyTorch's, so loading is a pure
+        transpose/reshape.
+      bias: ``[C_out]`` or None.
+    Returns:
+      ``[N, Ho, Wo, C_out]`` with ``Ho = (H-1)*sh - 2*ph + dh*(kh-1) + oph + 1``.
+    """
+    _check_floating(x, "x")
+    if x.ndim != 4:
+        raise ValueError(f"conv_transpose2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
+    if kernel.ndim != 4:
+        raise ValueError(f"conv_transpose2d: kernel must be [kh, kw, in/groups, out], got shape {kernel.shape}")
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(
+            f"conv_transpose2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
+            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
+        )
+    kh, kw = kernel.shape[:2]
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    oph, opw = _pair(output_padding, "output_padding")
+    dh, dw = _pair(dilation, "dilation")
+    if min(ph, pw, oph, opw) < 0 or min(sh, sw, dh, dw) < 1:
+        raise ValueError("conv_transpose2d: padding/output_padding must be >= 0 and stride/dilation >= 1")
+    if oph >= max(sh, dh) or opw >= max(sw, dw):
+        raise ValueError(
+            f"conv_transpose2d: output_padding {(oph, opw)} must be smaller than stride {(sh, sw)} "
+            f"or dilation {(dh, dw)} (PyTorch's rule)"
+        )
+    out_hw = []
+    for size, s, p, d, k, op in ((x.shape[1], sh, ph, dh, kh, oph), (x.shape[2], sw, pw, dw, kw, opw)):
+        out_hw.append((size - 1) * s - 2 * p + d * (k - 1) + op + 1)
+    if min(out_hw) <= 0 and x.shape[1] > 0 and x.shape[2] > 0:
+        raise ValueError(f"conv_transpose2d: output size {tuple(out_hw)} is not positive (input {x.shape})")
+    # A transposed convolution is the forward convolution of the stride-dilated input with the
+    # spatially flipped kernel, padded by d*(k-1) - p on each side (+ output_padding on the high
+    # side). Negative padding crops, which XLA supports directly.
+    pads = (
+        (dh * (kh - 1) - ph, dh * (kh - 1) - ph + oph),
+        (dw * (kw - 1) - pw, dw * (kw - 1) - pw + opw),
+    )
+    dtype = _compute_dtype(x)
+    flipped = kernel[::-1, ::-1].astype(dtype)
+    y = jax.lax.conv_general_dilated(
+        x,
+        flipped,
+        window_strides=(1, 1),
+        padding=pads,
+        lhs_dilation=(sh, sw),
+        rhs_dilation=(dh, dw),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class ConvTranspose2d(nn.Module):
+    """``torch.nn.ConvTranspose2d`` (detectron2 re-exports it) in NHWC.
+
+    Attributes: PyTorch's arguments (``kernel_size``, ``stride``, ``padding``, ``output_padding``,
+    ``dilation``: int or pair). Output size ``(H-1)*stride - 2*padding + dilation*(k-1) +
+    output_padding + 1``. ``kernel_init``/``bias_init`` default to PyTorch's
+    (``U(-1/sqrt(fan_in), ...)`` with PyTorch's ``fan_in = out/groups * kh * kw`` for this layer).
+
+    Parameters: ``kernel`` ``[kh, kw, in/groups, out]`` (see :func:`conv_transpose2d` for how it
+    relates to PyTorch's ``[in, out/groups, kh, kw]`` weight; the taps are not flipped) and ``bias``
+    ``[out]``.
+
+    ``__call__(x)``: ``[N, H, W, in_channels]`` -> ``[N, Ho, Wo, out_channels]``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: IntOrPair
+    stride: IntOrPair = 1
+    padding: IntOrPair = 0
+    output_padding: IntOrPair = 0
+    groups: int = 1
+    bias: bool = True
+    dilation: IntOrPair = 1
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    precision: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"ConvTranspose2d: in_channels={self.in_channels} and out_channels={self.out_channels} "
+                f"must both be divisible by groups={self.groups}"
+            )
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        _check_nhwc(x, self.in_channels, "ConvTranspose2d")
+        _check_floating(x, "x")
+        # PyTorch computes fan_in from weight.shape[1] = out/groups for transposed convolutions.
+        fan_in = self.out_channels // self.groups * kh * kw
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or torch_default_kernel_init(fan_in),
+            (kh, kw, self.in_channels // self.groups, self.out_channels),
+            self.param_dtype,
+        )
+        bias = None
+        if self.bias:
+            bias = self.param(
+                "bias", self.bias_init or torch_default_bias_init(fan_in), (self.out_channels,), self.param_dtype
+            )
+        return conv_transpose2d(
+            x,
+            kernel,
+            bias,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            self.groups,
+            self.dilation,
+            precision=self.precision,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------
+class Linear(nn.Module):
+    """``torch.nn.Linear``: ``y = x @ kernel + bias`` over the last axis.
+
+    Parameters: ``kernel`` ``[in_features, out_features]`` (PyTorch's ``weight`` transposed) and
+    ``bias`` ``[out_features]``; PyTorch's default initialisation unless ``kernel_init``/``bias_init``
+    are given. ``x`` is ``[..., in_features]`` (leading dims may be empty/zero-size).
+    """
+
+    in_features: int
+    out_features: int
+    bias: bool = True
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+    precision: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear: input last dim must be in_features={self.in_features}, got shape {x.shape}")
+        _check_floating(x, "x")
+        kernel = self.param(
+            "kernel",
+            self.kernel_init or torch_default_kernel_init(self.in_features),
+            (self.in_features, self.out_features),
+            self.param_dtype,
+        )
+        dtype = _compute_dtype(x)
+        y = jnp.matmul(x, kernel.astype(dtype), precision=self.precision, preferred_element_type=jnp.float32)
+        if self.bias:
+            bias = self.param(
+                "bias",
+                self.bias_init or torch_default_bias_init(self.in_features),
+                (self.out_features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# small functions
+# --------------------------------------------------------------------------------------------
+def cat(tensors: Sequence[Array], dim: int = 0) -> Array:
+    """``jnp.concatenate`` that returns a single input unchanged (detectron2's ``cat``).
+
+    ``dim`` indexes the arrays as they are, so channels of NHWC maps are ``dim=-1`` (detectron2
+    code that concatenates NCHW maps on ``dim=1`` becomes ``dim=-1`` here).
+    """
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"cat expects a list or tuple of arrays, got {type(tensors).__name__}")
+    if len(tensors) == 0:
+        raise ValueError("cat expects at least one array")
+    if len(tensors) == 1:
+        return tensors[0]
+    return jnp.concatenate(tensors, axis=dim)
+
+
+def shapes_to_tensor(x: Sequence[int | Array], device: Any = None) -> Array:
+    """A list of int (or scalar int array) sizes as a 1-D int32 array, traceable under ``jit``.
+
+    ``device`` is accepted for detectron2 compatibility; when given, the result is put there.
+    """
+    values = [jnp.asarray(v) for v in x]
+    for v in values:
+        if v.ndim != 0:
+            raise ValueError(f"shapes_to_tensor expects scalars, got an array of shape {v.shape}")
+    out = jnp.stack(values).astype(jnp.int32) if values else jnp.zeros((0,), jnp.int32)
+    if device is not None:
+        out = jax.device_put(out, device)
+    return out
+
+
+def nonzero_tuple(x: Array, *, size: int | None = None, fill_value: Any = None) -> tuple[Array, ...]:
+    """Indices of the non-zero entries, one array per dimension (``torch.nonzero(as_tuple=True)``).
+
+    Without ``size`` the length depends on the data, so it works eagerly only. Under ``jit`` pass a
+    static ``size``: the result is padded with ``fill_value`` (default 0, as ``jnp.nonzero``) or
+    truncated to ``size`` entries, in row-major order. A 0-d input is treated as a 1-element vector
+    (as detectron2's scripted version does).
+    """
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        x = x.reshape(1)
+    if size is None and isinstance(x, jax.core.Tracer):
+        raise ValueError(
+            "nonzero_tuple: under jit/vmap the result needs a static `size` (and optional "
+            "`fill_value`), because the number of non-zero entries depends on the data"
+        )
+    return jnp.nonzero(x, size=size, fill_value=fill_value)
+
+
+def cross_entropy(
+    input: Array,
+    target: Array,
+    *,
+    reduction: str = "mean",
+    weight: Array | None = None,
+    ignore_index: int = -100,
+) -> Array:
+    """``torch.nn.functional.cross_entropy`` with integer targets, class axis **last**.
+
+    Args:
+      input: logits ``[..., C]`` (``[N, C]`` or NHWC ``[N, H, W, C]``).
+      target: int class indices of shape ``input.shape[:-1]``; ``ignore_index`` entries are skipped.
+      reduction: ``"none"`` (per-element loss, 0 at ignored entries), ``"sum"`` or ``"mean"``
+        (sum divided by the summed ``weight`` of the non-ignored targets, like PyTorch).
+      weight: optional per-class weights ``[C]``.
+    Returns:
+      the loss in float32 (or ``input.dtype`` if wider). As in detectron2's wrapper, an empty
+      ``target`` with ``reduction="mean"`` gives 0 (connected to ``input`` for gradients) instead of
+      NaN.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if input.ndim < 1 or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"cross_entropy: target shape {target.shape} must equal input shape {input.shape} without "
+            "its last (class) axis"
+        )
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype {target.dtype}")
+    if target.size == 0 and reduction == "mean":
+        return input.sum() * 0.0
+    logits = input.astype(jnp.promote_types(input.dtype, jnp.float32))
+    valid = target != ignore_index
+    safe_target = jnp.where(valid, target, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, safe_target[..., None], axis=-1)[..., 0]
+    w = jnp.ones_like(picked) if weight is None else jnp.asarray(weight, logits.dtype)[safe_target]
+    w = jnp.where(valid, w, 0.0)
+    losses = -picked * w
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / w.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# interpolate
+# --------------------------------------------------------------------------------------------
+def _output_size(
+    in_hw: tuple[int, int], size: IntOrPair | None, scale_factor: float | Sequence[float] | None
+) -> tuple[tuple[int, int], tuple[float | None, float | None]]:
+    if (size is None) == (scale_factor is None):
+        raise ValueError("interpolate: give exactly one of `size` and `scale_factor`")
+    if size is not None:
+        return _pair(size, "size"), (None, None)
+    if isinstance(scale_factor, Sequence):
+        if len(scale_factor) != 2:
+            raise ValueError(f"interpolate: scale_factor must be a number or a pair, got {scale_factor!r}")
+        scales = (float(scale_factor[0]), float(scale_factor[1]))
+    else:
+        scales = (float(scale_factor), float(scale_factor))
+    if min(scales) <= 0:
+        raise ValueError(f"interpolate: scale_factor must be positive, got {scale_factor!r}")
+    # PyTorch: output size is floor(input * scale) computed in double.
+    out = (int(np.floor(in_hw[0] * scales[0])), int(np.floor(in_hw[1] * scales[1])))
+    return out, scales
+
+
+def _source_scale(in_size: int, out_size: int, scale: float | None, align_corners: bool) -> np.float32:
+    """PyTorch's ``area_pixel_compute_scale`` in float32 (its opmath type for float inputs)."""
+    if align_corners:
+        return np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+    if scale is not None and scale > 0:
+        return np.float32(1.0 / scale)  # PyTorch uses the user's scale_factor, not in/out
+    return np.float32(in_size) / np.float32(out_size)
+
+
+def _nearest_indices(in_size: int, out_size: int, scale: float | None) -> np.ndarray:
+    """PyTorch's ``nearest_idx``: identity / halving shortcuts, else ``min(floor(dst*scale), in-1)``."""
+    dst = np.arange(out_size, dtype=np.int64)
+    if out_size == in_size:
+        return dst
+    if out_size == 2 * in_size:
+        return dst >> 1
+    s = _source_scale(in_size, out_size, scale, align_corners=False)
+    src = np.floor(dst.astype(np.float32) * s).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def _linear_taps(
+    in_size: int, out_size: int, scale: float | None, align_corners: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of 1-D linear interpolation, as PyTorch computes them (float32)."""
+    s = _source_scale(in_size, out_size, scale, align_corners)
+    dst = np.arange(out_size, dtype=np.float32)
+    if align_corners:
+        src = s * dst
+    else:
+        src = np.maximum(s * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = src.astype(np.int64)  # src >= 0, so truncation is floor
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    w0 = (np.float32(1) - w1).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+def interpolate(
+    input: Array,
+    size: IntOrPair | None = None,
+    scale_factor: float | Sequence[float] | None = None,
+    mode: str = "nearest",
+    align_corners: bool | None = None,
+) -> Array:
+    """``torch.nn.functional.interpolate`` for NHWC maps, modes ``"nearest"`` and ``"bilinear"``.
+
+    Args:
+      input: ``[N, H, W, C]``.
+      size: output ``(Ho, Wo)`` (or one int for both).
+      scale_factor: number or pair; the output size is ``floor(H * scale)`` and, as in PyTorch with
+        ``recompute_scale_factor=None``, source coordinates use ``1 / scale_factor`` (not ``H / Ho``).
+      mode: ``"nearest"`` (PyTorch's legacy nearest: ``src = min(floor(dst * scale), H-1)``) or
+        ``"bilinear"`` (``align_corners=False``: ``src = max(scale*(dst+0.5)-0.5, 0)``; ``True``:
+        ``src = dst*(H-1)/(Ho-1)``).
+      align_corners: only for ``"bilinear"`` (None means False, as PyTorch).
+    Returns:
+      ``[N, Ho, Wo, C]`` in ``input.dtype``; the arithmetic is float32 for lower-precision inputs.
+    The sampling positions and weights are computed at trace time in float32 exactly as PyTorch's
+    CPU kernels do, so results match PyTorch's to float32 rounding.
+    """
+    if input.ndim != 4:
+        raise ValueError(f"interpolate: input must be NHWC [N, H, W, C] (rank 4), got shape {input.shape}")
+    _check_floating(input, "input")
+    in_hw = (int(input.shape[1]), int(input.shape[2]))
+    out_hw, scales = _output_size(in_hw, size, scale_factor)
+    if min(out_hw) <= 0:
+        raise ValueError(f"interpolate: output size {out_hw} must be positive (input {input.shape})")
+    dtype = input.dtype
+    if mode == "nearest":
+        if align_corners is not None:
+            raise ValueError("interpolate: align_corners is only allowed with mode='bilinear' (as PyTorch)")
+        if min(in_hw) == 0:
+            raise ValueError(f"interpolate: cannot resample an empty spatial size, input {input.shape}")
+        rows = _nearest_indices(in_hw[0], out_hw[0], scales[0])
+        cols = _nearest_indices(in_hw[1], out_hw[1], scales[1])
+        return jnp.take(jnp.take(input, rows, axis=1), cols, axis=2)
+    if mode == "bilinear":
+        if min(in_hw) == 0:
+            raise ValueError(f"interpolate: cannot resample an empty spatial size, input {input.shape}")
+        corners = bool(align_corners)
+        h0, h1, hw0, hw1 = _linear_taps(in_hw[0], out_hw[0], scales[0], corners)
+        w0, w1, ww0, ww1 = _linear_taps(in_hw[1], out_hw[1], scales[1], corners)
+        x = input.astype(jnp.promote_types(dtype, jnp.float32))
+        top = jnp.take(x, h0, axis=1)
+        bottom = jnp.take(x, h1, axis=1)
+
+        def horizontal(rows: Array) -> Array:
+            return jnp.take(rows, w0, axis=2) * ww0[None, None, :, None] + jnp.take(rows, w1, axis=2) * ww1[
+                None, None, :, None
+            ]
+
+        out = horizontal(top) * hw0[None, :, None, None] + horizontal(bottom) * hw1[None, :, None, None]
+        return out.astype(dtype)
+    raise ValueError(f"interpolate: mode must be 'nearest' or 'bilinear', got {mode!r}")

@@ -1,0 +1,351 @@
+"""detlayers.wrappers against PyTorch/detectron2 outputs (tests/fixtures/wrappers.npz, made by
+tools/fixtures/make_wrappers.py) and against NumPy where NumPy is the reference."""
+
+from __future__ import annotations
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import detlayers as L
+from detlayers.wrappers import conv_transpose2d
+
+RTOL = ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fx(fixtures_dir):
+    with np.load(fixtures_dir / "wrappers.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def config(fx, prefix):
+    return json.loads(str(fx[f"{prefix}/config"]))
+
+
+def torch_conv_kernel(weight: np.ndarray) -> np.ndarray:
+    """PyTorch OIHW -> HWIO."""
+    return np.transpose(weight, (2, 3, 1, 0))
+
+
+def torch_conv_transpose_kernel(weight: np.ndarray, groups: int) -> np.ndarray:
+    """PyTorch [in, out/g, kh, kw] -> ours [kh, kw, in/g, out] with out index g*(out/g)+o."""
+    c_in, out_g, kh, kw = weight.shape
+    kernel = np.zeros((kh, kw, c_in // groups, out_g * groups), weight.dtype)
+    for g in range(groups):
+        for i in range(c_in // groups):
+            for o in range(out_g):
+                kernel[:, :, i, g * out_g + o] = weight[g * (c_in // groups) + i, o]
+    return kernel
+
+
+def tuplify(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------------- Conv2d
+@pytest.mark.parametrize("case", range(4))
+def test_conv2d_matches_detectron2_conv(fx, case):
+    cfg = config(fx, f"conv/{case}")
+    cfg = {k: tuplify(v) for k, v in cfg.items()}
+    conv = L.Conv2d(**cfg)
+    params = {"kernel": torch_conv_kernel(fx[f"conv/{case}/weight"])}
+    if cfg["bias"]:
+        params["bias"] = fx[f"conv/{case}/bias"]
+    x = fx[f"conv/{case}/x"]
+    y = jax.jit(conv.apply)({"params": params}, x)
+    expected = fx[f"conv/{case}/y"]
+    chex.assert_shape(y, expected.shape)
+    chex.assert_type(y, jnp.float32)
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+def _conv_bn_variables(fx):
+    params = {
+        "kernel": torch_conv_kernel(fx["conv_bn/sd/weight"]),
+        "norm": {"scale": fx["conv_bn/sd/norm.weight"], "bias": fx["conv_bn/sd/norm.bias"]},
+    }
+    stats = {"norm": {"mean": fx["conv_bn/sd/norm.running_mean"], "var": fx["conv_bn/sd/norm.running_var"]}}
+    return {"params": params, "batch_stats": stats}
+
+
+def test_conv2d_with_bn_and_relu_matches_detectron2_in_eval_and_train(fx):
+    conv = L.Conv2d(3, 4, kernel_size=3, padding=1, bias=False, norm="BN", activation=jax.nn.relu)
+    variables = _conv_bn_variables(fx)
+    x = fx["conv_bn/x"]
+    y_eval = conv.apply(variables, x)
+    np.testing.assert_allclose(y_eval, fx["conv_bn/y_eval"], rtol=RTOL, atol=ATOL)
+    y_train, updates = conv.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_train, fx["conv_bn/y_train"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["norm"]["mean"], fx["conv_bn/after/norm.running_mean"], rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        updates["batch_stats"]["norm"]["var"], fx["conv_bn/after/norm.running_var"], rtol=RTOL, atol=ATOL
+    )
+
+
+def test_conv2d_init_creates_hwio_kernel_with_pytorch_bounds():
+    conv = L.Conv2d(8, 16, kernel_size=(3, 5), groups=2)
+    variables = conv.init(jax.random.key(0), jnp.zeros((1, 9, 9, 8)))
+    kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+    chex.assert_shape(kernel, (3, 5, 4, 16))
+    chex.assert_shape(bias, (16,))
+    bound = 1.0 / np.sqrt(4 * 3 * 5)  # PyTorch: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(jnp.abs(kernel).max()) <= bound
+    assert float(jnp.abs(bias).max()) <= bound
+    # a uniform on [-b, b] has std b/sqrt(3); 960 draws pin it to a few percent
+    np.testing.assert_allclose(float(kernel.std()), bound / np.sqrt(3), rtol=0.1)
+
+
+def test_conv2d_padding_same_keeps_size_and_equals_explicit_padding():
+    x = jax.random.normal(jax.random.key(1), (2, 7, 6, 3))
+    same = L.Conv2d(3, 4, kernel_size=3, padding="same", dilation=2)
+    explicit = L.Conv2d(3, 4, kernel_size=3, padding=2, dilation=2)
+    v = same.init(jax.random.key(2), x)
+    y = same.apply(v, x)
+    chex.assert_shape(y, (2, 7, 6, 4))
+    np.testing.assert_allclose(y, explicit.apply(v, x), rtol=RTOL, atol=ATOL)
+
+
+def test_conv2d_rejects_wrong_rank_and_channels():
+    conv = L.Conv2d(3, 4, kernel_size=3)
+    v = conv.init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+    with pytest.raises(ValueError, match="rank 4"):
+        conv.apply(v, jnp.zeros((5, 5, 3)))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        conv.apply(v, jnp.zeros((1, 5, 5, 2)))
+    with pytest.raises(ValueError, match="divisible by groups"):
+        L.Conv2d(3, 4, kernel_size=1, groups=2).init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+    with pytest.raises(TypeError, match="kernel_size"):
+        L.Conv2d(3, 4, kernel_size=(1, 2, 3)).init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+    with pytest.raises(ValueError, match="dilated kernel"):
+        conv.apply(v, jnp.zeros((1, 2, 5, 3)))
+    with pytest.raises(ValueError, match="unknown norm"):
+        L.Conv2d(3, 4, kernel_size=1, norm="BNX").init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+
+
+def test_conv2d_empty_batch_gives_empty_output():
+    conv = L.Conv2d(3, 4, kernel_size=3, stride=2, padding=1, norm="BN", activation=jax.nn.relu)
+    v = conv.init(jax.random.key(0), jnp.zeros((1, 9, 8, 3)))
+    y = conv.apply(v, jnp.zeros((0, 9, 8, 3)))
+    chex.assert_shape(y, (0, 5, 4, 4))
+    y, _ = conv.apply(v, jnp.zeros((0, 9, 8, 3)), train=True, mutable=["batch_stats"])
+    chex.assert_shape(y, (0, 5, 4, 4))
+
+
+def test_conv2d_bfloat16_input_runs_and_stays_close_to_float32(fx):
+    conv = L.Conv2d(3, 5, kernel_size=3, padding=1)
+    x = fx["conv/0/x"]
+    v = conv.init(jax.random.key(0), x)
+    y16 = conv.apply(v, jnp.asarray(x, jnp.bfloat16))
+    chex.assert_type(y16, jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(y16, np.float32), conv.apply(v, x), rtol=0.05, atol=0.05)
+
+
+def test_conv2d_vmap_over_extra_axis_equals_loop():
+    conv = L.Conv2d(2, 3, kernel_size=3, padding=1)
+    xs = jax.random.normal(jax.random.key(3), (4, 2, 5, 5, 2))
+    v = conv.init(jax.random.key(0), xs[0])
+    batched = jax.vmap(lambda x: conv.apply(v, x))(xs)
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], conv.apply(v, xs[i]), rtol=RTOL, atol=ATOL)
+
+
+def test_conv2d_with_bn_trains_on_toy_regression():
+    conv = L.Conv2d(3, 2, kernel_size=3, padding=1, bias=False, norm="BN")
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    target = jnp.concatenate([x[..., :1] * 2.0 + 1.0, -x[..., 1:2]], axis=-1)
+    variables = conv.init(jax.random.key(1), x)
+    tx = optax.adam(0.05)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        def loss_fn(p):
+            y, upd = conv.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean((y - target) ** 2), upd["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    losses = []
+    for _ in range(60):
+        params, stats, opt_state, loss = step(params, stats, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.2 * losses[0]
+
+
+# ------------------------------------------------------------------------- ConvTranspose2d
+@pytest.mark.parametrize("case", range(5))
+def test_conv_transpose2d_matches_torch(fx, case):
+    cfg = {k: tuplify(v) for k, v in config(fx, f"convt/{case}").items()}
+    layer = L.ConvTranspose2d(**cfg)
+    params = {"kernel": torch_conv_transpose_kernel(fx[f"convt/{case}/weight"], cfg["groups"])}
+    if cfg["bias"]:
+        params["bias"] = fx[f"convt/{case}/bias"]
+    y = jax.jit(layer.apply)({"params": params}, fx[f"convt/{case}/x"])
+    expected = fx[f"convt/{case}/y"]
+    chex.assert_shape(y, expected.shape)
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_conv_transpose2d_param_shape_empty_batch_bf16_and_errors():
+    layer = L.ConvTranspose2d(4, 6, kernel_size=3, stride=2, padding=1, output_padding=1, groups=2)
+    v = layer.init(jax.random.key(0), jnp.zeros((1, 5, 4, 4)))
+    chex.assert_shape(v["params"]["kernel"], (3, 3, 2, 6))
+    chex.assert_shape(layer.apply(v, jnp.zeros((0, 5, 4, 4))), (0, 10, 8, 6))
+    y16 = layer.apply(v, jnp.ones((1, 5, 4, 4), jnp.bfloat16))
+    chex.assert_type(y16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="in_channels=4"):
+        layer.apply(v, jnp.zeros((1, 5, 4, 3)))
+    with pytest.raises(ValueError, match="rank 4"):
+        layer.apply(v, jnp.zeros((5, 4, 4)))
+    with pytest.raises(ValueError, match="output_padding"):
+        conv_transpose2d(jnp.zeros((1, 3, 3, 2)), jnp.zeros((3, 3, 2, 2)), stride=1, output_padding=1)
+
+
+# --------------------------------------------------------------------------------- Linear
+def test_linear_matches_torch_and_rejects_wrong_features(fx):
+    layer = L.Linear(7, 3)
+    params = {"kernel": fx["linear/weight"].T, "bias": fx["linear/bias"]}
+    y = layer.apply({"params": params}, fx["linear/x"])
+    np.testing.assert_allclose(y, fx["linear/y"], rtol=RTOL, atol=ATOL)
+    chex.assert_shape(layer.apply({"params": params}, jnp.zeros((0, 7))), (0, 3))
+    with pytest.raises(ValueError, match="in_features=7"):
+        layer.apply({"params": params}, jnp.zeros((2, 6)))
+
+
+# ---------------------------------------------------------------------------- interpolate
+@pytest.mark.parametrize("case", range(12))
+def test_interpolate_matches_torch(fx, case):
+    cfg = config(fx, f"interp/{case}")
+    kwargs = {k: tuplify(v) for k, v in cfg.items()}
+    fn = jax.jit(lambda x: L.interpolate(x, **kwargs))
+    y = fn(fx["interp/x"])
+    expected = fx[f"interp/{case}/y"]
+    chex.assert_shape(y, expected.shape)
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+
+
+def _numpy_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """float64 reference: sample at dst * (in-1)/(out-1), weights from the fractional part."""
+    n, h, w, c = x.shape
+    ys = np.arange(out_h) * ((h - 1) / (out_h - 1) if out_h > 1 else 0.0)
+    xs = np.arange(out_w) * ((w - 1) / (out_w - 1) if out_w > 1 else 0.0)
+    out = np.zeros((n, out_h, out_w, c))
+    for i, yy in enumerate(ys):
+        y0 = min(int(np.floor(yy)), h - 1)
+        y1 = min(y0 + 1, h - 1)
+        ly = yy - y0
+        for j, xx in enumerate(xs):
+            x0 = min(int(np.floor(xx)), w - 1)
+            x1 = min(x0 + 1, w - 1)
+            lx = xx - x0
+            out[:, i, j] = (
+                (1 - ly) * ((1 - lx) * x[:, y0, x0] + lx * x[:, y0, x1])
+                + ly * ((1 - lx) * x[:, y1, x0] + lx * x[:, y1, x1])
+            )
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    h=st.integers(1, 6), w=st.integers(1, 6), out_h=st.integers(1, 9), out_w=st.integers(1, 9)
+)
+def test_interpolate_bilinear_align_corners_matches_float64_numpy(h, w, out_h, out_w):
+    x = np.random.default_rng(h * 100 + w).normal(size=(1, h, w, 2)).astype(np.float32)
+    y = L.interpolate(jnp.asarray(x), size=(out_h, out_w), mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(y, _numpy_bilinear_align_corners(x.astype(np.float64), out_h, out_w), rtol=1e-5, atol=1e-5)
+
+
+def test_interpolate_empty_batch_bf16_and_errors():
+    chex.assert_shape(L.interpolate(jnp.zeros((0, 4, 4, 2)), scale_factor=2), (0, 8, 8, 2))
+    y = L.interpolate(jnp.ones((1, 4, 4, 2), jnp.bfloat16), size=(7, 3), mode="bilinear")
+    chex.assert_type(y, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), 1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        L.interpolate(jnp.zeros((1, 4, 4, 2)), size=3, scale_factor=2)
+    with pytest.raises(ValueError, match="align_corners"):
+        L.interpolate(jnp.zeros((1, 4, 4, 2)), size=3, align_corners=True)
+    with pytest.raises(ValueError, match="rank 4"):
+        L.interpolate(jnp.zeros((4, 4, 2)), size=3)
+    with pytest.raises(ValueError, match="mode"):
+        L.interpolate(jnp.zeros((1, 4, 4, 2)), size=3, mode="bicubic")
+
+
+# -------------------------------------------------------------------------- cross_entropy
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_matches_detectron2(fx, reduction):
+    logits, target = fx["xent/logits"], fx["xent/target"]
+    np.testing.assert_allclose(
+        L.cross_entropy(logits, target, reduction=reduction), fx[f"xent/{reduction}"], rtol=RTOL, atol=ATOL
+    )
+    np.testing.assert_allclose(
+        L.cross_entropy(logits, target, reduction=reduction, weight=fx["xent/weight"]),
+        fx[f"xent/weighted_{reduction}"],
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+
+def test_cross_entropy_nhwc_segmentation_with_ignore_index(fx):
+    loss = L.cross_entropy(fx["xent/seg_logits"], fx["xent/seg_target"], ignore_index=255)
+    np.testing.assert_allclose(loss, fx["xent/seg_mean"], rtol=RTOL, atol=ATOL)
+
+
+def test_cross_entropy_empty_target_is_zero_with_zero_gradient(fx):
+    assert float(fx["xent/empty_mean"]) == 0.0
+    logits = jnp.zeros((0, 5))
+    loss, grad = jax.value_and_grad(lambda z: L.cross_entropy(z, jnp.zeros((0,), jnp.int32)))(logits)
+    assert float(loss) == 0.0
+    chex.assert_shape(grad, (0, 5))
+    with pytest.raises(ValueError, match="target shape"):
+        L.cross_entropy(jnp.zeros((3, 5)), jnp.zeros((4,), jnp.int32))
+
+
+# ------------------------------------------------------------------ small utility functions
+def test_nonzero_tuple_matches_numpy_eagerly_and_padded_under_jit():
+    x = np.array([[0, 3, 0], [1, 0, 2]])
+    rows, cols = L.nonzero_tuple(x)
+    np_rows, np_cols = np.nonzero(x)
+    np.testing.assert_array_equal(rows, np_rows)
+    np.testing.assert_array_equal(cols, np_cols)
+    padded = jax.jit(lambda a: L.nonzero_tuple(a, size=5, fill_value=-1))(x)
+    np.testing.assert_array_equal(padded[0], [0, 1, 1, -1, -1])
+    np.testing.assert_array_equal(padded[1], [1, 0, 2, -1, -1])
+    (scalar_idx,) = L.nonzero_tuple(jnp.asarray(7))
+    np.testing.assert_array_equal(scalar_idx, [0])
+    with pytest.raises(ValueError, match="static `size`"):
+        jax.jit(L.nonzero_tuple)(x)
+
+
+def test_cat_returns_single_input_unchanged_and_concatenates():
+    a = jnp.ones((2, 3))
+    assert L.cat([a]) is a
+    b = jnp.zeros((2, 1))
+    np.testing.assert_array_equal(L.cat([a, b], dim=1), np.concatenate([np.ones((2, 3)), np.zeros((2, 1))], 1))
+    with pytest.raises(TypeError):
+        L.cat(a)
+
+
+def test_shapes_to_tensor_traces_under_jit():
+    out = jax.jit(lambda h, w: L.shapes_to_tensor([h, w]))(jnp.int32(5), jnp.int32(7))
+    chex.assert_shape(out, (2,))
+    np.testing.assert_array_equal(out, [5, 7])
+    np.testing.assert_array_equal(L.shapes_to_tensor([3, 4]), [3, 4])
+
+
+def test_shape_spec_defaults_and_fields():
+    spec = L.ShapeSpec(channels=256, stride=4)
+    assert (spec.channels, spec.height, spec.width, spec.stride) == (256, None, None, 4)
+    assert spec == L.ShapeSpec(256, None, None, 4)
