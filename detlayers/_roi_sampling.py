@@ -124,16 +124,33 @@ def sample_coordinate(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bi
     return (start + jnp.asarray(bin_index, dtype) * bin_size) + offset
 
 
+def bilinear_1d(y: jax.Array, length: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """1-D half of detectron2's bilinear rule: ``(low, high, w_low, w_high)`` for positions ``y``.
+
+    A position below -1 or above ``length`` gets zero weights; one in ``[-1, 0]`` reads row 0; one
+    at or past the last row reads the last row with weight 1.  Indices are always in range.
+    """
+    dtype = y.dtype
+    valid = (y >= -1.0) & (y <= length)
+    y = jnp.maximum(y, 0.0)
+    low = jnp.floor(y).astype(jnp.int32)
+    at_end = low >= length - 1
+    low = jnp.clip(low, 0, length - 1)
+    high = jnp.where(at_end, length - 1, low + 1)
+    frac = jnp.where(at_end, jnp.zeros((), dtype), y - low.astype(dtype))
+    w_low = jnp.where(valid, 1.0 - frac, 0.0)
+    w_high = jnp.where(valid, frac, 0.0)
+    return low, high, w_low, w_high
+
+
 def axis_weights(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bins: int, length: int,
                  max_grid: Any) -> jax.Array:
     """Dense separable sampling weights along one axis, ``[R, bins, length]``.
 
     ``W[r, p, h]`` is the weight the ``grid[r]`` samples of bin ``p`` put on pixel row ``h``,
-    divided by the sample count: the sum over samples of the 1-D bilinear weights with
-    detectron2's boundary rules (a sample below -1 or above ``length`` adds nothing; one in
-    ``[-1, 0]`` reads row 0; one at or past the last row reads the last row).  Because the 2-D
-    bilinear weight is the product of a row and a column weight and the validity test is per axis,
-    a bin's average is exactly ``sum_{h,w} Wy[p, h] Wx[q, w] F[h, w]``.
+    divided by the sample count (the sum over samples of :func:`bilinear_1d` weights).  Because
+    the 2-D bilinear weight is the product of a row and a column weight and the validity test is
+    per axis, a bin's average is exactly ``sum_{h,w} Wy[p, h] Wx[q, w] F[h, w]``.
 
     ``max_grid`` bounds the loop over samples (a traced value is fine: the loop is a while loop).
     """
@@ -143,15 +160,10 @@ def axis_weights(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bins: i
 
     def add_sample(k, acc):
         y = sample_coordinate(start[:, None], bin_size[:, None], grid[:, None], bin_ids, k)
-        valid = (k < grid[:, None]) & (y >= -1.0) & (y <= length)
-        y = jnp.maximum(y, 0.0)
-        low = jnp.floor(y).astype(jnp.int32)
-        at_end = low >= length - 1
-        low = jnp.where(at_end, length - 1, low)
-        high = jnp.where(at_end, length - 1, low + 1)
-        frac = jnp.where(at_end, 0.0, y - low.astype(dtype))
-        w_low = jnp.where(valid, 1.0 - frac, 0.0)[..., None]
-        w_high = jnp.where(valid, frac, 0.0)[..., None]
+        low, high, w_low, w_high = bilinear_1d(y, length)
+        in_grid = k < grid[:, None]
+        w_low = jnp.where(in_grid, w_low, 0.0)[..., None]
+        w_high = jnp.where(in_grid, w_high, 0.0)[..., None]
         return (acc + jnp.where(rows == low[..., None], w_low, 0.0)
                 + jnp.where(rows == high[..., None], w_high, 0.0))
 
@@ -164,23 +176,37 @@ def axis_weights(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bins: i
     return acc / jnp.maximum(grid, 1).astype(dtype)[:, None, None]
 
 
-def compact_taps(weights: jax.Array, taps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Nonzero entries of ``weights [R, P, L]`` moved to the front: ``(index, weight, count)``.
+def sample_taps(start: jax.Array, bin_size: jax.Array, bins: int, length: int,
+                sampling_ratio: int) -> tuple[jax.Array, jax.Array]:
+    """Taps of a fixed grid: two ``(row, weight / grid)`` pairs per sample, ``[R, bins, 2*s]``."""
+    grid = jnp.full(start.shape, sampling_ratio, jnp.int32)
+    bin_ids = jnp.arange(bins, dtype=start.dtype)[None, :]
+    index, weight = [], []
+    for k in range(sampling_ratio):
+        y = sample_coordinate(start[:, None], bin_size[:, None], grid[:, None], bin_ids, k)
+        low, high, w_low, w_high = bilinear_1d(y, length)
+        index += [low, high]
+        weight += [w_low / sampling_ratio, w_high / sampling_ratio]
+    return jnp.stack(index, -1), jnp.stack(weight, -1)
 
-    Returns ``index int32[R, P, taps]`` and ``weight [R, P, taps]`` (zeros past the nonzeros) and
-    ``count int32[R]``, the largest number of nonzeros over the ROI's bins.  ``taps`` must be at
-    least the largest possible number of nonzeros (it is ``L`` when that is unknown).
+
+def band_taps(weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Taps of dense weights ``[R, P, L]`` whose nonzeros form one band per bin.
+
+    Returns ``index int32[R, P, L]`` (``lo + i``, clamped into range), ``weight [R, P, L]`` (the
+    band's weights, zero past its end) and ``count int32[R]`` (the longest band of the ROI).
+    Adaptive grids always give a band: their samples are at most one pixel apart.
     """
     length = weights.shape[-1]
     positions = jnp.arange(length, dtype=jnp.int32)
     nonzero = weights != 0
-    # Nonzeros keep their order and come first; lax.top_k of a negated key is a stable compaction.
-    key = jnp.where(nonzero, positions, length + positions)
-    _, index = lax.top_k(-key, taps)
-    index = index.astype(jnp.int32)
-    tap_weights = jnp.take_along_axis(weights, index, axis=-1)
-    count = nonzero.sum(-1).max(-1).astype(jnp.int32)
-    return index, tap_weights, count
+    any_nonzero = nonzero.any(-1)
+    lo = jnp.argmax(nonzero, axis=-1).astype(jnp.int32)
+    hi = length - 1 - jnp.argmax(nonzero[..., ::-1], axis=-1).astype(jnp.int32)
+    size = jnp.where(any_nonzero, hi - lo + 1, 0)
+    index = jnp.minimum(lo[..., None] + positions, length - 1)
+    weight = jnp.where(positions < size[..., None], jnp.take_along_axis(weights, index, axis=-1), 0.0)
+    return index, weight, size.max(-1).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------

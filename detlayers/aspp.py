@@ -158,10 +158,7 @@ class ASPP(nn.Module):
             name=f"convs_{len(self.dilations) + 1}_1",
             **conv_inits,
         )(pooled, train=train)
-        if x.shape[0] == 0:
-            branches.append(jnp.zeros((0, height, width, self.out_channels), pooled.dtype))
-        else:
-            branches.append(interpolate(pooled, size=(height, width), mode="bilinear", align_corners=False))
+        branches.append(interpolate(pooled, size=(height, width), mode="bilinear", align_corners=False))
 
         y = jnp.concatenate(branches, axis=-1)
         y = Conv2d(

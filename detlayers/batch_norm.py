@@ -375,7 +375,9 @@ class NaiveSyncBatchNorm(_BatchNormBase):
     ``__call__(x, train=False, *, mask=None)``; ``x`` is the per-device ``[B, H, W, C]`` block and
     ``mask`` an optional ``bool[B]`` marking its real examples (SPMD shards share one shape, so a
     short per-device batch is padded; padded rows are excluded from the statistics but their
-    outputs are still computed).
+    outputs are still computed). Padded rows may hold anything for the forward statistics (they
+    are replaced by 0 before any sum); keep them finite when differentiating, since their
+    (masked-out) outputs still enter the backward pass as ``0 * value``.
 
     In training, per-channel sums and real-element counts are ``psum``-ed over ``axis_name``, so
     the normalization uses the mean and biased variance of *all real examples on all devices*: the

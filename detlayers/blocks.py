@@ -66,6 +66,7 @@ class CNNBlockBase(nn.Module):
     stride: int
     frozen: bool = dataclasses.field(default=False, kw_only=True)
 
+    @nn.nowrap
     def freeze(self, variables: Any) -> tuple[CNNBlockBase, dict]:
         """``(frozen_block, frozen_variables)``: BN -> FrozenBN with converted variables, gradients
         into the block's parameters stopped, ``frozen=True``. See the class docstring."""

@@ -37,7 +37,7 @@ chunks with ``lax.map`` so memory stays bounded.  Gradients come from autodiff t
 
 dtypes: bfloat16 / float16 inputs are gathered in their dtype, blended and accumulated in float32,
 the columns are cast back to the input dtype for the matmul (as PyTorch's im2col does) and the
-matmul accumulates in float32; the result has the promoted dtype of ``input`` and ``kernel``.
+matmul accumulates in float32; the result has ``input``'s dtype (like ``Conv2d``).
 """
 
 from __future__ import annotations
@@ -237,11 +237,10 @@ def _deform_conv_impl(
     if bias is not None and tuple(jnp.shape(bias)) != (o,):
         raise ValueError(f"{fn_name}: bias must have shape ({o},), got {jnp.shape(bias)}")
 
-    out_dtype = jnp.result_type(input.dtype, kernel.dtype)
-    if bias is not None:
-        out_dtype = jnp.result_type(out_dtype, bias.dtype)
-    if not jnp.issubdtype(out_dtype, jnp.floating):
-        raise TypeError(f"{fn_name}: input and kernel must be floating point, got {out_dtype}")
+    for array, name in ((input, "input"), (offset, "offset"), (kernel, "kernel"), (mask, "mask")):
+        if array is not None and not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"{fn_name}: {name} must be floating point, got {array.dtype}")
+    out_dtype = input.dtype
     if n == 0:
         return jnp.zeros((0, ho, wo, o), out_dtype)
 
@@ -285,7 +284,6 @@ def _deform_conv_impl(
             return a.reshape(chunks, rows_per_chunk, *a.shape[1:])
 
         # Padded rows read image 0 row 0 with zero offsets; their outputs are dropped.
-        flat_row = jnp.arange(padded, dtype=jnp.int32) % total_rows
         xs = (chunked(flat_row // ho), chunked(flat_row % ho), chunked(offset_rows))
         if mask_rows is None:
             out = lax.map(lambda args: block(*args, None), xs)
@@ -324,7 +322,7 @@ def deform_conv(
         larger problems run in chunks of output rows.
 
     Returns:
-      ``[N, Ho, Wo, O]`` in the promoted dtype of ``input`` and ``kernel``.
+      ``[N, Ho, Wo, O]`` in ``input``'s dtype.
 
     Raises:
       ValueError / TypeError at trace time for wrong ranks, channel counts or arguments.
@@ -405,12 +403,15 @@ class _DeformConvBase(nn.Module):
         return kernel, bias
 
     def _finish(self, y: jax.Array, train: bool) -> jax.Array:
-        if self.norm is not None and self.norm != "":
-            from detlayers.batch_norm import get_norm
+        norm = None
+        if isinstance(self.norm, nn.Module):
+            norm = self.norm  # an unbound module given as the field is adopted as ``norm``
+        elif self.norm is not None and not (isinstance(self.norm, str) and self.norm == ""):
+            from detlayers.batch_norm import get_norm  # lazily: norm-free layers don't need it
 
             norm = get_norm(self.norm, self.out_channels, name="norm")
-            if norm is not None:
-                y = norm(y, train=train)
+        if norm is not None:
+            y = norm(y, train=train)
         if self.activation is not None:
             y = self.activation(y)
         return y

@@ -61,7 +61,7 @@ def _convert_value(field_name: str, value: Any) -> Any:
 
 def _convert_module(module: nn.Module) -> nn.Module:
     if isinstance(module, _BATCH_NORM_TYPES):
-        return FrozenBatchNorm2d(module.num_features, eps=module.eps, name=module.name)
+        return FrozenBatchNorm2d(module.num_features, eps=module.eps, name=module.name, parent=None)
     updates = {}
     for field in dataclasses.fields(module):
         if field.name in _FLAX_INTERNAL_FIELDS or not field.init:
@@ -70,7 +70,7 @@ def _convert_module(module: nn.Module) -> nn.Module:
         converted = _convert_value(field.name, value)
         if converted is not value:
             updates[field.name] = converted
-    return module.clone(**updates) if updates else module
+    return module.clone(parent=None, **updates) if updates else module
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,18 +212,42 @@ def _stop_gradient_tree(tree: Any) -> Any:
 
 @functools.cache
 def frozen_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """``cls`` lifted so that its ``params`` (its own and its submodules') receive no gradient.
+    """A subclass of ``cls`` whose ``params`` (its own and its submodules') receive no gradient.
 
-    The variable tree is unchanged (same names and shapes), so variables of a normal ``cls``
-    instance work with the lifted one and vice versa. ``isinstance(frozen_class(C)(...), C)``
-    holds. Cached per class, so applying it twice is harmless.
+    Outside ``init``, ``__call__`` runs under ``flax.linen.map_variables`` with
+    ``jax.lax.stop_gradient`` on the ``params`` collection; other collections (``batch_stats``)
+    pass through unchanged and stay mutable. The variable tree is unchanged (same names and
+    shapes), so variables of a ``cls`` instance work with the frozen class and vice versa, and
+    ``isinstance(frozen_class(C)(...), C)`` holds. Cached per class; applying it to a frozen
+    class returns that class.
     """
     if getattr(cls, "_detlayers_frozen_class", False):
         return cls
-    lifted = nn.map_variables(cls, "params", trans_in_fn=_stop_gradient_tree, init=True)
-    lifted._detlayers_frozen_class = True
-    lifted.__doc__ = f"{cls.__name__} with gradients into its parameters stopped (detlayers.freeze.frozen_class)."
-    return lifted
+
+    def call_with_stopped_params(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return cls.__call__(module, *args, **kwargs)
+
+    # init=False: the lifted call only reads params, so it works under apply with any mutable
+    # collections; during init the plain call creates the params (no gradient is taken there).
+    stopped_call = nn.map_variables(call_with_stopped_params, "params", trans_in_fn=_stop_gradient_tree)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.is_initializing():
+            return cls.__call__(self, *args, **kwargs)
+        return stopped_call(self, *args, **kwargs)
+
+    frozen = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__call__": __call__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": f"{cls.__name__} with gradients into its parameters stopped (detlayers.freeze.frozen_class).",
+            "_detlayers_frozen_class": True,
+        },
+    )
+    return frozen
 
 
 def freeze_module(module: nn.Module, variables: Mapping) -> tuple[nn.Module, dict]:
@@ -237,7 +261,7 @@ def freeze_module(module: nn.Module, variables: Mapping) -> tuple[nn.Module, dic
     }
     if "frozen" in kwargs:
         kwargs["frozen"] = True
-    frozen = frozen_class(type(converted))(**kwargs, name=converted.name)
+    frozen = frozen_class(type(converted))(**kwargs, name=converted.name, parent=None)
     return frozen, frozen_variables
 
 

@@ -310,10 +310,53 @@ def _axis_iou(first: Array, second: Array) -> Array:
     return inter / ((area1[:, None] + area2[None, :]) - inter)
 
 
-def _rotated_iou(first: Array, second: Array) -> Array:
-    from detlayers.rotated_boxes import pairwise_iou_rotated
+ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
 
-    return pairwise_iou_rotated(first, second)
+
+def _rotated_reach(boxes: Array) -> Array:
+    """Radius beyond which a rotated box cannot touch another (see nms_cpu.cc's rotated_reach):
+    circumradius with 0.1 % slack, plus room for detectron2's 1e-5 tolerances and float32
+    rounding of large coordinates. Degenerate boxes get infinity (never skipped)."""
+    w, h = jnp.abs(boxes[:, 2]), jnp.abs(boxes[:, 3])
+    min_side = jnp.minimum(w, h)
+    radius = 0.5 * jnp.sqrt(w * w + h * h)
+    coord = jnp.abs(boxes[:, 0]) + jnp.abs(boxes[:, 1])
+    reach = radius * 1.002 + 2e-4 / min_side + 2e-5 * coord + 1e-5
+    return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, jnp.inf)
+
+
+def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
+    """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
+
+    The exact (expensive) IoU is evaluated only for masked pairs whose bounding discs meet, in
+    batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs with disjoint discs have detectron2 IoU exactly
+    0, which never exceeds a threshold >= 0.
+    """
+    from detlayers.rotated_boxes import _iou_of_pairs
+
+    dx = first[:, None, 0] - second[None, :, 0]
+    dy = first[:, None, 1] - second[None, :, 1]
+    reach = _rotated_reach(first)[:, None] + _rotated_reach(second)[None, :]
+    pending = (mask & ~(dx * dx + dy * dy > reach * reach)).astype(jnp.uint8)
+    hit = jnp.zeros(mask.shape, jnp.uint8)
+    batch = min(ROTATED_PAIR_BATCH, mask.size)
+    slot = jnp.arange(batch)
+
+    def step(state):
+        pending, hit = state
+        rows, cols = jnp.nonzero(pending, size=batch, fill_value=0)
+        real = slot < pending.sum()
+        over = _iou_of_pairs(first[rows], second[cols]) > threshold
+        hit = hit.at[rows, cols].max((real & over).astype(jnp.uint8))
+        pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
+        return pending, hit
+
+    _, hit = lax.while_loop(lambda s: s[0].any(), step, (pending, hit))
+    return hit.astype(bool)
+
+
+def _axis_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
+    return mask & (_axis_iou(first, second) > threshold)
 
 
 def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -> tuple[Array, Array]:
@@ -329,7 +372,7 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
         boxes, classes, threshold = args
     else:
         (boxes, threshold), classes = args, None
-    iou = _rotated_iou if rotated else _axis_iou
+    pair_overlaps = _rotated_overlaps if rotated else _axis_overlaps
     n, box_dim = boxes.shape
     tile = min(XLA_TILE, n)
     num_tiles = -(-n // tile)
@@ -341,11 +384,10 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
     lane = jnp.arange(tile, dtype=jnp.int32)
     earlier = lane[:, None] < lane[None, :]
 
-    def overlaps(first, first_cls, second, second_cls):
-        hit = iou(first, second) > threshold
+    def overlaps(first, first_cls, second, second_cls, mask):
         if classes is not None:
-            hit &= first_cls[:, None] == second_cls[None, :]
-        return hit
+            mask &= first_cls[:, None] == second_cls[None, :]
+        return pair_overlaps(first, second, mask, threshold)
 
     def tile_step(state):
         t, count, positions, kept_boxes, kept_cls = state
@@ -359,14 +401,14 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
             kb = lax.dynamic_slice_in_dim(kept_boxes, base, tile)
             kc = None if classes is None else lax.dynamic_slice_in_dim(kept_cls, base, tile)
             live = (base + lane) < count
-            hit = overlaps(kb, kc, cur, cur_cls) & live[:, None]
+            hit = overlaps(kb, kc, cur, cur_cls, jnp.broadcast_to(live[:, None], (tile, tile)))
             return c + 1, suppressed | hit.any(axis=0)
 
         _, suppressed = lax.while_loop(
             lambda s: s[0] * tile < count, chunk_step, (jnp.int32(0), jnp.zeros((tile,), bool))
         )
         candidate = ((start + lane) < n) & ~suppressed
-        inner = overlaps(cur, cur_cls, cur, cur_cls) & earlier
+        inner = overlaps(cur, cur_cls, cur, cur_cls, earlier)
 
         def fixed_point_step(fp_state):
             keep, _ = fp_state

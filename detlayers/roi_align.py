@@ -35,7 +35,7 @@ from detlayers import _roi_sampling as rs
 
 # Above this many (row tap x column tap) pairs per bin, a fixed sampling_ratio also uses the
 # chunked loops instead of one unrolled fusion (compile time grows with the unrolled count).
-_MAX_UNROLLED_TAPS = 64
+_MAX_UNROLLED_TAPS = int(__import__("os").environ.get("RA_UNROLL", 64))
 # Column taps unrolled inside one iteration of the adaptive loops.
 _COLUMN_UNROLL = 4
 
@@ -105,32 +105,30 @@ def roi_align(
     bin_w = roi_w / pooled_w
     grid_h = rs.sample_grid(roi_h, pooled_h, sampling_ratio)
     grid_w = rs.sample_grid(roi_w, pooled_w, sampling_ratio)
-    max_h = sampling_ratio if sampling_ratio > 0 else jnp.max(grid_h)
-    max_w = sampling_ratio if sampling_ratio > 0 else jnp.max(grid_w)
 
-    weight_y = rs.axis_weights(y1, bin_h, grid_h, pooled_h, height, max_h)
-    weight_x = rs.axis_weights(x1, bin_w, grid_w, pooled_w, width, max_w)
-    weight_y = jnp.where(valid[:, None, None], weight_y, 0.0)
-
-    table = features.astype(dtype).reshape(batch * height * width, channels)
     if sampling_ratio > 0:
-        taps_y = min(2 * sampling_ratio, height)
-        taps_x = min(2 * sampling_ratio, width)
+        row, wy = rs.sample_taps(y1, bin_h, pooled_h, height, sampling_ratio)
+        col, wx = rs.sample_taps(x1, bin_w, pooled_w, width, sampling_ratio)
+        count_y = jnp.full((num_rois,), row.shape[-1], jnp.int32)
+        count_x = jnp.full((num_rois,), col.shape[-1], jnp.int32)
     else:
-        taps_y, taps_x = height, width
-    row, wy, count_y = rs.compact_taps(weight_y, taps_y)
-    col, wx, count_x = rs.compact_taps(weight_x, taps_x)
+        max_h, max_w = jnp.max(grid_h), jnp.max(grid_w)
+        weight_y = rs.axis_weights(y1, bin_h, grid_h, pooled_h, height, max_h)
+        weight_x = rs.axis_weights(x1, bin_w, grid_w, pooled_w, width, max_w)
+        row, wy, count_y = rs.band_taps(weight_y)
+        col, wx, count_x = rs.band_taps(weight_x)
+    wy = jnp.where(valid[:, None, None], wy, 0.0)
+    count_y = jnp.where(valid, count_y, 0)
     row_base = (batch_index[:, None, None] * height + row) * width
 
-    if sampling_ratio > 0 and taps_y * taps_x <= _MAX_UNROLLED_TAPS:
-        out = _pool_unrolled(table, row_base, wy, col, wx)
-    else:
-        out = _pool_chunked(table, row_base, wy, col, wx, count_y, count_x)
+    table = features.astype(dtype).reshape(batch * height * width, channels)
+    unrolled = sampling_ratio > 0 and row.shape[-1] * col.shape[-1] <= _MAX_UNROLLED_TAPS
+    out = _pool(table, row_base, wy, col, wx, count_y, count_x, unrolled)
     return out.astype(out_dtype)
 
 
 def _pool_unrolled(table, row_base, wy, col, wx):
-    """Static tap counts: one fused sum of ``Ty * Tx`` gathers (autodiff gives the scatter-adds)."""
+    """Static tap counts: one fused sum of ``Ty * Tx`` gathers."""
     out = None
     for i in range(row_base.shape[-1]):
         for j in range(col.shape[-1]):
@@ -183,15 +181,19 @@ def _chunk_loops(c, trips_y, trips_x, visit, carry):
     return lax.fori_loop(0, trips_y, over_rows, carry)
 
 
-@jax.custom_vjp
-def _pool_chunked(table, row_base, wy, col, wx, count_y, count_x):
-    return _pool_chunked_fwd(table, row_base, wy, col, wx, count_y, count_x)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _pool(table, row_base, wy, col, wx, count_y, count_x, unrolled):
+    """``out[r,p,q,:] = sum_{i,j} wy[r,p,i] wx[r,q,j] table[row_base[r,p,i] + col[r,q,j]]``."""
+    return _pool_fwd(table, row_base, wy, col, wx, count_y, count_x, unrolled)[0]
 
 
-def _pool_chunked_fwd(table, row_base, wy, col, wx, count_y, count_x):
-    num, pooled_h = wy.shape[:2]
+def _pool_fwd(table, row_base, wy, col, wx, count_y, count_x, unrolled):
+    num = wy.shape[0]
     pooled_w = wx.shape[1]
     chunks, trips_y, trips_x, order = _chunk_arrays(row_base, wy, col, wx, count_y, count_x)
+    residuals = (table.shape, chunks, trips_y, trips_x, order)
+    if unrolled:
+        return _pool_unrolled(table, row_base, wy, col, wx), residuals
 
     def one_chunk(args):
         c, ty, tx = args
@@ -203,12 +205,10 @@ def _pool_chunked_fwd(table, row_base, wy, col, wx, count_y, count_x):
         return _chunk_loops(c, ty, tx, visit, acc)
 
     out = lax.map(one_chunk, (chunks, trips_y, trips_x))
-    out = rs.from_chunks(out, order, num)
-    del pooled_h
-    return out, (table.shape, chunks, trips_y, trips_x, order)
+    return rs.from_chunks(out, order, num), residuals
 
 
-def _pool_chunked_bwd(residuals, grad):
+def _pool_bwd(unrolled, residuals, grad):
     table_shape, chunks, trips_y, trips_x, order = residuals
     num_chunks = trips_y.shape[0]
     grad_chunks = rs.to_chunks(grad, order, num_chunks)
@@ -226,7 +226,7 @@ def _pool_chunked_bwd(residuals, grad):
     return dtable, None, None, None, None, None, None
 
 
-_pool_chunked.defvjp(_pool_chunked_fwd, _pool_chunked_bwd)
+_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 class ROIAlign(nn.Module):

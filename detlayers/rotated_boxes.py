@@ -210,15 +210,18 @@ def _cos_sin_degrees(angle: Array) -> tuple[Array, Array]:
     return cos, sin
 
 
-def _corners_xy(cx: Array, cy: Array, w: Array, h: Array, angle: Array) -> tuple[Array, Array]:
+def _corners_xy(
+    cx: Array, cy: Array, w: Array, h: Array, cos: Array, sin: Array
+) -> tuple[Array, Array]:
     """Corners ``[4, ...]`` (x and y) in detectron2's order and rounding."""
-    cos, sin = _cos_sin_degrees(angle)
     half_cos = cos * np.float32(0.5)
     half_sin = sin * np.float32(0.5)
-    x0 = cx + half_sin * h + half_cos * w
-    y0 = cy + half_cos * h - half_sin * w
-    x1 = cx - half_sin * h + half_cos * w
-    y1 = cy - half_cos * h - half_sin * w
+    sin_h, cos_w = _rounded(half_sin * h), _rounded(half_cos * w)
+    cos_h, sin_w = _rounded(half_cos * h), _rounded(half_sin * w)
+    x0 = cx + sin_h + cos_w
+    y0 = cy + cos_h - sin_w
+    x1 = cx - sin_h + cos_w
+    y1 = cy - cos_h - sin_w
     x2 = np.float32(2) * cx - x0
     y2 = np.float32(2) * cy - y0
     x3 = np.float32(2) * cx - x1
@@ -241,7 +244,8 @@ def rotated_box_corners(boxes: Array) -> Array:
     if boxes.ndim < 1 or boxes.shape[-1] != 5:
         raise ValueError(f"boxes must have shape [..., 5], got shape {boxes.shape}")
     boxes = boxes.astype(jnp.float32)
-    xs, ys = _corners_xy(*(boxes[..., k] for k in range(5)))
+    cos, sin = _cos_sin_degrees(boxes[..., 4])
+    xs, ys = _corners_xy(boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3], cos, sin)
     return jnp.moveaxis(jnp.stack([xs, ys], axis=-1), 0, -2)
 
 
@@ -261,15 +265,24 @@ def _edges(x: Array, y: Array) -> tuple[Array, Array]:
     return jnp.roll(x, -1, axis=0) - x, jnp.roll(y, -1, axis=0) - y
 
 
+def _cross(ax: Array, ay: Array, bx: Array, by: Array) -> Array:
+    """``ax * by - bx * ay`` with both products rounded (no FMA), as the reference computes it."""
+    return _rounded(ax * by) - _rounded(bx * ay)
+
+
+def _dot(ax: Array, ay: Array, bx: Array, by: Array) -> Array:
+    return _rounded(ax * bx) + _rounded(ay * by)
+
+
 def _contained_corners(px, py, rx, ry, rex, rey) -> Array:
     """Mask ``[4, P]``: corner i of (px, py) lies inside rectangle (rx, ry) with edges (rex, rey)."""
     side_ax, side_ay = rex[0], rey[0]  # rect[0] -> rect[1]
     side_bx, side_by = rex[3], rey[3]  # rect[3] -> rect[0]
-    side_a_sq = side_ax * side_ax + side_ay * side_ay
-    side_b_sq = side_bx * side_bx + side_by * side_by
+    side_a_sq = _dot(side_ax, side_ay, side_ax, side_ay)
+    side_b_sq = _dot(side_bx, side_by, side_bx, side_by)
     offx, offy = px - rx[0], py - ry[0]
-    along_a = offx * side_ax + offy * side_ay
-    along_b = -(offx * side_bx + offy * side_by)
+    along_a = _dot(offx, offy, side_ax, side_ay)
+    along_b = -_dot(offx, offy, side_bx, side_by)
     return (
         (along_a > _INSIDE_LOW)
         & (along_b > _INSIDE_LOW)
@@ -285,15 +298,15 @@ def _candidates(x1, y1, x2, y2) -> tuple[Array, Array, Array]:
     # [4 (edge of box 1), 4 (edge of box 2), P], flattened i-major like the reference's loops.
     e1x, e1y, p1x, p1y = ex1[:, None], ey1[:, None], x1[:, None], y1[:, None]
     e2x, e2y, p2x, p2y = ex2[None], ey2[None], x2[None], y2[None]
-    det = e2x * e1y - e1x * e2y
+    det = _cross(e2x, e2y, e1x, e1y)
     crossing = jnp.abs(det) > _PARALLEL_DET
     safe_det = jnp.where(crossing, det, np.float32(1))
     bx, by = p2x - p1x, p2y - p1y
-    s = (e2x * by - bx * e2y) / safe_det  # parameter along the box-1 edge
-    u = (e1x * by - bx * e1y) / safe_det  # parameter along the box-2 edge
+    s = _cross(e2x, e2y, bx, by) / safe_det  # parameter along the box-1 edge
+    u = _cross(e1x, e1y, bx, by) / safe_det  # parameter along the box-2 edge
     crossing &= (s > _PARAM_LOW) & (s < _PARAM_HIGH) & (u > _PARAM_LOW) & (u < _PARAM_HIGH)
-    cx = p1x + e1x * s
-    cy = p1y + e1y * s
+    cx = p1x + _rounded(e1x * s)
+    cy = p1y + _rounded(e1y * s)
     num_pairs = x1.shape[1:]
     xs = jnp.concatenate([cx.reshape((16,) + num_pairs), x1, x2])
     ys = jnp.concatenate([cy.reshape((16,) + num_pairs), y1, y2])
@@ -337,7 +350,7 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     is_pivot = slots == pivot[None]
     rel_x = jnp.where(is_pivot, rel_x[:1], jnp.where(slots == 0, 0, rel_x))
     rel_y = jnp.where(is_pivot, rel_y[:1], jnp.where(slots == 0, 0, rel_y))
-    dist = rel_x * rel_x + rel_y * rel_y
+    dist = _dot(rel_x, rel_y, rel_x, rel_y)
     most = jnp.max(count)  # loops run only over slots some pair uses
 
     # Exchange sort of slots 1..count-1 by angle around the pivot (nearer first when collinear).
@@ -347,7 +360,7 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
         def sort_inner(j, state):
             arrays, cur = state
             other = tuple(_column(a, j) for a in arrays)
-            turn = cur[0] * other[1] - other[0] * cur[1]
+            turn = _cross(cur[0], cur[1], other[0], other[1])
             swap = (j < count) & (
                 (turn < _TURN_NEGATIVE) | ((jnp.abs(turn) < _TURN_COLLINEAR) & (cur[2] > other[2]))
             )
@@ -401,21 +414,27 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     # Fan from the pivot (the origin), summed in slot order like the reference.
     twice_area = jnp.zeros(count.shape, jnp.float32)
     for i in range(1, _NUM_SLOTS - 1):
-        term = jnp.abs(hull_x[i] * hull_y[i + 1] - hull_x[i + 1] * hull_y[i])
+        term = jnp.abs(_cross(hull_x[i], hull_y[i], hull_x[i + 1], hull_y[i + 1]))
         twice_area = twice_area + jnp.where(i + 1 < size, term, 0)
     return jnp.where(count > 2, twice_area / np.float32(2), 0)
 
 
-def _iou_of_pairs(boxes1: Array, boxes2: Array) -> Array:
-    """IoU of ``boxes1[p]`` with ``boxes2[p]`` for float32 ``[P, 5]`` inputs; returns ``[P]``."""
-    b1, b2 = boxes1.T, boxes2.T
+def _prepare(boxes: Array) -> Array:
+    """Per-box quantities ``[K, 7]``: x, y, w, h, cos, sin, area (trigonometry once per box)."""
+    cos, sin = _cos_sin_degrees(boxes[:, 4])
+    area = _rounded(boxes[:, 2] * boxes[:, 3])
+    return jnp.concatenate([boxes[:, :4], cos[:, None], sin[:, None], area[:, None]], axis=1)
+
+
+def _iou_of_pairs(prepared1: Array, prepared2: Array) -> Array:
+    """IoU of pair ``p`` of prepared boxes (``[P, 7]`` each, see ``_prepare``); returns ``[P]``."""
+    b1, b2 = prepared1.T, prepared2.T
     # Shift to the midpoint of the two centres (sum rounded in float32, as the reference does).
     mid_x = (b1[0] + b2[0]) * np.float32(0.5)
     mid_y = (b1[1] + b2[1]) * np.float32(0.5)
-    x1, y1 = _corners_xy(b1[0] - mid_x, b1[1] - mid_y, b1[2], b1[3], b1[4])
-    x2, y2 = _corners_xy(b2[0] - mid_x, b2[1] - mid_y, b2[2], b2[3], b2[4])
-    area1 = b1[2] * b1[3]
-    area2 = b2[2] * b2[3]
+    x1, y1 = _corners_xy(b1[0] - mid_x, b1[1] - mid_y, b1[2], b1[3], b1[4], b1[5])
+    x2, y2 = _corners_xy(b2[0] - mid_x, b2[1] - mid_y, b2[2], b2[3], b2[4], b2[5])
+    area1, area2 = b1[6], b2[6]
     inter = _hull_area(*_candidates(x1, y1, x2, y2))
     degenerate = (area1 < _MIN_AREA) | (area2 < _MIN_AREA)
     union = jnp.where(degenerate, np.float32(1), area1 + area2 - inter)
@@ -452,6 +471,7 @@ def pairwise_iou_rotated(
     n, m = boxes1.shape[0], boxes2.shape[0]
     if n == 0 or m == 0:
         return jnp.zeros((n, m), jnp.float32)
+    boxes1, boxes2 = _prepare(boxes1), _prepare(boxes2)
     total = n * m
     if total <= pairs_per_chunk:
         left = jnp.repeat(boxes1, m, axis=0)

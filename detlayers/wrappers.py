@@ -94,12 +94,6 @@ def _compute_dtype(x: Array) -> Any:
     return x.dtype
 
 
-def _add_bias(y: Array, bias: Array | None) -> Array:
-    if bias is None:
-        return y
-    return y + bias.astype(y.dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # Conv2d
 # --------------------------------------------------------------------------------------------
@@ -370,7 +364,10 @@ class ConvTranspose2d(nn.Module):
     relates to PyTorch's ``[in, out/groups, kh, kw]`` weight; the taps are not flipped) and ``bias``
     ``[out]``.
 
-    ``__call__(x)``: ``[N, H, W, in_channels]`` -> ``[N, Ho, Wo, out_channels]``.
+    ``__call__(x, output_size=None)``: ``[N, H, W, in_channels]`` -> ``[N, Ho, Wo, out_channels]``.
+    ``output_size`` (``(Ho, Wo)``, or a longer sequence whose last two entries are used, as PyTorch
+    accepts) picks ``output_padding`` as PyTorch does: it must lie between the minimum size
+    (``output_padding=0``) and that plus ``stride - 1``; it overrides ``output_padding``.
     """
 
     in_channels: int
@@ -388,7 +385,7 @@ class ConvTranspose2d(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, output_size: Sequence[int] | None = None) -> Array:
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(
                 f"ConvTranspose2d: in_channels={self.in_channels} and out_channels={self.out_channels} "
@@ -410,17 +407,43 @@ class ConvTranspose2d(nn.Module):
             bias = self.param(
                 "bias", self.bias_init or torch_default_bias_init(fan_in), (self.out_channels,), self.param_dtype
             )
+        output_padding = self.output_padding
+        if output_size is not None:
+            output_padding = self._output_padding_for(x.shape[1:3], (kh, kw), output_size)
         return conv_transpose2d(
             x,
             kernel,
             bias,
             self.stride,
             self.padding,
-            self.output_padding,
+            output_padding,
             self.groups,
             self.dilation,
             precision=self.precision,
         )
+
+
+    def _output_padding_for(
+        self, in_hw: Sequence[int], kernel_hw: tuple[int, int], output_size: Sequence[int]
+    ) -> tuple[int, int]:
+        """PyTorch's ``ConvTranspose2d._output_padding``: the padding that reaches ``output_size``."""
+        wanted = tuple(int(s) for s in output_size)[-2:]
+        if len(wanted) != 2:
+            raise ValueError(f"ConvTranspose2d: output_size needs at least 2 entries, got {output_size!r}")
+        stride = _pair(self.stride, "stride")
+        padding = _pair(self.padding, "padding")
+        dilation = _pair(self.dilation, "dilation")
+        result = []
+        for axis in range(2):
+            smallest = (in_hw[axis] - 1) * stride[axis] - 2 * padding[axis] + dilation[axis] * (kernel_hw[axis] - 1) + 1
+            largest = smallest + stride[axis] - 1
+            if not smallest <= wanted[axis] <= largest:
+                raise ValueError(
+                    f"ConvTranspose2d: requested output size {wanted} is not reachable from input size "
+                    f"{tuple(in_hw)}: axis {axis} must be in [{smallest}, {largest}]"
+                )
+            result.append(wanted[axis] - smallest)
+        return result[0], result[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_frozen_batch_norm_matches_detectron2(ref):
 
 def test_frozen_batch_norm_fresh_is_exact_identity_and_keeps_all_out_of_params():
     module = FrozenBatchNorm2d(16)
-    x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 4, 16)) * 100.0
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4, 4, 16)) * 100.0, jnp.float32)
     variables = module.init(jax.random.PRNGKey(0), x)
     assert set(variables) == {"batch_stats"}
     assert set(variables["batch_stats"]) == {"scale", "bias", "mean", "var"}
@@ -332,7 +332,7 @@ class _ConvLike(nn.Module):
     ids=["BN", "GN", "FrozenBN", "partial", "lambda"],
 )
 def test_get_norm_names_the_submodule_norm_inside_a_parent(norm):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 32))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3, 32)), jnp.float32)
     variables = _ConvLike(norm).init(jax.random.PRNGKey(1), x)
     for collection in variables.values():
         assert set(collection) == {"norm"}
@@ -351,7 +351,7 @@ def test_get_norm_calls_a_callable_with_the_channel_count():
     assert seen == [24] and isinstance(module, LayerNorm) and module.normalized_shape == 24
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     shape=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 5)).filter(
         lambda s: s[0] * s[1] * s[2] >= 2),

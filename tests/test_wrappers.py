@@ -199,6 +199,18 @@ def test_conv_transpose2d_matches_torch(fx, case):
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
 
 
+def test_conv_transpose2d_output_size_picks_pytorch_output_padding(fx):
+    cfg = {k: tuplify(v) for k, v in config(fx, "convt/0").items()}
+    assert cfg["output_padding"] == 1 and cfg["stride"] == 2
+    layer = L.ConvTranspose2d(**{**cfg, "output_padding": 0})
+    params = {"kernel": torch_conv_transpose_kernel(fx["convt/0/weight"], cfg["groups"]), "bias": fx["convt/0/bias"]}
+    expected = fx["convt/0/y"]
+    y = layer.apply({"params": params}, fx["convt/0/x"], output_size=expected.shape[1:3])
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="not reachable"):
+        layer.apply({"params": params}, fx["convt/0/x"], output_size=(expected.shape[1] + 1, expected.shape[2]))
+
+
 def test_conv_transpose2d_param_shape_empty_batch_bf16_and_errors():
     layer = L.ConvTranspose2d(4, 6, kernel_size=3, stride=2, padding=1, output_padding=1, groups=2)
     v = layer.init(jax.random.key(0), jnp.zeros((1, 5, 4, 4)))

@@ -16,11 +16,18 @@ CLASS_COLOURS = np.array([[0.95, 0.25, 0.2], [0.2, 0.85, 0.3], [0.25, 0.45, 1.0]
 def _draw(ax, image: np.ndarray, boxes, classes, masks, scores, title: str) -> None:
     from matplotlib.patches import Rectangle
 
-    shown = image.copy()
+    h, w = image.shape[:2]
+    # dim the photo so the overlays read well; masks: translucent fill plus a white outline
+    shown = 0.35 + 0.4 * image
     if masks is not None:
         for mask, cls in zip(masks, classes):
-            shown = np.where(mask[..., None], 0.45 * shown + 0.55 * CLASS_COLOURS[cls], shown)
-    ax.imshow(shown, interpolation="nearest", extent=(0, image.shape[1], image.shape[0], 0))
+            shown = np.where(mask[..., None], 0.4 * shown + 0.6 * CLASS_COLOURS[cls], shown)
+    ax.imshow(shown, interpolation="nearest", extent=(0, w, h, 0))
+    if masks is not None:
+        for mask in masks:
+            if mask.any():  # pixel centres at p + 0.5, so the outline follows pixel edges
+                ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, mask.astype(float), [0.5],
+                           colors="white", linewidths=0.7)
     for i, (box, cls) in enumerate(zip(boxes, classes)):
         x1, y1, x2, y2 = (float(v) for v in box)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5,
@@ -38,6 +45,9 @@ def _draw(ax, image: np.ndarray, boxes, classes, masks, scores, title: str) -> N
 def save_predictions_png(path: str, examples: list[Example], detections: list[Detections],
                          score_threshold: float = 0.5, columns: int = 4) -> str:
     """Writes ground truth (top row of each pair) and predictions above ``score_threshold``.
+
+    Boxes and class names are drawn in the class colour, masks as a tinted fill with a white
+    outline; predictions carry their scores.
 
     Returns the path written.  Uses matplotlib's Agg backend, so no display is needed.
     """
