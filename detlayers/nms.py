@@ -298,16 +298,23 @@ def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
 def _axis_iou(first: Array, second: Array) -> Array:
     """IoU ``[P, Q]`` of ``first[P, 4]`` (the higher-scoring boxes) with ``second[Q, 4]``, in
     torchvision's operation order (bit-identical to custom_calls/nms_box_iou.h)."""
-    area1 = (first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1])
-    area2 = (second[:, 2] - second[:, 0]) * (second[:, 3] - second[:, 1])
+    area1 = _round_product((first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1]))
+    area2 = _round_product((second[:, 2] - second[:, 0]) * (second[:, 3] - second[:, 1]))
     xx1 = jnp.maximum(first[:, None, 0], second[None, :, 0])
     yy1 = jnp.maximum(first[:, None, 1], second[None, :, 1])
     xx2 = jnp.minimum(first[:, None, 2], second[None, :, 2])
     yy2 = jnp.minimum(first[:, None, 3], second[None, :, 3])
     w = jnp.maximum(0.0, xx2 - xx1)
     h = jnp.maximum(0.0, yy2 - yy1)
-    inter = w * h
+    inter = _round_product(w * h)
     return inter / ((area1[:, None] + area2[None, :]) - inter)
+
+
+def _round_product(product: Array) -> Array:
+    """The float32-rounded product, kept from being fused into a later add as an FMA (which
+    XLA's CPU/GPU compilers may do, rounding once where torchvision rounds twice): the select is
+    an identity the compiler cannot see through."""
+    return jnp.where(jnp.isnan(product), jnp.float32(jnp.nan), product)
 
 
 ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
@@ -325,6 +332,13 @@ def _rotated_reach(boxes: Array) -> Array:
     return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, jnp.inf)
 
 
+def _paired_rotated_iou(first: Array, second: Array) -> Array:
+    """detectron2's IoU of ``first[p]`` with ``second[p]``, ``[P]`` (vmapped 1x1 pairwise IoU)."""
+    from detlayers.rotated_boxes import pairwise_iou_rotated
+
+    return jax.vmap(lambda a, b: pairwise_iou_rotated(a[None], b[None])[0, 0])(first, second)
+
+
 def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
 
@@ -332,8 +346,6 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
     batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs with disjoint discs have detectron2 IoU exactly
     0, which never exceeds a threshold >= 0.
     """
-    from detlayers.rotated_boxes import _iou_of_pairs
-
     dx = first[:, None, 0] - second[None, :, 0]
     dy = first[:, None, 1] - second[None, :, 1]
     reach = _rotated_reach(first)[:, None] + _rotated_reach(second)[None, :]
@@ -346,7 +358,7 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
         pending, hit = state
         rows, cols = jnp.nonzero(pending, size=batch, fill_value=0)
         real = slot < pending.sum()
-        over = _iou_of_pairs(first[rows], second[cols]) > threshold
+        over = _paired_rotated_iou(first[rows], second[cols]) > threshold
         hit = hit.at[rows, cols].max((real & over).astype(jnp.uint8))
         pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
         return pending, hit

@@ -412,10 +412,11 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     hull_x, hull_y, size = lax.fori_loop(2, most, scan_step, (hull_x, hull_y, size))
 
     # Fan from the pivot (the origin), summed in slot order like the reference.
-    twice_area = jnp.zeros(count.shape, jnp.float32)
-    for i in range(1, _NUM_SLOTS - 1):
-        term = jnp.abs(_cross(hull_x[i], hull_y[i], hull_x[i + 1], hull_y[i + 1]))
-        twice_area = twice_area + jnp.where(i + 1 < size, term, 0)
+    terms = jnp.abs(_cross(hull_x[1:-1], hull_y[1:-1], hull_x[2:], hull_y[2:]))
+    terms = jnp.where(slots[2:] < size, terms, 0)
+    twice_area = lax.fori_loop(
+        0, terms.shape[0], lambda i, acc: acc + _column(terms, i), jnp.zeros_like(count, jnp.float32)
+    )
     return jnp.where(count > 2, twice_area / np.float32(2), 0)
 
 
