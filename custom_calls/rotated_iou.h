@@ -41,6 +41,27 @@ struct Vec2 {
   T y;
 };
 
+// a * b rounded to T before any later add uses it. nvcc contracts `a * b + c` into a fused
+// multiply-add by default, which rounds once instead of twice and would make the device results
+// differ from detectron2's CPU op (and from our CPU kernel) in the last bit, enough to flip its
+// tolerance tests in degenerate cases; the _rn intrinsics are never contracted. On the host, build
+// with -ffp-contract=off (GCC contracts by default when the target has FMA instructions).
+DETLAYERS_HOST_DEVICE inline float rounded_product(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+DETLAYERS_HOST_DEVICE inline double rounded_product(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 template <typename T>
 DETLAYERS_HOST_DEVICE inline Vec2<T> make_vec(T x, T y) {
   Vec2<T> v;
@@ -57,12 +78,12 @@ DETLAYERS_HOST_DEVICE inline Vec2<T> minus(const Vec2<T>& a, const Vec2<T>& b) {
 // a.x * b.y - b.x * a.y, evaluated as two rounded products and one rounded difference.
 template <typename T>
 DETLAYERS_HOST_DEVICE inline T cross(const Vec2<T>& a, const Vec2<T>& b) {
-  return a.x * b.y - b.x * a.y;
+  return rounded_product(a.x, b.y) - rounded_product(b.x, a.y);
 }
 
 template <typename T>
 DETLAYERS_HOST_DEVICE inline T dot(const Vec2<T>& a, const Vec2<T>& b) {
-  return a.x * b.x + a.y * b.y;
+  return rounded_product(a.x, b.x) + rounded_product(a.y, b.y);
 }
 
 template <typename T>
@@ -80,10 +101,14 @@ DETLAYERS_HOST_DEVICE inline void box_corners(T cx, T cy, T w, T h, T angle_degr
   const double radians = static_cast<double>(angle_degrees) * 0.01745329251;
   const T half_cos = static_cast<T>(cos(radians)) * T(0.5);
   const T half_sin = static_cast<T>(sin(radians)) * T(0.5);
-  corners[0].x = cx + half_sin * h + half_cos * w;
-  corners[0].y = cy + half_cos * h - half_sin * w;
-  corners[1].x = cx - half_sin * h + half_cos * w;
-  corners[1].y = cy - half_cos * h - half_sin * w;
+  const T sin_h = rounded_product(half_sin, h);
+  const T cos_w = rounded_product(half_cos, w);
+  const T cos_h = rounded_product(half_cos, h);
+  const T sin_w = rounded_product(half_sin, w);
+  corners[0].x = cx + sin_h + cos_w;
+  corners[0].y = cy + cos_h - sin_w;
+  corners[1].x = cx - sin_h + cos_w;
+  corners[1].y = cy - cos_h - sin_w;
   // The opposite corners are reflections through the centre.
   corners[2].x = T(2) * cx - corners[0].x;
   corners[2].y = T(2) * cy - corners[0].y;
@@ -140,8 +165,8 @@ DETLAYERS_HOST_DEVICE inline int intersection_candidates(const Vec2<T> (&corners
       const T s = cross(edges2[j], between) / det;  // along edges1[i]
       const T u = cross(edges1[i], between) / det;  // along edges2[j]
       if (s > -slack && s < T(1) + slack && u > -slack && u < T(1) + slack) {
-        out[count].x = corners1[i].x + edges1[i].x * s;
-        out[count].y = corners1[i].y + edges1[i].y * s;
+        out[count].x = corners1[i].x + rounded_product(edges1[i].x, s);
+        out[count].y = corners1[i].y + rounded_product(edges1[i].y, s);
         ++count;
       }
     }
@@ -210,7 +235,7 @@ DETLAYERS_HOST_DEVICE inline T convex_hull_area(const Vec2<T> (&points)[kMaxCand
     while (size > 1) {
       const Vec2<T> to_new = minus(rel[i], hull[size - 2]);
       const Vec2<T> to_last = minus(hull[size - 1], hull[size - 2]);
-      if (to_new.x * to_last.y >= to_last.x * to_new.y) {
+      if (rounded_product(to_new.x, to_last.y) >= rounded_product(to_last.x, to_new.y)) {
         --size;
       } else {
         break;
@@ -260,8 +285,8 @@ DETLAYERS_HOST_DEVICE inline T rotated_box_iou(const T* box1, const T* box2) {
   const T cy1 = static_cast<T>(static_cast<double>(box1[1]) - mid_y);
   const T cx2 = static_cast<T>(static_cast<double>(box2[0]) - mid_x);
   const T cy2 = static_cast<T>(static_cast<double>(box2[1]) - mid_y);
-  const T area1 = box1[2] * box1[3];
-  const T area2 = box2[2] * box2[3];
+  const T area1 = rotated_iou_detail::rounded_product(box1[2], box1[3]);
+  const T area2 = rotated_iou_detail::rounded_product(box2[2], box2[3]);
   if (area1 < 1e-14 || area2 < 1e-14) {
     return T(0);
   }

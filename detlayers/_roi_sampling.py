@@ -248,3 +248,101 @@ def gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
 
 def scatter_add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
     return table.at[index].add(rows, mode="promise_in_bounds")
+
+
+# --------------------------------------------------------------------------------------------
+# The pooling engine shared by roi_align and roi_align_rotated.
+# --------------------------------------------------------------------------------------------
+
+# taps(chunk_params, i, j) -> [(index int32[S, PH, PW], weight [S, PH, PW]), ...]: the feature rows
+# (of the flattened [N*H*W, C] table) and weights that step (i, j) of the loops adds to each bin.
+TapsFn = Callable[[dict[str, jax.Array], jax.Array, jax.Array], Sequence[tuple[jax.Array, jax.Array]]]
+
+
+def _chunk_loops(taps: TapsFn, c: dict[str, jax.Array], trips_outer: jax.Array,
+                 trips_inner: jax.Array, visit: Callable, carry: Any) -> Any:
+    live = c["live"][:, None, None]
+
+    def outer(i, carry):
+        def inner(j, carry):
+            for index, weight in taps(c, i, j):
+                carry = visit(index, weight * live, carry)
+            return carry
+
+        return lax.fori_loop(0, trips_inner, inner, carry)
+
+    return lax.fori_loop(0, trips_outer, outer, carry)
+
+
+def _chunked(params: dict[str, jax.Array], trips_outer: jax.Array, trips_inner: jax.Array,
+             live: jax.Array):
+    num = trips_outer.shape[0]
+    chunk = min(CHUNK_ROIS, num)
+    order, real, num_chunks = chunk_plan(trips_outer * trips_inner, chunk)
+    chunks = {k: to_chunks(v, order, num_chunks) for k, v in params.items()}
+    chunks["live"] = (to_chunks(live, order, num_chunks) & real.reshape(num_chunks, chunk))
+    chunks["live"] = chunks["live"].astype(next(iter(params.values())).dtype)
+
+    def chunk_max(t):
+        return jnp.where(real, jnp.take(t, order), 0).reshape(num_chunks, chunk).max(-1)
+
+    return chunks, chunk_max(trips_outer), chunk_max(trips_inner), order
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def pool(taps: TapsFn, pooled: tuple[int, int], unrolled: Callable | None, table: jax.Array,
+         params: dict[str, jax.Array], trips_outer: jax.Array, trips_inner: jax.Array,
+         live: jax.Array) -> jax.Array:
+    """``out[r, p, q, :] = sum over loop steps and taps of weight * table[index]``, ``[R, PH, PW, C]``.
+
+    ``params`` are per-ROI arrays (leading axis R) that ``taps`` reads; ROI ``r`` runs
+    ``trips_outer[r] x trips_inner[r]`` loop steps; ``live[r]`` False zeroes a ROI.  ROIs are sorted
+    by work and pooled in chunks of ``CHUNK_ROIS`` whose loops run to the chunk's largest counts, so
+    every ROI gets its full grid with static shapes.  ``unrolled(table, params)``, when given,
+    computes the same forward in one static fusion (fixed sampling ratios).  The feature gradient
+    replays the loops with scatter-adds (``table`` is the only differentiable input; the rest are
+    geometry, treated as constants).
+    """
+    return _pool_fwd(taps, pooled, unrolled, table, params, trips_outer, trips_inner, live)[0]
+
+
+def _pool_fwd(taps, pooled, unrolled, table, params, trips_outer, trips_inner, live):
+    num = trips_outer.shape[0]
+    chunks, chunk_outer, chunk_inner, order = _chunked(params, trips_outer, trips_inner, live)
+    residuals = (table.shape, chunks, chunk_outer, chunk_inner, order)
+    if unrolled is not None:
+        out = unrolled(table, params)
+        return jnp.where(live[:, None, None, None], out, 0.0), residuals
+
+    def one_chunk(args):
+        c, t_outer, t_inner = args
+        acc = jnp.zeros((c["live"].shape[0],) + pooled + (table.shape[1],), table.dtype)
+
+        def visit(index, weight, acc):
+            return acc + weight[..., None] * gather_rows(table, index)
+
+        return _chunk_loops(taps, c, t_outer, t_inner, visit, acc)
+
+    out = lax.map(one_chunk, (chunks, chunk_outer, chunk_inner))
+    return from_chunks(out, order, num), residuals
+
+
+def _pool_bwd(taps, pooled, unrolled, residuals, grad):
+    del pooled, unrolled
+    table_shape, chunks, chunk_outer, chunk_inner, order = residuals
+    grad_chunks = to_chunks(grad, order, chunk_outer.shape[0])
+
+    def one_chunk(dtable, args):
+        c, t_outer, t_inner, g = args
+
+        def visit(index, weight, dtable):
+            return scatter_add_rows(dtable, index, weight[..., None] * g)
+
+        return _chunk_loops(taps, c, t_outer, t_inner, visit, dtable), None
+
+    dtable, _ = lax.scan(one_chunk, jnp.zeros(table_shape, grad.dtype),
+                         (chunks, chunk_outer, chunk_inner, grad_chunks))
+    return dtable, None, None, None, None
+
+
+pool.defvjp(_pool_fwd, _pool_bwd)

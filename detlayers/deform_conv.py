@@ -43,7 +43,7 @@ matmul accumulates in float32; the result has ``input``'s dtype (like ``Conv2d``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -93,12 +93,24 @@ def _check_rank(array: jax.Array, name: str, layout: str) -> None:
         raise ValueError(f"{name} must be rank 4 {layout}, got shape {jnp.shape(array)}")
 
 
-def _bilinear_columns(
-    image_rows: jax.Array,
+class _Neighbour(NamedTuple):
+    """One of the four bilinear neighbours of every sample, arrays ``[R, Wo, K, dg]``."""
+
+    index: jax.Array  # int32 row of ``image_rows`` (clipped into the image)
+    weight: jax.Array  # bilinear weight, 0 when the neighbour is outside the image (no gate)
+    d_weight_dy: jax.Array  # derivative of ``weight`` w.r.t. the sample's y
+    d_weight_dx: jax.Array  # ... and x
+
+
+class _SamplingPlan(NamedTuple):
+    neighbours: tuple[_Neighbour, ...]
+    inside: jax.Array  # bool [R, Wo, K, dg]: -1 < y < H and -1 < x < W
+
+
+def _sampling_plan(
     batch_index: jax.Array,
     out_rows: jax.Array,
     offset: jax.Array,
-    mask: jax.Array | None,
     *,
     height: int,
     width: int,
@@ -107,19 +119,16 @@ def _bilinear_columns(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     deformable_groups: int,
-) -> jax.Array:
-    """Bilinear im2col for a block of output rows.
+) -> _SamplingPlan:
+    """Neighbour rows and bilinear weights of every (output position, tap, deformable group).
 
     Args:
-      image_rows: ``[N*H*W*dg, C/dg]`` the input with every pixel's channel vector split per
-        deformable group (row ``((n*H + y)*W + x)*dg + g``).
       batch_index: int32 ``[R]`` image index of each output row of the block.
       out_rows: int32 ``[R]`` output row (``ho``) of each row of the block.
       offset: ``[R, Wo, dg, K, 2]`` (y, x) offsets.
-      mask: ``[R, Wo, dg, K]`` or None.
 
-    Returns:
-      ``[R, Wo, K, dg, C/dg]`` float32 columns (``K = kh*kw``).
+    Arrays of the plan are ``[R, Wo, K, dg]``: taps before deformable groups, so that gathered
+    channel vectors come out in the (tap, channel) order of the kernel.
     """
     kh, kw = kernel_hw
     dg = deformable_groups
@@ -131,14 +140,11 @@ def _bilinear_columns(
     base_x = (jnp.arange(wo) * stride[1] - padding[1]).astype(jnp.float32)  # [Wo]
 
     offset = offset.astype(jnp.float32)
-    # [R, Wo, K, dg]: taps before deformable groups so the columns come out in (k, c) order.
-    off_y = jnp.swapaxes(offset[..., 0], -1, -2)
+    off_y = jnp.swapaxes(offset[..., 0], -1, -2)  # [R, Wo, K, dg]
     off_x = jnp.swapaxes(offset[..., 1], -1, -2)
     y = base_y[:, None, None, None] + tap_y[None, None, :, None] + off_y
     x = base_x[None, :, None, None] + tap_x[None, None, :, None] + off_x
 
-    # The forward samples only inside (-1, H) x (-1, W).  The gate multiplies the weights as a
-    # constant so the offset gradient stays torchvision's one-sided derivative on the border.
     inside = (y > -1) & (y < height) & (x > -1) & (x < width)
     y_floor = jnp.floor(y)
     x_floor = jnp.floor(x)
@@ -146,28 +152,47 @@ def _bilinear_columns(
     frac_x = x - x_floor
     y0 = y_floor.astype(jnp.int32)
     x0 = x_floor.astype(jnp.int32)
-
-    scale = None if mask is None else jnp.swapaxes(mask.astype(jnp.float32), -1, -2)
     pixel_base = batch_index[:, None, None, None] * (height * width)  # [R, 1, 1, 1]
     group = jnp.arange(dg, dtype=jnp.int32)
 
-    columns = None
-    for dy, weight_y in ((0, 1.0 - frac_y), (1, frac_y)):
+    neighbours = []
+    for dy, weight_y, sign_y in ((0, 1.0 - frac_y, -1.0), (1, frac_y, 1.0)):
         row = y0 + dy
         row_ok = (row >= 0) & (row < height)
         row_clipped = jnp.clip(row, 0, height - 1)
-        for dx, weight_x in ((0, 1.0 - frac_x), (1, frac_x)):
+        for dx, weight_x, sign_x in ((0, 1.0 - frac_x, -1.0), (1, frac_x, 1.0)):
             col = x0 + dx
             ok = row_ok & (col >= 0) & (col < width)
             col_clipped = jnp.clip(col, 0, width - 1)
-            weight = jnp.where(ok, weight_y * weight_x, 0.0)
-            weight = weight + lax.stop_gradient(jnp.where(inside, 0.0, -weight))
-            if scale is not None:
-                weight = weight * scale
-            index = (pixel_base + row_clipped * width + col_clipped) * dg + group
-            values = image_rows.at[index].get(mode="promise_in_bounds")
-            term = weight[..., None] * values.astype(jnp.float32)
-            columns = term if columns is None else columns + term
+            neighbours.append(
+                _Neighbour(
+                    index=(pixel_base + row_clipped * width + col_clipped) * dg + group,
+                    weight=jnp.where(ok, weight_y * weight_x, 0.0),
+                    d_weight_dy=jnp.where(ok, sign_y * weight_x, 0.0),
+                    d_weight_dx=jnp.where(ok, sign_x * weight_y, 0.0),
+                )
+            )
+    return _SamplingPlan(tuple(neighbours), inside)
+
+
+def _gather(image_rows: jax.Array, index: jax.Array) -> jax.Array:
+    return image_rows.at[index].get(mode="promise_in_bounds")
+
+
+def _sample_scale(plan: _SamplingPlan, mask: jax.Array | None) -> jax.Array:
+    """Gate times mask, ``[R, Wo, K, dg]`` float32."""
+    scale = plan.inside.astype(jnp.float32)
+    if mask is not None:
+        scale = scale * jnp.swapaxes(mask.astype(jnp.float32), -1, -2)
+    return scale
+
+
+def _columns(image_rows: jax.Array, plan: _SamplingPlan, scale: jax.Array) -> jax.Array:
+    """Bilinear im2col: ``[R, Wo, K, dg, C/dg]`` float32."""
+    columns = None
+    for nb in plan.neighbours:
+        term = (nb.weight * scale)[..., None] * _gather(image_rows, nb.index).astype(jnp.float32)
+        columns = term if columns is None else columns + term
     return columns
 
 
@@ -254,18 +279,82 @@ def _deform_conv_impl(
     offset_rows = offset.reshape(n * ho, wo, dg, taps, 2)
     mask_rows = None if mask is None else mask.reshape(n * ho, wo, dg, taps)
 
-    def block(batch_index, out_rows, offset_block, mask_block):
-        columns = _bilinear_columns(
-            image_rows, batch_index, out_rows, offset_block, mask_block,
-            height=h, width=w, kernel_hw=(kh, kw), stride=stride, padding=padding,
-            dilation=dilation, deformable_groups=dg,
-        )
+    plan_config = dict(
+        height=h, width=w, kernel_hw=(kh, kw), stride=stride, padding=padding,
+        dilation=dilation, deformable_groups=dg,
+    )
+
+    def matmul_out(columns, kernel_):
         rows = columns.shape[0]
         columns = columns.reshape(rows * wo, taps, groups, c_per_group).astype(matmul_dtype)
         out = jnp.einsum(
-            "mkgc,kcgo->mgo", columns, grouped_kernel, preferred_element_type=jnp.float32
+            "mkgc,kcgo->mgo", columns, kernel_, preferred_element_type=jnp.float32
         )
         return out.reshape(rows, wo, o)
+
+    @jax.custom_vjp
+    def block(image_rows_, kernel_, offset_block, mask_block, batch_index, out_rows):
+        plan = _sampling_plan(batch_index, out_rows, offset_block, **plan_config)
+        return matmul_out(_columns(image_rows_, plan, _sample_scale(plan, mask_block)), kernel_)
+
+    def block_fwd(image_rows_, kernel_, offset_block, mask_block, batch_index, out_rows):
+        out = block(image_rows_, kernel_, offset_block, mask_block, batch_index, out_rows)
+        return out, (image_rows_, kernel_, offset_block, mask_block, batch_index, out_rows)
+
+    def block_bwd(residuals, grad_out):
+        image_rows_, kernel_, offset_block, mask_block, batch_index, out_rows = residuals
+        rows = offset_block.shape[0]
+        plan = _sampling_plan(batch_index, out_rows, offset_block, **plan_config)
+        scale = _sample_scale(plan, mask_block)
+        grad_rows = grad_out.reshape(rows * wo, groups, o // groups).astype(matmul_dtype)
+        # d columns [R, Wo, K, dg, C/dg]
+        d_columns = jnp.einsum(
+            "mgo,kcgo->mkgc", grad_rows, kernel_, preferred_element_type=jnp.float32
+        ).reshape(rows, wo, taps, dg, c // dg)
+        columns = _columns(image_rows_, plan, scale)
+        d_kernel = jnp.einsum(
+            "mkgc,mgo->kcgo",
+            columns.reshape(rows * wo, taps, groups, c_per_group).astype(matmul_dtype),
+            grad_rows,
+            preferred_element_type=jnp.float32,
+        ).astype(kernel_.dtype)
+        # d sample value for each neighbour: <d_columns, gathered channel vector>
+        d_sample = jnp.zeros(scale.shape, jnp.float32)
+        d_y = jnp.zeros(scale.shape, jnp.float32)
+        d_x = jnp.zeros(scale.shape, jnp.float32)
+        for nb in plan.neighbours:
+            projected = jnp.sum(
+                d_columns * _gather(image_rows_, nb.index).astype(jnp.float32), axis=-1
+            )
+            d_sample = d_sample + nb.weight * projected
+            d_y = d_y + nb.d_weight_dy * projected
+            d_x = d_x + nb.d_weight_dx * projected
+        # torchvision: the mask gradient is the gated sample; the offset gradient is the
+        # mask times the derivative of the (ungated) bilinear blend.
+        inside = plan.inside.astype(jnp.float32)
+        modulation = (
+            jnp.ones_like(scale) if mask_block is None
+            else jnp.swapaxes(mask_block.astype(jnp.float32), -1, -2)
+        )
+        d_offset = jnp.stack(
+            [jnp.swapaxes(modulation * d_y, -1, -2), jnp.swapaxes(modulation * d_x, -1, -2)],
+            axis=-1,
+        ).astype(offset_block.dtype)
+        d_mask = (
+            None if mask_block is None
+            else jnp.swapaxes(inside * d_sample, -1, -2).astype(mask_block.dtype)
+        )
+        indices = jnp.stack([nb.index for nb in plan.neighbours])
+        updates = jnp.stack([(nb.weight * scale)[..., None] * d_columns for nb in plan.neighbours])
+        d_image_rows = (
+            jnp.zeros(image_rows_.shape, jnp.float32)
+            .at[indices]
+            .add(updates, mode="promise_in_bounds")
+            .astype(image_rows_.dtype)
+        )
+        return d_image_rows, d_kernel, d_offset, d_mask, None, None
+
+    block.defvjp(block_fwd, block_bwd)
 
     total_rows = n * ho
     limit = DEFAULT_MAX_COLUMN_ELEMENTS if max_column_elements is None else max_column_elements
@@ -273,7 +362,7 @@ def _deform_conv_impl(
     rows_per_chunk = max(1, min(total_rows, int(limit) // per_row))
     flat_row = jnp.arange(total_rows, dtype=jnp.int32)
     if rows_per_chunk >= total_rows:
-        out = block(flat_row // ho, flat_row % ho, offset_rows, mask_rows)
+        out = block(image_rows, grouped_kernel, offset_rows, mask_rows, flat_row // ho, flat_row % ho)
     else:
         chunks = -(-total_rows // rows_per_chunk)
         padded = chunks * rows_per_chunk
@@ -284,11 +373,17 @@ def _deform_conv_impl(
             return a.reshape(chunks, rows_per_chunk, *a.shape[1:])
 
         # Padded rows read image 0 row 0 with zero offsets; their outputs are dropped.
-        xs = (chunked(flat_row // ho), chunked(flat_row % ho), chunked(offset_rows))
+        index_chunks = (chunked(flat_row // ho), chunked(flat_row % ho))
         if mask_rows is None:
-            out = lax.map(lambda args: block(*args, None), xs)
+            out = lax.map(
+                lambda args: block(image_rows, grouped_kernel, args[0], None, *args[1:]),
+                (chunked(offset_rows), *index_chunks),
+            )
         else:
-            out = lax.map(lambda args: block(*args), (*xs, chunked(mask_rows)))
+            out = lax.map(
+                lambda args: block(image_rows, grouped_kernel, *args),
+                (chunked(offset_rows), chunked(mask_rows), *index_chunks),
+            )
         out = out.reshape(padded, wo, o)[:total_rows]
     out = out.reshape(n, ho, wo, o)
     if bias is not None:

@@ -275,7 +275,9 @@ def _call_cpu(target: str, k: int, *args: Array) -> tuple[Array, Array]:
     lead = args[0].shape[:-2]
     out_types = (jax.ShapeDtypeStruct(lead + (k,), jnp.int32), jax.ShapeDtypeStruct(lead, jnp.int32))
     # broadcast_all: a vmapped call is ONE custom call whose leading dims are the batch.
-    return tuple(jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args))
+    outputs = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args)
+    # inside shard_map the per-device result varies like its inputs (ffi_call does not say so)
+    return _varying_like(tuple(outputs), *args)
 
 
 def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
@@ -289,7 +291,7 @@ def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
         jax.ShapeDtypeStruct(lead + (n, tiles, 2), jnp.uint32),
     )
     keep, count, _ = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args)
-    return keep, count
+    return _varying_like((keep, count), *args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,12 +365,39 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
         pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
         return pending, hit
 
-    _, hit = lax.while_loop(lambda s: s[0].any(), step, (pending, hit))
+    _, hit = lax.while_loop(
+        lambda s: s[0].any(), step, _varying_like((pending, hit), first, second, mask, threshold)
+    )
     return hit.astype(bool)
 
 
 def _axis_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     return mask & (_axis_iou(first, second) > threshold)
+
+
+def _varying_axes(x) -> set:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    if manual is not None:
+        return set(manual.varying)
+    return set(getattr(aval, "vma", ()))  # older jax
+
+
+def _varying_like(tree, *refs: Array):
+    """Marks loop-carry initial values as varying over the same ``shard_map`` axes as ``refs``
+    (constants are not, and ``while_loop`` under ``shard_map(check_vma=True)`` needs the carry
+    types to match the body's output)."""
+    axes: set = set()
+    for ref in refs:
+        axes |= _varying_axes(ref)
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = axes - _varying_axes(x)
+        return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
 
 
 def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -> tuple[Array, Array]:
@@ -417,7 +446,9 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
             return c + 1, suppressed | hit.any(axis=0)
 
         _, suppressed = lax.while_loop(
-            lambda s: s[0] * tile < count, chunk_step, (jnp.int32(0), jnp.zeros((tile,), bool))
+            lambda s: s[0] * tile < count,
+            chunk_step,
+            _varying_like((jnp.int32(0), jnp.zeros((tile,), bool)), *args),
         )
         candidate = ((start + lane) < n) & ~suppressed
         inner = overlaps(cur, cur_cls, cur, cur_cls, earlier)
@@ -427,7 +458,9 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
             new_keep = candidate & ~(keep[:, None] & inner).any(axis=0)
             return new_keep, (new_keep != keep).any()
 
-        keep, _ = lax.while_loop(lambda s: s[1], fixed_point_step, (candidate, jnp.bool_(True)))
+        keep, _ = lax.while_loop(
+            lambda s: s[1], fixed_point_step, _varying_like((candidate, jnp.bool_(True)), *args)
+        )
         slot = count + jnp.cumsum(keep, dtype=jnp.int32) - 1
         slot = jnp.where(keep & (slot < max_kept), slot, capacity)  # out of range: dropped
         positions = positions.at[slot].set(start + lane, mode="drop")
@@ -445,7 +478,7 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
         jnp.zeros((capacity if classes is not None else 0,), jnp.int32),
     )
     _, count, positions, _, _ = lax.while_loop(
-        lambda s: (s[0] < num_tiles) & (s[1] < max_kept), tile_step, init
+        lambda s: (s[0] < num_tiles) & (s[1] < max_kept), tile_step, _varying_like(init, *args)
     )
     return positions, count
 

@@ -117,116 +117,44 @@ def roi_align(
         weight_x = rs.axis_weights(x1, bin_w, grid_w, pooled_w, width, max_w)
         row, wy, count_y = rs.band_taps(weight_y)
         col, wx, count_x = rs.band_taps(weight_x)
-    wy = jnp.where(valid[:, None, None], wy, 0.0)
     count_y = jnp.where(valid, count_y, 0)
     row_base = (batch_index[:, None, None] * height + row) * width
+    # The inner loop visits column taps in blocks of _COLUMN_UNROLL; pad so blocks never overrun.
+    pad = [(0, 0), (0, 0), (0, _COLUMN_UNROLL)]
+    params = dict(row_base=row_base, wy=wy, col=jnp.pad(col, pad), wx=jnp.pad(wx, pad))
+    column_blocks = (count_x + _COLUMN_UNROLL - 1) // _COLUMN_UNROLL
 
     table = features.astype(dtype).reshape(batch * height * width, channels)
-    unrolled = sampling_ratio > 0 and row.shape[-1] * col.shape[-1] <= _MAX_UNROLLED_TAPS
-    out = _pool(table, row_base, wy, col, wx, count_y, count_x, unrolled)
+    unrolled = None
+    if sampling_ratio > 0 and row.shape[-1] * col.shape[-1] <= _MAX_UNROLLED_TAPS:
+        unrolled = functools.partial(_pool_unrolled, taps_y=row.shape[-1], taps_x=col.shape[-1])
+    out = rs.pool(_separable_taps, (pooled_h, pooled_w), unrolled, table, params, count_y,
+                  column_blocks, valid)
     return out.astype(out_dtype)
 
 
-def _pool_unrolled(table, row_base, wy, col, wx):
-    """Static tap counts: one fused sum of ``Ty * Tx`` gathers."""
+def _separable_taps(c, i, block):
+    """Row tap ``i`` times column taps ``block*U ... block*U+U-1`` of every bin of a chunk."""
+    base = lax.dynamic_index_in_dim(c["row_base"], i, axis=2, keepdims=False)
+    wy = lax.dynamic_index_in_dim(c["wy"], i, axis=2, keepdims=False)
+    cols = lax.dynamic_slice_in_dim(c["col"], block * _COLUMN_UNROLL, _COLUMN_UNROLL, axis=2)
+    wxs = lax.dynamic_slice_in_dim(c["wx"], block * _COLUMN_UNROLL, _COLUMN_UNROLL, axis=2)
+    return [
+        (base[:, :, None] + cols[:, None, :, u], wy[:, :, None] * wxs[:, None, :, u])
+        for u in range(_COLUMN_UNROLL)
+    ]
+
+
+def _pool_unrolled(table, params, taps_y, taps_x):
+    """Static tap counts (fixed sampling ratio): one fused sum of ``Ty * Tx`` gathers."""
     out = None
-    for i in range(row_base.shape[-1]):
-        for j in range(col.shape[-1]):
-            index = row_base[:, :, None, i] + col[:, None, :, j]
-            weight = wy[:, :, None, i] * wx[:, None, :, j]
+    for i in range(taps_y):
+        for j in range(taps_x):
+            index = params["row_base"][:, :, None, i] + params["col"][:, None, :, j]
+            weight = params["wy"][:, :, None, i] * params["wx"][:, None, :, j]
             term = weight[..., None] * rs.gather_rows(table, index)
             out = term if out is None else out + term
     return out
-
-
-def _chunk_arrays(row_base, wy, col, wx, count_y, count_x):
-    """Sort ROIs by tap work, pad to chunks, pad column taps for the unrolled inner loop."""
-    num = row_base.shape[0]
-    chunk = min(rs.CHUNK_ROIS, num)
-    order, real, num_chunks = rs.chunk_plan(count_y * count_x, chunk)
-    pad = [(0, 0), (0, 0), (0, _COLUMN_UNROLL)]
-    col = jnp.pad(col, pad)
-    wx = jnp.pad(wx, pad)
-    wy = jnp.where(real[:, None, None], jnp.take(wy, order, axis=0), 0.0)
-    chunks = dict(
-        row_base=rs.to_chunks(row_base, order, num_chunks),
-        wy=wy.reshape((num_chunks, chunk) + wy.shape[1:]),
-        col=rs.to_chunks(col, order, num_chunks),
-        wx=rs.to_chunks(wx, order, num_chunks),
-    )
-    count_y = jnp.where(real, jnp.take(count_y, order), 0).reshape(num_chunks, chunk).max(-1)
-    count_x = jnp.where(real, jnp.take(count_x, order), 0).reshape(num_chunks, chunk).max(-1)
-    return chunks, count_y, count_x, order
-
-
-def _chunk_loops(c, trips_y, trips_x, visit, carry):
-    """``visit(index [S,P,Q], weight [S,P,Q], carry)`` for every (row tap, column tap) of a chunk."""
-
-    def over_rows(i, carry):
-        base = lax.dynamic_index_in_dim(c["row_base"], i, axis=2, keepdims=False)
-        wy = lax.dynamic_index_in_dim(c["wy"], i, axis=2, keepdims=False)
-
-        def over_cols(block, carry):
-            cols = lax.dynamic_slice_in_dim(c["col"], block * _COLUMN_UNROLL, _COLUMN_UNROLL, axis=2)
-            wxs = lax.dynamic_slice_in_dim(c["wx"], block * _COLUMN_UNROLL, _COLUMN_UNROLL, axis=2)
-            for u in range(_COLUMN_UNROLL):
-                index = base[:, :, None] + cols[:, None, :, u]
-                weight = wy[:, :, None] * wxs[:, None, :, u]
-                carry = visit(index, weight, carry)
-            return carry
-
-        blocks = (trips_x + _COLUMN_UNROLL - 1) // _COLUMN_UNROLL
-        return lax.fori_loop(0, blocks, over_cols, carry)
-
-    return lax.fori_loop(0, trips_y, over_rows, carry)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _pool(table, row_base, wy, col, wx, count_y, count_x, unrolled):
-    """``out[r,p,q,:] = sum_{i,j} wy[r,p,i] wx[r,q,j] table[row_base[r,p,i] + col[r,q,j]]``."""
-    return _pool_fwd(table, row_base, wy, col, wx, count_y, count_x, unrolled)[0]
-
-
-def _pool_fwd(table, row_base, wy, col, wx, count_y, count_x, unrolled):
-    num = wy.shape[0]
-    pooled_w = wx.shape[1]
-    chunks, trips_y, trips_x, order = _chunk_arrays(row_base, wy, col, wx, count_y, count_x)
-    residuals = (table.shape, chunks, trips_y, trips_x, order)
-    if unrolled:
-        return _pool_unrolled(table, row_base, wy, col, wx), residuals
-
-    def one_chunk(args):
-        c, ty, tx = args
-        acc = jnp.zeros(c["wy"].shape[:2] + (pooled_w, table.shape[1]), table.dtype)
-
-        def visit(index, weight, acc):
-            return acc + weight[..., None] * rs.gather_rows(table, index)
-
-        return _chunk_loops(c, ty, tx, visit, acc)
-
-    out = lax.map(one_chunk, (chunks, trips_y, trips_x))
-    return rs.from_chunks(out, order, num), residuals
-
-
-def _pool_bwd(unrolled, residuals, grad):
-    table_shape, chunks, trips_y, trips_x, order = residuals
-    num_chunks = trips_y.shape[0]
-    grad_chunks = rs.to_chunks(grad, order, num_chunks)
-
-    def one_chunk(dtable, args):
-        c, ty, tx, g = args
-
-        def visit(index, weight, dtable):
-            return rs.scatter_add_rows(dtable, index, weight[..., None] * g)
-
-        return _chunk_loops(c, ty, tx, visit, dtable), None
-
-    dtable, _ = lax.scan(one_chunk, jnp.zeros(table_shape, grad.dtype),
-                         (chunks, trips_y, trips_x, grad_chunks))
-    return dtable, None, None, None, None, None, None
-
-
-_pool.defvjp(_pool_fwd, _pool_bwd)
 
 
 class ROIAlign(nn.Module):

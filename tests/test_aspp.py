@@ -48,7 +48,8 @@ def test_aspp_matches_detectron2_in_eval_and_train(fx, name):
     chex.assert_shape(y, expected.shape)
     chex.assert_type(y, jnp.float32)
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
-    y_train, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    train_apply = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+    y_train, updates = train_apply(variables, x)
     np.testing.assert_allclose(y_train, fx[f"aspp/{name}/y_train"], rtol=RTOL, atol=ATOL)
     after = f"aspp/{name}/after/"
     for key in (k for k in fx if k.startswith(after)):
@@ -65,7 +66,7 @@ def test_aspp_matches_detectron2_in_eval_and_train(fx, name):
 
 def test_aspp_submodule_names_follow_detectron2():
     module = L.ASPP(4, 3, [1, 2, 3], norm="BN", activation=jax.nn.relu)
-    variables = module.init(jax.random.key(0), jnp.zeros((1, 6, 6, 4)))
+    variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 6, 6, 4)))
     params = variables["params"]
     assert set(params) == {"convs_0", "convs_1", "convs_2", "convs_3", "convs_4_1", "project"}
     assert set(params["convs_0"]) == {"kernel", "norm"}  # no bias next to a norm
@@ -80,24 +81,25 @@ def test_aspp_submodule_names_follow_detectron2():
 def test_aspp_rejects_bad_configuration_and_inputs():
     x = jnp.zeros((1, 8, 8, 4))
     with pytest.raises(ValueError, match="divisible by the shape of inputs"):
-        L.ASPP(4, 3, [1, 2, 3], norm="", activation=None, pool_kernel_size=(3, 4)).init(jax.random.key(0), x)
+        jax.jit(L.ASPP(4, 3, [1, 2, 3], norm="", activation=None, pool_kernel_size=(3, 4)).init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match="3 dilations"):
-        L.ASPP(4, 3, [1, 2], norm="", activation=None).init(jax.random.key(0), x)
+        jax.jit(L.ASPP(4, 3, [1, 2], norm="", activation=None).init)(jax.random.key(0), x)
     module = L.ASPP(4, 3, [1, 2, 3], norm="", activation=None)
     with pytest.raises(ValueError, match="in_channels=4"):
-        module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 5)))
+        jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 5)))
     with pytest.raises(ValueError, match="rank 4"):
-        module.init(jax.random.key(0), jnp.zeros((8, 8, 4)))
+        jax.jit(module.init)(jax.random.key(0), jnp.zeros((8, 8, 4)))
 
 
 def test_aspp_dropout_only_in_training_and_scales_kept_values():
     module = L.ASPP(4, 16, [1, 2, 3], norm="", activation=jax.nn.relu, dropout=0.5)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
-    variables = module.init(jax.random.key(1), x)
-    clean = module.apply(variables, x)  # eval: no dropout, no rng needed
-    plain = L.ASPP(4, 16, [1, 2, 3], norm="", activation=jax.nn.relu).apply(variables, x)
+    variables = jax.jit(module.init)(jax.random.key(1), x)
+    clean = jax.jit(module.apply)(variables, x)  # eval: no dropout, no rng needed
+    plain = jax.jit(L.ASPP(4, 16, [1, 2, 3], norm="", activation=jax.nn.relu).apply)(variables, x)
     np.testing.assert_allclose(clean, plain, rtol=RTOL, atol=ATOL)
-    dropped = module.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    train_apply = jax.jit(lambda v, x, key: module.apply(v, x, train=True, rngs={"dropout": key}))
+    dropped = train_apply(variables, x, jax.random.key(2))
     kept = np.asarray(dropped) != 0
     live = np.asarray(clean) != 0
     fraction = kept[live].mean()
@@ -107,8 +109,9 @@ def test_aspp_dropout_only_in_training_and_scales_kept_values():
 
 def test_aspp_empty_batch_bf16_and_gradients(fx):
     module, variables, x = build(fx, "bn_global")
-    chex.assert_shape(module.apply(variables, jnp.zeros((0,) + x.shape[1:])), (0,) + x.shape[1:3] + (4,))
-    y16 = module.apply(variables, jnp.asarray(x, jnp.bfloat16))
+    apply = jax.jit(module.apply)
+    chex.assert_shape(apply(variables, jnp.zeros((0,) + x.shape[1:])), (0,) + x.shape[1:3] + (4,))
+    y16 = apply(variables, jnp.asarray(x, jnp.bfloat16))
     chex.assert_type(y16, jnp.bfloat16)
     np.testing.assert_allclose(np.asarray(y16, np.float32), fx["aspp/bn_global/y_eval"], rtol=0.1, atol=0.1)
 
@@ -118,7 +121,7 @@ def test_aspp_empty_batch_bf16_and_gradients(fx):
         )
         return jnp.sum(y**2)
 
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.isfinite(g).all(), path
         assert float(jnp.abs(g).max()) > 0, path

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import detlayers as L
-from detlayers.freeze import masked_optimizer, trainable_mask
+from detlayers.freeze import frozen_class, masked_optimizer, trainable_mask
 
 RTOL = ATOL = 1e-5
 
@@ -35,9 +35,10 @@ def test_depthwise_separable_conv_matches_detectron2_in_eval_and_train(fx):
     # the explicit layouts, independent of the loader's name mapping
     np.testing.assert_array_equal(variables["params"]["depthwise"]["kernel"], sd["depthwise.weight"].transpose(2, 3, 1, 0))
     chex.assert_shape(variables["params"]["depthwise"]["kernel"], (3, 3, 1, 4))
-    y = module.apply(variables, fx["dsc/x"])
+    y = jax.jit(module.apply)(variables, fx["dsc/x"])
     np.testing.assert_allclose(y, fx["dsc/y_eval"], rtol=RTOL, atol=ATOL)
-    y_train, updates = module.apply(variables, fx["dsc/x"], train=True, mutable=["batch_stats"])
+    train_apply = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+    y_train, updates = train_apply(variables, fx["dsc/x"])
     np.testing.assert_allclose(y_train, fx["dsc/y_train"], rtol=RTOL, atol=ATOL)
     stats = updates["batch_stats"]
     np.testing.assert_allclose(stats["depthwise"]["norm"]["mean"], fx["dsc/after/depthwise.norm.running_mean"], rtol=RTOL, atol=ATOL)
@@ -46,7 +47,7 @@ def test_depthwise_separable_conv_matches_detectron2_in_eval_and_train(fx):
 
 def test_depthwise_separable_conv_biases_follow_norms_and_msra_init():
     module = L.DepthwiseSeparableConv2d(64, 32, norm1=None, norm2="BN")
-    params = module.init(jax.random.key(0), jnp.zeros((1, 5, 5, 64)))["params"]
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 5, 5, 64)))["params"]
     assert set(params["depthwise"]) == {"kernel", "bias"}
     assert set(params["pointwise"]) == {"kernel", "norm"}
     np.testing.assert_array_equal(params["depthwise"]["bias"], 0.0)
@@ -72,15 +73,19 @@ class BasicBlock(L.CNNBlockBase):
 
 def _trained_block_variables(block, x):
     """Variables with non-trivial batch-norm affine parameters and running statistics."""
-    variables = block.init(jax.random.key(0), x)
-    keys = iter(jax.random.split(jax.random.key(1), 64))
+    @jax.jit
+    def make():
+        variables = block.init(jax.random.key(0), x)
+        keys = iter(jax.random.split(jax.random.key(1), 64))
 
-    def perturb(path, leaf):
-        name = path[-1].key
-        noise = jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
-        return leaf * noise if name in ("scale", "var") else leaf + 0.3 * (noise - 1.0)
+        def perturb(path, leaf):
+            name = path[-1].key
+            noise = jax.random.uniform(next(keys), leaf.shape, minval=0.5, maxval=1.5)
+            return leaf * noise if name in ("scale", "var") else leaf + 0.3 * (noise - 1.0)
 
-    return jax.tree_util.tree_map_with_path(perturb, variables)
+        return jax.tree_util.tree_map_with_path(perturb, variables)
+
+    return make()
 
 
 def test_freeze_keeps_eval_outputs_and_makes_training_use_running_stats():
@@ -92,9 +97,10 @@ def test_freeze_keeps_eval_outputs_and_makes_training_use_running_stats():
     assert not block.frozen and block.norm == "BN"  # the original is untouched
     assert "norm" not in frozen_vars["params"]["conv1"]
     assert set(frozen_vars["batch_stats"]["conv1"]["norm"]) == {"scale", "bias", "mean", "var"}
-    reference = block.apply(variables, x)
-    np.testing.assert_allclose(frozen.apply(frozen_vars, x), reference, rtol=1e-6, atol=1e-6)
-    y_train, updates = frozen.apply(frozen_vars, x, train=True, mutable=["batch_stats"])
+    reference = jax.jit(block.apply)(variables, x)
+    np.testing.assert_allclose(jax.jit(frozen.apply)(frozen_vars, x), reference, rtol=1e-6, atol=1e-6)
+    train_apply = jax.jit(lambda v, x: frozen.apply(v, x, train=True, mutable=["batch_stats"]))
+    y_train, updates = train_apply(frozen_vars, x)
     np.testing.assert_allclose(y_train, reference, rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_equal(updates["batch_stats"], frozen_vars["batch_stats"])
 
@@ -102,12 +108,12 @@ def test_freeze_keeps_eval_outputs_and_makes_training_use_running_stats():
 def test_frozen_block_parameters_get_zero_gradients():
     block = BasicBlock(3, 4, 1)
     x = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
-    frozen, frozen_vars = block.freeze(block.init(jax.random.key(0), x))
+    frozen, frozen_vars = block.freeze(jax.jit(block.init)(jax.random.key(0), x))
 
     def loss(params, x):
         return jnp.sum(frozen.apply({**frozen_vars, "params": params}, x) ** 2)
 
-    g_params, g_x = jax.grad(loss, argnums=(0, 1))(frozen_vars["params"], x)
+    g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(frozen_vars["params"], x)
     for leaf in jax.tree.leaves(g_params):
         np.testing.assert_array_equal(leaf, 0.0)
     assert float(jnp.abs(g_x).max()) > 0  # gradients still flow through to the input
@@ -118,7 +124,7 @@ class TwoStageNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        stem = L.freeze.frozen_class(BasicBlock)(3, 8, 1, norm="FrozenBN", frozen=True, name="stem")
+        stem = frozen_class(BasicBlock)(3, 8, 1, norm="FrozenBN", frozen=True, name="stem")
         x = stem(x, train=train)
         x = BasicBlock(8, 8, 1, norm="BN", name="res2")(x, train=train)
         return L.Conv2d(8, 1, 1, name="head")(x)
@@ -128,7 +134,7 @@ def test_masked_optimizer_trains_the_model_and_leaves_frozen_block_unchanged():
     net = TwoStageNet()
     x = jax.random.normal(jax.random.key(4), (4, 6, 6, 3))
     target = jnp.tanh(x[..., :1] - x[..., 2:3])
-    variables = net.init(jax.random.key(5), x)
+    variables = jax.jit(net.init)(jax.random.key(5), x)
     params, stats = variables["params"], variables["batch_stats"]
     mask = trainable_mask(net, params, x)
     assert not any(jax.tree.leaves(mask["stem"])) and all(jax.tree.leaves(mask["res2"]))

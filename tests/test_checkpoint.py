@@ -93,7 +93,8 @@ def test_loaded_pkl_model_matches_pytorch_in_eval(loaded, fx):
 
 
 def test_loaded_pkl_model_matches_pytorch_in_train_with_stat_updates(loaded, fx):
-    (deconv, logits), updates = TinyNet().apply(loaded, fx["x"], train=True, mutable=["batch_stats"])
+    train_apply = jax.jit(lambda v, x: TinyNet().apply(v, x, train=True, mutable=["batch_stats"]))
+    (deconv, logits), updates = train_apply(loaded, fx["x"])
     np.testing.assert_allclose(deconv, fx["deconv_train"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(logits, fx["logits_train"], rtol=RTOL, atol=ATOL)
     stats = updates["batch_stats"]

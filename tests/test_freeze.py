@@ -47,8 +47,9 @@ def test_converted_aspp_keeps_detectron2_eval_output_in_train_mode(aspp_case, ex
     assert set(norm) == {"scale", "bias", "mean", "var"}
     assert "norm" not in frozen_vars["params"]["convs_1"]["pointwise"]
     assert "norm" in variables["params"]["convs_1"]["pointwise"]  # input not modified
-    np.testing.assert_allclose(frozen.apply(frozen_vars, x), y_detectron2, rtol=RTOL, atol=ATOL)
-    y_train, updates = frozen.apply(frozen_vars, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(jax.jit(frozen.apply)(frozen_vars, x), y_detectron2, rtol=RTOL, atol=ATOL)
+    train_apply = jax.jit(lambda v, x: frozen.apply(v, x, train=True, mutable=["batch_stats"]))
+    y_train, updates = train_apply(frozen_vars, x)
     np.testing.assert_allclose(y_train, y_detectron2, rtol=RTOL, atol=ATOL)
     chex.assert_trees_all_equal(updates["batch_stats"], frozen_vars["batch_stats"])
 
@@ -56,7 +57,7 @@ def test_converted_aspp_keeps_detectron2_eval_output_in_train_mode(aspp_case, ex
 def test_batch_norm_module_fields_become_frozen_with_their_eps():
     conv = L.Conv2d(3, 4, 3, padding=1, norm=L.BatchNorm2d(4, eps=1e-3), activation=jax.nn.relu)
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
-    variables = conv.init(jax.random.key(1), x)
+    variables = jax.jit(conv.init)(jax.random.key(1), x)
     variables = jax.tree.map(lambda a: a + 0.25, variables)  # non-trivial stats and affine
     frozen, frozen_vars = L.convert_frozen_batchnorm(conv, variables, x)
     assert isinstance(frozen.norm, L.FrozenBatchNorm2d) and frozen.norm.eps == 1e-3
@@ -66,7 +67,7 @@ def test_batch_norm_module_fields_become_frozen_with_their_eps():
 def test_top_level_batch_norm_and_affine_free_batch_norm_convert():
     x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
     for bn in (L.BatchNorm2d(4), L.BatchNorm2d(4, affine=False)):
-        variables = bn.init(jax.random.key(1), x)
+        variables = jax.jit(bn.init)(jax.random.key(1), x)
         variables = {**variables, "batch_stats": jax.tree.map(lambda a: a * 1.5 + 0.1, variables["batch_stats"])}
         frozen, frozen_vars = L.convert_frozen_batchnorm(bn, variables)
         assert isinstance(frozen, L.FrozenBatchNorm2d)
@@ -83,7 +84,7 @@ class HiddenBN(nn.Module):
 
 def test_unreachable_batch_norm_is_reported_when_example_inputs_are_given():
     x = jnp.ones((2, 3, 3, 4))
-    variables = HiddenBN().init(jax.random.key(0), x)
+    variables = jax.jit(HiddenBN().init)(jax.random.key(0), x)
     with pytest.raises(ValueError, match="do not match the frozen module"):
         L.convert_frozen_batchnorm(HiddenBN(), variables, x)
 

@@ -15,7 +15,8 @@ from detlayers.launch import launch
 
 HERE = pathlib.Path(__file__).parent
 EPS, MOMENTUM = 1e-5, 0.1
-CASES = {"equal": [3, 3, 3, 3], "masked": [3, 1, 2, 2], "N_masked": [3, 1, 2, 2],
+CASES = {"equal": [3, 3, 3, 3], "masked": [3, 1, 2, 2], "empty_device": [2, 3, 0, 1],
+         "N_masked": [3, 1, 2, 2],
          "N_empty_device": [2, 0, 3, 1]}
 
 

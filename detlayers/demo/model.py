@@ -30,19 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import detlayers as _detlayers
-
-
-class _LayerLookup:  # TEMPORARY: detlayers ops, or stand-ins for ops that have not landed yet
-    def __getattr__(self, name):
-        try:
-            return getattr(_detlayers, name)
-        except Exception:
-            from detlayers.demo import _standins
-            return getattr(_standins, name)
-
-
-L = _LayerLookup()
+import detlayers as L
 from detlayers.demo.data import NUM_CLASSES
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)

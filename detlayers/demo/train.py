@@ -36,7 +36,7 @@ AXIS = "batch"
 class TrainConfig:
     """Optimisation settings.  ``global_batch = batch_per_device * number of devices``."""
 
-    steps: int = 1200
+    steps: int = 500
     batch_per_device: int = 8
     learning_rate: float = 3e-3
     warmup_steps: int = 100

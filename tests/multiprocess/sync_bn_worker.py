@@ -26,6 +26,7 @@ C, B, HW = 3, 3, 2  # channels, padded per-device batch, spatial size
 CASES = {  # name -> (stats_mode, real examples per device)
     "equal": ("", [3, 3, 3, 3]),
     "masked": ("", [3, 1, 2, 2]),
+    "empty_device": ("", [2, 3, 0, 1]),
     "N_masked": ("N", [3, 1, 2, 2]),
     "N_empty_device": ("N", [2, 0, 3, 1]),
 }

@@ -1,0 +1,146 @@
+"""The demo: synthetic data, COCO evaluation (pycocotools is the reference), detector pieces, and
+a short end-to-end run of ``python -m detlayers.demo``."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("pycocotools")
+
+from detlayers.demo import data as shapes  # noqa: E402
+from detlayers.demo.evaluate import Detections, coco_ap  # noqa: E402
+from detlayers.demo.model import decode_deltas, encode_deltas, first_k_per_group  # noqa: E402
+
+CONFIG = shapes.ShapesConfig()
+
+
+def test_examples_are_a_pure_function_of_seed_split_and_index():
+    a = shapes.make_example(CONFIG, 7, shapes.TRAIN_SPLIT, 3)
+    b = shapes.make_example(CONFIG, 7, shapes.TRAIN_SPLIT, 3)
+    c = shapes.make_example(CONFIG, 7, shapes.EVAL_SPLIT, 3)
+    for field in ("image", "boxes", "classes", "masks"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_boxes_are_the_tight_pixel_extents_of_non_overlapping_masks():
+    for ex in shapes.eval_examples(CONFIG, 0, 30):
+        assert 1 <= len(ex.classes) <= CONFIG.max_objects
+        assert ex.image.shape == (64, 64, 3) and ex.image.dtype == np.float32
+        assert set(ex.classes.tolist()) <= set(range(shapes.NUM_CLASSES))
+        assert ex.masks.sum(0).max() == 1  # never two instances on one pixel
+        for box, mask in zip(ex.boxes, ex.masks):
+            rows, cols = np.nonzero(mask)
+            np.testing.assert_array_equal(
+                box, [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+
+
+def test_process_shards_concatenate_to_the_global_batch():
+    whole = shapes.train_batch(CONFIG, 1, 40, 6)
+    parts = [shapes.train_batch(CONFIG, 1, 40, 6, p, 3) for p in range(3)]
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), value)
+    assert whole["image"].shape == (6, 64, 64, 3)
+    assert whole["masks"].shape == (6, 3, 64, 64)
+    np.testing.assert_array_equal(whole["valid"], whole["classes"] >= 0)
+
+
+def _perfect(examples):
+    return [Detections(e.boxes, np.full(len(e.classes), 0.9), e.classes, e.masks)
+            for e in examples]
+
+
+def test_coco_ap_is_one_when_predictions_equal_ground_truth():
+    examples = shapes.eval_examples(CONFIG, 3, 20)
+    metrics = coco_ap(examples, _perfect(examples))
+    assert metrics == pytest.approx(dict(box_AP=1.0, box_AP50=1.0, box_AP75=1.0, mask_AP=1.0,
+                                         mask_AP50=1.0, mask_AP75=1.0))
+
+
+def test_coco_ap_is_near_zero_for_boxes_shifted_off_their_objects():
+    examples = shapes.eval_examples(CONFIG, 3, 20)
+    shifted = []
+    for e in examples:  # move every box and mask by its own width: IoU with its object is 0
+        widths = (e.boxes[:, 2] - e.boxes[:, 0]).astype(int)
+        masks = np.stack([np.roll(m, w, axis=1) for m, w in zip(e.masks, widths)])
+        shifted.append(Detections(e.boxes + widths[:, None] * np.array([1, 0, 1, 0]),
+                                  np.full(len(widths), 0.9), e.classes, masks))
+    metrics = coco_ap(examples, shifted)
+    assert metrics["box_AP50"] < 0.05 and metrics["mask_AP50"] < 0.05
+
+
+def test_coco_ap_counts_wrong_classes_and_missed_objects():
+    examples = shapes.eval_examples(CONFIG, 4, 20)
+    # every prediction of the first image dropped: recall loses those objects
+    partial = _perfect(examples)
+    partial[0] = Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), np.zeros((0, 64, 64)))
+    ap50 = coco_ap(examples, partial)["box_AP50"]
+    assert 0.5 < ap50 < 1.0
+    wrong = [Detections(d.boxes, d.scores, (d.classes + 1) % shapes.NUM_CLASSES, d.masks)
+             for d in _perfect(examples)]
+    assert coco_ap(examples, wrong)["box_AP50"] == 0.0
+
+
+def test_first_k_per_group_matches_a_python_loop():
+    rng = np.random.default_rng(0)
+    indices = np.full(40, -1, np.int32)
+    indices[:30] = rng.permutation(50)[:30]
+    group_of = rng.integers(0, 5, size=50).astype(np.int32)  # group 4 means "drop"
+    got = np.asarray(first_k_per_group(jnp.asarray(indices), jnp.asarray(group_of), 4, 3))
+    expected = np.full((4, 3), -1)
+    for i in indices[indices >= 0]:
+        g = group_of[i]
+        if g < 4 and (expected[g] >= 0).sum() < 3:
+            expected[g, (expected[g] >= 0).sum()] = i
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_box_deltas_follow_detectron2_box2box_transform():
+    src = jnp.array([[10.0, 10.0, 30.0, 50.0]])
+    dst = jnp.array([[12.0, 8.0, 36.0, 48.0]])
+    deltas = encode_deltas(src, dst)
+    # detectron2 weights (10, 10, 5, 5): centres (20, 30) -> (24, 28), sizes (20, 40) -> (24, 40)
+    np.testing.assert_allclose(deltas, [[10 * 4 / 20, 10 * -2 / 40, 5 * np.log(24 / 20), 0.0]],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(decode_deltas(src, deltas), dst, rtol=1e-5)
+
+
+def test_demo_runs_end_to_end_and_reports_pycocotools_numbers(tmp_path, capsys):
+    from detlayers.demo.__main__ import parse_args
+    from detlayers.demo.run import run_demo
+
+    assert len(jax.devices()) >= 2  # conftest's forced host devices
+    args = parse_args(["--steps", "3", "--devices", "2", "--batch-size", "2", "--eval-images", "6",
+                       "--show-images", "2", "--out", str(tmp_path / "pred.png"),
+                       "--no-progress"])
+    result = run_demo(args)
+    assert pathlib.Path(result["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
+        assert 0.0 <= result[key] <= 1.0
+    out = capsys.readouterr().out
+    assert "box  AP" in out and "mask AP" in out and str(tmp_path / "pred.png") in out
+
+
+def _readme_python_blocks():
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_readme_python_examples_run():
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 2
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    # the API tour's claims, checked on its own variables
+    tour: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), tour)  # noqa: S102
+    np.testing.assert_array_equal(np.asarray(tour["kept"]), [0, 2])
+    assert tour["pooled"].shape == (1, 7, 7, 256)
+    assert tour["y"].shape == (2, 50, 50, 256) and tour["out"].shape == (1, 32, 32, 64)
+    assert tour["masks"].shape == (1, 64, 64) and tour["masks"].dtype == jnp.bool_
+    # pasting a full mask into box (10, 10)-(40, 30) covers exactly its 30 x 20 pixels
+    assert int(tour["masks"].sum()) == 30 * 20
