@@ -57,13 +57,15 @@ def check_sampling_ratio(sampling_ratio: Any) -> int:
     return int(sampling_ratio)
 
 
-def check_spatial_scale(spatial_scale: Any) -> float:
-    if isinstance(spatial_scale, jax.core.Tracer):
-        raise TypeError("spatial_scale must be a static Python number, not a traced value")
-    try:
-        return float(spatial_scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"spatial_scale must be a number, got {spatial_scale!r}") from None
+def check_spatial_scale(spatial_scale: Any) -> Any:
+    """A Python number, or a scalar array (it only multiplies coordinates, so it may be traced)."""
+    if isinstance(spatial_scale, (jax.Array, np.ndarray, np.generic)):
+        if np.ndim(spatial_scale) != 0:
+            raise ValueError(f"spatial_scale must be a scalar, got shape {np.shape(spatial_scale)}")
+        return spatial_scale
+    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, (int, float)):
+        raise TypeError(f"spatial_scale must be a number, got {spatial_scale!r}")
+    return float(spatial_scale)
 
 
 def check_inputs(name: str, features: Any, rois: Any, roi_cols: int) -> tuple[jax.Array, jax.Array]:

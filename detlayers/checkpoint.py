@@ -112,10 +112,20 @@ def _record_module_types(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
     return shapes, modules
 
 
-def _torch_key(collection: str, path: tuple[str, ...]) -> str:
+_SEQUENTIAL_CHILD = re.compile(r"^layers_(\d+)$")
+
+
+def _torch_key(collection: str, path: tuple[str, ...], modules: Mapping[tuple[str, ...], nn.Module]) -> str:
     *module_path, leaf = path
     table = _PARAM_NAMES if collection == "params" else _STATS_NAMES
-    names = [flax_name_to_torch(n) for n in module_path] + [table.get(leaf, leaf)]
+    names = []
+    for depth, name in enumerate(module_path):
+        child = _SEQUENTIAL_CHILD.match(name)
+        if child and isinstance(modules.get(tuple(module_path[:depth])), nn.Sequential):
+            names.append(child.group(1))  # flax's nn.Sequential names its children layers_<i>
+        else:
+            names.append(flax_name_to_torch(name))
+    names.append(table.get(leaf, leaf))
     return ".".join(names)
 
 
@@ -165,7 +175,8 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
       ``module.apply``; arrays take the dtypes ``init`` would give.
 
     Name mapping (Flax path -> PyTorch key): module names join with ``.``, trailing ``_<n>``
-    become list indices (``convs_4_1`` -> ``convs.4.1``, see :func:`flax_name_to_torch`), and
+    become list indices (``convs_4_1`` -> ``convs.4.1``, see :func:`flax_name_to_torch`), the
+    ``layers_<i>`` children of a ``flax.linen.Sequential`` become ``<i>`` (``torch.nn.Sequential``), and
     leaves map as ``params/kernel`` -> ``weight``, ``params/scale`` -> ``weight``,
     ``params/bias`` -> ``bias``, ``batch_stats/mean`` -> ``running_mean``, ``batch_stats/var``
     -> ``running_var``, and frozen batch norm's ``batch_stats/scale``/``bias`` -> ``weight``/``bias``
@@ -197,7 +208,7 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
                 out[name] = {}
                 fill(collection, value, sub, out[name])
                 continue
-            key = _torch_key(collection, sub)
+            key = _torch_key(collection, sub, modules)
             flax_path = "/".join((collection,) + sub)
             if key in used:
                 raise ValueError(

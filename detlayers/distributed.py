@@ -123,3 +123,23 @@ def _first_global_device_index(info: ProcessInfo) -> int:
     local = {d.id for d in jax.local_devices()}
     ordered = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return next(i for i, d in enumerate(ordered) if d.id in local)
+
+
+def check_process_blocks(devices) -> None:
+    """Raises unless ``devices`` (a mesh's, in order) are whole per-process blocks in process order.
+
+    Each process makes only its own share of a global batch - process ``p`` of ``n`` the ``p``-th
+    contiguous block (:func:`detlayers.demo.data.train_batch`) - and
+    ``jax.make_array_from_process_local_data`` puts it where that process's devices sit in the
+    mesh; the two agree only when process ``p``'s devices are the ``p``-th block of the mesh.
+    """
+    import jax
+
+    owners = [d.process_index for d in devices]
+    n = jax.process_count()
+    per = len(owners) // n
+    if len(owners) % n or owners != [p for p in range(n) for _ in range(per)]:
+        raise ValueError(
+            f"the mesh must hold every process's devices as one block, in process order and in "
+            f"equal numbers; its devices belong to processes {owners} (use all devices, or "
+            f"--devices equal to the global device count)")

@@ -165,7 +165,10 @@ def convert_frozen_batchnorm(
     (``"BN"``, ``"SyncBN"``, ``"nnSyncBN"``, ``"naiveSyncBN"``, ``"naiveSyncBN_N"``) becomes
     ``"FrozenBN"``, and a :class:`~detlayers.BatchNorm2d` / :class:`~detlayers.NaiveSyncBatchNorm`
     instance becomes ``FrozenBatchNorm2d(num_features, eps)``. Batch norms created inside a
-    ``compact`` method without a field cannot be reached: pass them in through a field.
+    ``compact`` method without a field cannot be reached: pass them in through a field. Norm
+    factories given as callables and :class:`~detlayers.CycleBatchNormList` are not converted;
+    pass example inputs for models that contain one, so the mismatch is reported instead of the
+    structural walk below silently moving the cycle list's statistics.
 
     Variables: at every path where ``batch_stats`` holds exactly ``{mean, var}`` (a batch norm
     with running statistics), ``params/{scale, bias}`` (ones/zeros when the norm had no affine)

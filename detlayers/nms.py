@@ -43,7 +43,7 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
 
 The pure-XLA path can be forced anywhere, as a reference or for debugging: pass ``backend="xla"``,
 call :func:`set_backend` ``("xla")``, or set the environment variable ``DETLAYERS_NMS_BACKEND=xla``
-(read at trace time). The platform is chosen when the computation is lowered
+(read at trace time: a function already traced keeps the backend it was traced with). The platform is chosen when the computation is lowered
 (``jax.lax.platform_dependent``), so one jitted function runs the right kernel on each device.
 
 No gradient flows through NMS (its outputs are integers; inputs pass through ``stop_gradient``),

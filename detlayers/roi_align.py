@@ -44,7 +44,7 @@ def roi_align(
     input: jax.Array,
     rois: jax.Array,
     output_size: int | tuple[int, int],
-    spatial_scale: float,
+    spatial_scale: float | jax.Array,
     sampling_ratio: int,
     aligned: bool = True,
 ) -> jax.Array:
@@ -55,7 +55,8 @@ def roi_align(
         and the result is cast back.
       rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image pixels.
       output_size: ``PH`` or ``(PH, PW)``.
-      spatial_scale: multiplies the box coordinates (e.g. ``1/stride`` of the feature level).
+      spatial_scale: multiplies the box coordinates (e.g. ``1/stride`` of the feature level); a
+        Python float or a scalar array (it may be traced).
       sampling_ratio: samples per bin along each axis; ``0`` means adaptive,
         ``ceil(roi_size / output_size)`` per ROI, exact for every ROI size.
       aligned: shift box corners by -0.5 pixel (detectron2's ``ROIAlign(aligned=True)``).  When

@@ -33,9 +33,13 @@ that gives the identical decision; trigonometry is reduced exactly to a quadrant
 ``pi / 180 = 0.01745329251``) to about one float32 ulp. Measured against detectron2's CPU op, the
 results agree to ~1e-6 absolute on general boxes (see ``tests/test_rotated_iou.py``).
 
-Memory: pairs are processed in chunks of ``pairs_per_chunk`` (default ``2**16``) with
-``lax.map``, so ``N = M = 2000`` (4M pairs) needs only a few tens of MB of scratch; a chunk holds
-about 25 float32 arrays of ``[24, pairs_per_chunk]``.
+Cost and memory: a cheap ``[N, M]`` test first drops the pairs whose centres are too far apart
+to produce any candidate vertex (their IoU is exactly 0 in detectron2 too). The remaining pairs
+are gathered to the front and evaluated ``pairs_per_chunk`` (default 4096) at a time in a loop
+whose trip count is their number divided by the chunk, so scratch memory is a few MB whatever
+``N`` and ``M`` are, besides ``O(N M)`` for the mask, the pair list and the result
+(``N = M = 2000``: about 50 MB). On one CPU core this is ~10x faster than detectron2's CPU op on
+typical detection layouts (few overlapping pairs) and ~1-2x slower when nearly all pairs overlap.
 
 Not differentiable in a useful sense (neither is detectron2's op); use it for matching and NMS.
 """
@@ -56,9 +60,8 @@ __all__ = [
     "rotated_box_areas",
 ]
 
-DEFAULT_PAIRS_PER_CHUNK = 2**16
+DEFAULT_PAIRS_PER_CHUNK = 4096
 
-_NUM_SLOTS = 24  # 16 edge crossings + 4 + 4 contained corners
 
 # detectron2 turns degrees into radians with this truncated constant (in double precision); the
 # difference from pi / 180 decides the tiny sin/cos residues near multiples of 90 degrees.
@@ -176,16 +179,16 @@ def _cos_sin_degrees(angle: Array) -> tuple[Array, Array]:
     frac_rad, frac_err = _two_product(fraction, _DEG_TO_RAD_HI)
     deficit, deficit_err = _two_product(angle, _DEFICIT_HI)
     psi, psi_err = _two_sum(frac_rad, -deficit)
-    psi_err = psi_err + (
-        (frac_err + _rounded(fraction * _DEG_TO_RAD_LO)) - (deficit_err + _rounded(angle * _DEFICIT_LO))
-    )
+    frac_rest = frac_err + _rounded(fraction * _DEG_TO_RAD_LO)
+    deficit_rest = deficit_err + _rounded(angle * _DEFICIT_LO)
+    psi_err = psi_err + (frac_rest - deficit_rest)
     psi, psi_err = _two_sum(psi, psi_err)
     psi_sq = _rounded(psi * psi)
     # sin(psi) = psi + sin_tail;  cos(psi) = 1 - one_minus_cos   (|psi| < 0.009)
-    sin_tail = psi_err - _rounded(_rounded(psi_sq * psi) * (np.float32(1 / 6) - psi_sq / np.float32(120)))
-    one_minus_cos = (
-        psi_sq * np.float32(0.5) + _rounded(psi * psi_err) - _rounded(psi_sq * psi_sq) / np.float32(24)
-    )
+    psi_cubed = _rounded(psi_sq * psi)
+    sin_tail = psi_err - _rounded(psi_cubed * (np.float32(1 / 6) - psi_sq / np.float32(120)))
+    psi_fourth = _rounded(psi_sq * psi_sq)
+    one_minus_cos = psi_sq * np.float32(0.5) + _rounded(psi * psi_err) - psi_fourth / np.float32(24)
 
     index = jnp.clip(whole.astype(jnp.int32) + 50, 0, len(_WHOLE_DEGREES) - 1)
     sin_hi, sin_lo = jnp.asarray(_SIN_HI)[index], jnp.asarray(_SIN_LO)[index]
@@ -275,7 +278,7 @@ def _dot(ax: Array, ay: Array, bx: Array, by: Array) -> Array:
 
 
 def _contained_corners(px, py, rx, ry, rex, rey) -> Array:
-    """Mask ``[4, P]``: corner i of (px, py) lies inside rectangle (rx, ry) with edges (rex, rey)."""
+    """Mask ``[4, P]``: corner i of (px, py) is inside rectangle (rx, ry) with edges (rex, rey)."""
     side_ax, side_ay = rex[0], rey[0]  # rect[0] -> rect[1]
     side_bx, side_by = rex[3], rey[3]  # rect[3] -> rect[0]
     side_a_sq = _dot(side_ax, side_ay, side_ax, side_ay)
@@ -415,20 +418,42 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     terms = jnp.abs(_cross(hull_x[1:-1], hull_y[1:-1], hull_x[2:], hull_y[2:]))
     terms = jnp.where(slots[2:] < size, terms, 0)
     twice_area = lax.fori_loop(
-        0, terms.shape[0], lambda i, acc: acc + _column(terms, i), jnp.zeros_like(count, jnp.float32)
+        0,
+        terms.shape[0],
+        lambda i, acc: acc + _column(terms, i),
+        jnp.zeros(count.shape, jnp.float32),
     )
     return jnp.where(count > 2, twice_area / np.float32(2), 0)
 
 
 def _prepare(boxes: Array) -> Array:
-    """Per-box quantities ``[K, 7]``: x, y, w, h, cos, sin, area (trigonometry once per box)."""
-    cos, sin = _cos_sin_degrees(boxes[:, 4])
-    area = _rounded(boxes[:, 2] * boxes[:, 3])
-    return jnp.concatenate([boxes[:, :4], cos[:, None], sin[:, None], area[:, None]], axis=1)
+    """Per-box quantities ``[K, 8]``: x, y, w, h, cos, sin, area, reach (trigonometry once per box).
+
+    ``reach`` bounds how far from its centre a box can contribute a candidate vertex: its
+    half-diagonal, plus the distance by which the slack of the point-inside test (``1e-5`` on
+    dot products, i.e. ``1e-5 / side`` in length) widens each side, plus a 0.1% safety margin
+    for rounding. Two boxes whose centres are farther apart than the sum of their reaches have
+    no candidate at all, so detectron2's IoU is exactly 0 for them.
+    """
+    x, y, w, h, angle = (boxes[:, k] for k in range(5))
+    cos, sin = _cos_sin_degrees(angle)
+    area = _rounded(w * h)
+    half_diagonal = np.float32(0.5) * jnp.sqrt(w * w + h * h)
+    slack = np.float32(1e-5) / jnp.abs(w) + np.float32(1e-5) / jnp.abs(h)  # inf for a 0 side
+    reach = half_diagonal * np.float32(1.001) + slack
+    return jnp.stack([x, y, w, h, cos, sin, area, reach], axis=1)
+
+
+def _maybe_overlapping(prepared1: Array, prepared2: Array) -> Array:
+    """``[N, M]`` mask of the pairs that may have a non-zero IoU (NaN boxes included)."""
+    dx = prepared1[:, None, 0] - prepared2[None, :, 0]
+    dy = prepared1[:, None, 1] - prepared2[None, :, 1]
+    reach = prepared1[:, None, 7] + prepared2[None, :, 7]
+    return ~(dx * dx + dy * dy > reach * reach)
 
 
 def _iou_of_pairs(prepared1: Array, prepared2: Array) -> Array:
-    """IoU of pair ``p`` of prepared boxes (``[P, 7]`` each, see ``_prepare``); returns ``[P]``."""
+    """IoU of pair ``p`` of prepared boxes (``[P, 8]`` each, see ``_prepare``); returns ``[P]``."""
     b1, b2 = prepared1.T, prepared2.T
     # Shift to the midpoint of the two centres (sum rounded in float32, as the reference does).
     mid_x = (b1[0] + b2[0]) * np.float32(0.5)
@@ -472,20 +497,30 @@ def pairwise_iou_rotated(
     n, m = boxes1.shape[0], boxes2.shape[0]
     if n == 0 or m == 0:
         return jnp.zeros((n, m), jnp.float32)
-    boxes1, boxes2 = _prepare(boxes1), _prepare(boxes2)
     total = n * m
-    if total <= pairs_per_chunk:
-        left = jnp.repeat(boxes1, m, axis=0)
-        right = jnp.tile(boxes2, (n, 1))
-        return _iou_of_pairs(left, right).reshape(n, m)
-    num_chunks = -(-total // pairs_per_chunk)
-    pair = jnp.arange(num_chunks * pairs_per_chunk, dtype=jnp.int32).reshape(num_chunks, -1)
+    if total >= 2**31:
+        raise ValueError(f"pairwise_iou_rotated supports fewer than 2**31 pairs, got {n} x {m}")
+    boxes1, boxes2 = _prepare(boxes1), _prepare(boxes2)
+    # Only pairs whose circles of reach meet are evaluated: they are gathered to the front and
+    # processed `chunk` at a time in a loop whose trip count depends on their number, so far-apart
+    # boxes (most pairs in a detection image) cost almost nothing.
+    candidate = _maybe_overlapping(boxes1, boxes2).reshape(-1)
+    num_candidates = jnp.sum(candidate, dtype=jnp.int32)
+    chunk = min(int(pairs_per_chunk), total)
+    padded = -(-total // chunk) * chunk
+    (pair_ids,) = jnp.nonzero(candidate, size=padded, fill_value=0)
+    pair_ids = pair_ids.astype(jnp.int32)
+    lanes = jnp.arange(chunk, dtype=jnp.int32)
 
-    def chunk(pair_ids: Array) -> Array:
-        pair_ids = jnp.minimum(pair_ids, total - 1)  # padding repeats the last pair
-        return _iou_of_pairs(boxes1[pair_ids // m], boxes2[pair_ids % m])
+    def evaluate_chunk(c: Array, iou: Array) -> Array:
+        ids = lax.dynamic_slice_in_dim(pair_ids, c * chunk, chunk)
+        values = _iou_of_pairs(boxes1[ids // m], boxes2[ids % m])
+        target = jnp.where(c * chunk + lanes < num_candidates, ids, total)  # total: dropped
+        return iou.at[target].set(values, mode="drop")
 
-    return lax.map(chunk, pair).reshape(-1)[:total].reshape(n, m)
+    num_chunks = (num_candidates + chunk - 1) // chunk
+    iou = lax.fori_loop(0, num_chunks, evaluate_chunk, jnp.zeros(total, jnp.float32))
+    return iou.reshape(n, m)
 
 
 def rotated_iou_one_to_many(

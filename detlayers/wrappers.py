@@ -91,6 +91,8 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
 
 
 def _compute_dtype(x: Array) -> Any:
+    """Operand dtype of a layer: the input's. Parameters are cast to it (so bf16 inputs use bf16
+    operands, as ``torch.autocast`` does) while products accumulate in float32."""
     return x.dtype
 
 
@@ -205,8 +207,10 @@ class Conv2d(nn.Module):
 
     Parameters: ``kernel`` ``[kh, kw, in/groups, out]`` and, if ``bias``, ``bias`` ``[out]``.
 
-    ``__call__(x, train=False)``: ``x`` is ``[N, H, W, in_channels]`` (any floating dtype, ``N`` may
-    be 0); returns ``[N, Ho, Wo, out_channels]`` in ``x.dtype``. ``train`` is forwarded to the norm.
+    ``__call__(x, train=False, *, mask=None)``: ``x`` is ``[N, H, W, in_channels]`` (any floating
+    dtype, ``N`` may be 0); returns ``[N, Ho, Wo, out_channels]`` in ``x.dtype``. ``train`` is
+    forwarded to the norm, and so is ``mask`` (``bool[N]``, the real examples of a padded
+    per-device batch) when given, for :class:`~detlayers.NaiveSyncBatchNorm`.
     """
 
     in_channels: int
@@ -233,7 +237,7 @@ class Conv2d(nn.Module):
         return _pair(self.kernel_size, "kernel_size")
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
+    def __call__(self, x: Array, train: bool = False, *, mask: Array | None = None) -> Array:
         kh, kw = self._check_config()
         _check_nhwc(x, self.in_channels, "Conv2d")
         _check_floating(x, "x")
@@ -253,8 +257,10 @@ class Conv2d(nn.Module):
             x, kernel, bias, self.stride, self.padding, self.dilation, self.groups, precision=self.precision
         )
         norm = _make_norm(self.norm, self.out_channels)
+        if mask is not None and norm is None:
+            raise ValueError("Conv2d: `mask` is forwarded to the norm, but this Conv2d has no norm")
         if norm is not None:
-            y = norm(y, train=train)
+            y = norm(y, train=train) if mask is None else norm(y, train=train, mask=mask)
         if self.activation is not None:
             y = self.activation(y)
         return y

@@ -169,3 +169,21 @@ def test_bfloat16_input_runs_on_loaded_model(loaded, fx):
     deconv, logits = _apply(loaded, jnp.asarray(fx["x"], jnp.bfloat16))
     chex.assert_type(deconv, jnp.bfloat16)
     np.testing.assert_allclose(np.asarray(logits, np.float32), fx["logits_eval"], rtol=0.1, atol=0.1)
+
+
+def test_flax_sequential_children_map_to_torch_sequential_indices():
+    model = nn.Sequential([L.Conv2d(2, 3, 1, norm="BN"), jax.nn.relu, L.Conv2d(3, 4, 3, bias=False)])
+    rng = np.random.default_rng(0)
+    sd = {
+        "0.weight": rng.normal(size=(3, 2, 1, 1)).astype(np.float32),
+        "0.bias": rng.normal(size=3).astype(np.float32),
+        "0.norm.weight": rng.normal(size=3).astype(np.float32),
+        "0.norm.bias": rng.normal(size=3).astype(np.float32),
+        "0.norm.running_mean": rng.normal(size=3).astype(np.float32),
+        "0.norm.running_var": rng.uniform(1, 2, size=3).astype(np.float32),
+        "0.norm.num_batches_tracked": np.array(5),
+        "2.weight": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+    }
+    variables = L.load_torch_state_dict(model, sd, jnp.zeros((1, 5, 5, 2)))
+    np.testing.assert_array_equal(variables["params"]["layers_2"]["kernel"], sd["2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(variables["batch_stats"]["layers_0"]["norm"]["var"], sd["0.norm.running_var"])

@@ -13,6 +13,7 @@ threshold is passed traced (as the float32 the documented rule derives from the 
 from __future__ import annotations
 
 import ctypes
+import os
 import functools
 import importlib
 import pathlib
@@ -174,7 +175,7 @@ def test_python_float_threshold_compares_like_torchvision_double(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_max_output_size_keeps_the_top_of_the_reference(backend):
     case = AXIS["clustered_500"]
-    for k in (1, 10, 400, 10_000):
+    for k in (10, 10_000):
         result = nms_module.nms(case["boxes"], case["scores"], 0.5, max_output_size=k, backend=backend)
         expected = case["keep1"][:k]
         chex.assert_shape(result.indices, (min(k, 500),))
@@ -259,9 +260,10 @@ def test_pmap_and_shard_map_run_per_device(backend):
     scores = np.stack([np.roll(case["scores"], d) for d in range(n_dev)])
     per_image = lambda b, s: nms_module.nms(b, s, 0.5, backend=backend)  # noqa: E731
     expected = [np.asarray(per_image(boxes[d], scores[d]).indices) for d in range(n_dev)]
-    out = jax.pmap(per_image)(boxes, scores)
-    np.testing.assert_array_equal(np.asarray(out.indices), np.stack(expected))
-    np.testing.assert_array_equal(np.asarray(out.indices[0, : int(out.count[0])]), case["keep1"])
+    np.testing.assert_array_equal(expected[0][: len(case["keep1"])], case["keep1"])
+    if backend == "auto":  # (pmap of the pure-XLA path adds a slow compile and nothing new)
+        out = jax.pmap(per_image)(boxes, scores)
+        np.testing.assert_array_equal(np.asarray(out.indices), np.stack(expected))
     mesh = Mesh(np.array(jax.devices()[:n_dev]), ("i",))
     sharded = jax.shard_map(jax.vmap(per_image), mesh=mesh, in_specs=(P("i"), P("i")), out_specs=P("i"))
     out = jax.jit(sharded)(boxes, scores)
@@ -283,7 +285,7 @@ def test_grad_through_model_using_kept_indices(backend):
     kept_rows = np.zeros(len(boxes), bool)
     kept_rows[case["keep1"]] = True
     # d/d boxes of sum(boxes[kept]) is 1 on kept rows, 0 elsewhere; d/d scale = sum(boxes[kept])
-    np.testing.assert_array_equal(np.asarray(grad_boxes), np.where(kept_rows[:, None], 1.0, 0.0))
+    np.testing.assert_array_equal(np.asarray(grad_boxes), np.broadcast_to(kept_rows[:, None], (len(boxes), 4)))
     np.testing.assert_allclose(float(grad_scale), case["boxes"][kept_rows].astype(np.float64).sum(), rtol=1e-5)
 
 
@@ -322,10 +324,11 @@ def test_empty_input_gives_empty_result(fn_name, backend):
 
 def test_low_precision_inputs_run_in_float32():
     case = AXIS["clustered_37"]
-    boxes = jnp.asarray(np.round(case["boxes"]), jnp.bfloat16)  # integers < 256: exact in bf16
+    boxes = jnp.asarray(case["boxes"], jnp.bfloat16)
     scores = jnp.asarray(case["scores"], jnp.float16)
     result = L.nms(boxes, scores, 0.5)
-    reference = nms_module.nms(np.round(case["boxes"]), np.asarray(scores, np.float32), 0.5, backend="xla")
+    # the same (rounded) values given as float32
+    reference = nms_module.nms(np.asarray(boxes, np.float32), np.asarray(scores, np.float32), 0.5, backend="xla")
     np.testing.assert_array_equal(np.asarray(result.indices), np.asarray(reference.indices))
 
 
@@ -352,16 +355,18 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_backend_switch_forces_pure_xla(monkeypatch):
-    fn = lambda b, s: nms_module.nms(b, s, 0.5)  # noqa: E731
-    args = (jnp.zeros((8, 4)), jnp.zeros((8,)))
+    # the backend is read at trace time, so each check traces a fresh function
+    def lowered() -> str:
+        return jax.jit(lambda b, s: nms_module.nms(b, s, 0.5)).lower(jnp.zeros((8, 4)), jnp.zeros((8,))).as_text()
+
     monkeypatch.setenv(nms_module.BACKEND_ENV, "xla")
-    assert "custom_call" not in jax.jit(fn).lower(*args).as_text()
+    assert "custom_call" not in lowered()
     monkeypatch.delenv(nms_module.BACKEND_ENV)
     if HAS_CPU_KERNEL:
-        assert "custom_call @detlayers_nms" in jax.jit(fn).lower(*args).as_text()
+        assert "custom_call @detlayers_nms" in lowered()
     nms_module.set_backend("xla")
     try:
-        assert "custom_call" not in jax.jit(fn).lower(*args).as_text()
+        assert "custom_call" not in lowered()
     finally:
         nms_module.set_backend(None)
 
@@ -397,3 +402,34 @@ def test_cpp_and_pure_xla_agree_on_random_problems(seed, threshold, classes, spr
     a, b = _agree_fns["auto"](*args), _agree_fns["xla"](*args)
     np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
     assert int(a.count) == int(b.count)
+
+
+def test_missing_library_falls_back_to_xla_and_warns_once(tmp_path):
+    # A fresh interpreter that finds no compiled library: results still right, one warning.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import warnings
+        import numpy as np
+        import detlayers._ffi as ffi
+        ffi.library_candidates = lambda file_name: []
+        import detlayers as L
+        boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]], np.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            a = L.nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), 0.5)
+            b = L.batched_nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), np.zeros(3, np.int32), 0.5)
+        print(sum(issubclass(w.category, RuntimeWarning) and "pure-XLA" in str(w.message) for w in caught))
+        print(np.asarray(a.indices).tolist(), np.asarray(b.indices).tolist())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == "1"
+    assert lines[-1] == "[0, 2, -1] [0, 2, -1]"

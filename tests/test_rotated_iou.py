@@ -1,4 +1,4 @@
-"""Rotated-box IoU: ``detlayers.pairwise_iou_rotated`` (pure jnp) and ``custom_calls/rotated_iou.h``.
+"""Rotated-box IoU: ``detlayers.pairwise_iou_rotated`` (jnp) and ``custom_calls/rotated_iou.h``.
 
 References:
   * ``tests/fixtures/rotated_iou.npz``: detectron2's CPU ``pairwise_iou_rotated`` on random,
@@ -99,7 +99,8 @@ def test_pairwise_iou_rotated_is_bitwise_detectron2_on_cpu(cases, ours_on_cases)
     if jax.default_backend() != "cpu":
         pytest.skip("bitwise agreement is asserted on the CPU backend")
     mismatched = {
-        name: int(np.sum(ours_on_cases[name] != expected)) for name, (_, _, expected) in cases.items()
+        name: int(np.sum(ours_on_cases[name] != expected))
+        for name, (_, _, expected) in cases.items()
     }
     assert sum(mismatched.values()) == 0, mismatched
 
@@ -179,7 +180,8 @@ def test_published_issue_cases_give_exact_zero_and_one():
     # issues 1207 (no overlap), 2154 and 2167 (the same box up to float noise)
     _assert_d2_close(small_iou([[3, 3, 8, 2, -45.0]], [[6, 0, 8, 2, -45.0]]), [[0.0]])
     _assert_d2_close(
-        small_iou([[160.0, 153.0, 230.0, 23.0, -37.0]], [[190.0, 127.0, 80.0, 21.0, -46.0]]), [[0.0]]
+        small_iou([[160.0, 153.0, 230.0, 23.0, -37.0]], [[190.0, 127.0, 80.0, 21.0, -46.0]]),
+        [[0.0]],
     )
     _assert_d2_close(
         small_iou(
@@ -274,7 +276,9 @@ _box = st.tuples(
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.lists(_box, min_size=SMALL, max_size=SMALL), st.lists(_box, min_size=SMALL, max_size=SMALL))
+@given(
+    st.lists(_box, min_size=SMALL, max_size=SMALL), st.lists(_box, min_size=SMALL, max_size=SMALL)
+)
 def test_iou_matches_float64_polygon_clipping(boxes1, boxes2):
     b1 = np.array(boxes1, np.float32)
     b2 = np.array(boxes2, np.float32)
@@ -355,14 +359,20 @@ def test_corners_turn_counter_clockwise_on_screen():
     np.testing.assert_allclose(got, [[1, -2], [-1, -2], [-1, 2], [1, 2]], atol=1e-6)
     rng = np.random.default_rng(3)
     boxes = np.concatenate(
-        [rng.uniform(-50, 50, (20, 2)), rng.uniform(1, 30, (20, 2)), rng.uniform(-360, 360, (20, 1))],
+        [
+            rng.uniform(-50, 50, (20, 2)),
+            rng.uniform(1, 30, (20, 2)),
+            rng.uniform(-360, 360, (20, 1)),
+        ],
         axis=1,
     ).astype(np.float32)
     got = np.asarray(jax.jit(rotated_box_corners)(boxes))
     chex.assert_shape(got, (20, 4, 2))
     np.testing.assert_allclose(got, np.stack([_corners_f64(b) for b in boxes]), atol=1e-4)
     np.testing.assert_allclose(
-        np.asarray(jax.jit(rotated_box_areas)(boxes)), [_shoelace(_corners_f64(b)) for b in boxes], rtol=1e-5
+        np.asarray(jax.jit(rotated_box_areas)(boxes)),
+        [_shoelace(_corners_f64(b)) for b in boxes],
+        rtol=1e-5,
     )
 
 
@@ -432,3 +442,30 @@ def test_header_compiles_as_cuda_device_code(tmp_path):
         check=True, capture_output=True, timeout=300,
     )
     assert (tmp_path / "check.o").stat().st_size > 0
+
+
+def _cuda_gpu_available() -> bool:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    probe = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+def test_header_on_cuda_device_is_bitwise_detectron2(tmp_path, cases):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or not _cuda_gpu_available():
+        pytest.skip("needs nvcc and a CUDA GPU")
+    exe = tmp_path / "rotated_iou_device_check"
+    subprocess.run(
+        [nvcc, "-std=c++17", "-O2", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
+         "arch=compute_90,code=sm_90", f"-I{HEADER_DIR}",
+         str(CPP_DIR / "rotated_iou_device_check.cu"), "-o", str(exe)],
+        check=True, capture_output=True, timeout=600,
+    )
+    mismatched = {}
+    for name, (boxes1, boxes2, expected) in cases.items():
+        got = run_header(exe, boxes1, boxes2)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=name)
+        mismatched[name] = int(np.sum(got != expected))
+    assert sum(mismatched.values()) == 0, mismatched

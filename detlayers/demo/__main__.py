@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=t.steps, help="training steps")
     parser.add_argument("--devices", type=int, default=None,
-                        help="devices to train on (default: all local devices; on CPU one forced "
-                             "host device per core)")
+                        help="devices to train on, counted over all processes (default: all; on "
+                             "CPU one forced host device per core, or --devices split evenly over "
+                             "the processes)")
     parser.add_argument("--batch-size", type=int, default=t.batch_per_device,
                         help="images per device per step")
     parser.add_argument("--lr", type=float, default=t.learning_rate, help="peak learning rate")
@@ -45,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="demo_out",
                         help="output directory (or a .png path for the picture)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from detlayers import distributed
+    from detlayers.demo import resume
+
+    distributed.add_arguments(parser)
+    resume.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -54,7 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     # read when JAX starts its CPU backend (first use, not import): set it before any JAX work
     if _DEVICE_FLAG not in flags:
         count = args.devices or _cpu_cores()
+        processes = args.num_processes or int(os.environ.get("DETLAYERS_NUM_PROCESSES", "1"))
+        if args.devices and processes > 1:  # --devices is global: this process's share
+            if args.devices % processes:
+                raise SystemExit(f"--devices {args.devices} does not split evenly over "
+                                 f"{processes} processes")
+            count = args.devices // processes
         os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={count}".strip()
+
+    from detlayers import distributed
+
+    # joins the multi-process runtime (flags, the launcher's environment or a detected cluster)
+    # before any other JAX work; a single process otherwise
+    info = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not info.is_main:  # process 0 speaks for the run; the others only show their errors
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        args.no_progress = True
 
     from detlayers.demo.run import run_demo
 

@@ -45,7 +45,10 @@ class TrainCheckpointer:
         self._ocp = ocp
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # synchronous: the training step donates its input buffers, so an array must be
+            # fully written before the next step may reuse its memory
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False),
         )
 
     def latest_step(self) -> int | None:

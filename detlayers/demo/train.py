@@ -151,21 +151,29 @@ def batches(data_config: shapes.ShapesConfig, seed: int, position: int, global_b
     def produce():
         pos = position
         while not stop.is_set():
-            batch = shapes.train_batch(data_config, seed, pos, global_batch, process_index,
-                                       process_count)
+            try:
+                item = (pos, shapes.train_batch(data_config, seed, pos, global_batch,
+                                                process_index, process_count))
+            except BaseException as err:  # hand it to the consumer, which would wait forever
+                item = err
             while not stop.is_set():
                 try:
-                    out.put((pos, batch), timeout=0.1)
+                    out.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
+            if isinstance(item, BaseException):
+                return
             pos += global_batch
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
     try:
         while True:
-            yield out.get()
+            item = out.get()
+            if isinstance(item, BaseException):
+                raise RuntimeError("making a training batch failed") from item
+            yield item
     finally:
         stop.set()
 
@@ -189,8 +197,12 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
     if mesh.size % process_count:
         raise ValueError(f"{mesh.size} devices do not split over {process_count} processes")
     replicated = NamedSharding(mesh, P())
-    params, batch_stats, opt_state, rng = jax.device_put(
-        (state.params, state.batch_stats, state.opt_state, state.rng), replicated)
+    # through host memory, the key as its raw data: in a multi-process run device_put onto a
+    # global sharding takes host arrays (jax 0.10.2 builds malformed arrays from device ones)
+    params, batch_stats, opt_state, rng_data = jax.device_put(jax.device_get(
+        (state.params, state.batch_stats, state.opt_state, jax.random.key_data(state.rng))),
+        replicated)
+    rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(state.rng))
     bar = tqdm(total=config.steps, initial=state.step, disable=not progress, desc="train",
                unit="step", dynamic_ncols=True, mininterval=1.0)
     stream = batches(data_config, config.seed, state.data_position, global_batch,

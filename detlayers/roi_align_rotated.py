@@ -1,0 +1,168 @@
+"""ROIAlign for rotated boxes on NHWC features: ``roi_align_rotated`` and ``ROIAlignRotated``.
+
+Same numbers as detectron2's ``ROIAlignRotated`` (forward and feature gradient).  A rotated
+sampling grid is not separable, so every sample is bilinearly interpolated from its four
+neighbours (four gathers of contiguous channel vectors).  The adaptive grid
+(``sampling_ratio=0``, ``ceil(size / output_size)`` samples per bin and ROI) is exact for every ROI:
+ROIs are sorted by grid size and pooled in chunks by loops that run to the chunk's largest grid
+(``detlayers._roi_sampling.pool``), whose custom VJP replays the samples as scatter-adds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detlayers import _roi_sampling as rs
+
+# A fixed sampling ratio up to this value is pooled as one static fusion of 4*s*s gathers.
+_MAX_UNROLLED_RATIO = 4
+
+
+def roi_align_rotated(
+    input: jax.Array,
+    rois: jax.Array,
+    output_size: int | tuple[int, int],
+    spatial_scale: float | jax.Array,
+    sampling_ratio: int,
+) -> jax.Array:
+    """Pools ``output_size`` bins of bilinear samples inside rotated boxes (detectron2's kernel).
+
+    Args:
+      input: features ``[N, H, W, C]`` (NHWC), any float dtype; half types are computed in float32
+        and the result is cast back.
+      rois: ``[R, 6]`` rows ``(batch_index, x_center, y_center, width, height, angle_degrees)`` in
+        input-image pixels; a positive angle turns the box counter-clockwise on screen.
+      output_size: ``PH`` or ``(PH, PW)``.
+      spatial_scale: multiplies centre and size (``1/stride`` of the feature level); a Python
+        float or a scalar array (it may be traced).
+      sampling_ratio: samples per bin along each box axis; ``0`` means adaptive,
+        ``ceil(size * spatial_scale / output_size)`` per ROI, exact for every size.
+
+    Returns:
+      ``[R, PH, PW, C]`` in ``input.dtype``.  The centre is shifted by -0.5 after scaling (always
+      "aligned"); width and height are scaled, not clamped, so a zero-size box pools to zeros.
+      Local point ``(yy, xx)`` maps to ``y = yy cos t - xx sin t + yc``, ``x = yy sin t + xx cos t + xc``.
+      Samples with ``y < -1``, ``y > H``, ``x < -1`` or ``x > W`` read 0 but count in the average.
+
+    Differentiable w.r.t. ``input`` (equal to detectron2's backward); the boxes get no gradient.
+
+    Boxes with negative width or height raise ``ValueError`` when ``rois`` is concrete (detectron2
+    asserts); under ``jit`` they cannot be checked.  Likewise a batch index outside ``[0, N)``
+    raises when concrete and pools to zeros under ``jit``.
+    """
+    features, rois = rs.check_inputs("roi_align_rotated", input, rois, 6)
+    pooled_h, pooled_w = rs.normalize_output_size(output_size)
+    sampling_ratio = rs.check_sampling_ratio(sampling_ratio)
+    scale = rs.check_spatial_scale(spatial_scale)
+    batch, height, width, channels = features.shape
+    num_rois = rois.shape[0]
+    out_dtype = features.dtype
+    if num_rois == 0 or channels == 0:
+        return jnp.zeros((num_rois, pooled_h, pooled_w, channels), out_dtype)
+    if batch == 0 or height == 0 or width == 0:
+        raise ValueError(f"roi_align_rotated: input has an empty batch or map, shape {features.shape}")
+    if not isinstance(rois, jax.core.Tracer):
+        sizes = np.asarray(rois[:, 3:5])
+        if (sizes < 0).any():
+            bad = np.nonzero((sizes < 0).any(-1))[0]
+            raise ValueError(
+                "roi_align_rotated: rois must have non-negative width and height (columns 3, 4);"
+                f" rows {bad[:5].tolist()} do not"
+            )
+
+    dtype = rs.compute_dtype(out_dtype)
+    boxes = jax.lax.stop_gradient(rois).astype(dtype)
+    batch_index, valid = rs.batch_index_and_validity("roi_align_rotated", boxes, batch)
+
+    scale_ = jnp.asarray(scale, dtype)
+    roi_h = boxes[:, 4] * scale_
+    roi_w = boxes[:, 3] * scale_
+    theta = boxes[:, 5] * jnp.asarray(math.pi / 180.0, dtype)
+    grid_h = rs.sample_grid(roi_h, pooled_h, sampling_ratio)
+    grid_w = rs.sample_grid(roi_w, pooled_w, sampling_ratio)
+    count = jnp.maximum(grid_h * grid_w, 1).astype(dtype)
+    params = dict(
+        center_y=boxes[:, 2] * scale_ - 0.5,
+        center_x=boxes[:, 1] * scale_ - 0.5,
+        start_h=-roi_h / 2.0,
+        start_w=-roi_w / 2.0,
+        bin_h=roi_h / pooled_h,
+        bin_w=roi_w / pooled_w,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        cos=jnp.cos(theta),
+        sin=jnp.sin(theta),
+        inv_count=1.0 / count,
+        base=batch_index * (height * width),
+    )
+    taps = functools.partial(_rotated_taps, pooled=(pooled_h, pooled_w), size=(height, width))
+    unrolled = None
+    if 0 < sampling_ratio <= _MAX_UNROLLED_RATIO:
+        unrolled = functools.partial(_pool_unrolled, taps=taps, ratio=sampling_ratio)
+    table = features.astype(dtype).reshape(batch * height * width, channels)
+    out = rs.pool(taps, (pooled_h, pooled_w), unrolled, table, params,
+                  jnp.maximum(grid_h, 0), jnp.maximum(grid_w, 0), valid)
+    return out.astype(out_dtype)
+
+
+def _rotated_taps(c, iy, ix, pooled, size):
+    """The four bilinear neighbours of sample ``(iy, ix)`` of every bin: ``[(index, weight)] * 4``."""
+    pooled_h, pooled_w = pooled
+    height, width = size
+    dtype = c["bin_h"].dtype
+    ph = jnp.arange(pooled_h, dtype=dtype)[None, :, None]
+    pw = jnp.arange(pooled_w, dtype=dtype)[None, None, :]
+
+    def per_roi(name):
+        return c[name][:, None, None]
+
+    yy = rs.sample_coordinate(per_roi("start_h"), per_roi("bin_h"), per_roi("grid_h"), ph, iy)
+    xx = rs.sample_coordinate(per_roi("start_w"), per_roi("bin_w"), per_roi("grid_w"), pw, ix)
+    cos, sin = per_roi("cos"), per_roi("sin")
+    y = yy * cos - xx * sin + per_roi("center_y")
+    x = yy * sin + xx * cos + per_roi("center_x")
+    y_low, y_high, wy_low, wy_high = rs.bilinear_1d(y, height)
+    x_low, x_high, wx_low, wx_high = rs.bilinear_1d(x, width)
+    in_grid = (iy < per_roi("grid_h")) & (ix < per_roi("grid_w"))
+    scale = jnp.where(in_grid, per_roi("inv_count"), 0.0)
+    base = per_roi("base")
+    row_low = base + y_low * width
+    row_high = base + y_high * width
+    return [
+        (row_low + x_low, wy_low * wx_low * scale),
+        (row_low + x_high, wy_low * wx_high * scale),
+        (row_high + x_low, wy_high * wx_low * scale),
+        (row_high + x_high, wy_high * wx_high * scale),
+    ]
+
+
+def _pool_unrolled(table, params, taps, ratio):
+    out = None
+    for iy in range(ratio):
+        for ix in range(ratio):
+            for index, weight in taps(params, iy, ix):
+                term = weight[..., None] * rs.gather_rows(table, index)
+                out = term if out is None else out + term
+    return out
+
+
+class ROIAlignRotated(nn.Module):
+    """Flax wrapper of :func:`roi_align_rotated` (detectron2's ``ROIAlignRotated``), no parameters.
+
+    ``__call__(input [N, H, W, C], rois [R, 6]) -> [R, PH, PW, C]``.
+    """
+
+    output_size: int | tuple[int, int]
+    spatial_scale: float
+    sampling_ratio: int
+
+    @nn.compact
+    def __call__(self, input: jax.Array, rois: jax.Array) -> jax.Array:
+        return roi_align_rotated(input, rois, self.output_size, self.spatial_scale,
+                                 self.sampling_ratio)
