@@ -42,6 +42,10 @@ _EXPORTS: dict[str, str] = {
     "LayerNorm": "batch_norm",
     "CycleBatchNormList": "batch_norm",
     "convert_frozen_batchnorm": "freeze",
+    "frozen_class": "freeze",
+    "trainable_mask": "freeze",
+    "prefix_trainable_mask": "freeze",
+    "masked_optimizer": "freeze",
     # wrappers and blocks
     "ShapeSpec": "shape_spec",
     "Conv2d": "wrappers",
@@ -90,7 +94,13 @@ if TYPE_CHECKING:  # static tools see the real definitions
     )
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
     from detlayers.checkpoint import load_torch_state_dict
-    from detlayers.freeze import convert_frozen_batchnorm
+    from detlayers.freeze import (
+        convert_frozen_batchnorm,
+        frozen_class,
+        masked_optimizer,
+        prefix_trainable_mask,
+        trainable_mask,
+    )
     from detlayers.deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
     from detlayers.losses import ciou_loss, diou_loss
     from detlayers.mask_ops import paste_masks_in_image
