@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <string>
 
+#include "nms_bitmask.h"
 #include "nms_box_iou.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -30,26 +31,20 @@ namespace ffi = xla::ffi;
 namespace detlayers {
 namespace {
 
-constexpr int kTile = 64;             // boxes per mask word
+using bitmask::kTile;
+using bitmask::Word;
 constexpr int kReduceThreads = 256;   // threads of the per-problem reduction block
 constexpr int64_t kMaxGridY = 65535;  // CUDA limit on gridDim.y and gridDim.z
 
-using Word = unsigned long long;
-
 template <int kBoxDim>
-struct BoxIoU;
-
-template <>
-struct BoxIoU<4> {
-  __device__ static float iou(const float* a, const float* b) {
-    return box_iou(a, box_area(a), b, box_area(b));
-  }
-};
+struct BoxIoU : bitmask::PairIoU<kBoxDim> {};
 
 #ifdef DETLAYERS_HAVE_ROTATED_IOU
 template <>
 struct BoxIoU<5> {
-  __device__ static float iou(const float* a, const float* b) { return rotated_box_iou<float>(a, b); }
+  __device__ static float iou(const float* a, const float* b) {
+    return bitmask::rotated_discs_apart(a, b) ? 0.0f : rotated_box_iou<float>(a, b);
+  }
 };
 #endif
 
@@ -85,13 +80,9 @@ __global__ void __launch_bounds__(kTile) nms_mask_kernel(const float* __restrict
 #pragma unroll
   for (int d = 0; d < kBoxDim; ++d) box[d] = boxes[i * kBoxDim + d];
   const int32_t cls = kClasses ? classes[problem * n + i] : 0;
-  const float threshold = thresholds[problem];
-  Word bits = 0;
-  for (int j = (row_tile == col_tile) ? t + 1 : 0; j < col_size; ++j) {
-    if (kClasses && col_classes[j] != cls) continue;
-    // The higher-scoring box (the row) comes first, as in torchvision and detectron2.
-    if (BoxIoU<kBoxDim>::iou(box, col_boxes + j * kBoxDim) > threshold) bits |= Word{1} << j;
-  }
+  const int first = (row_tile == col_tile) ? t + 1 : 0;
+  const Word bits = bitmask::mask_word<kBoxDim, kClasses, BoxIoU<kBoxDim>>(box, cls, col_boxes, col_classes, first,
+                                                                          col_size, thresholds[problem]);
   mask[i * tiles + col_tile] = bits;
 }
 
@@ -120,16 +111,8 @@ __global__ void __launch_bounds__(kReduceThreads) nms_reduce_kernel(const Word* 
     if (t < size) diagonal[t] = mask[(base + t) * tiles + tile];
     __syncthreads();
     if (t == 0) {
-      Word current = removed[tile];
-      Word kept = 0;
       int64_t nk = num_kept;
-      for (int j = 0; j < size && nk < k; ++j) {
-        if (current & (Word{1} << j)) continue;
-        kept |= Word{1} << j;
-        keep[nk++] = static_cast<int32_t>(base + j);
-        current |= diagonal[j];
-      }
-      kept_bits = kept;
+      kept_bits = bitmask::scan_tile(removed[tile], diagonal, size, base, k, &nk, keep);
       num_kept = nk;
     }
     __syncthreads();
@@ -138,12 +121,7 @@ __global__ void __launch_bounds__(kReduceThreads) nms_reduce_kernel(const Word* 
     const Word kept = kept_bits;
     if (kept != 0) {
       for (int64_t c = tile + 1 + t; c < tiles; c += blockDim.x) {
-        Word acc = removed[c];
-        for (Word bits = kept; bits != 0; bits &= bits - 1) {
-          const int j = __ffsll(static_cast<long long>(bits)) - 1;
-          acc |= mask[(base + j) * tiles + c];
-        }
-        removed[c] = acc;
+        removed[c] = bitmask::merge_kept_rows(removed[c], kept, mask, base, tiles, c);
       }
     }
     __syncthreads();

@@ -19,6 +19,12 @@
 // Constraints: header only, no STL, no exceptions, no dynamic memory, fixed-size local arrays.
 // T = float is the production type (all tolerances compare in double, like the reference);
 // T = double is supported for tests.
+//
+// Rounding: float results are bit-identical to detectron2's CPU op (tests/test_rotated_iou.py)
+// when host code is built without FMA contraction (-ffp-contract=off; GCC contracts by default
+// once the target has FMA, e.g. -march=native or aarch64); device code prevents contraction itself
+// (rounded_product). The IoU is not symmetric bit for bit: detectron2's NMS passes the kept box
+// first. detlayers/rotated_boxes.py computes the same numbers in JAX.
 #pragma once
 
 #include <math.h>

@@ -96,7 +96,7 @@ def _check_rank(array: jax.Array, name: str, layout: str) -> None:
 
 
 class _Neighbour(NamedTuple):
-    """One of the four bilinear neighbours of every sample, arrays ``[R, Wo, K, dg]``."""
+    """One of the four bilinear neighbours of every sample, arrays ``[R, Wo, K * dg]``."""
 
     index: jax.Array  # int32 row of ``image_rows`` (clipped into the image)
     weight: jax.Array  # bilinear weight, 0 when the neighbour is outside the image (no gate)
@@ -104,7 +104,7 @@ class _Neighbour(NamedTuple):
 
 class _SamplingPlan(NamedTuple):
     neighbours: tuple[_Neighbour, ...]
-    inside: jax.Array  # bool [R, Wo, K, dg]: -1 < y < H and -1 < x < W
+    inside: jax.Array  # bool [R, Wo, K * dg]: -1 < y < H and -1 < x < W
 
 
 def _sampling_plan(
@@ -127,8 +127,9 @@ def _sampling_plan(
       out_rows: int32 ``[R]`` output row (``ho``) of each row of the block.
       offset: ``[R, Wo, dg, K, 2]`` (y, x) offsets.
 
-    Arrays of the plan are ``[R, Wo, K, dg]``: taps before deformable groups, so that gathered
-    channel vectors come out in the (tap, channel) order of the kernel.
+    Arrays of the plan are ``[R, Wo, K * dg]`` (tap-major): taps before deformable groups, so that
+    gathered channel vectors come out in the (tap, channel) order of the kernel.  The (K, dg) pair
+    is flattened because a size-1 ``dg`` axis makes XLA:CPU copy the column tensor between layouts.
     """
     kh, kw = kernel_hw
     dg = deformable_groups
@@ -145,7 +146,8 @@ def _sampling_plan(
     y = base_y[:, None, None, None] + tap_y[None, None, :, None] + off_y
     x = base_x[None, :, None, None] + tap_x[None, None, :, None] + off_x
 
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    flat = (*y.shape[:2], -1)
+    inside = ((y > -1) & (y < height) & (x > -1) & (x < width)).reshape(flat)
     y_floor = jnp.floor(y)
     x_floor = jnp.floor(x)
     frac_y = y - y_floor
@@ -166,8 +168,10 @@ def _sampling_plan(
             col_clipped = jnp.clip(col, 0, width - 1)
             neighbours.append(
                 _Neighbour(
-                    index=(pixel_base + row_clipped * width + col_clipped) * dg + group,
-                    weight=jnp.where(ok, weight_y * weight_x, 0.0),
+                    index=((pixel_base + row_clipped * width + col_clipped) * dg + group).reshape(
+                        flat
+                    ),
+                    weight=jnp.where(ok, weight_y * weight_x, 0.0).reshape(flat),
                 )
             )
     return _SamplingPlan(tuple(neighbours), inside)
@@ -178,8 +182,10 @@ def _gather(image_rows: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _columns(image_rows: jax.Array, plan: _SamplingPlan, mask: jax.Array | None) -> jax.Array:
-    """Bilinear im2col: ``[R, Wo, K, dg, C/dg]`` float32 (``mask`` ``[R, Wo, dg, K]`` or None)."""
-    scale = None if mask is None else jnp.swapaxes(mask.astype(jnp.float32), -1, -2)
+    """Bilinear im2col: ``[R, Wo, K * dg, C/dg]`` float32 (``mask`` ``[R, Wo, dg, K]`` or None)."""
+    scale = None
+    if mask is not None:
+        scale = jnp.swapaxes(mask.astype(jnp.float32), -1, -2).reshape(plan.inside.shape)
     columns = None
     for nb in plan.neighbours:
         # The forward samples only inside (-1, H) x (-1, W).  The gate enters as a constant

@@ -94,8 +94,9 @@ def launch(
 ) -> int:
     """Run ``command`` as ``num_processes`` cooperating processes; returns the exit code.
 
-    0 when every child exits 0.  Otherwise the code of the first child that failed (the others
-    are then stopped), or 124 when ``timeout`` seconds pass first (all children are stopped).
+    0 when every child exits 0.  Otherwise the code of the first child that failed (128 + the
+    signal number if a signal ended it; the others are then stopped), or 124 when ``timeout``
+    seconds pass first (all children are stopped).
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
@@ -123,11 +124,13 @@ def launch(
         code = 0
         while True:
             codes = [proc.poll() for proc in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                code = failed[0]
+                index, code = failed[0]
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
                 with lock:
-                    sink.write(f"[launch] a process exited with {code}; stopping the others\n")
+                    sink.write(f"[launch] process {index} {how}; stopping the others\n")
+                code = 128 - code if code < 0 else code  # the shell's convention for signals
                 break
             if all(c == 0 for c in codes):
                 break

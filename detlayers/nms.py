@@ -39,12 +39,15 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
   synchronizes the stream.
 * Everywhere else (TPU, or when no library was built): a pure-XLA version that walks the sorted
   boxes in tiles of 256 inside a ``while_loop``, comparing each tile only with the boxes kept so
-  far (memory ``O(N + tile^2)``, no ``N x N`` matrix).
+  far (memory ``O(N + tile^2)``, no ``N x N`` matrix; work ``O(N * kept)``). For rotated boxes the
+  exact polygon IoU (:func:`detlayers.rotated_boxes.pairwise_iou_rotated`) is evaluated only for
+  pairs whose bounding discs meet: other pairs have detectron2 IoU exactly 0.
 
 The pure-XLA path can be forced anywhere, as a reference or for debugging: pass ``backend="xla"``,
 call :func:`set_backend` ``("xla")``, or set the environment variable ``DETLAYERS_NMS_BACKEND=xla``
-(read at trace time: a function already traced keeps the backend it was traced with). The platform is chosen when the computation is lowered
-(``jax.lax.platform_dependent``), so one jitted function runs the right kernel on each device.
+(read at trace time: a function already traced keeps the backend it was traced with). The
+platform is chosen when the computation is lowered (``jax.lax.platform_dependent``), so one jitted
+function runs the right kernel on each device.
 
 No gradient flows through NMS (its outputs are integers; inputs pass through ``stop_gradient``),
 but ``jax.grad`` of a model that uses the indices works.
@@ -141,7 +144,8 @@ def batched_nms(
     backend: str | None = None,
 ) -> NMSResult:
     """Per-class NMS (``torchvision.ops.batched_nms``): boxes with different ``idxs[N]`` (integer
-    class ids) never suppress each other. Otherwise as :func:`nms`."""
+    class ids, compared as int32) never suppress each other. Exact per class: equivalent to
+    :func:`nms` on each class, merged by decreasing score. Otherwise as :func:`nms`."""
     return _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, rotated=False)
 
 
@@ -200,14 +204,18 @@ def _check_inputs(boxes, scores, idxs, box_dim: int, name: str) -> tuple[Array, 
     if boxes.ndim != 2 or boxes.shape[1] != box_dim:
         raise ValueError(f"{name}: boxes must be [N, {box_dim}], got shape {boxes.shape}")
     if scores.ndim != 1 or scores.shape[0] != boxes.shape[0]:
-        raise ValueError(f"{name}: scores must be [N] with N = {boxes.shape[0]} (boxes {boxes.shape}), got {scores.shape}")
+        raise ValueError(
+            f"{name}: scores must be [N] with N = {boxes.shape[0]} (boxes {boxes.shape}), got {scores.shape}"
+        )
     for arr, arg in ((boxes, "boxes"), (scores, "scores")):
         if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
             raise TypeError(f"{name}: {arg} must be real-valued, got dtype {arr.dtype}")
     if idxs is not None:
         idxs = jnp.asarray(idxs)
         if idxs.ndim != 1 or idxs.shape[0] != boxes.shape[0]:
-            raise ValueError(f"{name}: idxs must be [N] with N = {boxes.shape[0]} (boxes {boxes.shape}), got {idxs.shape}")
+            raise ValueError(
+                f"{name}: idxs must be [N] with N = {boxes.shape[0]} (boxes {boxes.shape}), got {idxs.shape}"
+            )
         if not (jnp.issubdtype(idxs.dtype, jnp.integer) or idxs.dtype == jnp.bool_):
             raise TypeError(f"{name}: idxs must hold integer class ids, got dtype {idxs.dtype}")
     return boxes, scores, idxs

@@ -189,6 +189,14 @@ def test_chunked_rows_equal_single_pass_including_gradients(fixture_data):
     np.testing.assert_allclose(chunked[0], a["out"], rtol=1e-4, atol=1e-4)
     for grad, ref in zip(chunked[1], ("d_input", "d_offset", "d_mask", "d_kernel", "d_bias")):
         np.testing.assert_allclose(grad, a[ref], rtol=1e-4, atol=1e-4, err_msg=ref)
+    # v1 (no mask) through the chunked path: 8 columns * 25 taps * 4 channels a row, 2 rows a chunk
+    a, static, _ = _case(fixture_data, "kernel5_v1")
+    out, grads = _v1_value_and_grads(
+        a["input"], a["offset"], a["kernel"], a["grad_out"], **static, max_column_elements=1600
+    )
+    np.testing.assert_allclose(out, a["out"], rtol=1e-4, atol=1e-4)
+    for grad, ref in zip(grads, ("d_input", "d_offset", "d_kernel")):
+        np.testing.assert_allclose(grad, a[ref], rtol=1e-4, atol=1e-4, err_msg=ref)
 
 
 def test_vmap_over_a_leading_axis_equals_a_loop(fixture_data):

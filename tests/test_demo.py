@@ -1,6 +1,7 @@
 """The demo: synthetic data, COCO evaluation (pycocotools is the reference), detector pieces, and
 a short end-to-end run of ``python -m detlayers.demo``."""
 
+import json
 import pathlib
 
 import jax
@@ -120,6 +121,8 @@ def test_demo_runs_end_to_end_and_reports_pycocotools_numbers(tmp_path, capsys):
     assert pathlib.Path(result["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for key in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"):
         assert 0.0 <= result[key] <= 1.0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["box_AP50"] == result["box_AP50"] and saved["devices"] == 2
     out = capsys.readouterr().out
     assert "box  AP" in out and "mask AP" in out and str(tmp_path / "pred.png") in out
 

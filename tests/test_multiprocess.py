@@ -89,3 +89,15 @@ def test_launcher_prefixes_output_and_passes_process_ids(tmp_path):
     assert launch([sys.executable, str(script)], 2, timeout=60, sink=log) == 0
     lines = sorted(log.getvalue().splitlines())
     assert lines == ["[0] id 0 2", "[1] id 1 2"]
+
+
+def test_launcher_reports_a_killed_process_with_the_shells_signal_code(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "if os.environ['DETLAYERS_PROCESS_ID'] == '0':\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "time.sleep(120)\n")
+    log = io.StringIO()
+    assert launch([sys.executable, str(script)], 2, timeout=60, sink=log) == 128 + 9
+    assert "process 0 was killed by signal 9; stopping the others" in log.getvalue()

@@ -137,7 +137,8 @@ def test_roi_align_matches_detectron2_published_table(aligned):
                [12.0, 12.5, 13.0, 13.5]],
     }[aligned]
     image = jnp.arange(25, dtype=jnp.float32).reshape(1, 5, 5, 1)
-    out = L.roi_align(image, jnp.asarray([[0.0, 1, 1, 3, 3]]), (4, 4), 1.0, 0, aligned)
+    out = _forward(image, jnp.asarray([[0.0, 1, 1, 3, 3]]), 1.0, output_size=(4, 4),
+                   sampling_ratio=0, aligned=aligned)
     np.testing.assert_allclose(np.asarray(out)[0, :, :, 0], expected, atol=1e-5)
 
 
@@ -152,15 +153,15 @@ def test_roi_align_empty_box_gives_zeros_and_zero_gradient():
     assert not np.asarray(grad).any()
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    num_rois=st.integers(1, 40),
     ratio=st.sampled_from([0, 0, 1, 3]),
     aligned=st.booleans(),
 )
-def test_roi_align_matches_float64_reference_on_many_rois(seed, num_rois, ratio, aligned):
+def test_roi_align_matches_float64_reference_on_many_rois(seed, ratio, aligned):
     """More ROIs than one chunk (sorting, padding, per-chunk trip counts), mixed sizes."""
+    num_rois = 37
     rng = np.random.default_rng(seed)
     features = rng.standard_normal((2, 9, 12, 3)).astype(np.float32)
     corners = rng.uniform(-6, 30, (num_rois, 4))

@@ -30,6 +30,7 @@ from detlayers.rotated_boxes import (
     rotated_box_areas,
     rotated_box_corners,
     rotated_iou_one_to_many,
+    rotated_iou_paired,
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -133,6 +134,20 @@ def test_one_to_many_matches_detectron2_rows_under_vmap(cases):
     )
     chex.assert_shape(rows, (SMALL, SMALL))
     np.testing.assert_allclose(np.asarray(rows), expected[:SMALL, :SMALL], rtol=0, atol=1e-6)
+
+
+def test_paired_iou_matches_detectron2_entries(cases):
+    boxes1, boxes2, expected = cases["tiny_clustered"]
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, len(boxes1), 3 * SMALL)
+    cols = np.where(np.arange(3 * SMALL) % 3 == 0, rows, rng.integers(0, len(boxes2), 3 * SMALL))
+    got = np.asarray(jax.jit(rotated_iou_paired)(boxes1[rows], boxes2[cols]))
+    chex.assert_shape(got, (3 * SMALL,))
+    np.testing.assert_array_equal(got, expected[rows, cols])
+    assert np.mean(got > 0) > 0.3  # the pairs really overlap
+    chex.assert_shape(rotated_iou_paired(jnp.zeros((0, 5)), jnp.zeros((0, 5))), (0,))
+    with pytest.raises(ValueError, match=r"\(3, 5\) and \(4, 5\)"):
+        rotated_iou_paired(jnp.zeros((3, 5)), jnp.zeros((4, 5)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,3 +484,17 @@ def test_header_on_cuda_device_is_bitwise_detectron2(tmp_path, cases):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=name)
         mismatched[name] = int(np.sum(got != expected))
     assert sum(mismatched.values()) == 0, mismatched
+
+
+def test_gradient_with_respect_to_boxes_raises_clearly():
+    boxes = jnp.asarray([[0.0, 0.0, 2.0, 2.0, 10.0], [0.5, 0.0, 2.0, 1.0, 0.0]])
+    with pytest.raises(TypeError, match="not differentiable"):
+        jax.grad(lambda b: pairwise_iou_rotated(b, boxes).sum())(boxes)
+    # With stop_gradient (the IoU only drives matching) tracing the gradient works.
+    grad = jax.eval_shape(
+        jax.grad(lambda b: (pairwise_iou_rotated(jax.lax.stop_gradient(b), boxes) * b[:, :1]).sum()),
+        boxes,
+    )
+    chex.assert_shape(grad, boxes.shape)
+    with pytest.raises(TypeError, match="not differentiable"):
+        jax.grad(lambda b: rotated_iou_paired(b, boxes).sum())(boxes)

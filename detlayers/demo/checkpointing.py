@@ -70,7 +70,7 @@ class TrainCheckpointer:
         return True
 
     def wait(self) -> None:
-        """Blocks until asynchronous writes are complete (call before exiting)."""
+        """Blocks until pending writes are complete (saves are synchronous; kept for safety)."""
         self._manager.wait_until_finished()
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:

@@ -1,0 +1,219 @@
+"""The demo as a multi-process job: same losses whatever the process split, and exact resume.
+
+Runs (all tiny: 48x48 images, one image per device per step, no evaluation; every run goes through
+:func:`detlayers.launch.launch` or a bounded subprocess, so children are reaped on failure):
+
+- ``single``: 1 process x 2 devices, uninterrupted;
+- ``multi``:  2 processes x 1 device (``python -m detlayers.launch``), uninterrupted;
+- ``killed``: like ``multi``, SIGKILLed (every process) once its second checkpoint is complete;
+- ``resumed``: ``killed`` continued with ``--resume``.
+
+References: the uninterrupted runs themselves.  ``single`` vs ``multi`` checks that the process
+split does not change the computation (the global batch, the per-device data and the collectives
+are the same; ≤1e-4 relative is required, on CPU the losses come out bitwise equal).  ``resumed``
+vs ``multi`` checks the checkpoint holds everything the run depends on: the resumed run compiles
+the same program and feeds it the same bits, so its parameters must equal bitwise (≤1e-6 is the
+acceptance bound).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from detlayers.launch import launch
+
+STEPS, EVERY = 8, 2
+DEMO = [sys.executable, "-m", "detlayers.demo", "--steps", str(STEPS), "--batch-size", "1",
+        "--image-size", "48", "--eval-images", "0", "--no-progress", "--seed", "5",
+        "--checkpoint-every", str(EVERY)]
+RUN_TIMEOUT = 420  # seconds, per demo run (compilation dominates; a shared 2-core box is slow)
+
+
+def _demo(out: pathlib.Path, *extra: str) -> list[str]:
+    return DEMO + ["--checkpoint-dir", str(out / "ck"), "--loss-log", str(out / "loss.jsonl"),
+                   "--save-params", str(out / "params.npz"), "--out", str(out), *extra]
+
+
+def _run_single(command: list[str], devices: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the demo sets its own device count from --devices
+    return subprocess.run(command + ["--devices", str(devices)], env=env, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+def _run_multi(command: list[str]) -> tuple[int, str]:
+    log = io.StringIO()
+    code = launch(command, 2, devices_per_process=1, timeout=RUN_TIMEOUT, sink=log)
+    return code, log.getvalue()
+
+
+def _losses(path: pathlib.Path) -> dict[int, dict[str, float]]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r.pop("step"): r for r in records}
+
+
+def _params(path: pathlib.Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _complete_steps(ck: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) if ck.exists() else []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the module's runs: the killed and the resumed run reuse the
+    uninterrupted multi-process run's executables (the same programs) instead of compiling."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_runs")
+    out = {name: root / name for name in ("single", "multi", "killed")}
+
+    result = _run_single(_demo(out["single"]), devices=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    code, log = _run_multi(_demo(out["multi"]))
+    assert code == 0, log
+    out["multi_log"] = log
+    return out
+
+
+def test_two_processes_train_like_one_process_with_two_devices(runs):
+    single, multi = _losses(runs["single"] / "loss.jsonl"), _losses(runs["multi"] / "loss.jsonl")
+    assert sorted(single) == sorted(multi) == list(range(1, STEPS + 1))
+    for step in single:
+        assert single[step].keys() == multi[step].keys()
+        for name, value in single[step].items():
+            assert np.isfinite(value)
+            np.testing.assert_allclose(multi[step][name], value, rtol=1e-4,
+                                       err_msg=f"step {step} loss {name}")
+    a, b = _params(runs["single"] / "params.npz"), _params(runs["multi"] / "params.npz")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert int(a["step"]) == STEPS and int(a["data_position"]) == STEPS * 2
+
+
+def test_only_process_zero_reports(runs):
+    lines = runs["multi_log"].splitlines()
+    said = [line[:3] for line in lines if "detlayers demo:" in line or "time:" in line]
+    assert said == ["[0]", "[0]"], runs["multi_log"]
+    assert not (runs["multi"] / "predictions.png").exists()  # --eval-images 0: no picture
+
+
+def test_run_killed_after_second_checkpoint_resumes_to_identical_parameters(runs):
+    out = runs["multi"].parent / "killed"
+    ck = out / "ck"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "detlayers.launch", "-n", "2", "--devices-per-process", "1",
+         "--timeout", str(RUN_TIMEOUT), "--", *_demo(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline and launcher.poll() is None:
+            if len(_complete_steps(ck)) >= 2:
+                killed_at = _complete_steps(ck)
+                for child in _children(launcher.pid):  # each child leads its own group
+                    os.killpg(child, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        log = launcher.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert killed_at is not None, f"no second checkpoint appeared:\n{log}"
+    assert launcher.returncode != 0, log
+    assert max(killed_at) < STEPS, f"the run finished before it was killed: {killed_at}"
+    assert not (out / "params.npz").exists()
+
+    # what a kill during a save leaves: orbax's temporary step directory; it must be ignored
+    newest = max(_complete_steps(ck))
+    half = ck / f"{newest + EVERY}.orbax-checkpoint-tmp-1700000000"
+    (half / "state").mkdir(parents=True)
+    (half / "state" / "garbage").write_bytes(b"\x00half written")
+
+    code, log = _run_multi(_demo(out, "--resume"))
+    assert code == 0, log
+    assert f"resuming from {ck / str(newest)}" in log, log
+
+    uninterrupted = _params(runs["multi"] / "params.npz")
+    resumed = _params(out / "params.npz")
+    assert uninterrupted.keys() == resumed.keys()
+    for key in uninterrupted:
+        # bitwise on CPU: same compiled program, same inputs; 1e-6 is the acceptance bound
+        np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-6, atol=1e-6,
+                                   err_msg=key)
+    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    # the resumed steps saw the same data and keys: their losses equal the uninterrupted run's
+    before, after = _losses(runs["multi"] / "loss.jsonl"), _losses(out / "loss.jsonl")
+    for step in range(newest + 1, STEPS + 1):
+        assert after[step] == before[step], step
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00not a checkpoint")
+
+
+def test_resume_from_corrupt_checkpoint_fails_naming_it(runs, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(runs["single"] / "ck", ck)
+    newest = ck / str(max(_complete_steps(ck)))
+    _corrupt(newest)
+    result = _run_single(_demo(tmp_path, "--resume"), devices=2)
+    assert result.returncode != 0
+    assert "CheckpointError" in result.stderr and str(newest) in result.stderr, result.stderr
+    assert not (tmp_path / "params.npz").exists()
+
+
+def test_resume_with_other_run_settings_fails_naming_the_checkpoint(runs, tmp_path):
+    # (a checkpoint whose arrays do not fit the model is refused by TrainCheckpointer itself,
+    # see tests/test_checkpointing.py; the demo's model has no size flag to provoke it here)
+    ck = runs["single"] / "ck"
+    newest = ck / str(max(_complete_steps(ck)))
+    for extra in (["--lr", "0.1"], ["--image-size", "56"]):
+        command = _demo(tmp_path, "--resume", *extra, "--checkpoint-dir", str(ck))
+        result = _run_single(command, devices=2)
+        assert result.returncode != 0, extra
+        assert "CheckpointError" in result.stderr and str(newest) in result.stderr, result.stderr
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(runs, tmp_path):
+    command = _demo(tmp_path, "--checkpoint-dir", str(runs["single"] / "ck"))
+    result = _run_single(command, devices=2)
+    assert result.returncode != 0
+    assert "already holds checkpoints" in result.stderr, result.stderr
