@@ -48,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                        help="address of process 0's coordinator service")
-    group.add_argument("--num-processes", type=int, default=None)
-    group.add_argument("--process-id", type=int, default=None)
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="processes in the job (one per host; the launcher sets it)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="this process's index in [0, num-processes)")
 
 
 def _resolve(coordinator, num_processes, process_id):

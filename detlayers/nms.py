@@ -444,22 +444,32 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
         cur = lax.dynamic_slice_in_dim(boxes, start, tile)
         cur_cls = None if classes is None else lax.dynamic_slice_in_dim(classes, start, tile)
 
-        def chunk_step(chunk_state):
-            c, suppressed = chunk_state
-            base = c * tile
+        # Passes 0 .. num_chunks-1 test the tile against chunks of the kept boxes; the last pass
+        # tests the tile against itself (earlier boxes only). One loop, so the (for rotated boxes
+        # large) IoU computation appears once in the program.
+        num_chunks = (count + tile - 1) // tile
+
+        def pass_step(pass_state):
+            c, suppressed, inner = pass_state
+            is_self = c == num_chunks
+            base = c * tile  # past the buffer only on the self pass, where it is unused
             kb = lax.dynamic_slice_in_dim(kept_boxes, base, tile)
             kc = None if classes is None else lax.dynamic_slice_in_dim(kept_cls, base, tile)
             live = (base + lane) < count
-            hit = overlaps(kb, kc, cur, cur_cls, jnp.broadcast_to(live[:, None], (tile, tile)))
-            return c + 1, suppressed | hit.any(axis=0)
+            first = jnp.where(is_self, cur, kb)
+            first_cls = None if classes is None else jnp.where(is_self, cur_cls, kc)
+            mask = jnp.where(is_self, earlier, live[:, None])
+            hit = overlaps(first, first_cls, cur, cur_cls, mask)
+            suppressed = suppressed | (hit.any(axis=0) & ~is_self)
+            inner = jnp.where(is_self, hit, inner)
+            return c + 1, suppressed, inner
 
-        _, suppressed = lax.while_loop(
-            lambda s: s[0] * tile < count,
-            chunk_step,
-            _varying_like((jnp.int32(0), jnp.zeros((tile,), bool)), *args),
+        _, suppressed, inner = lax.while_loop(
+            lambda s: s[0] <= num_chunks,
+            pass_step,
+            _varying_like((jnp.int32(0), jnp.zeros((tile,), bool), jnp.zeros((tile, tile), bool)), *args),
         )
         candidate = ((start + lane) < n) & ~suppressed
-        inner = overlaps(cur, cur_cls, cur, cur_cls, earlier)
 
         def fixed_point_step(fp_state):
             keep, _ = fp_state

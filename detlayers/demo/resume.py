@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the checkpoint / resume / record flags to the demo's CLI."""
     group = parser.add_argument_group("checkpoints and records")
     group.add_argument("--checkpoint-dir", default=None,
-                       help="save orbax checkpoints here (default: no checkpoints)")
+                       help="save orbax checkpoints here (on a file system every process sees); "
+                            "none when left out")
     group.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
                        help="save every K steps (and always after the last step)")
     group.add_argument("--keep-checkpoints", type=int, default=3,
