@@ -8,6 +8,8 @@ one op family never pays for another's import.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -75,6 +77,24 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f"detlayers.{module_name}"), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
+
+
+class _Package(types.ModuleType):
+    """Keeps exported functions from being replaced by their same-named submodules.
+
+    Importing ``detlayers.nms`` (the module) makes Python set the package attribute ``nms`` to
+    that module, which would shadow the function ``nms`` exported here (torchvision.ops has the
+    same clash).  The function wins; the module stays importable (``from detlayers.nms import
+    ...`` reads ``sys.modules``).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

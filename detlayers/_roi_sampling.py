@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# ROIs per chunk of the adaptive loops.  Small enough that the chunk's accumulator
-# ([chunk, PH, PW, C] float32) stays in cache and ROIs of different sizes rarely share a chunk;
-# large enough that one loop iteration does real work (measured in detlayers/bench/roi_align.py).
-CHUNK_ROIS = 16
+# Output bins per chunk of the adaptive loops (a chunk holds max(1, CHUNK_BINS // (PH*PW)) ROIs).
+# Small enough that the chunk's accumulator ([chunk, PH, PW, C]) stays in cache and ROIs of
+# different sizes rarely share a chunk; large enough that a loop step does real work.  Measured
+# with detlayers/bench/roi_align.py (16 ROIs of 7x7 was ~2x slower than ~5).
+CHUNK_BINS = int(__import__("os").environ.get("RA_CHUNK", 256))
 
 
 def normalize_output_size(output_size: Any) -> tuple[int, int]:
@@ -277,9 +278,9 @@ def _chunk_loops(taps: TapsFn, c: dict[str, jax.Array], trips_outer: jax.Array,
 
 
 def _chunked(params: dict[str, jax.Array], trips_outer: jax.Array, trips_inner: jax.Array,
-             live: jax.Array):
+             live: jax.Array, pooled_bins: int):
     num = trips_outer.shape[0]
-    chunk = min(CHUNK_ROIS, num)
+    chunk = min(max(1, CHUNK_BINS // pooled_bins), num)
     order, real, num_chunks = chunk_plan(trips_outer * trips_inner, chunk)
     chunks = {k: to_chunks(v, order, num_chunks) for k, v in params.items()}
     chunks["live"] = (to_chunks(live, order, num_chunks) & real.reshape(num_chunks, chunk))
@@ -299,7 +300,7 @@ def pool(taps: TapsFn, pooled: tuple[int, int], unrolled: Callable | None, table
 
     ``params`` are per-ROI arrays (leading axis R) that ``taps`` reads; ROI ``r`` runs
     ``trips_outer[r] x trips_inner[r]`` loop steps; ``live[r]`` False zeroes a ROI.  ROIs are sorted
-    by work and pooled in chunks of ``CHUNK_ROIS`` whose loops run to the chunk's largest counts, so
+    by work and pooled in chunks (``CHUNK_BINS`` output bins) whose loops run to the chunk's largest counts, so
     every ROI gets its full grid with static shapes.  ``unrolled(table, params)``, when given,
     computes the same forward in one static fusion (fixed sampling ratios).  The feature gradient
     replays the loops with scatter-adds (``table`` is the only differentiable input; the rest are
@@ -310,7 +311,8 @@ def pool(taps: TapsFn, pooled: tuple[int, int], unrolled: Callable | None, table
 
 def _pool_fwd(taps, pooled, unrolled, table, params, trips_outer, trips_inner, live):
     num = trips_outer.shape[0]
-    chunks, chunk_outer, chunk_inner, order = _chunked(params, trips_outer, trips_inner, live)
+    chunks, chunk_outer, chunk_inner, order = _chunked(params, trips_outer, trips_inner, live,
+                                                        pooled[0] * pooled[1])
     residuals = (table.shape, chunks, chunk_outer, chunk_inner, order)
     if unrolled is not None:
         out = unrolled(table, params)

@@ -6,14 +6,14 @@ and whose CUDA kernels share the layout and bilinear rule), moved to Flax's layo
 * ``input``  ``[N, H, W, C]``; ``kernel`` HWIO ``[kh, kw, C / groups, O]``; output
   ``[N, Ho, Wo, O]`` with PyTorch's output size ``(H + 2*pad - (dil*(k-1) + 1)) // stride + 1``.
 * ``offset`` ``[N, Ho, Wo, 2 * dg * kh * kw]``: for deformable group ``g`` and kernel tap
-  ``k = i * kw + j`` channel ``g*2*kh*kw + 2*k`` is the y offset and ``+1`` the x offset (detectron2's
-  / torchvision's channel order, moved to the last axis).  Deformable group ``g`` covers the input
+  ``k = i * kw + j`` channel ``g*2*kh*kw + 2*k`` is the y offset and ``+1`` the x offset
+  (detectron2's / torchvision's channel order, moved to the last axis).  Deformable group ``g`` covers the input
   channels ``[g * C/dg, (g+1) * C/dg)``.
 * ``mask`` ``[N, Ho, Wo, dg * kh * kw]``, channel ``g*kh*kw + k``; it multiplies the sample as
   given (apply any sigmoid before).
 * Tap ``(i, j)`` of output ``(ho, wo)`` samples the point
-  ``y = ho*stride_h - pad_h + i*dil_h + dy``, ``x = wo*stride_w - pad_w + j*dil_w + dx``.  The sample
-  is taken only when ``-1 < y < H`` and ``-1 < x < W`` (else it is 0); inside that window it is the
+  ``y = ho*stride_h - pad_h + i*dil_h + dy``, ``x = wo*stride_w - pad_w + j*dil_w + dx``.  The
+  sample is taken only when ``-1 < y < H`` and ``-1 < x < W`` (else it is 0); inside that window it is the
   bilinear blend of the four neighbours ``floor(y) + {0, 1}`` x ``floor(x) + {0, 1}``, neighbours
   outside the image counting as 0.
 
@@ -148,6 +148,10 @@ def _sampling_plan(
 
     flat = (*y.shape[:2], -1)
     inside = ((y > -1) & (y < height) & (x > -1) & (x < width)).reshape(flat)
+    # Beyond one pixel outside the image every neighbour is outside too (weight and gradient 0),
+    # so clamping there changes nothing but keeps huge offsets from overflowing the int32 cast.
+    y = jnp.clip(y, -2.0, height + 1.0)
+    x = jnp.clip(x, -2.0, width + 1.0)
     y_floor = jnp.floor(y)
     x_floor = jnp.floor(x)
     frac_y = y - y_floor
@@ -226,7 +230,8 @@ def _deform_conv_impl(
     if c % groups or c_per_group * groups != c:
         raise ValueError(
             f"{fn_name}: kernel shape {kernel.shape} (HWIO) needs input channels = "
-            f"kernel.shape[2] * groups = {c_per_group} * {groups}, but input has shape {input.shape}"
+            f"kernel.shape[2] * groups = {c_per_group} * {groups}, but input has shape "
+            f"{input.shape}"
         )
     if o % groups:
         raise ValueError(
@@ -308,7 +313,9 @@ def _deform_conv_impl(
     rows_per_chunk = max(1, min(total_rows, int(limit) // per_row))
     flat_row = jnp.arange(total_rows, dtype=jnp.int32)
     if rows_per_chunk >= total_rows:
-        out = block(image_rows, grouped_kernel, offset_rows, mask_rows, flat_row // ho, flat_row % ho)
+        out = block(
+            image_rows, grouped_kernel, offset_rows, mask_rows, flat_row // ho, flat_row % ho
+        )
     else:
         chunks = -(-total_rows // rows_per_chunk)
         padded = chunks * rows_per_chunk

@@ -56,8 +56,6 @@ but ``jax.grad`` of a model that uses the indices works.
 from __future__ import annotations
 
 import functools
-import sys
-import types
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -499,16 +497,3 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
         lambda s: (s[0] < num_tiles) & (s[1] < max_kept), tile_step, _varying_like(init, *args)
     )
     return positions, count
-
-
-# --------------------------------------------------------------------------------------------
-# `import detlayers.nms` makes Python set the package attribute `detlayers.nms` to this module,
-# shadowing the function of the same name that `detlayers.__init__` exports lazily. Making the
-# module itself callable (forwarding to `nms`) keeps `detlayers.nms(...)` correct either way.
-# --------------------------------------------------------------------------------------------
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs) -> NMSResult:
-        return nms(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -181,6 +181,25 @@ def test_zero_offsets_and_unit_mask_equal_ordinary_convolution(
 
 
 
+def test_samples_far_outside_the_image_contribute_zero():
+    # huge offsets (also ones that would overflow an int32 pixel index) sample nothing
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 5, 6, 3)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
+    offset = np.zeros((1, 5, 6, 18), np.float32)
+    offset[0, 2, 3] = 3e9
+    offset[0, 1, 1] = -3e9
+    offset[0, 4, 0, 0::2] = 5.0  # y pushed to 3..5 + 5 >= H = 5
+    expected = np.array(
+        jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    )
+    expected[0, 2, 3] = expected[0, 1, 1] = expected[0, 4, 0] = 0.0
+    np.testing.assert_allclose(_conv_v1(x, offset, kernel, padding=1), expected, atol=1e-5)
+
+
 def test_chunked_rows_equal_single_pass_including_gradients(fixture_data):
     a, static, _ = _case(fixture_data, "kernel5_groups2_stride2_v2")
     args = (a["input"], a["offset"], a["mask"], a["kernel"], a["bias"], a["grad_out"])

@@ -128,6 +128,7 @@ def test_only_process_zero_reports(runs):
     lines = runs["multi_log"].splitlines()
     said = [line[:3] for line in lines if "detlayers demo:" in line or "time:" in line]
     assert said == ["[0]", "[0]"], runs["multi_log"]
+    assert "[0] detlayers demo: 2 x cpu" in runs["multi_log"]  # one device in each of 2 processes
     assert not (runs["multi"] / "predictions.png").exists()  # --eval-images 0: no picture
 
 

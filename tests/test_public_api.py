@@ -73,3 +73,14 @@ def test_spec_parameters_come_in_spec_order(name):
 def test_unknown_attribute_raises_attribute_error():
     with pytest.raises(AttributeError, match="no_such_layer"):
         L.no_such_layer  # noqa: B018
+
+
+def test_importing_a_submodule_does_not_shadow_its_function():
+    import detlayers.deform_conv  # noqa: F401
+    import detlayers.nms  # noqa: F401
+    import detlayers.roi_align  # noqa: F401
+    from detlayers.nms import nms as nms_function
+
+    assert L.nms is nms_function
+    assert callable(L.roi_align) and L.roi_align.__name__ == "roi_align"
+    assert L.deform_conv.__name__ == "deform_conv"

@@ -173,14 +173,17 @@ class DenseProposalHead(nn.Module):
 
 
 class BoxHead(nn.Module):
-    """ROIAlign 7x7 -> 2 x Linear -> class logits [R, K+1] and class-agnostic deltas [R, 4]."""
+    """Pooled 7x7 ROI features -> 2 x Linear -> class logits [R, K+1], box deltas [R, 4].
+
+    Like detectron2's ``FastRCNNConvFCHead``, the head sees pooled features; the ``ROIAlign``
+    pooler lives in :class:`ShapesDetector`.
+    """
 
     config: DetectorConfig
 
     @nn.compact
-    def __call__(self, features: jax.Array, rois: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, pooled: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        pooled = L.ROIAlign((7, 7), 1.0 / cfg.stride, 0, aligned=True)(features, rois)
         x = pooled.reshape(pooled.shape[0], -1)
         x = nn.relu(L.Linear(x.shape[-1], cfg.box_head_dim, name="fc1")(x))
         x = nn.relu(L.Linear(cfg.box_head_dim, cfg.box_head_dim, name="fc2")(x))
@@ -190,16 +193,20 @@ class BoxHead(nn.Module):
 
 
 class MaskHead(nn.Module):
-    """ROIAlign 14x14 -> 2 x Conv2d -> ConvTranspose2d (x2) -> 1x1 Conv2d: logits [R, 28, 28]."""
+    """Pooled 14x14 ROI features -> 2 x Conv2d -> ConvTranspose2d (x2) -> 1x1 Conv2d.
+
+    Returns class-agnostic mask logits [R, 28, 28] (detectron2's ``MaskRCNNConvUpsampleHead``,
+    smaller).
+    """
 
     config: DetectorConfig
 
     @nn.compact
-    def __call__(self, features: jax.Array, rois: jax.Array) -> jax.Array:
+    def __call__(self, pooled: jax.Array) -> jax.Array:
         cfg = self.config
         d = cfg.mask_head_dim
-        x = L.ROIAlign((14, 14), 1.0 / cfg.stride, 0, aligned=True)(features, rois)
-        x = L.Conv2d(cfg.feature_channels, d, 3, padding=1, activation=nn.relu, name="mask_fcn1")(x)
+        x = L.Conv2d(cfg.feature_channels, d, 3, padding=1, activation=nn.relu,
+                     name="mask_fcn1")(pooled)
         x = L.Conv2d(d, d, 3, padding=1, activation=nn.relu, name="mask_fcn2")(x)
         x = nn.relu(L.ConvTranspose2d(d, d, 2, stride=2, name="deconv")(x))
         return L.Conv2d(d, 1, 1, name="predictor")(x)[..., 0]
@@ -215,18 +222,20 @@ class ShapesDetector(nn.Module):
         self.proposal_head = DenseProposalHead(self.config)
         self.box_head = BoxHead(self.config)
         self.mask_head = MaskHead(self.config)
+        scale = 1.0 / self.config.stride
+        self.box_pooler = L.ROIAlign((7, 7), scale, 0, aligned=True)
+        self.mask_pooler = L.ROIAlign((14, 14), scale, 0, aligned=True)
         # detectron2's BitMasks.crop_and_resize: mask targets are ROIAligned GT bitmaps
         self.mask_target_align = L.ROIAlign((28, 28), 1.0, 0, aligned=True)
 
     def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:
-        """Every layer once on fixed dummy ROIs (no NMS): a cheap ``init`` that creates all
-        variables; use :meth:`predict` and :meth:`losses` for real work."""
+        """Every layer with variables once, on zero ROI features (no NMS, no pooling): a cheap
+        ``init`` that creates all variables; use :meth:`predict` and :meth:`losses` for work."""
         features = self.backbone(images, train=False)
         objectness, _ = self.proposal_head(features)
-        size = float(self.config.image_size)
-        roi = jnp.array([[0.0, 0.0, 0.0, size, size]], jnp.float32)
-        logits, _ = self.box_head(features, roi)
-        return objectness, logits, self.mask_head(features, roi)
+        c = self.config.feature_channels
+        logits, _ = self.box_head(jnp.zeros((1, 7, 7, c), features.dtype))
+        return objectness, logits, self.mask_head(jnp.zeros((1, 14, 14, c), features.dtype))
 
     # -- shared pieces -------------------------------------------------------------------------
     def _cell_centres(self) -> jax.Array:
@@ -301,7 +310,7 @@ class ShapesDetector(nn.Module):
         labels = jnp.where(foreground, jnp.take_along_axis(gt_classes, match, axis=1) + 1, 0)
         matched_boxes = jnp.take_along_axis(gt_boxes, match[..., None], axis=1)
 
-        logits, deltas = self.box_head(features, rois_with_batch_index(rois))
+        logits, deltas = self.box_head(self.box_pooler(features, rois_with_batch_index(rois)))
         r = rois.shape[1]
         logits, deltas = logits.reshape(b, r, -1), deltas.reshape(b, r, 4)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -312,7 +321,8 @@ class ShapesDetector(nn.Module):
 
         # mask head on the jittered ground-truth boxes; targets cut from the GT bitmaps
         mask_rois = jittered[:, 0]                                                   # [B, G, 4]
-        mask_logits = self.mask_head(features, rois_with_batch_index(mask_rois))     # [B*G, 28, 28]
+        mask_logits = self.mask_head(
+            self.mask_pooler(features, rois_with_batch_index(mask_rois)))            # [B*G, 28, 28]
         bitmaps = batch["masks"].reshape(b * g, *batch["masks"].shape[2:], 1).astype(jnp.float32)
         own = jnp.arange(b * g, dtype=jnp.float32)[:, None]
         mask_targets = self.mask_target_align(
@@ -337,7 +347,7 @@ class ShapesDetector(nn.Module):
         objectness, log_distances = self.proposal_head(features)
         proposals, proposal_valid = self._proposals(objectness, log_distances)
         p = proposals.shape[1]
-        logits, deltas = self.box_head(features, rois_with_batch_index(proposals))
+        logits, deltas = self.box_head(self.box_pooler(features, rois_with_batch_index(proposals)))
         probs = jax.nn.softmax(logits.reshape(b, p, -1), axis=-1)[..., 1:]          # [B, P, K]
         boxes = clip_boxes(decode_deltas(proposals, deltas.reshape(b, p, 4)), cfg.image_size)
 
@@ -357,7 +367,7 @@ class ShapesDetector(nn.Module):
         det_scores = jnp.where(valid, scores[chosen], 0.0)
         det_classes = jnp.where(valid, cand_class[chosen], -1)
 
-        mask_logits = self.mask_head(features, rois_with_batch_index(det_boxes))
+        mask_logits = self.mask_head(self.mask_pooler(features, rois_with_batch_index(det_boxes)))
         d = cfg.max_detections
         masks = L.paste_masks_in_image(jax.nn.sigmoid(mask_logits), det_boxes.reshape(-1, 4),
                                        (cfg.image_size, cfg.image_size), threshold=0.5)
