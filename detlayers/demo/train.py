@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from detlayers.demo import data as shapes
 from detlayers.demo.evaluate import Detections
-from detlayers.demo.model import DetectorConfig, ShapesDetector
+from detlayers.demo.model import ShapesDetector
 
 AXIS = "batch"
 
@@ -249,9 +248,3 @@ def detect(model: ShapesDetector, state: TrainState, examples: list[shapes.Examp
                                       classes=out["classes"][i][keep],
                                       masks=out["masks"][i][keep]))
     return results
-
-
-def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
