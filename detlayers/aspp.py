@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detlayers._checks import check_nhwc
 from detlayers.blocks import DepthwiseSeparableConv2d, c2_xavier_kernel_init
 from detlayers.wrappers import Conv2d, interpolate
 
@@ -86,12 +87,7 @@ class ASPP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         self._check_config()
-        if x.ndim != 4:
-            raise ValueError(f"ASPP: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(
-                f"ASPP: input has {x.shape[-1]} channels (shape {x.shape}) but in_channels={self.in_channels}"
-            )
+        check_nhwc(x, self.in_channels, "ASPP")
         height, width = x.shape[1], x.shape[2]
         if self.pool_kernel_size is not None:
             kh, kw = (int(k) for k in self.pool_kernel_size)

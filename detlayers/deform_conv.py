@@ -44,7 +44,7 @@ the result has ``input``'s dtype (like ``Conv2d``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -53,28 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
+from detlayers._checks import IntOrPair, check_groups
+from detlayers._checks import as_pair as _pair
+from detlayers.wrappers import _make_norm
 
-IntOrPair = int | Sequence[int]
+__all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
 
 # Bound on the number of elements of the bilinear column tensor built at once (256 MiB in f32).
 DEFAULT_MAX_COLUMN_ELEMENTS = 2**26
-
-
-def _pair(value: IntOrPair, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        pair = (int(value), int(value))
-    elif (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return pair
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -429,11 +415,7 @@ class _DeformConvBase(nn.Module):
     def _params(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         kh, kw = _pair(self.kernel_size, "kernel_size", 1)
         groups = _positive_int(self.groups, "groups")
-        if self.in_channels % groups or self.out_channels % groups:
-            raise ValueError(
-                f"{type(self).__name__}: in_channels={self.in_channels} and "
-                f"out_channels={self.out_channels} must be divisible by groups={groups}"
-            )
+        check_groups(self.in_channels, self.out_channels, groups, type(self).__name__)
         if jnp.ndim(x) != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__}: expected input [N, H, W, {self.in_channels}], "
@@ -451,13 +433,7 @@ class _DeformConvBase(nn.Module):
         return kernel, bias
 
     def _finish(self, y: jax.Array, train: bool) -> jax.Array:
-        norm = None
-        if isinstance(self.norm, nn.Module):
-            norm = self.norm  # an unbound module given as the field is adopted as ``norm``
-        elif self.norm is not None and not (isinstance(self.norm, str) and self.norm == ""):
-            from detlayers.batch_norm import get_norm  # lazily: norm-free layers don't need it
-
-            norm = get_norm(self.norm, self.out_channels, name="norm")
+        norm = _make_norm(self.norm, self.out_channels)
         if norm is not None:
             y = norm(y, train=train)
         if self.activation is not None:

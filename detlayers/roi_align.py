@@ -35,9 +35,9 @@ from detlayers import _roi_sampling as rs
 
 # Above this many (row tap x column tap) pairs per bin, a fixed sampling_ratio also uses the
 # chunked loops instead of one unrolled fusion (compile time grows with the unrolled count).
-_MAX_UNROLLED_TAPS = int(__import__("os").environ.get("RA_UNROLL", 64))
+_MAX_UNROLLED_TAPS = 64
 # Column taps unrolled inside one iteration of the adaptive loops.
-_COLUMN_UNROLL = int(__import__("os").environ.get("RA_U", 4))
+_COLUMN_UNROLL = 4
 
 
 def roi_align(

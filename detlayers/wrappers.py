@@ -24,8 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detlayers._checks import IntOrPair
+from detlayers._checks import as_pair as _pair
+from detlayers._checks import check_floating as _check_floating
+from detlayers._checks import check_groups as _check_groups
+from detlayers._checks import check_nhwc as _check_nhwc
+
 Array = jax.Array
-IntOrPair = int | Sequence[int]
 Initializer = Callable[..., Array]
 
 __all__ = [
@@ -40,34 +45,6 @@ __all__ = [
     "torch_default_kernel_init",
     "torch_default_bias_init",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# argument helpers
-# --------------------------------------------------------------------------------------------
-def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
-    """``3 -> (3, 3)``; ``(3, 1) -> (3, 1)``; anything else raises naming the argument."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value), int(value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-            return int(value[0]), int(value[1])
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _check_floating(x: Array, name: str) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-
-
-def _check_nhwc(x: Array, in_channels: int, layer: str) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"{layer}: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
-    if x.shape[-1] != in_channels:
-        raise ValueError(
-            f"{layer}: input has {x.shape[-1]} channels (shape {x.shape}, NHWC) but "
-            f"in_channels={in_channels}"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,31 +205,9 @@ class Conv2d(nn.Module):
     precision: Any = None
     param_dtype: Any = jnp.float32
 
-    def _check_config(self) -> tuple[int, int]:
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(
-                f"Conv2d: in_channels={self.in_channels} and out_channels={self.out_channels} must "
-                f"both be divisible by groups={self.groups}"
-            )
-        return _pair(self.kernel_size, "kernel_size")
-
     @nn.compact
     def __call__(self, x: Array, train: bool = False, *, mask: Array | None = None) -> Array:
-        kh, kw = self._check_config()
-        _check_nhwc(x, self.in_channels, "Conv2d")
-        _check_floating(x, "x")
-        fan_in = self.in_channels // self.groups * kh * kw
-        kernel = self.param(
-            "kernel",
-            self.kernel_init or torch_default_kernel_init(fan_in),
-            (kh, kw, self.in_channels // self.groups, self.out_channels),
-            self.param_dtype,
-        )
-        bias = None
-        if self.bias:
-            bias = self.param(
-                "bias", self.bias_init or torch_default_bias_init(fan_in), (self.out_channels,), self.param_dtype
-            )
+        kernel, bias = _conv_params(self, x, fan_in_channels=self.in_channels)
         y = conv2d(
             x, kernel, bias, self.stride, self.padding, self.dilation, self.groups, precision=self.precision
         )
@@ -264,6 +219,34 @@ class Conv2d(nn.Module):
         if self.activation is not None:
             y = self.activation(y)
         return y
+
+
+def _conv_params(layer: nn.Module, x: Array, *, fan_in_channels: int) -> tuple[Array, Array | None]:
+    """Checks ``x`` and the config of a (transposed) conv layer, then creates its parameters.
+
+    ``layer`` is a Conv2d/ConvTranspose2d inside its compact method. Both store ``kernel`` as
+    ``[kh, kw, in/groups, out]`` and draw PyTorch's default initialisation from
+    ``fan_in = fan_in_channels/groups * kh * kw`` (``in_channels`` for a convolution, but
+    ``out_channels`` for a transposed one, as PyTorch computes it from ``weight.shape[1]``).
+    """
+    name = type(layer).__name__
+    _check_groups(layer.in_channels, layer.out_channels, layer.groups, name)
+    kh, kw = _pair(layer.kernel_size, "kernel_size")
+    _check_nhwc(x, layer.in_channels, name)
+    _check_floating(x, "x")
+    fan_in = fan_in_channels // layer.groups * kh * kw
+    kernel = layer.param(
+        "kernel",
+        layer.kernel_init or torch_default_kernel_init(fan_in),
+        (kh, kw, layer.in_channels // layer.groups, layer.out_channels),
+        layer.param_dtype,
+    )
+    bias = None
+    if layer.bias:
+        bias = layer.param(
+            "bias", layer.bias_init or torch_default_bias_init(fan_in), (layer.out_channels,), layer.param_dtype
+        )
+    return kernel, bias
 
 
 def _make_norm(norm: Any, channels: int) -> nn.Module | None:
@@ -392,30 +375,11 @@ class ConvTranspose2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, output_size: Sequence[int] | None = None) -> Array:
-        if self.in_channels % self.groups or self.out_channels % self.groups:
-            raise ValueError(
-                f"ConvTranspose2d: in_channels={self.in_channels} and out_channels={self.out_channels} "
-                f"must both be divisible by groups={self.groups}"
-            )
-        kh, kw = _pair(self.kernel_size, "kernel_size")
-        _check_nhwc(x, self.in_channels, "ConvTranspose2d")
-        _check_floating(x, "x")
         # PyTorch computes fan_in from weight.shape[1] = out/groups for transposed convolutions.
-        fan_in = self.out_channels // self.groups * kh * kw
-        kernel = self.param(
-            "kernel",
-            self.kernel_init or torch_default_kernel_init(fan_in),
-            (kh, kw, self.in_channels // self.groups, self.out_channels),
-            self.param_dtype,
-        )
-        bias = None
-        if self.bias:
-            bias = self.param(
-                "bias", self.bias_init or torch_default_bias_init(fan_in), (self.out_channels,), self.param_dtype
-            )
+        kernel, bias = _conv_params(self, x, fan_in_channels=self.out_channels)
         output_padding = self.output_padding
         if output_size is not None:
-            output_padding = self._output_padding_for(x.shape[1:3], (kh, kw), output_size)
+            output_padding = self._output_padding_for(x.shape[1:3], kernel.shape[:2], output_size)
         return conv_transpose2d(
             x,
             kernel,
@@ -427,7 +391,6 @@ class ConvTranspose2d(nn.Module):
             self.dilation,
             precision=self.precision,
         )
-
 
     def _output_padding_for(
         self, in_hw: Sequence[int], kernel_hw: tuple[int, int], output_size: Sequence[int]

@@ -147,3 +147,47 @@ def test_readme_python_examples_run():
     assert tour["masks"].shape == (1, 64, 64) and tour["masks"].dtype == jnp.bool_
     # pasting a full mask into box (10, 10)-(40, 30) covers exactly its 30 x 20 pixels
     assert int(tour["masks"].sum()) == 30 * 20
+
+
+def _stem_conv_float64(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """The backbone's first conv (3x3, stride 2, padding 1, no bias) in float64 NumPy, NHWC."""
+    padded = np.pad(images.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    b, h, w, _ = images.shape
+    out = np.zeros((b, h // 2, w // 2, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            patch = padded[:, i:i + h:2, j:j + w:2, :]
+            out += np.einsum("bhwc,co->bhwo", patch, kernel[i, j].astype(np.float64))
+    return out
+
+
+def test_train_step_synchronizes_batch_norm_statistics_over_devices():
+    """One data-parallel step on 2 devices: the stem's running statistics are those of the whole
+    global batch (NaiveSyncBatchNorm), not an average of per-device statistics."""
+    from detlayers.demo.model import DetectorConfig, ShapesDetector
+    from detlayers.demo.train import (TrainConfig, init_state, make_mesh, make_optimizer,
+                                      make_train_step, shard_batch)
+
+    model = ShapesDetector(DetectorConfig())
+    optimizer = make_optimizer(TrainConfig(steps=10))
+    state = init_state(model, optimizer, seed=0)
+    mesh = make_mesh(2)
+    batch = shapes.train_batch(CONFIG, 0, 0, 4)
+    kernel = np.asarray(state.params["backbone"]["stem"]["kernel"])
+    params, stats, _, losses = make_train_step(model, optimizer, mesh)(
+        state.params, state.batch_stats, state.opt_state, shard_batch(batch, mesh),
+        jax.random.key(0))
+
+    y = _stem_conv_float64(batch["image"], kernel).reshape(-1, kernel.shape[-1])
+    momentum = 0.1  # PyTorch's default: r += momentum * (batch - r), from mean 0 and var 1
+    new = stats["backbone"]["stem"]["norm"]
+    np.testing.assert_allclose(new["mean"], momentum * y.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new["var"], (1 - momentum) + momentum * y.var(0, ddof=1),
+                               rtol=1e-4, atol=1e-6)
+    # per-device statistics (what a non-synchronized BN would give) are measurably different
+    halves = y.reshape(2, -1, y.shape[-1])
+    local_var = (1 - momentum) + momentum * halves.var(1, ddof=1).mean(0)
+    assert np.abs(local_var - np.asarray(new["var"])).max() > 1e-3
+    assert all(np.isfinite(float(v)) for v in losses.values())
+    changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, state.params)
+    assert max(jax.tree.leaves(changed)) > 0

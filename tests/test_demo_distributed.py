@@ -11,9 +11,9 @@ Runs (all tiny: 48x48 images, one image per device per step, no evaluation; ever
 References: the uninterrupted runs themselves.  ``single`` vs ``multi`` checks that the process
 split does not change the computation (the global batch, the per-device data and the collectives
 are the same; ≤1e-4 relative is required, on CPU the losses come out bitwise equal).  ``resumed``
-vs ``multi`` checks the checkpoint holds everything the run depends on: the resumed run compiles
-the same program and feeds it the same bits, so its parameters must equal bitwise (≤1e-6 is the
-acceptance bound).
+vs ``multi`` checks the checkpoint holds everything the run depends on (parameters, batch
+statistics, optimizer state, step, key, data position): the resumed run's parameters must equal
+the uninterrupted run's to ≤1e-6 (usually bitwise; see the test for why not always).
 """
 
 from __future__ import annotations
@@ -174,14 +174,21 @@ def test_run_killed_after_second_checkpoint_resumes_to_identical_parameters(runs
     resumed = _params(out / "params.npz")
     assert uninterrupted.keys() == resumed.keys()
     for key in uninterrupted:
-        # bitwise on CPU: same compiled program, same inputs; 1e-6 is the acceptance bound
+        # Usually bitwise equal, but not always: in one of several runs the resumed parameters
+        # differed by <= 6e-8 (absolute; losses still equal to the last digit) although the
+        # checkpoint itself held the uninterrupted run's exact bits, so the first steps after the
+        # restore rounded differently.  We do not assume XLA:CPU is bit-reproducible across
+        # processes (its kernels' summation order may depend on buffer placement), so the bound
+        # is the acceptance one: 1e-6.
         np.testing.assert_allclose(resumed[key], uninterrupted[key], rtol=1e-6, atol=1e-6,
                                    err_msg=key)
-    assert all(np.array_equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    with np.load(ck.parent / "params.npz") as f:
+        assert int(f["step"]) == STEPS and int(f["data_position"]) == STEPS * 2
     # the resumed steps saw the same data and keys: their losses equal the uninterrupted run's
     before, after = _losses(runs["multi"] / "loss.jsonl"), _losses(out / "loss.jsonl")
     for step in range(newest + 1, STEPS + 1):
-        assert after[step] == before[step], step
+        for name, value in before[step].items():
+            np.testing.assert_allclose(after[step][name], value, rtol=1e-6, err_msg=f"{step}")
 
 
 def _corrupt(step_dir: pathlib.Path) -> None:

@@ -127,9 +127,15 @@ def test_roi_align_rotated_at_angle_zero_equals_aligned_roi_align():
     upstream = jnp.asarray(rng.standard_normal((20, 4, 4, 3)), jnp.float32)
     out, grad = _forward_and_grad(features, jnp.asarray(rotated), upstream, 0.5, output_size=(4, 4),
                                   sampling_ratio=0)
-    axis, vjp = jax.vjp(lambda f: L.roi_align(f, jnp.asarray(boxes), 4, 0.5, 0, True), features)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(axis), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(grad), np.asarray(vjp(upstream)[0]), atol=1e-4)
+
+    @jax.jit
+    def axis_aligned(f, upstream):
+        out, vjp = jax.vjp(lambda f: L.roi_align(f, jnp.asarray(boxes), 4, 0.5, 0, True), f)
+        return out, vjp(upstream)[0]
+
+    axis_out, axis_grad = axis_aligned(features, upstream)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(axis_out), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(axis_grad), atol=1e-4)
 
 
 @settings(max_examples=5, deadline=None)
@@ -156,19 +162,20 @@ def test_roi_align_rotated_jit_vmap_grad_and_module():
                         [[0, 5, 3, 2, 7, 90], [0, 0.3, 0.2, 4, 4, 170]]], jnp.float32)
     module = L.ROIAlignRotated((3, 2), 1.0, 0)
     assert not jax.tree_util.tree_leaves(module.init(jax.random.key(0), features[0], rois[0]))
-    pooled = jax.jit(jax.vmap(lambda f, r: module.apply({}, f, r)))(features, rois)
+
+    @jax.jit
+    def loss(f):
+        pooled = jax.vmap(lambda f, r: module.apply({}, f, r))(f, rois)
+        return (pooled**2).sum(), pooled
+
+    (_, pooled), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(features)
     chex.assert_shape(pooled, (2, 2, 3, 2, 2))
     for i in range(2):
         expected = reference_roi_align_rotated(features[i], rois[i], (3, 2), 1.0, 0)
         np.testing.assert_allclose(np.asarray(pooled[i]), expected, atol=1e-5)
-
-    def loss(f):
-        return (jax.vmap(lambda f, r: L.roi_align_rotated(f, r, (3, 2), 1.0, 0))(f, rois) ** 2).sum()
-
-    grad = jax.jit(jax.grad(loss))(features)
     eps = 1e-2
     bump = jnp.zeros_like(features).at[1, 0, 4, 4, 0].set(eps)
-    numeric = (loss(features + bump) - loss(features - bump)) / (2 * eps)
+    numeric = (loss(features + bump)[0] - loss(features - bump)[0]) / (2 * eps)
     assert float(grad[1, 0, 4, 4, 0]) == pytest.approx(float(numeric), rel=1e-2, abs=1e-2)
 
 
