@@ -258,63 +258,41 @@ ffi::Error nms_impl(ffi::Buffer<ffi::F32> boxes, const int32_t* classes, const i
   return ffi::Error::Success();
 }
 
-ffi::Error nms_axis(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::F32> threshold,
-                    ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count) {
-  return nms_impl<4, AxisKept>(boxes, nullptr, nullptr, threshold, keep, count);
+// The XLA handlers differ only in the box type (D and its IoU) and in whether classes are passed.
+template <int kBoxDim, typename Kept>
+ffi::Error nms_plain(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::F32> threshold,
+                     ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count) {
+  return nms_impl<kBoxDim, Kept>(boxes, nullptr, nullptr, threshold, keep, count);
 }
 
-ffi::Error nms_axis_classes(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
+template <int kBoxDim, typename Kept>
+ffi::Error nms_with_classes(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
                             ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
                             ffi::ResultBuffer<ffi::S32> count) {
   const int64_t classes_count = static_cast<int64_t>(classes.element_count());
-  return nms_impl<4, AxisKept>(boxes, classes.typed_data(), &classes_count, threshold, keep, count);
+  return nms_impl<kBoxDim, Kept>(boxes, classes.typed_data(), &classes_count, threshold, keep, count);
 }
-
-#ifdef DETLAYERS_HAVE_ROTATED_IOU
-ffi::Error nms_rotated(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::F32> threshold,
-                       ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count) {
-  return nms_impl<5, RotatedKept>(boxes, nullptr, nullptr, threshold, keep, count);
-}
-
-ffi::Error nms_rotated_classes(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
-                               ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
-                               ffi::ResultBuffer<ffi::S32> count) {
-  const int64_t classes_count = static_cast<int64_t>(classes.element_count());
-  return nms_impl<5, RotatedKept>(boxes, classes.typed_data(), &classes_count, threshold, keep, count);
-}
-#endif
 
 }  // namespace
 }  // namespace detlayers
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsCpu, detlayers::nms_axis,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+// (boxes, [classes,] threshold) -> (keep, count); the template arguments are parenthesised so
+// that their comma does not split the macro argument.
+#define DETLAYERS_NMS_CPU_BINDING(...)          \
+  ffi::Ffi::Bind()                              \
+      .Arg<ffi::Buffer<ffi::F32>>() __VA_ARGS__ \
+      .Arg<ffi::Buffer<ffi::F32>>()             \
+      .Ret<ffi::Buffer<ffi::S32>>()             \
+      .Ret<ffi::Buffer<ffi::S32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsCpu, detlayers::nms_axis_classes,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsCpu, (detlayers::nms_plain<4, detlayers::AxisKept>),
+                              DETLAYERS_NMS_CPU_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsCpu, (detlayers::nms_with_classes<4, detlayers::AxisKept>),
+                              DETLAYERS_NMS_CPU_BINDING(.Arg<ffi::Buffer<ffi::S32>>()));
 #ifdef DETLAYERS_HAVE_ROTATED_IOU
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsRotatedCpu, detlayers::nms_rotated,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsRotatedCpu, detlayers::nms_rotated_classes,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsRotatedCpu, (detlayers::nms_plain<5, detlayers::RotatedKept>),
+                              DETLAYERS_NMS_CPU_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsRotatedCpu,
+                              (detlayers::nms_with_classes<5, detlayers::RotatedKept>),
+                              DETLAYERS_NMS_CPU_BINDING(.Arg<ffi::Buffer<ffi::S32>>()));
 #endif

@@ -192,33 +192,22 @@ ffi::Error nms_cuda_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, const
   return ffi::Error::Success();
 }
 
-ffi::Error nms_axis(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::F32> threshold,
-                    ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count,
-                    ffi::ResultBuffer<ffi::U32> mask) {
-  return nms_cuda_impl<4, false>(stream, boxes, nullptr, 0, threshold, keep, count, mask);
+// The XLA handlers differ only in D (4 or 5) and in whether classes are passed.
+template <int kBoxDim>
+ffi::Error nms_plain(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::F32> threshold,
+                     ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count,
+                     ffi::ResultBuffer<ffi::U32> mask) {
+  return nms_cuda_impl<kBoxDim, false>(stream, boxes, nullptr, 0, threshold, keep, count, mask);
 }
 
-ffi::Error nms_axis_classes(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
+template <int kBoxDim>
+ffi::Error nms_with_classes(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
                             ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
                             ffi::ResultBuffer<ffi::S32> count, ffi::ResultBuffer<ffi::U32> mask) {
-  return nms_cuda_impl<4, true>(stream, boxes, classes.typed_data(), static_cast<int64_t>(classes.element_count()),
-                                threshold, keep, count, mask);
+  return nms_cuda_impl<kBoxDim, true>(stream, boxes, classes.typed_data(),
+                                      static_cast<int64_t>(classes.element_count()), threshold, keep, count,
+                                      mask);
 }
-
-#ifdef DETLAYERS_HAVE_ROTATED_IOU
-ffi::Error nms_rotated(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::F32> threshold,
-                       ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count,
-                       ffi::ResultBuffer<ffi::U32> mask) {
-  return nms_cuda_impl<5, false>(stream, boxes, nullptr, 0, threshold, keep, count, mask);
-}
-
-ffi::Error nms_rotated_classes(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
-                               ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
-                               ffi::ResultBuffer<ffi::S32> count, ffi::ResultBuffer<ffi::U32> mask) {
-  return nms_cuda_impl<5, true>(stream, boxes, classes.typed_data(), static_cast<int64_t>(classes.element_count()),
-                                threshold, keep, count, mask);
-}
-#endif
 
 }  // namespace
 }  // namespace detlayers
@@ -232,11 +221,11 @@ ffi::Error nms_rotated_classes(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes,
       .Ret<ffi::Buffer<ffi::S32>>()                            \
       .Ret<ffi::Buffer<ffi::U32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsCuda, detlayers::nms_axis, DETLAYERS_NMS_CUDA_BINDING());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsCuda, detlayers::nms_axis_classes,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsCuda, detlayers::nms_plain<4>, DETLAYERS_NMS_CUDA_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsCuda, detlayers::nms_with_classes<4>,
                               DETLAYERS_NMS_CUDA_BINDING(.Arg<ffi::Buffer<ffi::S32>>()));
 #ifdef DETLAYERS_HAVE_ROTATED_IOU
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsRotatedCuda, detlayers::nms_rotated, DETLAYERS_NMS_CUDA_BINDING());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsRotatedCuda, detlayers::nms_rotated_classes,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsRotatedCuda, detlayers::nms_plain<5>, DETLAYERS_NMS_CUDA_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsRotatedCuda, detlayers::nms_with_classes<5>,
                               DETLAYERS_NMS_CUDA_BINDING(.Arg<ffi::Buffer<ffi::S32>>()));
 #endif

@@ -1,6 +1,7 @@
-"""Trace-time argument checks shared by the layer modules (private).
+"""Trace-time argument checks shared by the layer modules (private), and the float32 stand-ins
+of double-precision comparison constants.
 
-Each helper raises ``TypeError``/``ValueError`` naming the argument and the shapes, so that a bad
+Each check raises ``TypeError``/``ValueError`` naming the argument and the shapes, so that a bad
 call fails in Python at trace time instead of inside XLA.
 """
 
@@ -60,3 +61,17 @@ def check_groups(in_channels: int, out_channels: int, groups: int, layer: str) -
             f"{layer}: in_channels={in_channels} and out_channels={out_channels} must both be "
             f"divisible by groups={groups}"
         )
+
+
+def f32_at_or_below(c: float) -> np.float32:
+    """Largest float32 <= c: for float32 x, ``x > c`` (compared in double, as the C++ references
+    do) iff ``x > f32_at_or_below(c)``."""
+    f = np.float32(c)
+    return f if float(f) <= c else np.nextafter(f, np.float32(-np.inf))
+
+
+def f32_at_or_above(c: float) -> np.float32:
+    """Smallest float32 >= c: for float32 x, ``x < c`` (compared in double) iff
+    ``x < f32_at_or_above(c)``."""
+    f = np.float32(c)
+    return f if float(f) >= c else np.nextafter(f, np.float32(np.inf))

@@ -52,7 +52,9 @@ _warned = False
 
 
 def library_candidates(file_name: str) -> list[pathlib.Path]:
-    """Paths where ``file_name`` is looked for, in order."""
+    """Paths where ``file_name`` is looked for, in order: ``$DETLAYERS_LIB_DIR/file_name`` when
+    that variable is set, then ``<entry>/_lib/file_name`` for each entry of ``detlayers.__path__``.
+    The paths need not exist."""
     dirs: list[pathlib.Path] = []
     override = os.environ.get(LIB_DIR_ENV)
     if override:
@@ -104,7 +106,8 @@ def available_targets(key: str) -> frozenset[str]:
 
 
 def has_target(key: str, target: str) -> bool:
-    """True when ``target`` is registered for library ``key``."""
+    """True when ``target`` (e.g. ``"detlayers_nms"``) is registered from library ``key`` ("cpu" or
+    "cuda"); loads and registers that library on first use. False when it is absent or unloadable."""
     return target in available_targets(key)
 
 

@@ -262,34 +262,27 @@ def channel_layer_norm(x: Array, scale: Array, bias: Array, eps: float = 1e-6) -
 # modules
 
 
+def _affine_params(module: nn.Module, channels: int) -> tuple[Array, Array]:
+    """The learned affine of a norm layer: ``params/{scale, bias}`` ``float32[channels]``,
+    initialised to 1 and 0 (PyTorch's ``weight``/``bias``). Call inside a compact method."""
+    scale = module.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = module.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return scale, bias
+
+
 class _BatchNormBase(nn.Module):
-    """Shared variables and train/eval logic of BatchNorm2d and NaiveSyncBatchNorm."""
+    """Shared variables and train/eval logic of BatchNorm2d and NaiveSyncBatchNorm.
 
-    def _affine_params(self, num_features: int, affine: bool) -> tuple[Array | None, Array | None]:
-        if not affine:
-            return None, None
-        scale = self.param("scale", nn.initializers.ones, (num_features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (num_features,), jnp.float32)
-        return scale, bias
+    Subclasses declare the fields ``num_features``, ``eps``, ``momentum``, ``affine`` and
+    ``track_running_stats`` (each in its own positional order, PyTorch's / detectron2's).
+    """
 
-    def _forward(
-        self,
-        x: Array,
-        *,
-        train: bool,
-        num_features: int,
-        eps: float,
-        momentum: float,
-        affine: bool,
-        track_running_stats: bool,
-        mask: Array | None,
-        axis_name: Any,
-        layer: str,
-    ) -> Array:
+    def _forward(self, x: Array, *, train: bool, mask: Array | None, axis_name: Any, layer: str) -> Array:
+        num_features, eps = self.num_features, self.eps
         _check_input(x, num_features, layer)
-        scale, bias = self._affine_params(num_features, affine)
+        scale, bias = _affine_params(self, num_features) if self.affine else (None, None)
         running = None
-        if track_running_stats:
+        if self.track_running_stats:
             running_mean = self.variable(
                 "batch_stats", "mean", lambda: jnp.zeros((num_features,), jnp.float32)
             )
@@ -305,14 +298,10 @@ class _BatchNormBase(nn.Module):
             # empty batch: nothing to normalize and no statistics to learn from
             return x
         mean, var, count = batch_moments(x, mask=mask, axis_name=axis_name)
-        if (
-            running is not None
-            and train
-            and self.is_mutable_collection("batch_stats")
-            and not self.is_initializing()
-        ):
+        # (train is True here whenever running statistics exist: eval returned above)
+        if running is not None and self.is_mutable_collection("batch_stats") and not self.is_initializing():
             new_mean, new_var = update_running_stats(
-                running[0].value, running[1].value, mean, var, count, momentum
+                running[0].value, running[1].value, mean, var, count, self.momentum
             )
             running[0].value = new_mean
             running[1].value = new_var
@@ -355,18 +344,7 @@ class BatchNorm2d(_BatchNormBase):
                 f"BatchNorm2d: expected more than 1 value per channel when using batch statistics, "
                 f"got input x of shape {tuple(x.shape)}"
             )
-        return self._forward(
-            x,
-            train=train,
-            num_features=self.num_features,
-            eps=self.eps,
-            momentum=self.momentum,
-            affine=self.affine,
-            track_running_stats=self.track_running_stats,
-            mask=None,
-            axis_name=None,
-            layer="BatchNorm2d",
-        )
+        return self._forward(x, train=train, mask=None, axis_name=None, layer="BatchNorm2d")
 
 
 class NaiveSyncBatchNorm(_BatchNormBase):
@@ -425,18 +403,7 @@ class NaiveSyncBatchNorm(_BatchNormBase):
             _check_input(x, self.num_features, "NaiveSyncBatchNorm")
             _check_mask(mask, x, "NaiveSyncBatchNorm")
         axis_name = self.axis_name if _axis_is_bound(self.axis_name) else None
-        return self._forward(
-            x,
-            train=train,
-            num_features=self.num_features,
-            eps=self.eps,
-            momentum=self.momentum,
-            affine=self.affine,
-            track_running_stats=self.track_running_stats,
-            mask=mask,
-            axis_name=axis_name,
-            layer="NaiveSyncBatchNorm",
-        )
+        return self._forward(x, train=train, mask=mask, axis_name=axis_name, layer="NaiveSyncBatchNorm")
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -488,10 +455,7 @@ class GroupNorm(nn.Module):
                 f"num_groups={self.num_groups}"
             )
         _check_input(x, self.num_channels, "GroupNorm")
-        scale = bias = None
-        if self.affine:
-            scale = self.param("scale", nn.initializers.ones, (self.num_channels,), jnp.float32)
-            bias = self.param("bias", nn.initializers.zeros, (self.num_channels,), jnp.float32)
+        scale, bias = _affine_params(self, self.num_channels) if self.affine else (None, None)
         return group_norm(x, self.num_groups, scale, bias, self.eps)
 
 
@@ -517,8 +481,7 @@ class LayerNorm(nn.Module):
             )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"LayerNorm: input x must be floating point, got dtype {x.dtype}")
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        scale, bias = _affine_params(self, c)
         return channel_layer_norm(x, scale, bias, self.eps)
 
 
@@ -578,8 +541,7 @@ class CycleBatchNormList(nn.Module):
         y = bns[index](x, train=train)
         if not self.affine:
             return y
-        scale = self.param("scale", nn.initializers.ones, (self.num_features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.num_features,), jnp.float32)
+        scale, bias = _affine_params(self, self.num_features)
         dtype = _compute_dtype(y.dtype)
         return (y.astype(dtype) * scale.astype(dtype) + bias.astype(dtype)).astype(y.dtype)
 

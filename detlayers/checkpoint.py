@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detlayers._module_trace import trace_init
+
 __all__ = ["load_torch_state_dict", "read_state_dict", "flax_name_to_torch"]
 
 _TRAILING_INDICES = re.compile(r"^(.*?)((?:_\d+)+)$")
@@ -96,22 +98,6 @@ def read_state_dict(source: Any) -> dict[str, np.ndarray]:
     return flat
 
 
-def _record_module_types(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict]:
-    """Abstract ``init`` (shapes only) plus the type and instance of every module that ran."""
-    modules: dict[tuple[str, ...], nn.Module] = {}
-
-    def interceptor(next_fun, fargs, fkwargs, context):
-        modules.setdefault(tuple(context.module.path), context.module)
-        return next_fun(*fargs, **fkwargs)
-
-    def run(rng):
-        with nn.intercept_methods(interceptor):
-            return module.init({"params": rng, "dropout": rng}, *args, **kwargs)
-
-    shapes = jax.eval_shape(run, jax.random.key(0))
-    return shapes, modules
-
-
 _SEQUENTIAL_CHILD = re.compile(r"^layers_(\d+)$")
 
 
@@ -193,7 +179,7 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
         entry no variable uses) and mis-shaped key (with both shapes), all at once.
     """
     weights = read_state_dict(state_dict)
-    shapes, modules = _record_module_types(module, example_args, example_kwargs)
+    shapes, modules = trace_init(module, example_args, example_kwargs)
     shapes = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
 
     missing: list[str] = []

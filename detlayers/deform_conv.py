@@ -72,7 +72,9 @@ def _positive_int(value: Any, name: str) -> int:
 def output_size(
     size: int, kernel_size: int, stride: int, padding: int, dilation: int
 ) -> int:
-    """PyTorch's convolution output length along one axis."""
+    """PyTorch's convolution output length along one axis (ints, static):
+    ``(size + 2*padding - (dilation*(kernel_size-1) + 1)) // stride + 1``; may be < 1 when the
+    input is too small (callers check)."""
     return (size + 2 * padding - (dilation * (kernel_size - 1) + 1)) // stride + 1
 
 
@@ -312,17 +314,12 @@ def _deform_conv_impl(
             return a.reshape(chunks, rows_per_chunk, *a.shape[1:])
 
         # Padded rows read image 0 row 0 with zero offsets; their outputs are dropped.
-        index_chunks = (chunked(flat_row // ho), chunked(flat_row % ho))
-        if mask_rows is None:
-            out = lax.map(
-                lambda args: block(image_rows, grouped_kernel, args[0], None, *args[1:]),
-                (chunked(offset_rows), *index_chunks),
-            )
-        else:
-            out = lax.map(
-                lambda args: block(image_rows, grouped_kernel, *args),
-                (chunked(offset_rows), chunked(mask_rows), *index_chunks),
-            )
+        # A None mask is an empty pytree: lax.map hands it to every block unchanged.
+        mask_chunks = None if mask_rows is None else chunked(mask_rows)
+        out = lax.map(
+            lambda args: block(image_rows, grouped_kernel, *args),
+            (chunked(offset_rows), mask_chunks, chunked(flat_row // ho), chunked(flat_row % ho)),
+        )
         out = out.reshape(padded, wo, o)[:total_rows]
     out = out.reshape(n, ho, wo, o)
     if bias is not None:

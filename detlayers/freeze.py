@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import unfreeze
 
+from detlayers._module_trace import trace_init
 from detlayers.batch_norm import BatchNorm2d, FrozenBatchNorm2d, NaiveSyncBatchNorm
 
 __all__ = [
@@ -136,19 +137,8 @@ def _convert_variables(variables: Mapping, paths: Iterable[tuple[str, ...]]) -> 
 def _module_paths_of(module: nn.Module, predicate: Callable[[nn.Module], bool], args, kwargs) -> set:
     """Scope paths (tuples of names) of every submodule satisfying ``predicate`` that runs during
     ``module.init(*args, **kwargs)``; traced abstractly (``jax.eval_shape``), nothing is computed."""
-    found: set[tuple[str, ...]] = set()
-
-    def interceptor(next_fun, fargs, fkwargs, context):
-        if predicate(context.module):
-            found.add(tuple(context.module.path))
-        return next_fun(*fargs, **fkwargs)
-
-    def run(rng):
-        with nn.intercept_methods(interceptor):
-            return module.init(rng, *args, **kwargs)
-
-    jax.eval_shape(run, jax.random.key(0))
-    return found
+    _, modules = trace_init(module, args, kwargs)
+    return {path for path, submodule in modules.items() if predicate(submodule)}
 
 
 def _structure(tree: Any) -> Any:

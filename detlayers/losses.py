@@ -18,7 +18,9 @@ __all__ = ["ciou_loss", "diou_loss"]
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _check(boxes1: Array, boxes2: Array, reduction: str, fn: str) -> tuple[Array, Array]:
+def _check(boxes1: Array, boxes2: Array, reduction: str, fn: str) -> tuple[Array, Array, jnp.dtype]:
+    """Validates the arguments; returns both boxes in the compute dtype (float32, or float64 for
+    float64 input) and the dtype the loss is returned in (the boxes' promoted dtype)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     boxes1, boxes2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
@@ -41,8 +43,9 @@ def _check(boxes1: Array, boxes2: Array, reduction: str, fn: str) -> tuple[Array
             raise ValueError(f"{fn}: bad box in boxes1: x1 larger than x2")
         if bool(jnp.any(boxes1[..., 3] < boxes1[..., 1])):
             raise ValueError(f"{fn}: bad box in boxes1: y1 larger than y2")
-    dtype = jnp.promote_types(jnp.result_type(boxes1, boxes2), jnp.float32)
-    return boxes1.astype(dtype), boxes2.astype(dtype)
+    out_dtype = jnp.result_type(boxes1, boxes2)
+    dtype = jnp.promote_types(out_dtype, jnp.float32)
+    return boxes1.astype(dtype), boxes2.astype(dtype), out_dtype
 
 
 def _iou_and_centre_penalty(b1: Array, b2: Array, eps: float) -> tuple[Array, Array]:
@@ -92,8 +95,7 @@ def diou_loss(boxes1: Array, boxes2: Array, reduction: str = "none", eps: float 
     Boxes with ``x1 > x2`` or ``y1 > y2`` in ``boxes1`` raise ``ValueError`` when the values are
     concrete (detectron2 asserts); under ``jit`` they are not checked.
     """
-    out_dtype = jnp.result_type(jnp.asarray(boxes1), jnp.asarray(boxes2))
-    b1, b2 = _check(boxes1, boxes2, reduction, "diou_loss")
+    b1, b2, out_dtype = _check(boxes1, boxes2, reduction, "diou_loss")
     iou, centre_penalty = _iou_and_centre_penalty(b1, b2, eps)
     return _reduce(1.0 - iou + centre_penalty, reduction, out_dtype)
 
@@ -106,8 +108,7 @@ def ciou_loss(boxes1: Array, boxes2: Array, reduction: str = "none", eps: float 
     constant for differentiation (``stop_gradient``, detectron2's ``torch.no_grad``). As in
     detectron2 a box of zero width *and* height gives ``0 / 0`` in ``v`` and thus NaN.
     """
-    out_dtype = jnp.result_type(jnp.asarray(boxes1), jnp.asarray(boxes2))
-    b1, b2 = _check(boxes1, boxes2, reduction, "ciou_loss")
+    b1, b2, out_dtype = _check(boxes1, boxes2, reduction, "ciou_loss")
     iou, centre_penalty = _iou_and_centre_penalty(b1, b2, eps)
     w_pred, h_pred = b1[..., 2] - b1[..., 0], b1[..., 3] - b1[..., 1]
     w_gt, h_gt = b2[..., 2] - b2[..., 0], b2[..., 3] - b2[..., 1]

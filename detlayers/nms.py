@@ -66,6 +66,7 @@ import numpy as np
 from jax import lax
 
 from detlayers import _ffi
+from detlayers._checks import f32_at_or_below
 
 Array = jax.Array
 
@@ -190,10 +191,7 @@ def _threshold_f32(iou_threshold: float | Array) -> Array:
     as_double = float(value)
     if not 0.0 <= as_double <= 1.0:  # also rejects NaN
         raise ValueError(f"iou_threshold must be in [0, 1], got {as_double}")
-    below = np.float32(as_double)
-    if float(below) > as_double:
-        below = np.nextafter(below, np.float32(-np.inf))
-    return jnp.asarray(below, jnp.float32)
+    return jnp.asarray(f32_at_or_below(as_double), jnp.float32)
 
 
 def _check_inputs(boxes, scores, idxs, box_dim: int, name: str) -> tuple[Array, Array, Array | None]:
@@ -340,13 +338,6 @@ def _rotated_reach(boxes: Array) -> Array:
     return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, jnp.inf)
 
 
-def _paired_rotated_iou(first: Array, second: Array) -> Array:
-    """detectron2's IoU of ``first[p]`` with ``second[p]``, ``[P]`` (vmapped 1x1 pairwise IoU)."""
-    from detlayers.rotated_boxes import pairwise_iou_rotated
-
-    return jax.vmap(lambda a, b: pairwise_iou_rotated(a[None], b[None])[0, 0])(first, second)
-
-
 def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
 
@@ -354,6 +345,8 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
     batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs with disjoint discs have detectron2 IoU exactly
     0, which never exceeds a threshold >= 0.
     """
+    from detlayers.rotated_boxes import rotated_iou_paired  # imported lazily: rotated NMS only
+
     dx = first[:, None, 0] - second[None, :, 0]
     dy = first[:, None, 1] - second[None, :, 1]
     reach = _rotated_reach(first)[:, None] + _rotated_reach(second)[None, :]
@@ -366,7 +359,7 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
         pending, hit = state
         rows, cols = jnp.nonzero(pending, size=batch, fill_value=0)
         real = slot < pending.sum()
-        over = _paired_rotated_iou(first[rows], second[cols]) > threshold
+        over = rotated_iou_paired(first[rows], second[cols]) > threshold
         hit = hit.at[rows, cols].max((real & over).astype(jnp.uint8))
         pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
         return pending, hit

@@ -47,7 +47,8 @@ def roi_align_rotated(
     Returns:
       ``[R, PH, PW, C]`` in ``input.dtype``.  The centre is shifted by -0.5 after scaling (always
       "aligned"); width and height are scaled, not clamped, so a zero-size box pools to zeros.
-      Local point ``(yy, xx)`` maps to ``y = yy cos t - xx sin t + yc``, ``x = yy sin t + xx cos t + xc``.
+      Local point ``(yy, xx)`` maps to ``y = yy cos t - xx sin t + yc``,
+      ``x = yy sin t + xx cos t + xc``.
       Samples with ``y < -1``, ``y > H``, ``x < -1`` or ``x > W`` read 0 but count in the average.
 
     Differentiable w.r.t. ``input`` (equal to detectron2's backward); the boxes get no gradient.
@@ -66,7 +67,9 @@ def roi_align_rotated(
     if num_rois == 0 or channels == 0:
         return jnp.zeros((num_rois, pooled_h, pooled_w, channels), out_dtype)
     if batch == 0 or height == 0 or width == 0:
-        raise ValueError(f"roi_align_rotated: input has an empty batch or map, shape {features.shape}")
+        raise ValueError(
+            f"roi_align_rotated: input has an empty batch or map, shape {features.shape}"
+        )
     if not isinstance(rois, jax.core.Tracer):
         sizes = np.asarray(rois[:, 3:5])
         if (sizes < 0).any():
@@ -112,7 +115,7 @@ def roi_align_rotated(
 
 
 def _rotated_taps(c, iy, ix, pooled, size):
-    """The four bilinear neighbours of sample ``(iy, ix)`` of every bin: ``[(index, weight)] * 4``."""
+    """The four bilinear neighbours of sample ``(iy, ix)`` of every bin, as (index, weight)."""
     pooled_h, pooled_w = pooled
     height, width = size
     dtype = c["bin_h"].dtype

@@ -63,6 +63,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from detlayers._checks import f32_at_or_above as _f32_at_or_above
+from detlayers._checks import f32_at_or_below as _f32_at_or_below
+
 Array = jax.Array
 
 __all__ = [
@@ -93,18 +96,6 @@ _SIN_HI = _SIN_TABLE.astype(np.float32)
 _SIN_LO = (_SIN_TABLE - _SIN_HI.astype(np.float64)).astype(np.float32)
 _COS_HI = _COS_TABLE.astype(np.float32)
 _COS_LO = (_COS_TABLE - _COS_HI.astype(np.float64)).astype(np.float32)
-
-
-def _f32_at_or_below(c: float) -> np.float32:
-    """Largest float32 <= c: for float32 x, ``x > c`` iff ``x > _f32_at_or_below(c)``."""
-    f = np.float32(c)
-    return f if float(f) <= c else np.nextafter(f, np.float32(-np.inf))
-
-
-def _f32_at_or_above(c: float) -> np.float32:
-    """Smallest float32 >= c: for float32 x, ``x < c`` iff ``x < _f32_at_or_above(c)``."""
-    f = np.float32(c)
-    return f if float(f) >= c else np.nextafter(f, np.float32(np.inf))
 
 
 # The reference's double-precision comparisons, as equivalent float32 thresholds.

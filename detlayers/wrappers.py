@@ -53,7 +53,12 @@ __all__ = [
 # torch uses kaiming_uniform_(a=sqrt(5)) for weights, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
 # which is variance scaling with scale 1/3; biases are U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 def torch_default_kernel_init(fan_in: int) -> Initializer:
-    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for conv and linear weights."""
+    """``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, PyTorch's default for conv and linear weights.
+
+    Returns a Flax initialiser ``(key, shape, dtype=float32) -> Array``; ``fan_in`` is given
+    explicitly (PyTorch's, e.g. ``in/groups * kh * kw``) rather than read from ``shape``, because
+    PyTorch's transposed convolutions compute it from the output channels.
+    """
     bound = 1.0 / np.sqrt(max(fan_in, 1))
 
     def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -423,7 +428,9 @@ class Linear(nn.Module):
 
     Parameters: ``kernel`` ``[in_features, out_features]`` (PyTorch's ``weight`` transposed) and
     ``bias`` ``[out_features]``; PyTorch's default initialisation unless ``kernel_init``/``bias_init``
-    are given. ``x`` is ``[..., in_features]`` (leading dims may be empty/zero-size).
+    are given. ``x`` is ``[..., in_features]`` (leading dims may be empty/zero-size), any floating
+    dtype; returns ``[..., out_features]`` in ``x.dtype`` with products accumulated in float32 (see
+    the module docstring for dtypes and ``precision``).
     """
 
     in_features: int

@@ -174,7 +174,7 @@ def test_train_step_synchronizes_batch_norm_statistics_over_devices():
     mesh = make_mesh(2)
     batch = shapes.train_batch(CONFIG, 0, 0, 4)
     kernel = np.asarray(state.params["backbone"]["stem"]["kernel"])
-    params, stats, _, losses = make_train_step(model, optimizer, mesh)(
+    _, stats, _, losses = make_train_step(model, optimizer, mesh)(
         state.params, state.batch_stats, state.opt_state, shard_batch(batch, mesh),
         jax.random.key(0))
 
@@ -189,5 +189,3 @@ def test_train_step_synchronizes_batch_norm_statistics_over_devices():
     local_var = (1 - momentum) + momentum * halves.var(1, ddof=1).mean(0)
     assert np.abs(local_var - np.asarray(new["var"])).max() > 1e-3
     assert all(np.isfinite(float(v)) for v in losses.values())
-    changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, state.params)
-    assert max(jax.tree.leaves(changed)) > 0

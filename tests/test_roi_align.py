@@ -156,7 +156,7 @@ def test_roi_align_empty_box_gives_zeros_and_zero_gradient():
 @settings(max_examples=6, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    ratio=st.sampled_from([0, 0, 1, 3]),
+    ratio=st.sampled_from([0, 0, 3, 5]),
     aligned=st.booleans(),
 )
 def test_roi_align_matches_float64_reference_on_many_rois(seed, ratio, aligned):

@@ -93,6 +93,9 @@ def _torch(p: dict[str, np.ndarray], device: str):
 
 
 def cases(platform: str) -> list[Case]:
+    """The deform_conv rows for ``platform`` (``"cpu"`` or ``"gpu"``): modulated_deform_conv
+    forward and forward+backward with deformable groups 1 and 4, sizes as in the module docstring;
+    ``torch`` is None when torch/torchvision (or CUDA, on ``"gpu"``) is unavailable."""
     if platform == "cpu":
         n, c, h, w = 2, 256, 64, 64
         torch_device = "cpu"

@@ -18,6 +18,8 @@ from detlayers.bench import Case
 
 
 def clustered_boxes(n: int, seed: int = 0, extent: float = 1333.0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` float32 ``(x1, y1, x2, y2)`` boxes in ``~[0, extent]^2`` clustered about ``n // 25`` centres
+    (sides 8-96 px) and float32 ``[n]`` scores, a permutation of ``k / n`` (distinct, no ties)."""
     rng = np.random.default_rng(seed)
     centres = rng.uniform(0, extent, (max(1, n // 25), 2))
     xy = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 12.0, (n, 2))
@@ -39,6 +41,9 @@ def _torch(device: str):
 
 
 def cases(platform: str) -> list[Case]:
+    """The NMS rows for ``platform`` (``"cpu"`` or ``"gpu"``): nms at several N, batched_nms,
+    vmapped nms over a batch of images, and nms_rotated (ours only); ``torch`` is None when
+    torch/torchvision (or CUDA, on ``"gpu"``) is unavailable."""
     nms_mod = importlib.import_module("detlayers.nms")
     device = "cuda" if platform == "gpu" else "cpu"
     torch, torchvision = _torch(device)

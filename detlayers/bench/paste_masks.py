@@ -94,6 +94,8 @@ def _torch_reference() -> tuple[Any, Callable[..., Any]] | None:
 
 
 def cases(platform: str) -> list[Case]:
+    """The paste_masks rows (hard ``threshold=0.5`` -> bool and soft -> uint8 output) on the
+    COCO-sized problem above; ``platform`` only picks the torch device."""
     from detlayers.mask_ops import paste_masks_in_image
 
     masks_np, boxes_np = _inputs()

@@ -30,7 +30,7 @@ from detlayers.bench import Case
 
 def _boxes(rng: np.random.Generator, num: int, batch: int, img_h: float, img_w: float,
            lo: float, hi_w: float, hi_h: float) -> np.ndarray:
-    """``(b, x1, y1, x2, y2)`` with log-uniform sides in ``[lo, hi]`` pixels, clipped to the image."""
+    """``(b, x1, y1, x2, y2)``, log-uniform sides in ``[lo, hi]`` pixels, clipped to the image."""
     cx, cy = rng.uniform(0, img_w, num), rng.uniform(0, img_h, num)
     bw = np.exp(rng.uniform(np.log(lo), np.log(hi_w), num))
     bh = np.exp(rng.uniform(np.log(lo), np.log(hi_h), num))
@@ -76,8 +76,11 @@ def _ours_pair(feature_sets, rois_sets, scales, size, ratio):
 
     feats = [jnp.asarray(f) for f in feature_sets]
     boxes = [jnp.asarray(r) for r in rois_sets]
-    upstream = [jnp.asarray(np.random.default_rng(1).standard_normal(
-        (len(r), size, size, f.shape[-1])).astype(np.float32)) for f, r in zip(feature_sets, rois_sets)]
+    upstream = [
+        jnp.asarray(np.random.default_rng(1).standard_normal(
+            (len(r), size, size, f.shape[-1])).astype(np.float32))
+        for f, r in zip(feature_sets, rois_sets)
+    ]
 
     @jax.jit
     def forward(feats, boxes):

@@ -111,6 +111,9 @@ def _torch(p: dict[str, np.ndarray], device: str):
 
 
 def cases(platform: str) -> list[Case]:
+    """The sync_bn rows for ``platform``: a NaiveSyncBatchNorm train step over all local devices
+    (plain and with a 3/4 mask) and a single-device BatchNorm2d step, all against PyTorch's
+    BatchNorm2d train step; N is rounded up to a multiple of the device count."""
     n_dev = len(jax.local_devices())
     if platform == "cpu":
         n, c, h, w = 8, 256, 64, 64

@@ -143,8 +143,11 @@ class Backbone(nn.Module):
         c = cfg.feature_channels
 
         def conv(cin, cout, stride, name, kernel=3):
+            # Conv2d builds its norm with get_norm(cfg.norm, cout) as its own submodule "norm"
+            # (detectron2's layout: "stem.norm.running_mean"); a module made here with get_norm
+            # would belong to this backbone instead of the conv
             return L.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False,
-                            norm=L.get_norm(cfg.norm, cout), activation=nn.relu, name=name)
+                            norm=cfg.norm, activation=nn.relu, name=name)
 
         x = conv(3, w1, 2, "stem")(images, train=train)             # stride 2
         c4 = conv(w1, w2, 2, "res2a")(x, train=train)               # stride 4
