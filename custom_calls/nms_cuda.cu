@@ -19,6 +19,7 @@
 
 #include "nms_bitmask.h"
 #include "nms_box_iou.h"
+#include "nms_ffi_shapes.h"
 #include "xla/ffi/api/ffi.h"
 
 #if __has_include("rotated_iou.h")
@@ -132,41 +133,26 @@ __global__ void __launch_bounds__(kReduceThreads) nms_reduce_kernel(const Word* 
   if (t == 0) count[problem] = static_cast<int32_t>(nk);
 }
 
-std::string dims_to_string(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(dims[i]);
-  }
-  return s + "]";
-}
-
 template <int kBoxDim, bool kClasses>
 ffi::Error nms_cuda_impl(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, const int32_t* classes,
                          int64_t classes_count, ffi::Buffer<ffi::F32> threshold,
                          ffi::ResultBuffer<ffi::S32> keep, ffi::ResultBuffer<ffi::S32> count,
                          ffi::ResultBuffer<ffi::U32> mask) {
-  const auto dims = boxes.dimensions();
-  if (dims.size() < 2 || dims.back() != kBoxDim) {
-    return ffi::Error::InvalidArgument("detlayers nms: boxes must be [..., N, " + std::to_string(kBoxDim) +
-                                       "], got " + dims_to_string(dims));
+  ProblemShape shape;
+  if (ffi::Error err = check_shapes(boxes.dimensions(), kBoxDim, kClasses ? &classes_count : nullptr,
+                                    threshold.element_count(), keep->dimensions(), count->element_count(), &shape);
+      err.failure()) {
+    return err;
   }
-  int64_t batch = 1;
-  for (size_t i = 0; i + 2 < dims.size(); ++i) batch *= dims[i];
-  const int64_t n = dims[dims.size() - 2];
+  const int64_t batch = shape.batch;
+  const int64_t n = shape.n;
+  const int64_t k = shape.k;
   const int64_t tiles = (n + kTile - 1) / kTile;
-  const auto keep_dims = keep->dimensions();
-  if (keep_dims.size() != dims.size() - 1) {
-    return ffi::Error::InvalidArgument("detlayers nms: keep must be [..., K], got " + dims_to_string(keep_dims));
-  }
-  const int64_t k = keep_dims.back();
-  if (k > n || static_cast<int64_t>(threshold.element_count()) != batch ||
-      static_cast<int64_t>(count->element_count()) != batch || (kClasses && classes_count != batch * n) ||
-      static_cast<int64_t>(mask->element_count()) != batch * n * tiles * 2) {
-    return ffi::Error::InvalidArgument("detlayers nms: inconsistent buffer sizes");
+  if (static_cast<int64_t>(mask->element_count()) != batch * n * tiles * 2) {
+    return ffi::Error::InvalidArgument("detlayers nms: mask workspace must be [..., N, ceil(N/64), 2]");
   }
   if (batch == 0) return ffi::Error::Success();
-  if (n > INT32_MAX || tiles > kMaxGridY || batch > kMaxGridY) {
+  if (tiles > kMaxGridY || batch > kMaxGridY) {
     return ffi::Error::InvalidArgument("detlayers nms: too many boxes or problems for the CUDA kernel");
   }
   const size_t shared_bytes = static_cast<size_t>(tiles) * sizeof(Word);

@@ -9,7 +9,9 @@ symbol is wrapped with :func:`jax.ffi.pycapsule` and registered with
 Search order for each library: the directory named by the environment variable
 ``DETLAYERS_LIB_DIR`` (if set), then ``_lib/`` in every entry of ``detlayers.__path__`` (an
 editable install keeps the compiled files in site-packages while the sources stay in the
-checkout). A missing or unloadable library is not an error: the ops that would use it fall back to
+checkout), then the ``_lib/`` of the installed ``detlayers`` distribution (so that
+``python -m detlayers.demo`` run from a checkout, which imports the checkout's sources, still finds
+the libraries that ``pip install .`` built). A missing or unloadable library is not an error: the ops that would use it fall back to
 their pure-XLA implementation, and one :class:`RuntimeWarning` says so.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import os
 import pathlib
 import threading
@@ -53,14 +56,25 @@ _warned = False
 
 def library_candidates(file_name: str) -> list[pathlib.Path]:
     """Paths where ``file_name`` is looked for, in order: ``$DETLAYERS_LIB_DIR/file_name`` when
-    that variable is set, then ``<entry>/_lib/file_name`` for each entry of ``detlayers.__path__``.
-    The paths need not exist."""
+    that variable is set, then ``<entry>/_lib/file_name`` for each entry of ``detlayers.__path__``,
+    then the installed distribution's ``detlayers/_lib/file_name``. The paths need not exist."""
     dirs: list[pathlib.Path] = []
     override = os.environ.get(LIB_DIR_ENV)
     if override:
         dirs.append(pathlib.Path(override))
     dirs.extend(pathlib.Path(p) / "_lib" for p in detlayers.__path__)
+    installed = _installed_lib_dir()
+    if installed is not None and installed not in dirs:
+        dirs.append(installed)
     return [d / file_name for d in dirs]
+
+
+def _installed_lib_dir() -> pathlib.Path | None:
+    try:
+        distribution = importlib.metadata.distribution("detlayers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return pathlib.Path(str(distribution.locate_file("detlayers/_lib")))
 
 
 def _find(file_name: str) -> pathlib.Path | None:

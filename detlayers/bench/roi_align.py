@@ -4,6 +4,8 @@ CPU: features ``2 x 256 x 100 x 168`` (a stride-4 level of an 400 x 672 image), 
 log-uniform sides from 16 px to 60 % of the image (spatial_scale 1/4), outputs 7x7 and 14x14,
 sampling_ratio 0 (adaptive, detectron2's default) and 2; forward, and forward + feature gradient
 (both return the output and the gradient for a fixed random upstream gradient).
+Also on CPU: ``roi_align_rotated`` on the same boxes with random angles vs detectron2's
+``ROIAlignRotated`` (skipped for torch when detectron2 is not installed).
 GPU: an FPN pyramid (strides 4..32 of an 800 x 1216 image, batch 2, 256 channels) with 1000 ROIs,
 250 per level sized for that level, vs torchvision's CUDA kernel.
 
@@ -97,6 +99,62 @@ def _ours_pair(feature_sets, rois_sets, scales, size, ratio):
     return (lambda: forward(feats, boxes)), (lambda: forward_backward(feats, boxes, upstream))
 
 
+def _rotated_cases(feature_sets, rois_sets, scales, size, ratio, label) -> list[Case]:
+    """detlayers vs detectron2's ROIAlignRotated (CPU kernel; torch=None when not installed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from detlayers.roi_align_rotated import roi_align_rotated
+
+    features, boxes, scale = feature_sets[0], rois_sets[0], scales[0]
+    # The axis-aligned boxes turned into rotated ones with random angles.
+    rng = np.random.default_rng(2)
+    rotated = np.stack([
+        boxes[:, 0], (boxes[:, 1] + boxes[:, 3]) / 2, (boxes[:, 2] + boxes[:, 4]) / 2,
+        boxes[:, 3] - boxes[:, 1], boxes[:, 4] - boxes[:, 2], rng.uniform(-180, 180, len(boxes)),
+    ], 1).astype(np.float32)
+    upstream = np.random.default_rng(1).standard_normal(
+        (len(boxes), size, size, features.shape[-1])).astype(np.float32)
+    f_j, r_j, g_j = jnp.asarray(features), jnp.asarray(rotated), jnp.asarray(upstream)
+
+    @jax.jit
+    def forward(f, r):
+        return roi_align_rotated(f, r, size, scale, ratio)
+
+    @jax.jit
+    def forward_backward(f, r, g):
+        out, vjp = jax.vjp(lambda x: roi_align_rotated(x, r, size, scale, ratio), f)
+        return out, vjp(g)[0]
+
+    torch_f = torch_fb = None
+    try:
+        import torch
+        from detectron2.layers import ROIAlignRotated
+    except ImportError:
+        pass
+    else:
+        op = ROIAlignRotated((size, size), scale, ratio)
+        x = torch.from_numpy(features.transpose(0, 3, 1, 2).copy())
+        leaf = x.clone().requires_grad_(True)
+        r_t = torch.from_numpy(rotated)
+        g_t = torch.from_numpy(upstream.transpose(0, 3, 1, 2).copy())
+
+        def torch_f():
+            return op(x, r_t)
+
+        def torch_fb():
+            leaf.grad = None
+            out = op(leaf, r_t)
+            out.backward(g_t)
+            return out, leaf.grad
+
+    name = f"roi_align_rotated {label} {size}x{size} s={ratio}"
+    return [
+        Case("roi_align", f"{name} fwd", lambda: forward(f_j, r_j), torch_f),
+        Case("roi_align", f"{name} fwd+bwd", lambda: forward_backward(f_j, r_j, g_j), torch_fb),
+    ]
+
+
 def cases(platform: str) -> list[Case]:
     rng = np.random.default_rng(0)
     result: list[Case] = []
@@ -128,4 +186,6 @@ def cases(platform: str) -> list[Case]:
             name = f"roi_align {label} {size}x{size} s={ratio}"
             result.append(Case("roi_align", f"{name} fwd", ours_f, torch_f))
             result.append(Case("roi_align", f"{name} fwd+bwd", ours_fb, torch_fb))
+    if platform == "cpu":
+        result += _rotated_cases(feature_sets, rois_sets, scales, 7, 0, label)
     return result
