@@ -104,6 +104,38 @@ def _conv_padding(
     return (ph, ph), (pw, pw)
 
 
+def _nhwc_conv(
+    x: Array,
+    kernel: Array,
+    bias: Array | None,
+    *,
+    window_strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    rhs_dilation: tuple[int, int],
+    groups: int,
+    precision: Any,
+    lhs_dilation: tuple[int, int] | None = None,
+) -> Array:
+    """``lax.conv_general_dilated`` NHWC x HWIO with this module's dtype rule: operands in the input
+    dtype, products and bias accumulated in float32, result in the input dtype."""
+    dtype = _compute_dtype(x)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(dtype),
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
 def conv2d(
     x: Array,
     kernel: Array,
@@ -149,21 +181,10 @@ def conv2d(
                 f"conv2d: padded input size {size + lo + hi} along {'HW'[axis]} is smaller than the "
                 f"dilated kernel size {d * (k - 1) + 1} (input shape {x.shape})"
             )
-    dtype = _compute_dtype(x)
-    y = jax.lax.conv_general_dilated(
-        x,
-        kernel.astype(dtype),
-        window_strides=stride_hw,
-        padding=(pad_h, pad_w),
-        rhs_dilation=dilation_hw,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-        precision=precision,
-        preferred_element_type=jnp.float32,
+    return _nhwc_conv(
+        x, kernel, bias, window_strides=stride_hw, padding=(pad_h, pad_w), rhs_dilation=dilation_hw,
+        groups=groups, precision=precision,
     )
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(dtype)
 
 
 class Conv2d(nn.Module):
@@ -327,23 +348,10 @@ def conv_transpose2d(
         (dh * (kh - 1) - ph, dh * (kh - 1) - ph + oph),
         (dw * (kw - 1) - pw, dw * (kw - 1) - pw + opw),
     )
-    dtype = _compute_dtype(x)
-    flipped = kernel[::-1, ::-1].astype(dtype)
-    y = jax.lax.conv_general_dilated(
-        x,
-        flipped,
-        window_strides=(1, 1),
-        padding=pads,
-        lhs_dilation=(sh, sw),
-        rhs_dilation=(dh, dw),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-        precision=precision,
-        preferred_element_type=jnp.float32,
+    return _nhwc_conv(
+        x, kernel[::-1, ::-1], bias, window_strides=(1, 1), padding=pads, lhs_dilation=(sh, sw),
+        rhs_dilation=(dh, dw), groups=groups, precision=precision,
     )
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(dtype)
 
 
 class ConvTranspose2d(nn.Module):

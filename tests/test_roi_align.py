@@ -295,3 +295,16 @@ def test_roi_align_adaptive_grid_is_not_capped():
                    sampling_ratio=0, aligned=True)
     expected = reference_roi_align(features, rois, (2, 2), 1.0, 0, True)
     np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_roi_align_runs_inside_pmap():
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices (conftest forces 8 host devices)")
+    rng = np.random.default_rng(8)
+    features = rng.standard_normal((2, 1, 7, 9, 2)).astype(np.float32)
+    rois = np.asarray([[[0, 1, 1, 8, 6]], [[0, -2, 0, 5, 12]]], np.float32)
+    out = jax.pmap(lambda f, r: L.roi_align(f, r, 2, 1.0, 0), devices=jax.devices()[:2])(
+        features, rois)
+    for i in range(2):
+        expected = reference_roi_align(features[i], rois[i], (2, 2), 1.0, 0, True)
+        np.testing.assert_allclose(np.asarray(out[i]), expected, atol=1e-5)
