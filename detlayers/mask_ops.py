@@ -10,24 +10,37 @@ How it is computed. Bilinear resampling into an axis-aligned box is separable: t
 pixel ``(y, x)`` is ``sum_i sum_j wy[y, i] * mask[i, j] * wx[x, j]``, where ``wy`` (``[H, M]``) and
 ``wx`` (``[W, M]``) hold the 1-D bilinear weights of each image row / column (at most two non-zero
 taps each, a tap that falls outside ``[0, M)`` weighs zero -- exactly grid_sample's zero padding,
-which drops each of the four neighbours separately). So each mask is two small matmuls,
-``wy @ (mask @ wx.T)``, instead of ``H * W`` gathers. Masks are processed a few at a time
-(a loop over chunks) so the float32 intermediate never holds more than a bounded number of
-full-image planes; only the ``[N, H, W]`` bool/uint8 result is as large as the image.
+which drops each of the four neighbours separately). Two code paths use this:
+
+* Thresholded / soft output with ``crop_to_box_extent=True`` (detectron2's CPU result, the default
+  and the common inference case): every pixel outside a box's integer paste window is zero, so
+  only the window is computed. It is covered by fixed-size tiles (64 x 128 pixels), one
+  ``while_loop`` runs over all (mask, tile) pairs, and each tile is written in place into the
+  zero-initialised ``[N, H, W]`` bool/uint8 result. Per pixel only the two non-zero taps of each
+  axis are used (gather two mask columns and blend, then gather two of those rows and blend):
+  about 4 multiply-adds a pixel instead of a dense ``[H, M] @ [M, W]`` product. The work is
+  proportional to the boxes' area, not ``N * H * W``; what remains is filling the result itself.
+* Float output (``threshold=None``, differentiable) and ``crop_to_box_extent=False``: each mask is
+  two small matmuls over the whole image, ``wy @ (mask @ wx.T)``. Masks are processed a few at a
+  time (a loop over chunks) so the float32 intermediate never holds more than a bounded number of
+  full-image planes; only the ``[N, H, W]`` result is as large as the image.
 
 Agreement with detectron2 (float32). The sampling coordinates are computed with the same float32
 operations as detectron2 + PyTorch's CPU kernel (``((p + 0.5 - x0) / (x1 - x0)) * 2 - 1``, then
 ``(g + 1) * (M / 2) - 0.5`` as one fused multiply-add, as PyTorch's vectorized kernel and its CUDA
 kernel both evaluate it), so every sample lands on the same mask cells with the same fractional
 weights. Only the order in which the (up to) four weighted neighbours are added differs (a
-separable sum instead of PyTorch's ``nw*(s*e) + ne*(s*w) + ...``), which moves a value by at most a
-few float32 ulps: a thresholded pixel can differ only when its value lies within those ulps of the
-threshold, and a soft (uint8) pixel by at most one level. Measured against detectron2 on CPU
+separable sum instead of PyTorch's ``nw*(s*e) + ne*(s*w) + ...``; the two paths above also differ
+from each other in that order), which moves a value by at most a few float32 ulps: a thresholded
+pixel can differ only when its value lies within those ulps of the threshold, and a soft (uint8)
+pixel by at most one level. Measured against detectron2 on CPU
 (``tools/fixtures/make_mask_ops.py --measure``): 0 thresholded pixels differ out of ~208M (masks
 on 60 x 80, 480 x 640 and 800 x 1333 images), and about 1e-6 of the soft pixels differ, by one
-level. (Bit-for-bit coordinates also need XLA kept from rewriting detectron2's arithmetic: a
-division by the box size must not become a multiplication by its reciprocal, and
-``(g * 2 - 1 + 1)`` must not be folded; optimization barriers pin both.)
+level; the tiled path differs from detectron2 on 0 thresholded and ~1e-7 of the soft pixels
+(random boxes on the same three image sizes, 126M pixels). (Bit-for-bit coordinates also need XLA
+kept from rewriting detectron2's arithmetic: a division by the box size must not become a
+multiplication by its reciprocal, and ``(g * 2 - 1 + 1)`` must not be folded; optimization
+barriers pin both.)
 
 Where detectron2 depends on the device. On CPU detectron2 pastes each mask only into its box's
 integer extent ``[floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1)`` (``skip_empty``)
@@ -61,6 +74,8 @@ __all__ = ["paste_masks_in_image"]
 # 800x1333); accelerators prefer bigger batched matmuls.
 _CHUNK_BYTES = {"cpu": 8 * 2**20}
 _CHUNK_BYTES_DEFAULT = 256 * 2**20
+# (rows, columns) of the tiles the thresholded CPU-extent paste covers each box's window with.
+_TILE = (64, 128)
 
 
 def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int]:
@@ -111,14 +126,14 @@ def _check_inputs(masks: Array, boxes: Array) -> None:
             raise TypeError(f"{name} must be a real-valued array, got dtype {array.dtype}")
 
 
-def _sample_positions(num_pixels: int, start: Array, end: Array, mask_size: int) -> Array:
+def _sample_positions(pixels: Array, start: Array, end: Array, mask_size: int) -> Array:
     """Continuous mask coordinate (cell units, cell ``i`` centred at ``i``) of every pixel centre.
 
-    ``start``/``end`` are scalars (one box edge pair); returns float32 ``[num_pixels]``. The float32
-    operations are detectron2's normalisation to ``[-1, 1]`` followed by grid_sample's
-    ``align_corners=False`` un-normalisation.
+    ``pixels`` holds float32 pixel indices (integers); ``start``/``end`` are scalars (one box edge
+    pair); returns float32 of ``pixels``' shape. The float32 operations are detectron2's
+    normalisation to ``[-1, 1]`` followed by grid_sample's ``align_corners=False`` un-normalisation.
     """
-    centres = jnp.arange(num_pixels, dtype=jnp.float32) + 0.5
+    centres = pixels + 0.5
     # XLA's simplifier rewrites a division by a broadcast scalar into a multiplication by its
     # reciprocal and folds `(g * 2 - 1 + 1) * (M / 2)` into `g * M`; both round differently from
     # PyTorch, so optimization barriers keep the operations as detectron2 writes them.
@@ -135,12 +150,12 @@ def _axis_weights(num_pixels: int, start: Array, end: Array, mask_size: int, cro
     position (zero-width box) matches no tap, so the pixel is 0. With ``crop`` the pixels outside
     detectron2's CPU paste window ``[floor(start) - 1, ceil(end) + 1)`` weigh zero.
     """
-    position = _sample_positions(num_pixels, start, end, mask_size)
+    pixels = jnp.arange(num_pixels, dtype=jnp.float32)
+    position = _sample_positions(pixels, start, end, mask_size)
     left = jnp.floor(position)
     right_weight = position - left
     left_weight = 1.0 - right_weight
     if crop:
-        pixels = jnp.arange(num_pixels, dtype=jnp.float32)
         inside = (pixels >= jnp.floor(start) - 1.0) & (pixels < jnp.ceil(end) + 1.0)
         left_weight = jnp.where(inside, left_weight, 0.0)
         right_weight = jnp.where(inside, right_weight, 0.0)
@@ -204,9 +219,12 @@ def paste_masks_in_image(
       ``bool``/``uint8``/``float32`` array ``[N, H, W]`` as selected by ``threshold``; ``N = 0``
       gives an empty ``[0, H, W]`` array of that dtype.
 
-    Memory: masks are pasted a chunk at a time (a ``fori_loop`` writing into the result in place),
-    chunks sized so the float32 intermediate stays under a fixed budget (8 MiB on CPU, 256 MiB
-    elsewhere) whatever ``N``; the result itself is the only ``[N, H, W]`` buffer.
+    Memory: the result itself is the only ``[N, H, W]`` buffer. With a threshold and
+    ``crop_to_box_extent=True`` masks are pasted one 64 x 128 tile at a time over their box
+    windows (a ``while_loop`` writing into the result in place). Otherwise masks are pasted a chunk
+    at a time over the whole image (a ``fori_loop``), chunks sized so the float32 intermediate
+    stays under a fixed budget (8 MiB on CPU, 256 MiB elsewhere) whatever ``N``. ``threshold=0``
+    (True also off the box window) takes the whole-image path.
 
     Works under ``jax.jit`` (``image_shape``, ``threshold``, ``crop_to_box_extent`` static) and
     ``jax.vmap`` (a leading batch axis on ``masks`` and ``boxes``); ``jax.grad`` through
@@ -236,6 +254,8 @@ def _paste_compiled(
     num_masks = masks.shape[0]
     masks = masks.astype(jnp.float32)
     boxes = boxes.astype(jnp.float32)
+    if crop and threshold is not None and threshold != 0:  # threshold 0 is True off the window too
+        return _paste_in_windows(masks, boxes, height, width, threshold)
 
     def paste_chunk(chunk_masks: Array, chunk_boxes: Array) -> Array:
         paste_each = jax.vmap(_paste_one, in_axes=(0, 0, None, None, None))
@@ -260,3 +280,79 @@ def _paste_compiled(
         return lax.dynamic_update_slice_in_dim(pasted, paste_chunk(chunk_masks, chunk_boxes), start, axis=0)
 
     return lax.fori_loop(0, num_chunks, body, jnp.zeros((num_masks, height, width), out_dtype))
+
+
+def _axis_taps(
+    num_pixels: int, start: Array, end: Array, mask_size: int, first_pixel: Array
+) -> tuple[Array, Array, Array]:
+    """The two bilinear taps of pixels ``first_pixel + arange(num_pixels)`` of one box side, cropped
+    to detectron2's CPU paste window: ``(index, low_weight, high_weight)``, ``index`` int32 into
+    the mask padded by one cell (the low tap is cell ``index - 1``). The weights are
+    :func:`_axis_weights`' non-zero entries: a tap outside the mask, a pixel outside the window
+    or a non-finite position weighs zero."""
+    # Pixel indices are integers below 2**24, exact in float32: the same positions as _axis_weights.
+    pixels = jnp.arange(num_pixels, dtype=jnp.float32) + first_pixel.astype(jnp.float32)
+    position = _sample_positions(pixels, start, end, mask_size)
+    low = jnp.floor(position)
+    high_weight = position - low
+    low_weight = 1.0 - high_weight
+    inside = (pixels >= jnp.floor(start) - 1.0) & (pixels < jnp.ceil(end) + 1.0)
+    low_weight = jnp.where(inside & (low >= 0.0) & (low <= mask_size - 1.0), low_weight, 0.0)
+    high_weight = jnp.where(inside & (low >= -1.0) & (low <= mask_size - 2.0), high_weight, 0.0)
+    index = jnp.clip(jnp.nan_to_num(low, nan=-1.0), -1.0, mask_size - 1.0).astype(jnp.int32) + 1
+    return index, low_weight, high_weight
+
+
+def _window_start_end(start: Array, end: Array, num_pixels: int) -> tuple[Array, Array]:
+    """detectron2's CPU paste window ``[floor(start) - 1, ceil(end) + 1)`` clipped to the image, int32."""
+    lo = jnp.clip(jnp.nan_to_num(jnp.floor(start) - 1.0), 0.0, num_pixels)
+    hi = jnp.clip(jnp.nan_to_num(jnp.ceil(end) + 1.0), 0.0, num_pixels)
+    return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
+
+
+def _paste_in_windows(masks: Array, boxes: Array, height: int, width: int, threshold: float) -> Array:
+    """The ``crop_to_box_extent`` result, thresholded/soft, computing only each box's window.
+
+    Every pixel outside a box's paste window is zero, so only the window is resampled: it is
+    covered by fixed-size tiles (``_TILE``), and one ``while_loop`` runs over the (mask, tile)
+    pairs of all masks, writing each tile into the zero-initialised result in place. A tile that
+    would cross the image edge is moved back inside; its pixels outside the window weigh zero, so
+    it writes the zeros already there. Each pixel is the two-tap bilinear blend of
+    :func:`_axis_taps` (the non-zero entries of the whole-image path's weights), columns first.
+    """
+    out_dtype = _output_dtype(threshold)
+    num_masks, mask_size = masks.shape[0], masks.shape[-1]
+    tile_h, tile_w = min(_TILE[0], height), min(_TILE[1], width)
+    x_lo, x_hi = _window_start_end(boxes[:, 0], boxes[:, 2], width)
+    y_lo, y_hi = _window_start_end(boxes[:, 1], boxes[:, 3], height)
+    tiles_y = (y_hi - y_lo + tile_h - 1) // tile_h
+    tiles_x = (x_hi - x_lo + tile_w - 1) // tile_w
+    tile_count = tiles_y * tiles_x
+    tile_end = jnp.cumsum(tile_count)
+    # One zero cell on each side, so the taps -1 and M read zeros (their weights are 0 anyway).
+    padded_masks = jnp.pad(masks, ((0, 0), (1, 1), (1, 1)))  # [N, M + 2, M + 2]
+
+    def convert(values: Array) -> Array:
+        if threshold >= 0:
+            return values >= jnp.float32(threshold)
+        return jnp.clip(values * 255.0, 0.0, 255.0).astype(jnp.uint8)
+
+    def body(carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        position, out = carry
+        n = jnp.sum(tile_end <= position).astype(jnp.int32)
+        local = position - (tile_end[n] - tile_count[n])
+        row_tile, col_tile = local // tiles_x[n], local % tiles_x[n]
+        top = jnp.minimum(y_lo[n] + row_tile * tile_h, height - tile_h)
+        left = jnp.minimum(x_lo[n] + col_tile * tile_w, width - tile_w)
+        box = boxes[n]
+        row_tap, row_lo, row_hi = _axis_taps(tile_h, box[1], box[3], mask_size, top)
+        col_tap, col_lo, col_hi = _axis_taps(tile_w, box[0], box[2], mask_size, left)
+        padded = padded_masks[n]
+        along_x = padded[:, col_tap] * col_lo + padded[:, col_tap + 1] * col_hi  # [M + 2, w]
+        tile = along_x[row_tap] * row_lo[:, None] + along_x[row_tap + 1] * row_hi[:, None]  # [h, w]
+        out = lax.dynamic_update_slice(out, convert(tile)[None], (n, top, left))
+        return position + 1, out
+
+    total = tile_end[-1]
+    start = (jnp.int32(0), jnp.zeros((num_masks, height, width), out_dtype))
+    return lax.while_loop(lambda carry: carry[0] < total, body, start)[1]
