@@ -19,7 +19,7 @@ scatter-adds: the feature gradient is, sample for sample, the one detectron2/tor
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -256,6 +256,15 @@ def gather_rows(table: jax.Array, index: jax.Array) -> jax.Array:
     return table.at[index].get(mode="promise_in_bounds")
 
 
+def weighted_gather_sum(table: jax.Array, taps: Iterable[tuple[jax.Array, jax.Array]],
+                        acc: jax.Array | None = None) -> jax.Array:
+    """``acc + sum(weight[..., None] * table[index])`` over ``(index, weight)`` pairs, in order."""
+    for index, weight in taps:
+        term = weight[..., None] * gather_rows(table, index)
+        acc = term if acc is None else acc + term
+    return acc
+
+
 def scatter_add_rows(table: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
     return table.at[index].add(rows, mode="promise_in_bounds")
 
@@ -334,7 +343,7 @@ def _pool_fwd(taps, pooled, unrolled, table, params, trips_outer, trips_inner, l
         acc = jnp.zeros((c["live"].shape[0],) + pooled + (table.shape[1],), table.dtype)
 
         def visit(index, weight, acc):
-            return acc + weight[..., None] * gather_rows(table, index)
+            return weighted_gather_sum(table, [(index, weight)], acc)
 
         return _chunk_loops(taps, c, t_outer, t_inner, visit, acc)
 

@@ -152,14 +152,10 @@ def _separable_taps(c, i, block):
 
 def _pool_unrolled(table, params, taps_y, taps_x):
     """Static tap counts (fixed sampling ratio): one fused sum of ``Ty * Tx`` gathers."""
-    out = None
-    for i in range(taps_y):
-        for j in range(taps_x):
-            index = params["row_base"][:, :, None, i] + params["col"][:, None, :, j]
-            weight = params["wy"][:, :, None, i] * params["wx"][:, None, :, j]
-            term = weight[..., None] * rs.gather_rows(table, index)
-            out = term if out is None else out + term
-    return out
+    return rs.weighted_gather_sum(table, (
+        (params["row_base"][:, :, None, i] + params["col"][:, None, :, j],
+         params["wy"][:, :, None, i] * params["wx"][:, None, :, j])
+        for i in range(taps_y) for j in range(taps_x)))
 
 
 class ROIAlign(nn.Module):

@@ -146,13 +146,9 @@ def _rotated_taps(c, iy, ix, pooled, size):
 
 
 def _pool_unrolled(table, params, taps, ratio):
-    out = None
-    for iy in range(ratio):
-        for ix in range(ratio):
-            for index, weight in taps(params, iy, ix):
-                term = weight[..., None] * rs.gather_rows(table, index)
-                out = term if out is None else out + term
-    return out
+    """Static sampling ratio: one fused sum over every sample's four bilinear neighbours."""
+    return rs.weighted_gather_sum(
+        table, (tap for iy in range(ratio) for ix in range(ratio) for tap in taps(params, iy, ix)))
 
 
 class ROIAlignRotated(nn.Module):
