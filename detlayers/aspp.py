@@ -43,7 +43,7 @@ class ASPP(nn.Module):
 
     * ``convs_0``: 1x1 ``Conv2d`` with ``norm`` and ``activation``;
     * ``convs_1..3``: 3x3 ``Conv2d`` with ``padding = dilation = dilations[i]`` (or, with
-      ``use_depthwise_separable_conv``, :class:`~detlayers.DepthwiseSeparableConv2d` with
+      ``use_depthwise_separable_conv``, :class:`detlayers.DepthwiseSeparableConv2d` with
       ``norm1 = norm2 = norm`` and both activations);
     * image pooling: global average (``pool_kernel_size=None``) or ``AvgPool2d(pool_kernel_size,
       stride=1)``, then ``convs_4_1``: 1x1 ``Conv2d`` **with bias, without norm**, with

@@ -30,7 +30,7 @@ class CNNBlockBase(nn.Module):
 
     Subclasses add their own fields (after ``in_channels, out_channels, stride``) and an
     ``@nn.compact __call__(self, x, train=False)``. Choose batch norms through fields (a norm name
-    such as ``norm="BN"`` passed to :class:`~detlayers.Conv2d`, or a norm module given as a field)
+    such as ``norm="BN"`` passed to :class:`detlayers.Conv2d`, or a norm module given as a field)
     so that :meth:`freeze` can turn them into frozen ones.
 
     Attributes:

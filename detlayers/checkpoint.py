@@ -171,7 +171,7 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
     Layouts: convolution weights ``[out, in/groups, kh, kw]`` -> ``[kh, kw, in/groups, out]``;
     transposed convolutions (``ConvTranspose2d``, recognised from the module that owns the
     kernel) ``[in, out/groups, kh, kw]`` -> ``[kh, kw, in/groups, out]`` (see
-    :func:`detlayers.wrappers.conv_transpose2d`); linear ``[out, in]`` -> ``[in, out]``; vectors
+    ``conv_transpose2d`` in ``detlayers.wrappers``); linear ``[out, in]`` -> ``[in, out]``; vectors
     unchanged. ``num_batches_tracked`` is ignored.
 
     Raises:

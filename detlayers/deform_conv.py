@@ -1,4 +1,4 @@
-"""Deformable convolution v1 (:paper:`deformconv`) and v2 / modulated (:paper:`deformconv2`), NHWC.
+"""Deformable convolution v1 (Dai et al., 2017) and v2 / modulated (Zhu et al., 2019), NHWC.
 
 Semantics are torchvision's ``torchvision.ops.deform_conv2d`` (which detectron2's CPU path calls
 and whose CUDA kernels share the layout and bilinear rule), moved to Flax's layout:
@@ -7,39 +7,32 @@ and whose CUDA kernels share the layout and bilinear rule), moved to Flax's layo
   ``[N, Ho, Wo, O]`` with PyTorch's output size ``(H + 2*pad - (dil*(k-1) + 1)) // stride + 1``.
 * ``offset`` ``[N, Ho, Wo, 2 * dg * kh * kw]``: for deformable group ``g`` and kernel tap
   ``k = i * kw + j`` channel ``g*2*kh*kw + 2*k`` is the y offset and ``+1`` the x offset
-  (detectron2's / torchvision's channel order, moved to the last axis).  Deformable group ``g`` covers the input
-  channels ``[g * C/dg, (g+1) * C/dg)``.
+  (detectron2's / torchvision's channel order, moved to the last axis).  Deformable group ``g``
+  covers the input channels ``[g * C/dg, (g+1) * C/dg)``.
 * ``mask`` ``[N, Ho, Wo, dg * kh * kw]``, channel ``g*kh*kw + k``; it multiplies the sample as
   given (apply any sigmoid before).
 * Tap ``(i, j)`` of output ``(ho, wo)`` samples the point
   ``y = ho*stride_h - pad_h + i*dil_h + dy``, ``x = wo*stride_w - pad_w + j*dil_w + dx``.  The
-  sample is taken only when ``-1 < y < H`` and ``-1 < x < W`` (else it is 0); inside that window it is the
-  bilinear blend of the four neighbours ``floor(y) + {0, 1}`` x ``floor(x) + {0, 1}``, neighbours
-  outside the image counting as 0.
+  sample is taken only when ``-1 < y < H`` and ``-1 < x < W`` (else it is 0); inside that window
+  it is the bilinear blend of the four neighbours ``floor(y) + {0, 1}`` x ``floor(x) + {0, 1}``,
+  neighbours outside the image counting as 0.
 
-Gradients equal torchvision's backward for input, offset, mask, kernel and bias.  One detail where
+Gradients equal torchvision's backward for input, offset, mask, kernel and bias, including where
 torchvision's offset gradient is not the derivative of its forward: at a sample lying exactly on
-``y == -1`` (or ``x == -1``) the forward is 0, but torchvision's offset gradient is the one-sided
-derivative of the bilinear blend (the in-image neighbour pulls the point inward).  That point is
-hit all the time in practice -- zero offsets with ``padding = dilation`` put the border taps
-exactly there, which is how detectron2 initialises its offset convolutions -- so we reproduce it:
-the bilinear weights carry the gate as a constant (``stop_gradient``) factor.  detectron2's own CUDA
-kernel returns 0 there instead.
+``y == -1`` (or ``x == -1``) the forward is 0 but the offset gradient is the one-sided derivative
+of the bilinear blend. Zero offsets with ``padding = dilation`` put the border taps exactly there,
+which is how detectron2 initialises its offset convolutions. (detectron2's own CUDA kernel
+returns 0 there instead.)
 
-Implementation: a bilinear im2col by gathers -- for every (output position, tap, deformable group)
-the four neighbouring channel vectors (contiguous in NHWC) are gathered from the flattened image,
-blended with the bilinear weights times the mask -- followed by one matmul per convolution group
-over (tap, channel), so the heavy part runs on the matrix units with float32 accumulation
-(``preferred_element_type``).  The column tensor has ``N*Ho*Wo*kh*kw*C`` elements; above
-``max_column_elements`` (default ``2**26``, 256 MiB in float32) the output rows are processed in
-chunks with ``lax.map`` so memory stays bounded.  Gradients come from autodiff through the gathers
-(scatter-adds for the input) with the im2col rematerialised (``jax.checkpoint``) in the backward
-pass; a hand-written ``custom_vjp`` was measured and was not faster on CPU.
+Memory: the bilinear columns (``N*Ho*Wo*kh*kw*C`` elements) are built at most
+``max_column_elements`` at a time (default ``2**26``, 256 MiB in float32), in chunks of output rows.
 
-dtypes: bfloat16 / float16 inputs are gathered in their dtype and blended in float32; the columns
-are cast to the promoted dtype of ``input`` and ``kernel`` for the matmul (so a bfloat16 input with
-a bfloat16 kernel multiplies in bfloat16, as PyTorch's im2col does), which accumulates in float32;
-the result has ``input``'s dtype (like ``Conv2d``).
+dtypes: bfloat16 / float16 inputs are blended in float32 and multiplied in the promoted dtype of
+``input`` and ``kernel`` (as PyTorch's im2col does), accumulating in float32; the result has
+``input``'s dtype (like ``Conv2d``).
+
+How it is computed (a bilinear im2col by gathers and one matmul per group):
+``docs/design/deform_conv.md`` in the repository.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Multi-process (multi-host) set-up through JAX's own runtime, ``jax.distributed``.
 
 detlayers has no engine of its own: every collective (``psum``/``pmean`` in
-:class:`~detlayers.batch_norm.NaiveSyncBatchNorm`, gradient averaging in the demo) is an ordinary
+:class:`detlayers.batch_norm.NaiveSyncBatchNorm`, gradient averaging in the demo) is an ordinary
 JAX collective over a named axis, and JAX's multi-controller runtime makes that axis span the
 devices of every process.  This module only decides *how* to call
 ``jax.distributed.initialize`` and slices global batches per process.

@@ -148,15 +148,15 @@ def _structure(tree: Any) -> Any:
 def convert_frozen_batchnorm(
     module: nn.Module, variables: Mapping, *example_args: Any, **example_kwargs: Any
 ) -> tuple[nn.Module, dict]:
-    """Turns a model's batch norms into :class:`~detlayers.FrozenBatchNorm2d`, keeping its outputs.
+    """Turns a model's batch norms into :class:`detlayers.FrozenBatchNorm2d`, keeping its outputs.
 
     Module: walks the dataclass fields of ``module`` recursively (submodules given as fields,
     lists/tuples of them); a field whose name contains ``"norm"`` and holds a batch-norm name
     (``"BN"``, ``"SyncBN"``, ``"nnSyncBN"``, ``"naiveSyncBN"``, ``"naiveSyncBN_N"``) becomes
-    ``"FrozenBN"``, and a :class:`~detlayers.BatchNorm2d` / :class:`~detlayers.NaiveSyncBatchNorm`
+    ``"FrozenBN"``, and a :class:`detlayers.BatchNorm2d` / :class:`detlayers.NaiveSyncBatchNorm`
     instance becomes ``FrozenBatchNorm2d(num_features, eps)``. Batch norms created inside a
     ``compact`` method without a field cannot be reached: pass them in through a field. Norm
-    factories given as callables and :class:`~detlayers.CycleBatchNormList` are not converted;
+    factories given as callables and :class:`detlayers.CycleBatchNormList` are not converted;
     pass example inputs for models that contain one, so the mismatch is reported instead of the
     structural walk below silently moving the cycle list's statistics.
 
@@ -283,7 +283,7 @@ def prefix_trainable_mask(params: Any, frozen_prefixes: Sequence[str | Sequence[
 
 def trainable_mask(module: nn.Module, params: Any, *example_args: Any, **example_kwargs: Any) -> Any:
     """Bool tree over ``params``: False for parameters inside any submodule with ``frozen=True``
-    (e.g. blocks returned by :meth:`~detlayers.CNNBlockBase.freeze`), True elsewhere.
+    (e.g. blocks returned by :meth:`detlayers.CNNBlockBase.freeze`), True elsewhere.
 
     The frozen submodules are found by tracing ``module.init(*example_args, **example_kwargs)``
     abstractly (no computation).

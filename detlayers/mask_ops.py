@@ -6,51 +6,24 @@ image, the way detectron2 does with ``grid_sample(align_corners=False)``: pixel 
 has centre ``p + 0.5``, the box edges map to the outer edges of the mask's border cells, and
 samples falling off the mask read zeros.
 
-How it is computed. Bilinear resampling into an axis-aligned box is separable: the value at image
-pixel ``(y, x)`` is ``sum_i sum_j wy[y, i] * mask[i, j] * wx[x, j]``, where ``wy`` (``[H, M]``) and
-``wx`` (``[W, M]``) hold the 1-D bilinear weights of each image row / column (at most two non-zero
-taps each, a tap that falls outside ``[0, M)`` weighs zero -- exactly grid_sample's zero padding,
-which drops each of the four neighbours separately). Two code paths use this:
-
-* Thresholded / soft output with ``crop_to_box_extent=True`` (detectron2's CPU result, the default
-  and the common inference case): every pixel outside a box's integer paste window is zero, so
-  only the window is computed. It is covered by fixed-size tiles (64 x 128 pixels), one
-  ``while_loop`` runs over all (mask, tile) pairs, and each tile is written in place into the
-  zero-initialised ``[N, H, W]`` bool/uint8 result. Per pixel only the two non-zero taps of each
-  axis are used (gather two mask columns and blend, then gather two of those rows and blend):
-  about 4 multiply-adds a pixel instead of a dense ``[H, M] @ [M, W]`` product. The work is
-  proportional to the boxes' area, not ``N * H * W``; what remains is filling the result itself.
-* Float output (``threshold=None``, differentiable) and ``crop_to_box_extent=False``: each mask is
-  two small matmuls over the whole image, ``wy @ (mask @ wx.T)``. Masks are processed a few at a
-  time (a loop over chunks) so the float32 intermediate never holds more than a bounded number of
-  full-image planes; only the ``[N, H, W]`` result is as large as the image.
-
-Agreement with detectron2 (float32). The sampling coordinates are computed with the same float32
-operations as detectron2 + PyTorch's CPU kernel (``((p + 0.5 - x0) / (x1 - x0)) * 2 - 1``, then
-``(g + 1) * (M / 2) - 0.5`` as one fused multiply-add, as PyTorch's vectorized kernel and its CUDA
-kernel both evaluate it), so every sample lands on the same mask cells with the same fractional
-weights. Only the order in which the (up to) four weighted neighbours are added differs (a
-separable sum instead of PyTorch's ``nw*(s*e) + ne*(s*w) + ...``; the two paths above also differ
-from each other in that order), which moves a value by at most a few float32 ulps: a thresholded
-pixel can differ only when its value lies within those ulps of the threshold, and a soft (uint8)
-pixel by at most one level. Measured against detectron2 on CPU
-(``tools/fixtures/make_mask_ops.py --measure``): 0 thresholded pixels differ out of ~208M (masks
-on 60 x 80, 480 x 640 and 800 x 1333 images), and about 1e-6 of the soft pixels differ, by one
-level; the tiled path differs from detectron2 on 0 thresholded and ~1e-7 of the soft pixels
-(random boxes on the same three image sizes, 126M pixels). (Bit-for-bit coordinates also need XLA
-kept from rewriting detectron2's arithmetic: a division by the box size must not become a
-multiplication by its reciprocal, and ``(g * 2 - 1 + 1)`` must not be folded; optimization
-barriers pin both.)
+Agreement with detectron2 (float32). Every sample lands on the same mask cells with the same
+fractional weights as in detectron2 (the sampling coordinates use its float32 operations); only
+the order in which the four weighted neighbours are added differs, by a few float32 ulps. A
+thresholded pixel can therefore differ only when its value lies within those ulps of the
+threshold, and a soft (uint8) pixel by at most one level.
 
 Where detectron2 depends on the device. On CPU detectron2 pastes each mask only into its box's
 integer extent ``[floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1)`` (``skip_empty``)
 and leaves the rest of the image zero; on GPU it samples the whole image. The two differ in the
 half-mask-cell ramp just outside a box wider/taller than ``3 * M`` pixels, where the bilinear
 weight of the border cell falls from 0.5 to 0 -- invisible after a threshold >= 0.5 but visible in
-soft masks. ``crop_to_box_extent=True`` (the default) reproduces the CPU result on every device here;
-``False`` reproduces the GPU one. Where detectron2's
-CPU path raises (a box lying wholly to the right of / below the image by more than a pixel, or
-wholly left / above it, makes ``torch.arange`` fail) the mask here is simply all zero.
+soft masks. ``crop_to_box_extent=True`` (the default) reproduces the CPU result on every device
+here; ``False`` reproduces the GPU one. Where detectron2's CPU path raises (a box lying wholly to
+the right of / below the image by more than a pixel, or wholly left / above it, makes
+``torch.arange`` fail) the mask here is simply all zero.
+
+How it is computed (separable two-tap weights, box-window tiles, bounded memory) and the measured
+agreement: ``docs/design/mask_ops.md`` in the repository.
 """
 
 from __future__ import annotations

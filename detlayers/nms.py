@@ -81,8 +81,9 @@ _backend_override: str | None = None
 class NMSResult(NamedTuple):
     """Kept boxes: ``indices`` int32 ``[K]`` (by decreasing score, ``-1`` padded), ``count`` int32 ``[]``."""
 
-    indices: Array
-    count: Array
+    # jax.Array, not the module's alias: documentation tools evaluate these names outside the module.
+    indices: jax.Array
+    count: jax.Array
 
 
 def set_backend(backend: str | None) -> None:

@@ -213,7 +213,7 @@ class Conv2d(nn.Module):
     ``__call__(x, train=False, *, mask=None)``: ``x`` is ``[N, H, W, in_channels]`` (any floating
     dtype, ``N`` may be 0); returns ``[N, Ho, Wo, out_channels]`` in ``x.dtype``. ``train`` is
     forwarded to the norm, and so is ``mask`` (``bool[N]``, the real examples of a padded
-    per-device batch) when given, for :class:`~detlayers.NaiveSyncBatchNorm`.
+    per-device batch) when given, for :class:`detlayers.NaiveSyncBatchNorm`.
     """
 
     in_channels: int
@@ -362,7 +362,7 @@ class ConvTranspose2d(nn.Module):
     output_padding + 1``. ``kernel_init``/``bias_init`` default to PyTorch's
     (``U(-1/sqrt(fan_in), ...)`` with PyTorch's ``fan_in = out/groups * kh * kw`` for this layer).
 
-    Parameters: ``kernel`` ``[kh, kw, in/groups, out]`` (see :func:`conv_transpose2d` for how it
+    Parameters: ``kernel`` ``[kh, kw, in/groups, out]`` (see ``conv_transpose2d`` for how it
     relates to PyTorch's ``[in, out/groups, kh, kw]`` weight; the taps are not flipped) and ``bias``
     ``[out]``.
 

@@ -3,21 +3,7 @@
 ResNet stage-3 sized feature maps: CPU ``N=2, C=O=256, 64x64``; GPU ``N=8, C=O=256, 100x152``;
 3x3 kernel, padding 1, deformable groups 1 and 4.  "fwd" times the output; "fwd+bwd" the output and
 the gradients w.r.t. input, offset, mask and kernel (PyTorch: ``torch.autograd.grad`` with the same
-upstream gradient).  PyTorch runs NCHW on the same values.
-
-Measured 2026-11-25 (``python -m detlayers.bench deform_conv --min-seconds 3``), jax 0.10.2 CPU vs
-torch 2.14.1 / torchvision 0.29.1 CPU (2 threads) on the shared 2-core build machine under a load
-average of 5-9 (other engineers' jobs), so single numbers are noisy; ours and torch are timed in
-the same process.  Final code, two runs (the second at the heavier load):
-
-| op (N=2, C=O=256, 64x64, 3x3, pad 1)  | detlayers ms | torchvision ms | ratio | run 2 ratio |
-|---------------------------------------|-------------:|---------------:|------:|------------:|
-| modulated_deform_conv fwd, dg=1       |          665 |           1222 |  0.54 |        0.70 |
-| modulated_deform_conv fwd+bwd, dg=1   |         1104 |           3034 |  0.36 |        0.45 |
-| modulated_deform_conv fwd, dg=4       |          371 |            522 |  0.71 |        0.58 |
-| modulated_deform_conv fwd+bwd, dg=4   |         1271 |           3858 |  0.33 |        0.59 |
-
-GPU (N=8, 100x152): not measured -- no GPU was lent to this task.
+upstream gradient).  PyTorch runs NCHW on the same values.  Measured tables: BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """Benchmark: ``paste_masks_in_image`` vs detectron2's (``python -m detlayers.bench paste_masks``).
 
 A COCO-sized inference step: 100 instances with 28 x 28 mask probabilities pasted onto an
-800 x 1333 image. The PyTorch side is detectron2's own ``paste_masks_in_image`` when detectron2 is
-importable (per-box ``grid_sample`` on CPU, whole-image chunks on GPU); otherwise a short
-re-statement of the same algorithm in PyTorch (below), so the table still has a baseline.
-
-Measured (CPU only; no GPU was lent for this work), 2-core AMD EPYC machine shared with other jobs
-(load ~2), ours and detectron2's in the same process, ratio = ours / theirs:
-
-    op (three runs each)                             detlayers ms     detectron2 ms    ratio
-    paste_masks N=100 M=28 800x1333 thr=0.5 -> bool  47.4 73.6 46.0   61.2 71.0 54.6   0.77 1.04 0.84
-    paste_masks N=100 M=28 800x1333 soft -> uint8    46.0 51.9 46.8   56.3 61.7 55.6   0.82 0.84 0.84
-
-The previous whole-image matmul path measured 97 / 131 ms (ratios 1.5 / 2.1) on a quiet machine,
-and 78-91 ms against 39-40 ms for the tiled path (best of 8) side by side in one process. Both
-sides are now dominated by filling the 107 MB result: allocating and zeroing it alone takes
-~35-60 ms here (first-touch page faults of freshly mapped memory; detectron2's ``torch.zeros``
-pays the same), and our paste on top of it adds ~5 ms. Peak scratch memory of ours
-(``compile().memory_analysis()``): 0.36 MB besides the 107 MB bool result.
+800 x 1333 image, thresholded to bool and soft (uint8). The PyTorch side is detectron2's own
+``paste_masks_in_image`` when detectron2 is importable (per-box ``grid_sample`` on CPU,
+whole-image chunks on GPU); otherwise a short re-statement of the same algorithm in PyTorch
+(below), so the table still has a baseline.  Measured tables: BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ params, batch_stats, optimizer state, RNG key data) and ``meta`` (JSON: step, da
 run's configuration).  Orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-save leaves only a temporary directory that
 :meth:`TrainCheckpointer.latest_step` never reports; it is never loaded.  In multi-process runs
-every process calls :meth:`save` and :meth:`restore` (orbax coordinates them); arrays that are
-replicated over a global mesh are written once.
+every process calls :meth:`TrainCheckpointer.save` and :meth:`TrainCheckpointer.restore` (orbax
+coordinates them); arrays that are replicated over a global mesh are written once.
 
 Errors: a checkpoint that cannot be read (corrupt files) or does not fit the model being trained
 (other shapes, dtypes or tree structure) raises :class:`CheckpointError` naming its path: a
