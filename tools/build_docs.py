@@ -43,6 +43,10 @@ _DOTTED_CODE = re.compile(r"(?<!`)``?(" + PACKAGE + r"(?:\.\w+)+)(?:\(\))?``?(?!
 def public_modules() -> list[str]:
     """``detlayers`` and every submodule whose dotted name has no component starting with ``_``."""
     package = importlib.import_module(PACKAGE)
+    # The package exports its names lazily (module __getattr__); pdoc reads the package __dict__
+    # and would take a name missing there for a submodule (``nms``, ``roi_align`` ... are both).
+    for name in package.__all__:
+        getattr(package, name)
     names = [PACKAGE]
     errors: list[str] = []
     for info in pkgutil.walk_packages(package.__path__, PACKAGE + ".", onerror=errors.append):
