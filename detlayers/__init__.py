@@ -1,6 +1,7 @@
 """detlayers: detectron2's detection layers (``detectron2.layers``) for JAX and Flax linen.
 
-Every public name of ``../shared/SPEC.md`` is importable from here (``import detlayers as L``).
+Every public layer is importable from here (``import detlayers as L``); the conventions they all
+follow are in the repository's ``docs/conventions.md``.
 Submodules are imported lazily on first attribute access, so ``import detlayers`` stays cheap and
 one op family never pays for another's import.
 """

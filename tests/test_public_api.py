@@ -1,4 +1,4 @@
-"""The names and signatures of ../shared/SPEC.md are importable from ``detlayers``."""
+"""The public names and their signatures import from ``detlayers`` (see docs/conventions.md)."""
 
 import inspect
 
