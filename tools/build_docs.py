@@ -157,7 +157,7 @@ def build(output_directory: pathlib.Path) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         names = public_modules()
-        pdoc.render.configure(docformat="restructuredtext", show_source=True)
+        pdoc.render.configure(docformat="google", show_source=True)  # Google-style Args: sections, plus reST roles
         all_modules = {name: pdoc.doc.Module.from_name(name) for name in names}
         output_directory.mkdir(parents=True, exist_ok=True)
         for module in all_modules.values():
