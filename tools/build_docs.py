@@ -157,7 +157,8 @@ def build(output_directory: pathlib.Path) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         names = public_modules()
-        pdoc.render.configure(docformat="google", show_source=True)  # Google-style Args: sections, plus reST roles
+        # "google": the docstrings' Args:/Returns: sections become lists; reST roles still work.
+        pdoc.render.configure(docformat="google", show_source=True)
         all_modules = {name: pdoc.doc.Module.from_name(name) for name in names}
         output_directory.mkdir(parents=True, exist_ok=True)
         for module in all_modules.values():
