@@ -29,7 +29,8 @@ def pytest_cmdline_main(config: pytest.Config):
     # Runs before xdist's own pytest_cmdline_main, which turns "auto" into a worker count.
     # An xdist worker must not ask for workers of its own (that would fork without end).
     is_worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
-    if not is_worker and hasattr(config.option, "numprocesses") and config.option.numprocesses is None:
+    has_xdist = hasattr(config.option, "numprocesses")
+    if not is_worker and has_xdist and config.option.numprocesses is None:
         config.option.numprocesses = "auto"
     if hasattr(config.option, "nbmake"):
         config.option.nbmake = True

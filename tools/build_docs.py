@@ -7,7 +7,8 @@
 Every public module of ``detlayers`` is documented (names starting with ``_`` are private). The
 build fails (exit status 1, one line per problem on stderr) when
 
-* pdoc warns (a module that does not import, an annotation it cannot evaluate, ...);
+* pdoc warns (a module that does not import, an annotation it cannot evaluate, ...), or
+  importing detlayers does (other libraries' warnings are printed, not counted);
 * a cross-reference in a docstring does not resolve to a documented object: a reST role
   (``:func:`name```, ``:class:``, ``:meth:``, ``:mod:``, ``:attr:`` ...), or a backticked dotted
   name starting with ``detlayers.``. Names resolve as pdoc links them: relative to the class and
@@ -62,7 +63,7 @@ def _is_private(qualname: str) -> bool:
 
 
 def _resolve(target: str, module, namespace: str, all_modules: dict) -> bool:
-    """Whether pdoc can link ``target`` written in a docstring of ``module`` (class ``namespace``)."""
+    """Whether pdoc links ``target``, written in a docstring of ``module`` (class ``namespace``)."""
     target = target.removesuffix("()")
     # Relative to the enclosing class, then to the module (pdoc's qualname_candidates).
     candidates = [f"{namespace}.{target}", target] if namespace else [target]
@@ -117,7 +118,8 @@ def _docstrings(namespace_doc):
         if member.is_inherited:
             continue  # imported or inherited: checked where it is defined, if that is ours
         if isinstance(member, pdoc.doc.Class):
-            yield member.qualname, member.fullname, member.docstring  # pdoc links a class's own members
+            # A class's own docstring resolves names among its members first, as pdoc does.
+            yield member.qualname, member.fullname, member.docstring
             yield from _docstrings(member)
         elif member.docstring and getattr(member.obj, "__doc__", None):  # not a base class's text
             yield member.qualname.rpartition(".")[0], member.fullname, member.docstring
@@ -166,10 +168,16 @@ def build(output_directory: pathlib.Path) -> list[str]:
             out = output_directory / f"{module.fullname.replace('.', '/')}.html"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(html, encoding="utf-8")
-        (output_directory / "index.html").write_text(pdoc.render.html_index(all_modules), encoding="utf-8")
-        (output_directory / "search.js").write_text(pdoc.render.search_index(all_modules), encoding="utf-8")
+        for file_name, text in (("index.html", pdoc.render.html_index(all_modules)),
+                                ("search.js", pdoc.render.search_index(all_modules))):
+            (output_directory / file_name).write_text(text, encoding="utf-8")
+    pdoc_dir = pathlib.Path(pdoc.__file__).parent
     for warning in caught:
-        problems.append(f"pdoc warning: {warning.message}")
+        source = pathlib.Path(warning.filename).resolve()
+        if pdoc_dir in source.parents or ROOT in source.parents:
+            problems.append(f"warning: {warning.message} ({source.name}:{warning.lineno})")
+        else:  # another library's (e.g. a deprecation inside jax): not a problem of these docs
+            print(f"note: {warning.category.__name__}: {warning.message}", file=sys.stderr)
     problems += check_references(all_modules)
     return problems
 
