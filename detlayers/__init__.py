@@ -2,6 +2,7 @@
 
 Every public layer is importable from here (``import detlayers as L``); the conventions they all
 follow are in the repository's ``docs/conventions.md``.
+
 Submodules are imported lazily on first attribute access, so ``import detlayers`` stays cheap and
 one op family never pays for another's import.
 """
