@@ -189,12 +189,12 @@ void run_problem(const float* boxes, const int32_t* classes, int64_t n, int64_t 
 }
 
 template <int kBoxDim, typename Kept>
-ffi::Error nms_impl(ffi::Buffer<ffi::F32> boxes, const int32_t* classes, const int64_t* classes_count,
+ffi::Error nms_impl(ffi::Buffer<ffi::F32> boxes, const int32_t* classes, const ffi::AnyBuffer::Dimensions* classes_dims,
                     ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
                     ffi::ResultBuffer<ffi::S32> count) {
   ProblemShape shape;
-  if (ffi::Error err = check_shapes(boxes.dimensions(), kBoxDim, classes_count, threshold.element_count(),
-                                    keep->dimensions(), count->element_count(), &shape);
+  if (ffi::Error err = check_shapes(boxes.dimensions(), kBoxDim, classes_dims, threshold.dimensions(),
+                                    keep->dimensions(), count->dimensions(), &shape);
       err.failure()) {
     return err;
   }
@@ -221,8 +221,8 @@ template <int kBoxDim, typename Kept>
 ffi::Error nms_with_classes(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
                             ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
                             ffi::ResultBuffer<ffi::S32> count) {
-  const int64_t classes_count = static_cast<int64_t>(classes.element_count());
-  return nms_impl<kBoxDim, Kept>(boxes, classes.typed_data(), &classes_count, threshold, keep, count);
+  const ffi::AnyBuffer::Dimensions classes_dims = classes.dimensions();
+  return nms_impl<kBoxDim, Kept>(boxes, classes.typed_data(), &classes_dims, threshold, keep, count);
 }
 
 }  // namespace
