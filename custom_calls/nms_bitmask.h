@@ -24,9 +24,8 @@ namespace bitmask {
 
 constexpr int kTile = 64;  // boxes per mask word (Python: detlayers.nms.CUDA_TILE)
 using Word = unsigned long long;
-// Largest scratch mask one custom call may use, over its whole batch (Python:
-// detlayers.nms.CUDA_MAX_MASK_BYTES; larger calls take the pure-XLA path). 1 GiB is one image of
-// about 131k boxes.
+// Largest scratch mask of one image (Python: detlayers.nms.CUDA_MAX_MASK_BYTES; images with more
+// boxes take the pure-XLA path): 1 GiB, N <= 131008 boxes. A vmapped call needs this per image.
 constexpr int64_t kMaxMaskBytes = int64_t{1} << 30;
 
 template <int kBoxDim>

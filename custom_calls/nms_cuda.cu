@@ -191,9 +191,9 @@ std::string launch_nms(cudaStream_t stream, const NmsProblem& p, int reduce_thre
     return "mask workspace must hold " + std::to_string(words) + " 64-bit words, got " +
            std::to_string(p.mask_capacity);
   }
-  if (words > bitmask::kMaxMaskBytes / static_cast<int64_t>(sizeof(Word))) {
-    return "the bitmask of " + std::to_string(p.batch) + " x " + std::to_string(p.n) +
-           " boxes exceeds the CUDA kernel's scratch bound; detlayers.nms uses the pure-XLA path there";
+  if (bitmask::mask_words(tiles) > bitmask::kMaxMaskBytes / static_cast<int64_t>(sizeof(Word))) {
+    return "the bitmask of " + std::to_string(p.n) +
+           " boxes per image exceeds the CUDA kernel's scratch bound; detlayers.nms uses the pure-XLA path there";
   }
   if (p.batch == 0) return "";
   if (tiles > kMaxGridY || p.batch > kMaxGridY) return "too many boxes or problems for the CUDA kernel";
