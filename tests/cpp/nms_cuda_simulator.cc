@@ -3,10 +3,12 @@
 // result with a plain greedy NMS. Built and run by tests/test_cuda_simulation.py (plain, TSan and
 // ASan+UBSan builds); exits non-zero on the first mismatch or failed check.
 //
-// Usage: nms_cuda_simulator [--quick | --constants]
+// Usage: nms_cuda_simulator [--quick | --constants | --cases IN OUT]
 //   (default)    every size and configuration below
 //   --quick      smaller sizes, for the sanitizer builds
 //   --constants  prints the constants that detlayers/nms.py must mirror, one "NAME value" a line
+//   --cases      runs the problems in file IN (torchvision/detectron2 fixtures, written by the
+//                test), writing each result to OUT; format in run_case_file
 #include "nms_cuda.cu"
 
 #include <cmath>
@@ -226,6 +228,47 @@ void check_subnormal_areas() {
   if (count[0] != 2 || keep[0] != 0 || keep[1] != 2 || keep[2] != -1) fail("subnormal areas flushed to zero");
 }
 
+// IN: int64 cases, then per case int32 dim, int32 has_classes, int64 n, int64 k, float threshold,
+// float boxes[n * dim] (score order), int32 classes[n] if has_classes.
+// OUT: per case int64 count, int32 keep[k]. Each case is one launch with garbage-filled buffers.
+int run_case_file(const char* in_path, const char* out_path) {
+  FILE* in = std::fopen(in_path, "rb");
+  FILE* out = std::fopen(out_path, "wb");
+  if (!in || !out) return fail("cannot open the case files"), 2;
+  auto read = [&](void* p, size_t bytes) { return bytes == 0 || std::fread(p, 1, bytes, in) == bytes; };
+  int64_t cases = 0;
+  if (!read(&cases, 8)) return fail("truncated case file"), 2;
+  for (int64_t c = 0; c < cases; ++c) {
+    int32_t dim = 0, has_classes = 0;
+    int64_t n = 0, k = 0;
+    float threshold = 0;
+    if (!read(&dim, 4) || !read(&has_classes, 4) || !read(&n, 8) || !read(&k, 8) || !read(&threshold, 4)) {
+      return fail("truncated case file"), 2;
+    }
+    std::vector<float> boxes(static_cast<size_t>(n * dim));
+    std::vector<int32_t> classes(has_classes ? static_cast<size_t>(n) : 0);
+    if (!read(boxes.data(), boxes.size() * 4) || !read(classes.data(), classes.size() * 4)) {
+      return fail("truncated case file"), 2;
+    }
+    const int64_t tiles = (n + 63) / 64;
+    std::vector<Word> mask(static_cast<size_t>(mask_words(tiles)));
+    std::vector<int32_t> keep(static_cast<size_t>(k)), count(1);
+    cuda_sim::fill_garbage(mask.data(), mask.size() * sizeof(Word), 100 + c);
+    cuda_sim::fill_garbage(keep.data(), keep.size() * sizeof(int32_t), 200 + c);
+    cuda_sim::fill_garbage(count.data(), sizeof(int32_t), 300 + c);
+    const NmsProblem p{boxes.data(), has_classes ? classes.data() : nullptr, &threshold, 1, n, k,
+                       keep.data(), count.data(), mask.data(), static_cast<int64_t>(mask.size())};
+    const std::string error = dispatch(dim, has_classes != 0, p, 256);
+    if (!error.empty()) fail("case " + std::to_string(c) + ": " + error);
+    const int64_t count64 = count[0];
+    std::fwrite(&count64, 8, 1, out);
+    std::fwrite(keep.data(), 4, keep.size(), out);
+  }
+  std::fclose(in);
+  std::fclose(out);
+  return failures ? 1 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -235,6 +278,7 @@ int main(int argc, char** argv) {
     std::printf("CUDA_MAX_MASK_BYTES %lld\n", static_cast<long long>(detlayers::bitmask::kMaxMaskBytes));
     return 0;
   }
+  if (mode == "--cases" && argc == 4) return run_case_file(argv[2], argv[3]);
   const bool quick = mode == "--quick";
   // --quick (sanitizer builds, ~10x slower): classes with rotated boxes only, fewer sizes and K.
   const std::vector<int64_t> sizes = quick ? std::vector<int64_t>{0, 1, 64, 65, 129}
