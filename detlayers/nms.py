@@ -25,8 +25,12 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
   ``sort`` may order them differently, so results are only guaranteed identical for distinct
   scores (the spec's promise).
 * NaN scores rank below every number (below ``-inf`` scores as well, since they are ranked as
-  ``-inf`` and the stable sort keeps input order). A box with a NaN coordinate is treated as an
-  empty box: it never suppresses another box and is never suppressed.
+  ``-inf`` and the stable sort keeps input order); subnormal scores rank by their value. A box
+  with a NaN coordinate is treated as an empty box: it never suppresses another box and is never
+  suppressed.
+* Subnormal box areas (below ``1.2e-38``) take part in the IoU as in torchvision, except on the
+  pure-XLA path on CPU, where XLA flushes subnormals to zero (IoU ``0/0``: such a box suppresses
+  nothing). The C++ and CUDA kernels keep them.
 * ``iou_threshold`` must lie in ``[0, 1]`` (``ValueError`` for a Python number outside). A traced
   threshold is not checked; the comparison rule above still applies.
 
@@ -292,9 +296,9 @@ def _descending_score_key(scores: Array) -> Array:
     ``-0.0`` ties with ``0.0``, the documented order. An integer key compared with a plain
     less-than is what XLA's GPU sort hands to its radix sort (CUB), instead of a comparison sort
     on a float key with a NaN-aware total-order comparator."""
-    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    scores = jnp.where(scores == 0, 0.0, scores)  # -0.0 -> 0.0
-    bits = lax.bitcast_convert_type(scores, jnp.int32)
+    bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(scores), -jnp.inf, scores), jnp.int32)
+    # -0.0 -> 0.0 on the bits: a float `== 0` would also catch subnormals where XLA flushes them
+    bits = jnp.where(bits == jnp.iinfo(jnp.int32).min, 0, bits)
     # Flipping the magnitude bits of negative floats makes the int32 order the float order ...
     ascending = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
     return ~ascending  # ... and ~x = -1 - x reverses it without overflow
