@@ -4,7 +4,7 @@
 //
 // Boxes are sorted by decreasing score. Word (i, c) of the mask has bit j set when box i suppresses
 // box 64*c + j (IoU(i, that box) > threshold, same class, and 64*c + j > i). Only words with
-// c >= i / 64 exist: the mask is stored packed by row tile (see word_offset), so an image needs
+// c >= i / 64 exist: the mask is stored packed by row tile (see row_tile_offset), so an image needs
 // 64 * tiles * (tiles + 1) / 2 words instead of N * tiles.
 #ifndef DETLAYERS_NMS_BITMASK_H_
 #define DETLAYERS_NMS_BITMASK_H_
