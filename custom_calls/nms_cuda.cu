@@ -343,6 +343,9 @@ ffi::Error nms_with_classes(cudaStream_t stream, ffi::Buffer<ffi::F32> boxes, ff
 
 // Command-buffer compatible: the handler only enqueues kernels on XLA's stream (no host
 // synchronization, no allocation, no host-visible result), so XLA may record it into a CUDA graph.
+// Its host-side attribute calls are not stream work, and the kernels' modules are already loaded by
+// the loader's DetlayersNmsCudaCheckRuntime (which queries every kernel on every device), so no
+// lazy module loading happens inside a capture.
 #define DETLAYERS_NMS_CUDA_BINDING(...)                        \
   ffi::Ffi::Bind()                                             \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()                \

@@ -55,7 +55,7 @@ BUILDS = {
 }
 SANITIZER_ENV = {
     "TSAN_OPTIONS": "halt_on_error=1 exitcode=66",
-    "ASAN_OPTIONS": "halt_on_error=1 detect_leaks=1",
+    "ASAN_OPTIONS": "halt_on_error=1 detect_leaks=0",
     "UBSAN_OPTIONS": "halt_on_error=1 print_stacktrace=1",
 }
 
