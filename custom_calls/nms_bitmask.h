@@ -24,8 +24,8 @@ namespace bitmask {
 
 constexpr int kTile = 64;  // boxes per mask word (Python: detlayers.nms.CUDA_TILE)
 using Word = unsigned long long;
-// Largest scratch mask of one image (Python: detlayers.nms.CUDA_MAX_MASK_BYTES; images with more
-// boxes take the pure-XLA path): 1 GiB, N <= 131008 boxes. A vmapped call needs this per image.
+// Largest scratch mask of one image: 1 GiB, N <= 131008 boxes (Python: detlayers.nms.CUDA_MAX_MASK_BYTES,
+// where larger images take the pure-XLA path and vmapped batches are split into calls within it).
 constexpr int64_t kMaxMaskBytes = int64_t{1} << 30;
 
 template <int kBoxDim>

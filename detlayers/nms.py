@@ -41,8 +41,9 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
 * GPU (CUDA): a CUDA custom call (``custom_calls/nms_cuda.cu``): 64-box tiles of IoU bitmasks,
   then a one-block-per-image reduction on the device. Nothing is copied to the host and nothing
   synchronizes the stream. Its scratch bitmask takes about ``N**2 / 16`` bytes per image (the
-  packed upper triangle, :func:`cuda_mask_bytes`); images with more than 131008 boxes (over
-  ``CUDA_MAX_MASK_BYTES`` = 1 GiB) take the pure-XLA path instead.
+  packed upper triangle, :func:`cuda_mask_bytes`) and at most ``CUDA_MAX_MASK_BYTES`` = 1 GiB per
+  call: images with more than 131008 boxes take the pure-XLA path, and a vmapped batch whose
+  scratch would exceed it is processed in sequential chunks of images.
 * Everywhere else (TPU, or when no library was built): a pure-XLA version that walks the sorted
   boxes in tiles of 256 inside a ``while_loop``, comparing each tile only with the boxes kept so
   far (memory ``O(N + tile^2)``, no ``N x N`` matrix; work ``O(N * kept)``). For rotated boxes the
@@ -81,8 +82,9 @@ BACKENDS = ("auto", "xla")
 XLA_TILE = 256  # boxes per step of the pure-XLA loop
 # Mirrors of custom_calls/nms_bitmask.h (kTile, kMaxMaskBytes), checked by tests/test_cuda_simulation.py.
 CUDA_TILE = 64  # boxes per 64-bit mask word in the CUDA kernel
-# Largest scratch bitmask of one image for the CUDA custom call (1 GiB: N <= 131008 boxes); larger
-# images run the pure-XLA path on the GPU instead. A vmapped call allocates it once per image.
+# Largest scratch bitmask of one CUDA custom call (1 GiB): images with more than 131008 boxes run
+# the pure-XLA path on the GPU instead, and a vmapped batch that would need more runs as a
+# sequence of calls (lax.map over chunks of images) that each stay within it.
 CUDA_MAX_MASK_BYTES = 1 << 30
 
 _backend_override: str | None = None
@@ -313,12 +315,17 @@ def cuda_mask_words(n: int) -> int:
 
 
 def cuda_mask_bytes(n: int) -> int:
-    """Bytes of scratch the CUDA custom call allocates per image of ``n`` boxes (times the vmap
-    batch); images above :data:`CUDA_MAX_MASK_BYTES` use the pure-XLA path."""
+    """Bytes of scratch the CUDA custom call allocates per image of ``n`` boxes; images above
+    :data:`CUDA_MAX_MASK_BYTES` use the pure-XLA path."""
     return 8 * cuda_mask_words(n)
 
 
 def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
+    keep, count = _cuda_custom_call(target, k)(*args)
+    return _varying_like((keep, count), *args)
+
+
+def _cuda_ffi(target: str, k: int, *args: Array) -> tuple[Array, Array]:
     lead = args[0].shape[:-2]
     n = args[0].shape[-2]
     out_types = (
@@ -328,7 +335,38 @@ def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
         jax.ShapeDtypeStruct(lead + (cuda_mask_words(n), 2), jnp.uint32),
     )
     keep, count, _ = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args)
-    return _varying_like((keep, count), *args)
+    return keep, count
+
+
+@functools.cache
+def _cuda_custom_call(target: str, k: int) -> Callable:
+    """The CUDA custom call, batched under ``vmap`` as ONE call whose leading dims are the batch,
+    in sequential chunks (``lax.map``) when the whole batch's scratch would exceed
+    :data:`CUDA_MAX_MASK_BYTES`: the scratch of a call is bounded whatever the batch size."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*args: Array) -> tuple[Array, Array]:
+        return _cuda_ffi(target, k, *args)
+
+    @call.def_vmap
+    def call_vmap(axis_size: int, in_batched, *args: Array):
+        args = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched))
+        boxes = args[0]  # [axis_size, ..., N, D]
+        per_slice = cuda_mask_bytes(boxes.shape[-2]) * int(np.prod(boxes.shape[1:-2], dtype=np.int64))
+        chunk = max(1, CUDA_MAX_MASK_BYTES // max(per_slice, 1))
+        if axis_size <= chunk:
+            return call(*args), (True, True)
+        num_chunks = -(-axis_size // chunk)
+        pad = num_chunks * chunk - axis_size  # padding problems (all-zero boxes): results dropped
+        chunks = tuple(
+            jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((num_chunks, chunk) + a.shape[1:]) for a in args
+        )
+        keep, count = lax.map(lambda xs: call(*xs), chunks)
+        keep = keep.reshape((num_chunks * chunk,) + keep.shape[2:])[:axis_size]
+        count = count.reshape((num_chunks * chunk,) + count.shape[2:])[:axis_size]
+        return (keep, count), (True, True)
+
+    return call
 
 
 # --------------------------------------------------------------------------------------------

@@ -254,22 +254,37 @@ def test_cuda_lowering_is_one_device_custom_call_over_the_batch(fn_name, box_dim
 
 
 @pytest.mark.skipif(not ffi_module.has_target("cuda", "detlayers_nms"), reason="CUDA custom call not built")
-def test_cuda_scratch_is_bounded_per_image():
-    # Scratch grows as N**2 / 16 bytes; above CUDA_MAX_MASK_BYTES (N > 131008) the GPU runs the
-    # pure-XLA path instead of allocating it.
-    assert nms_module.cuda_mask_bytes(131008) <= nms_module.CUDA_MAX_MASK_BYTES < nms_module.cuda_mask_bytes(131009)
+def test_cuda_scratch_is_bounded_per_call():
+    # Scratch grows as N**2 / 16 bytes per image; above CUDA_MAX_MASK_BYTES (N > 131008) the GPU
+    # runs the pure-XLA path instead of allocating it, and vmapped batches are split into calls
+    # that each stay within it.
+    limit = nms_module.CUDA_MAX_MASK_BYTES
+    assert nms_module.cuda_mask_bytes(131008) <= limit < nms_module.cuda_mask_bytes(131009)
     assert nms_module.cuda_mask_bytes(100_000) == 8 * 64 * (1563 * 1564 // 2)  # ~626 MB, not 1.25 GB
 
-    def custom_calls(n: int) -> int:
+    def calls(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Scratch shapes of the custom calls in the CUDA lowering of NMS vmapped over shape[:-1]."""
+        fn = lambda b, s: nms_module.nms(b, s, 0.5, max_output_size=10)  # noqa: E731
+        for _ in shape[:-1]:
+            fn = jax.vmap(fn)
         exported = jax.export.export(
-            jax.jit(lambda b, s: nms_module.nms(b, s, 0.5, max_output_size=10)),
+            jax.jit(fn),
             platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("detlayers_nms")],
-        )(jax.ShapeDtypeStruct((n, 4), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32))
-        return exported.mlir_module().count("custom_call @detlayers_nms(")
+        )(jax.ShapeDtypeStruct(shape + (4,), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32))
+        lines = [line for line in exported.mlir_module().splitlines() if "custom_call @detlayers_nms(" in line]
+        scratch = [line.rsplit("tensor<", 1)[1].split("xui32>")[0] for line in lines]
+        return [tuple(int(d) for d in s.split("x")) for s in scratch]
 
-    assert custom_calls(131008) == 1
-    assert custom_calls(131072) == 0
+    assert calls((131008,)) == [(nms_module.cuda_mask_words(131008), 2)]
+    assert calls((131072,)) == []  # pure XLA
+    words = nms_module.cuda_mask_words(60000)  # 225 MB per image: 4 images per call
+    assert calls((8, 60000)) == [(4, words, 2)]
+    assert calls((3, 100_000)) == [(1, nms_module.cuda_mask_words(100_000), 2)]
+    assert calls((2, 3, 60000)) == [(1, 3, words, 2)]
+    assert calls((8, 300)) == [(8, 960, 2)]  # small batches stay one call
+    for shape in calls((8, 60000)) + calls((3, 100_000)) + calls((2, 3, 60000)):
+        assert 4 * np.prod(shape) <= limit
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -548,3 +563,25 @@ def test_missing_library_falls_back_to_xla_and_warns_once():
     lines = out.stdout.strip().splitlines()
     assert lines[-2] == "1"
     assert lines[-1] == "[0, 2, -1] [0, 2, -1]"
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ custom call not built")
+def test_cuda_batch_chunking_gives_the_unchunked_result(monkeypatch):
+    # The chunked vmap rule of the CUDA call (padding, lax.map, reshape, slicing), run on CPU by
+    # standing the C++ custom call (same contract, without the scratch output) in for the CUDA one.
+    monkeypatch.setattr(nms_module, "_cuda_ffi", nms_module._call_cpu)
+    monkeypatch.setattr(nms_module, "CUDA_MAX_MASK_BYTES", 3 * nms_module.cuda_mask_bytes(50))  # 3 images a call
+    nms_module._cuda_custom_call.cache_clear()
+    try:
+        rng = np.random.default_rng(0)
+        xy = rng.uniform(0, 50, (2, 7, 50, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (2, 7, 50, 2)).astype(np.float32)], -1)
+        thresholds = rng.uniform(0.2, 0.8, (2, 7)).astype(np.float32)
+        chunked = jax.jit(jax.vmap(jax.vmap(functools.partial(nms_module._call_cuda, "detlayers_nms", 20))))
+        plain = jax.jit(jax.vmap(jax.vmap(functools.partial(nms_module._call_cpu, "detlayers_nms", 20))))
+        text = chunked.lower(boxes, thresholds).as_text()
+        assert "while" in text and "tensor<1x3x50x4xf32>" in text  # 7 images: 3 chunks of 3, padded
+        for got, want in zip(chunked(boxes, thresholds), plain(boxes, thresholds)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    finally:
+        nms_module._cuda_custom_call.cache_clear()
