@@ -1,12 +1,18 @@
-// The two steps of bitmask NMS, written once for the CUDA kernels (nms_cuda.cu) and for a host
-// emulation used by the tests (tests/cpp/nms_bitmask_harness.cc), which runs every thread's work
-// sequentially in the same order so the algorithm can be checked on machines without a GPU.
+// The per-thread steps of bitmask NMS used by the CUDA kernels (nms_cuda.cu). The kernels are also
+// compiled for the host by the CUDA simulator test (tests/cpp/nms_cuda_simulator.cc), which defines
+// DETLAYERS_CUDA_SIMULATOR and supplies the device intrinsics used under DETLAYERS_DEVICE_CODE.
 //
 // Boxes are sorted by decreasing score. Word (i, c) of the mask has bit j set when box i suppresses
 // box 64*c + j (IoU(i, that box) > threshold, same class, and 64*c + j > i). Only words with
-// c >= i / 64 are ever computed or read.
+// c >= i / 64 exist: the mask is stored packed by row tile (see row_tile_offset), so an image needs
+// 64 * tiles * (tiles + 1) / 2 words instead of N * tiles.
 #ifndef DETLAYERS_NMS_BITMASK_H_
 #define DETLAYERS_NMS_BITMASK_H_
+
+// Device code: real CUDA device compilation, or the host simulator, which supplies the intrinsics.
+#if defined(__CUDA_ARCH__) || defined(DETLAYERS_CUDA_SIMULATOR)
+#define DETLAYERS_DEVICE_CODE 1
+#endif
 
 #include <math.h>
 #include <stdint.h>
@@ -16,8 +22,11 @@
 namespace detlayers {
 namespace bitmask {
 
-constexpr int kTile = 64;  // boxes per mask word
+constexpr int kTile = 64;  // boxes per mask word (Python: detlayers.nms.CUDA_TILE)
 using Word = unsigned long long;
+// Largest scratch mask of one image: 1 GiB, N <= 131008 boxes (Python: detlayers.nms.CUDA_MAX_MASK_BYTES,
+// where larger images take the pure-XLA path and vmapped batches are split into calls within it).
+constexpr int64_t kMaxMaskBytes = int64_t{1} << 30;
 
 template <int kBoxDim>
 struct PairIoU;
@@ -48,6 +57,18 @@ DETLAYERS_HOST_DEVICE inline bool rotated_discs_apart(const float* a, const floa
   const float reach = rotated_reach(a) + rotated_reach(b);
   return dx * dx + dy * dy > reach * reach;  // false for inf or NaN
 }
+
+// Packed mask layout. Row tile r (rows 64r .. 64r+63) stores, row after row, only its words for the
+// column tiles c = r .. tiles-1, so row i of tile r starts at row_tile_offset(r) + (i - 64r) *
+// (tiles - r). Within a row, consecutive column tiles are adjacent: the reduction's threads, which
+// each own one column tile, read one kept row's words with coalesced loads.
+DETLAYERS_HOST_DEVICE inline int64_t row_tile_offset(int64_t row_tile, int64_t tiles) {
+  return kTile * (row_tile * tiles - row_tile * (row_tile - 1) / 2);
+}
+
+// Words of one image's mask: kTile rows for each of the tiles * (tiles + 1) / 2 (row, column) tile
+// pairs on or right of the diagonal.
+DETLAYERS_HOST_DEVICE inline int64_t mask_words(int64_t tiles) { return kTile * (tiles * (tiles + 1) / 2); }
 
 // Mask word of box `i` (coordinates `box`, class `cls`) against the column tile whose boxes are
 // `col_boxes[0..col_size)` (classes `col_classes`, ignored without classes); `first` is the first
@@ -83,19 +104,34 @@ DETLAYERS_HOST_DEVICE inline Word scan_tile(Word removed, const Word* diagonal, 
   return kept;
 }
 
-// Word c of the "removed" set after the boxes `kept` (bits of tile `tile`, rows base + j) are
-// applied: what the reduction's threads do for every later tile c.
-DETLAYERS_HOST_DEVICE inline Word merge_kept_rows(Word removed_c, Word kept, const Word* mask, int64_t base,
-                                                  int64_t tiles, int64_t c) {
-  for (Word bits = kept; bits != 0; bits &= bits - 1) {
-#if defined(__CUDA_ARCH__)
-    const int j = __ffsll(static_cast<long long>(bits)) - 1;
+DETLAYERS_HOST_DEVICE inline int lowest_set_bit(Word bits) {
+#if defined(DETLAYERS_DEVICE_CODE)
+  return __ffsll(static_cast<long long>(bits)) - 1;
 #else
-    const int j = __builtin_ctzll(bits);
+  return __builtin_ctzll(bits);
 #endif
-    removed_c |= mask[(base + j) * tiles + c];
+}
+
+// Word `col` (column tile tile + col) of the "removed" set after the boxes `kept` (bits of one row
+// tile, whose packed rows start at `rows` with `stride` words each) are applied: what each
+// reduction thread does for its later column tiles. The loop is latency bound (each kept row costs
+// one global load that is almost never cached), so the loads are issued four at a time, all in
+// flight before the first is used, instead of one dependent load per iteration.
+DETLAYERS_HOST_DEVICE inline Word merge_kept_rows(Word removed, Word kept, const Word* rows, int64_t stride,
+                                                  int64_t col) {
+  Word bits = kept;
+  while (bits != 0) {
+    int j[4];
+    int loads = 0;
+    for (; loads < 4 && bits != 0; ++loads) {
+      j[loads] = lowest_set_bit(bits);
+      bits &= bits - 1;
+    }
+    Word w[4] = {0, 0, 0, 0};
+    for (int l = 0; l < loads; ++l) w[l] = rows[j[l] * stride + col];
+    removed |= (w[0] | w[1]) | (w[2] | w[3]);
   }
-  return removed_c;
+  return removed;
 }
 
 }  // namespace bitmask

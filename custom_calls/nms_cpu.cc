@@ -24,17 +24,45 @@
 
 #include "nms_box_iou.h"
 #include "nms_ffi_shapes.h"
+#include "rotated_iou.h"
 #include "xla/ffi/api/ffi.h"
 
-#if __has_include("rotated_iou.h")
-#include "rotated_iou.h"
-#define DETLAYERS_HAVE_ROTATED_IOU 1
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>
 #endif
 
 namespace ffi = xla::ffi;
 
 namespace detlayers {
 namespace {
+
+// XLA's CPU runtime runs its computations, and so this handler, with subnormal floats flushed to
+// zero (x86 MXCSR FTZ/DAZ, aarch64 FPCR.FZ). torchvision does not flush: two identical boxes of
+// area 1e-40 have IoU 1 there, but 0/0 = NaN (never suppressed) under flushing. The handler
+// restores IEEE subnormals for its duration so that its result is torchvision's.
+class ScopedSubnormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  ScopedSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~kFlushBits); }
+  ~ScopedSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;  // FTZ (bit 15) | DAZ (bit 6)
+  unsigned saved_;
+#elif defined(__aarch64__)
+  ScopedSubnormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    asm volatile("msr fpcr, %0" : : "r"(saved_ & ~kFlushBit));
+  }
+  ~ScopedSubnormals() { asm volatile("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  static constexpr uint64_t kFlushBit = uint64_t{1} << 24;  // FPCR.FZ
+  uint64_t saved_;
+#endif
+  ScopedSubnormals(const ScopedSubnormals&) = delete;
+  ScopedSubnormals& operator=(const ScopedSubnormals&) = delete;
+};
 
 // Boxes kept so far, structure-of-arrays so the overlap test vectorizes.
 struct AxisKept {
@@ -91,7 +119,6 @@ void greedy_axis(const float* boxes, const int32_t* positions, int64_t m, float 
   }
 }
 
-#ifdef DETLAYERS_HAVE_ROTATED_IOU
 // Kept rotated boxes plus a conservative "reach" radius: two boxes whose centres are farther apart
 // than the sum of their reaches cannot overlap, and detectron2's IoU of such a pair is exactly 0,
 // which never exceeds a threshold >= 0, so skipping the exact IoU changes nothing. The reach adds
@@ -139,7 +166,6 @@ void greedy_rotated(const float* boxes, const int32_t* positions, int64_t m, flo
     if (!emit(p)) return;
   }
 }
-#endif  // DETLAYERS_HAVE_ROTATED_IOU
 
 // Runs one problem: without classes one greedy pass that stops at K kept boxes; with classes the
 // positions are grouped by class (stable, so each group stays in score order), each group is
@@ -150,13 +176,11 @@ void run_problem(const float* boxes, const int32_t* classes, int64_t n, int64_t 
                  int32_t* count_out) {
   int64_t count = 0;
   auto greedy = [&](const int32_t* positions, int64_t m, auto&& emit) {
-#ifdef DETLAYERS_HAVE_ROTATED_IOU
     if constexpr (kBoxDim == 5) {
       greedy_rotated(boxes, positions, m, threshold, kept, emit);
-      return;
+    } else {
+      greedy_axis(boxes, positions, m, threshold, kept, emit);
     }
-#endif
-    if constexpr (kBoxDim == 4) greedy_axis(boxes, positions, m, threshold, kept, emit);
   };
   if (k > 0) {
     if (classes == nullptr) {
@@ -189,15 +213,16 @@ void run_problem(const float* boxes, const int32_t* classes, int64_t n, int64_t 
 }
 
 template <int kBoxDim, typename Kept>
-ffi::Error nms_impl(ffi::Buffer<ffi::F32> boxes, const int32_t* classes, const int64_t* classes_count,
+ffi::Error nms_impl(ffi::Buffer<ffi::F32> boxes, const int32_t* classes, const ffi::AnyBuffer::Dimensions* classes_dims,
                     ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
                     ffi::ResultBuffer<ffi::S32> count) {
   ProblemShape shape;
-  if (ffi::Error err = check_shapes(boxes.dimensions(), kBoxDim, classes_count, threshold.element_count(),
-                                    keep->dimensions(), count->element_count(), &shape);
+  if (ffi::Error err = check_shapes(boxes.dimensions(), kBoxDim, classes_dims, threshold.dimensions(),
+                                    keep->dimensions(), count->dimensions(), &shape);
       err.failure()) {
     return err;
   }
+  const ScopedSubnormals subnormals;
   Kept kept;
   std::vector<int32_t> order;
   std::vector<uint8_t> flags;
@@ -221,8 +246,8 @@ template <int kBoxDim, typename Kept>
 ffi::Error nms_with_classes(ffi::Buffer<ffi::F32> boxes, ffi::Buffer<ffi::S32> classes,
                             ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
                             ffi::ResultBuffer<ffi::S32> count) {
-  const int64_t classes_count = static_cast<int64_t>(classes.element_count());
-  return nms_impl<kBoxDim, Kept>(boxes, classes.typed_data(), &classes_count, threshold, keep, count);
+  const ffi::AnyBuffer::Dimensions classes_dims = classes.dimensions();
+  return nms_impl<kBoxDim, Kept>(boxes, classes.typed_data(), &classes_dims, threshold, keep, count);
 }
 
 }  // namespace
@@ -241,10 +266,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsCpu, (detlayers::nms_plain<4, detlayer
                               DETLAYERS_NMS_CPU_BINDING());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsCpu, (detlayers::nms_with_classes<4, detlayers::AxisKept>),
                               DETLAYERS_NMS_CPU_BINDING(.Arg<ffi::Buffer<ffi::S32>>()));
-#ifdef DETLAYERS_HAVE_ROTATED_IOU
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersNmsRotatedCpu, (detlayers::nms_plain<5, detlayers::RotatedKept>),
                               DETLAYERS_NMS_CPU_BINDING());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DetlayersBatchedNmsRotatedCpu,
                               (detlayers::nms_with_classes<5, detlayers::RotatedKept>),
                               DETLAYERS_NMS_CPU_BINDING(.Arg<ffi::Buffer<ffi::S32>>()));
-#endif

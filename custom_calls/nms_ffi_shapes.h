@@ -26,29 +26,51 @@ inline std::string dims_to_string(ffi::AnyBuffer::Dimensions dims) {
   return s + "]";
 }
 
-// Validates every buffer against boxes[..., N, D]; nothing is read or written past these sizes.
-inline ffi::Error check_shapes(ffi::AnyBuffer::Dimensions boxes, int64_t box_dim, const int64_t* classes_count,
-                               size_t threshold_count, ffi::AnyBuffer::Dimensions keep, size_t count_count,
+// True when `dims` is exactly want[0 .. want_size).
+inline bool same_dims(ffi::AnyBuffer::Dimensions dims, ffi::AnyBuffer::Dimensions want, size_t want_size) {
+  if (dims.size() != want_size) return false;
+  for (size_t i = 0; i < want_size; ++i) {
+    if (dims[i] != want[i]) return false;
+  }
+  return true;
+}
+
+// Validates every dimension of every buffer against boxes[..., N, D] (classes[..., N] when given,
+// threshold[...], keep[..., K] with K <= N, count[...]): a call built by hand with mismatched
+// shapes is an error, never an out-of-bounds read or write.
+inline ffi::Error check_shapes(ffi::AnyBuffer::Dimensions boxes, int64_t box_dim,
+                               const ffi::AnyBuffer::Dimensions* classes, ffi::AnyBuffer::Dimensions threshold,
+                               ffi::AnyBuffer::Dimensions keep, ffi::AnyBuffer::Dimensions count,
                                ProblemShape* shape) {
   if (boxes.size() < 2 || boxes.back() != box_dim) {
     return ffi::Error::InvalidArgument("detlayers nms: boxes must be [..., N, " + std::to_string(box_dim) +
                                        "], got " + dims_to_string(boxes));
   }
+  const size_t lead = boxes.size() - 2;
   int64_t batch = 1;
-  for (size_t i = 0; i + 2 < boxes.size(); ++i) batch *= boxes[i];
-  const int64_t n = boxes[boxes.size() - 2];
-  if (keep.size() != boxes.size() - 1) {
-    return ffi::Error::InvalidArgument("detlayers nms: keep must be [..., K], got " + dims_to_string(keep));
+  for (size_t i = 0; i < lead; ++i) batch *= boxes[i];
+  const int64_t n = boxes[lead];
+  const std::string expected = " for boxes " + dims_to_string(boxes);
+  if (keep.size() != lead + 1 || !same_dims(keep.first(lead), boxes, lead)) {
+    return ffi::Error::InvalidArgument("detlayers nms: keep must be [..., K], got " + dims_to_string(keep) +
+                                       expected);
   }
   const int64_t k = keep.back();
-  if (k > n) {
-    return ffi::Error::InvalidArgument("detlayers nms: K must be <= N");
+  if (k < 0 || k > n) {
+    return ffi::Error::InvalidArgument("detlayers nms: K must be in [0, N], got keep " + dims_to_string(keep) +
+                                       expected);
   }
-  if (static_cast<int64_t>(threshold_count) != batch || static_cast<int64_t>(count_count) != batch) {
-    return ffi::Error::InvalidArgument("detlayers nms: threshold and count need one entry per problem");
+  if (!same_dims(threshold, boxes, lead)) {
+    return ffi::Error::InvalidArgument("detlayers nms: threshold must be [...], got " + dims_to_string(threshold) +
+                                       expected);
   }
-  if (classes_count != nullptr && *classes_count != batch * n) {
-    return ffi::Error::InvalidArgument("detlayers nms: classes must be [..., N]");
+  if (!same_dims(count, boxes, lead)) {
+    return ffi::Error::InvalidArgument("detlayers nms: count must be [...], got " + dims_to_string(count) +
+                                       expected);
+  }
+  if (classes != nullptr && !same_dims(*classes, boxes, lead + 1)) {
+    return ffi::Error::InvalidArgument("detlayers nms: classes must be [..., N], got " + dims_to_string(*classes) +
+                                       expected);
   }
   if (n > INT32_MAX) {
     return ffi::Error::InvalidArgument("detlayers nms: more than 2^31-1 boxes");
@@ -56,6 +78,17 @@ inline ffi::Error check_shapes(ffi::AnyBuffer::Dimensions boxes, int64_t box_dim
   shape->batch = batch;
   shape->n = n;
   shape->k = k;
+  return ffi::Error::Success();
+}
+
+// The CUDA handlers' workspace result: [..., words, 2] uint32 (pairs forming 64-bit words), with
+// the leading dims of boxes[..., N, D] and `words` per problem.
+inline ffi::Error check_workspace(ffi::AnyBuffer::Dimensions mask, ffi::AnyBuffer::Dimensions boxes, int64_t words) {
+  const size_t lead = boxes.size() - 2;
+  if (mask.size() != lead + 2 || !same_dims(mask.first(lead), boxes, lead) || mask[lead] != words || mask[lead + 1] != 2) {
+    return ffi::Error::InvalidArgument("detlayers nms: mask workspace must be [..., " + std::to_string(words) +
+                                       ", 2], got " + dims_to_string(mask) + " for boxes " + dims_to_string(boxes));
+  }
   return ffi::Error::Success();
 }
 

@@ -12,7 +12,11 @@ editable install keeps the compiled files in site-packages while the sources sta
 checkout), then the ``_lib/`` of the installed ``detlayers`` distribution (so that
 ``python -m detlayers.demo`` run from a checkout, which imports the checkout's sources, still finds
 the libraries that ``pip install .`` built). A missing or unloadable library is not an error: the ops that would use it fall back to
-their pure-XLA implementation, and one :class:`RuntimeWarning` says so.
+their pure-XLA implementation, and one :class:`RuntimeWarning` says so. Neither is a CUDA library
+that cannot run here (built with a newer CUDA than the installed driver supports, or without code
+for the GPU): when JAX has CUDA devices, the library's own check
+(``DetlayersNmsCudaCheckRuntime``) runs before anything is registered. A library that loads but
+lacks one of the handler symbols is stale or broken, and that is an error (rebuild it).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _CUDA_TARGETS: dict[str, str] = {
     "detlayers_nms_rotated": "DetlayersNmsRotatedCuda",
     "detlayers_batched_nms_rotated": "DetlayersBatchedNmsRotatedCuda",
 }
+# Exported by the CUDA library: int DetlayersNmsCudaCheckRuntime(char* message, int size).
+_CUDA_CHECK_SYMBOL = "DetlayersNmsCudaCheckRuntime"
 _LIBRARIES: dict[str, tuple[str, str, dict[str, str]]] = {
     # key -> (file name, XLA platform name, targets)
     "cpu": ("libdetlayers_cpu.so", "cpu", _CPU_TARGETS),
@@ -96,14 +102,39 @@ def _load(key: str) -> frozenset[str]:
     except OSError as err:  # e.g. built for another architecture
         _warn_once(f"could not load {path}: {err}")
         return frozenset()
-    registered = set()
+    required = list(targets.values()) + ([_CUDA_CHECK_SYMBOL] if key == "cuda" else [])
+    missing = [symbol for symbol in required if not hasattr(lib, symbol)]
+    if missing:
+        raise RuntimeError(
+            f"detlayers: {path} does not export {', '.join(missing)}: the library is stale or broken; "
+            "rebuild it (pip install .)"
+        )
+    if key == "cuda" and _jax_has_cuda():
+        problem = cuda_runtime_problem(lib)
+        if problem:
+            _warn_once(f"the CUDA custom calls in {path} cannot run here: {problem}")
+            return frozenset()
     for target, symbol in targets.items():
-        handler = getattr(lib, symbol, None)
-        if handler is None:  # a library built before that handler existed
-            continue
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform=platform)
-        registered.add(target)
-    return frozenset(registered)
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform=platform)
+    return frozenset(targets)
+
+
+def _jax_has_cuda() -> bool:
+    try:
+        return len(jax.devices("cuda")) > 0
+    except RuntimeError:  # no CUDA backend in this jaxlib, or no GPU
+        return False
+
+
+def cuda_runtime_problem(lib: ctypes.CDLL) -> str:
+    """Why the CUDA library ``lib`` cannot run on this machine's driver and GPUs ("" if it can)."""
+    check = getattr(lib, _CUDA_CHECK_SYMBOL)
+    check.restype = ctypes.c_int
+    check.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    message = ctypes.create_string_buffer(512)
+    if check(message, len(message)) == 0:
+        return ""
+    return message.value.decode(errors="replace") or "unknown CUDA error"
 
 
 def _warn_once(message: str) -> None:

@@ -25,8 +25,12 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
   ``sort`` may order them differently, so results are only guaranteed identical for distinct
   scores (the spec's promise).
 * NaN scores rank below every number (below ``-inf`` scores as well, since they are ranked as
-  ``-inf`` and the stable sort keeps input order). A box with a NaN coordinate is treated as an
-  empty box: it never suppresses another box and is never suppressed.
+  ``-inf`` and the stable sort keeps input order); subnormal scores rank by their value. A box
+  with a NaN coordinate is treated as an empty box: it never suppresses another box and is never
+  suppressed.
+* Subnormal box areas (below ``1.2e-38``) take part in the IoU as in torchvision, except on the
+  pure-XLA path on CPU, where XLA flushes subnormals to zero (IoU ``0/0``: such a box suppresses
+  nothing). The C++ and CUDA kernels keep them.
 * ``iou_threshold`` must lie in ``[0, 1]`` (``ValueError`` for a Python number outside). A traced
   threshold is not checked; the comparison rule above still applies.
 
@@ -36,7 +40,10 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
   boxes kept so far and stops at ``max_output_size``.
 * GPU (CUDA): a CUDA custom call (``custom_calls/nms_cuda.cu``): 64-box tiles of IoU bitmasks,
   then a one-block-per-image reduction on the device. Nothing is copied to the host and nothing
-  synchronizes the stream.
+  synchronizes the stream. Its scratch bitmask takes about ``N**2 / 16`` bytes per image (the
+  packed upper triangle, :func:`cuda_mask_bytes`) and at most ``CUDA_MAX_MASK_BYTES`` = 1 GiB per
+  call: images with more than 131008 boxes take the pure-XLA path, and a vmapped batch whose
+  scratch would exceed it is processed in sequential chunks of images.
 * Everywhere else (TPU, or when no library was built): a pure-XLA version that walks the sorted
   boxes in tiles of 256 inside a ``while_loop``, comparing each tile only with the boxes kept so
   far (memory ``O(N + tile^2)``, no ``N x N`` matrix; work ``O(N * kept)``). For rotated boxes the
@@ -73,7 +80,12 @@ Array = jax.Array
 BACKEND_ENV = "DETLAYERS_NMS_BACKEND"
 BACKENDS = ("auto", "xla")
 XLA_TILE = 256  # boxes per step of the pure-XLA loop
-CUDA_TILE = 64  # boxes per mask word in the CUDA kernel (must match nms_cuda.cu)
+# Mirrors of custom_calls/nms_bitmask.h (kTile, kMaxMaskBytes), checked by tests/test_cuda_simulation.py.
+CUDA_TILE = 64  # boxes per 64-bit mask word in the CUDA kernel
+# Largest scratch bitmask of one CUDA custom call (1 GiB): images with more than 131008 boxes run
+# the pure-XLA path on the GPU instead, and a vmapped batch that would need more runs as a
+# sequence of calls (lax.map over chunks of images) that each stay within it.
+CUDA_MAX_MASK_BYTES = 1 << 30
 
 _backend_override: str | None = None
 
@@ -246,10 +258,7 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     scores = lax.stop_gradient(scores).astype(jnp.float32)
     # A box with a NaN coordinate becomes the empty box: IoU 0 (or 0/0 = NaN) with everything.
     boxes = jnp.where(jnp.isnan(boxes).any(axis=1, keepdims=True), 0.0, boxes)
-    # Stable sort by decreasing score; NaN ranks as -inf; -0.0 and 0.0 tie.
-    rank_key = -jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    rank_key = jnp.where(rank_key == 0, 0.0, rank_key)
-    _, order = lax.sort((rank_key, lax.iota(jnp.int32, n)), num_keys=1, is_stable=True)
+    _, order = lax.sort((_descending_score_key(scores), lax.iota(jnp.int32, n)), num_keys=1, is_stable=True)
     sorted_boxes = boxes[order]
     args = [sorted_boxes]
     if idxs is not None:
@@ -264,7 +273,7 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
             branches["cpu"] = functools.partial(_call_cpu, target, k)
         else:
             _ffi.warn_if_missing(target)
-        if _ffi.has_target("cuda", target):
+        if _ffi.has_target("cuda", target) and cuda_mask_bytes(n) <= CUDA_MAX_MASK_BYTES:
             branches["cuda"] = functools.partial(_call_cuda, target, k)
     if branches:
         positions, count = lax.platform_dependent(*args, default=kernel_xla, **branches)
@@ -285,18 +294,80 @@ def _call_cpu(target: str, k: int, *args: Array) -> tuple[Array, Array]:
     return _varying_like(tuple(outputs), *args)
 
 
+def _descending_score_key(scores: Array) -> Array:
+    """int32 sort key whose ascending order is decreasing score: NaN ranks as ``-inf`` and
+    ``-0.0`` ties with ``0.0``, the documented order. An integer key compared with a plain
+    less-than is what XLA's GPU sort hands to its radix sort (CUB), instead of a comparison sort
+    on a float key with a NaN-aware total-order comparator."""
+    bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(scores), -jnp.inf, scores), jnp.int32)
+    # -0.0 -> 0.0 on the bits: a float `== 0` would also catch subnormals where XLA flushes them
+    bits = jnp.where(bits == jnp.iinfo(jnp.int32).min, 0, bits)
+    # Flipping the magnitude bits of negative floats makes the int32 order the float order ...
+    ascending = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return ~ascending  # ... and ~x = -1 - x reverses it without overflow
+
+
+def cuda_mask_words(n: int) -> int:
+    """64-bit words of the CUDA kernel's scratch bitmask for one image of ``n`` boxes: the packed
+    upper triangle, ``CUDA_TILE`` rows for each pair of 64-box tiles on or right of the diagonal
+    (custom_calls/nms_bitmask.h, ``mask_words``)."""
+    tiles = -(-n // CUDA_TILE)
+    return CUDA_TILE * (tiles * (tiles + 1) // 2)
+
+
+def cuda_mask_bytes(n: int) -> int:
+    """Bytes of scratch the CUDA custom call allocates per image of ``n`` boxes; images above
+    :data:`CUDA_MAX_MASK_BYTES` use the pure-XLA path."""
+    return 8 * cuda_mask_words(n)
+
+
 def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
+    keep, count = _cuda_custom_call(target, k)(*args)
+    return _varying_like((keep, count), *args)
+
+
+def _cuda_ffi(target: str, k: int, *args: Array) -> tuple[Array, Array]:
     lead = args[0].shape[:-2]
     n = args[0].shape[-2]
-    tiles = -(-n // CUDA_TILE)
     out_types = (
         jax.ShapeDtypeStruct(lead + (k,), jnp.int32),
         jax.ShapeDtypeStruct(lead, jnp.int32),
-        # device workspace: the [N, tiles] 64-bit suppression mask, as pairs of uint32
-        jax.ShapeDtypeStruct(lead + (n, tiles, 2), jnp.uint32),
+        # device workspace: the packed 64-bit suppression mask, as pairs of uint32
+        jax.ShapeDtypeStruct(lead + (cuda_mask_words(n), 2), jnp.uint32),
     )
     keep, count, _ = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args)
-    return _varying_like((keep, count), *args)
+    return keep, count
+
+
+@functools.cache
+def _cuda_custom_call(target: str, k: int) -> Callable:
+    """The CUDA custom call, batched under ``vmap`` as ONE call whose leading dims are the batch,
+    in sequential chunks (``lax.map``) when the whole batch's scratch would exceed
+    :data:`CUDA_MAX_MASK_BYTES`: the scratch of a call is bounded whatever the batch size."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*args: Array) -> tuple[Array, Array]:
+        return _cuda_ffi(target, k, *args)
+
+    @call.def_vmap
+    def call_vmap(axis_size: int, in_batched, *args: Array):
+        args = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched))
+        boxes = args[0]  # [axis_size, ..., N, D]
+        per_slice = cuda_mask_bytes(boxes.shape[-2]) * int(np.prod(boxes.shape[1:-2], dtype=np.int64))
+        chunk = max(1, CUDA_MAX_MASK_BYTES // max(per_slice, 1))
+        if axis_size <= chunk:
+            return call(*args), (True, True)
+        num_chunks = -(-axis_size // chunk)
+        pad = num_chunks * chunk - axis_size  # padding problems (all-zero boxes): results dropped
+        chunks = tuple(
+            jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((num_chunks, chunk) + a.shape[1:]) for a in args
+        )
+        keep, count = lax.map(lambda xs: call(*xs), chunks)
+        keep = keep.reshape((num_chunks * chunk,) + keep.shape[2:])[:axis_size]
+        count = count.reshape((num_chunks * chunk,) + count.shape[2:])[:axis_size]
+        return (keep, count), (True, True)
+
+    return call
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ threshold is passed traced (as the float32 the documented rule derives from the 
 
 Without a GPU the CUDA path is checked three ways: the library builds whenever nvcc exists, its
 lowering is one custom call over a vmapped batch (``jax.export`` for platform "cuda"), and the
-kernels' per-thread steps (custom_calls/nms_bitmask.h) run sequentially on the host through
-``DetlayersBitmaskNmsEmulation`` against the same fixtures.
+real kernels run on the CPU under a thread-level simulator against a greedy reference and the
+same fixtures (tests/test_cuda_simulation.py).
 """
 
 from __future__ import annotations
@@ -247,8 +247,44 @@ def test_cuda_lowering_is_one_device_custom_call_over_the_batch(fn_name, box_dim
     text = exported.mlir_module()
     calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
     assert len(calls) == 1
-    # one launch for the 8 images: keep [8, 100], count [8], device mask [8, 300, 5, 2]
-    assert "tensor<8x100xi32>, tensor<8xi32>, tensor<8x300x5x2xui32>" in calls[0]
+    # one launch for the 8 images: keep [8, 100], count [8], device mask [8, 960, 2]: the packed
+    # upper triangle of 5 tiles, 64 * (5 * 6 / 2) words per image instead of 300 * 5
+    assert nms_module.cuda_mask_words(300) == 960
+    assert "tensor<8x100xi32>, tensor<8xi32>, tensor<8x960x2xui32>" in calls[0]
+
+
+@pytest.mark.skipif(not ffi_module.has_target("cuda", "detlayers_nms"), reason="CUDA custom call not built")
+def test_cuda_scratch_is_bounded_per_call():
+    # Scratch grows as N**2 / 16 bytes per image; above CUDA_MAX_MASK_BYTES (N > 131008) the GPU
+    # runs the pure-XLA path instead of allocating it, and vmapped batches are split into calls
+    # that each stay within it.
+    limit = nms_module.CUDA_MAX_MASK_BYTES
+    assert nms_module.cuda_mask_bytes(131008) <= limit < nms_module.cuda_mask_bytes(131009)
+    assert nms_module.cuda_mask_bytes(100_000) == 8 * 64 * (1563 * 1564 // 2)  # ~626 MB, not 1.25 GB
+
+    def calls(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Scratch shapes of the custom calls in the CUDA lowering of NMS vmapped over shape[:-1]."""
+        fn = lambda b, s: nms_module.nms(b, s, 0.5, max_output_size=10)  # noqa: E731
+        for _ in shape[:-1]:
+            fn = jax.vmap(fn)
+        exported = jax.export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("detlayers_nms")],
+        )(jax.ShapeDtypeStruct(shape + (4,), jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32))
+        lines = [line for line in exported.mlir_module().splitlines() if "custom_call @detlayers_nms(" in line]
+        scratch = [line.rsplit("tensor<", 1)[1].split("xui32>")[0] for line in lines]
+        return [tuple(int(d) for d in s.split("x")) for s in scratch]
+
+    assert calls((131008,)) == [(nms_module.cuda_mask_words(131008), 2)]
+    assert calls((131072,)) == []  # pure XLA
+    words = nms_module.cuda_mask_words(60000)  # 225 MB per image: 4 images per call
+    assert calls((8, 60000)) == [(4, words, 2)]
+    assert calls((3, 100_000)) == [(1, nms_module.cuda_mask_words(100_000), 2)]
+    assert calls((2, 3, 60000)) == [(1, 3, words, 2)]
+    assert calls((8, 300)) == [(8, 960, 2)]  # small batches stay one call
+    for shape in calls((8, 60000)) + calls((3, 100_000)) + calls((2, 3, 60000)):
+        assert 4 * np.prod(shape) <= limit
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -258,7 +294,90 @@ def test_cuda_library_is_built_when_nvcc_exists():
     lib = ctypes.CDLL(str(path))
     for symbol in ffi_module._CUDA_TARGETS.values():
         assert hasattr(lib, symbol), symbol
+    # The loader's driver/device check answers; without a usable GPU it says why.
+    problem = ffi_module.cuda_runtime_problem(lib)
+    assert (problem == "") == ffi_module._jax_has_cuda(), problem
 
+
+def _cuda_library_path():
+    return next((p for p in ffi_module.library_candidates("libdetlayers_cuda.so") if p.is_file()), None)
+
+
+@pytest.mark.skipif(_cuda_library_path() is None, reason="CUDA custom call not built")
+def test_cuda_library_that_cannot_run_here_is_not_registered(monkeypatch):
+    # e.g. built with a newer CUDA than the driver supports: one warning, nothing registered, so
+    # NMS lowers to the pure-XLA path instead of failing at the first launch.
+    monkeypatch.setattr(ffi_module, "_jax_has_cuda", lambda: True)
+    monkeypatch.setattr(ffi_module, "cuda_runtime_problem", lambda lib: "built with CUDA 13.0 but the driver ...")
+    monkeypatch.setattr(ffi_module, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="cannot run here: built with CUDA 13.0.*pure-XLA"):
+        assert ffi_module._load.__wrapped__("cuda") == frozenset()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
+def test_library_missing_a_handler_symbol_is_an_error(monkeypatch, tmp_path):
+    # A stale library (built before a handler existed) must not silently lose that kernel.
+    source = tmp_path / "stub.cc"
+    source.write_text('extern "C" int DetlayersNmsCpu() { return 0; }\n')
+    stub = tmp_path / "libdetlayers_cpu.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(stub)], check=True)
+    monkeypatch.setattr(ffi_module, "_find", lambda file_name: stub)
+    with pytest.raises(RuntimeError, match="does not export DetlayersBatchedNmsCpu, .*rebuild"):
+        ffi_module._load.__wrapped__("cpu")
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ custom call not built")
+@pytest.mark.parametrize(
+    "out_shapes,args,message",
+    [
+        # keep's leading (batch) dim differs from boxes': would have written past keep
+        (((3, 5), (2,)), ((2, 5, 4), (2,)), r"keep must be \[\.\.\., K\], got \[3, 5\]"),
+        (((2, 6), (2,)), ((2, 5, 4), (2,)), r"K must be in \[0, N\]"),
+        (((2, 5), (3,)), ((2, 5, 4), (2,)), r"count must be \[\.\.\.\], got \[3\]"),
+        (((2, 5), (2,)), ((2, 5, 4), (1, 2)), r"threshold must be \[\.\.\.\], got \[1, 2\]"),
+        (((2, 5), (2,)), ((2, 5, 4), (2,), (2, 4)), r"classes must be \[\.\.\., N\], got \[2, 4\]"),
+        (((2, 5), (2,)), ((2, 5, 5), (2,)), r"boxes must be \[\.\.\., N, 4\]"),
+    ],
+)
+def test_direct_ffi_call_with_mismatched_shapes_is_an_error(out_shapes, args, message):
+    # The CPU and CUDA handlers share nms_ffi_shapes.h: every dim of every buffer is checked.
+    target = "detlayers_batched_nms" if len(args) == 3 else "detlayers_nms"
+    boxes, threshold = np.ones(args[0], np.float32), np.full(args[1], 0.5, np.float32)
+    operands = (boxes, np.zeros(args[2], np.int32), threshold) if len(args) == 3 else (boxes, threshold)
+    out_types = tuple(jax.ShapeDtypeStruct(shape, jnp.int32) for shape in out_shapes)
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(jax.ffi.ffi_call(target, out_types)(*operands))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subnormal_box_areas_are_not_flushed_to_zero(backend):
+    # Two identical boxes of area 1e-40 (subnormal): torchvision's float32 IoU is 1e-40 / 1e-40 = 1,
+    # so the second is suppressed (float64 NumPy gives the same). XLA's CPU compiler flushes
+    # subnormals to zero (IoU 0/0 = NaN, nothing suppressed): the documented exception of the
+    # pure-XLA path on CPU; the C++ kernel restores IEEE subnormals.
+    boxes = np.array([[0, 0, 1e-20, 1e-20], [0, 0, 1e-20, 1e-20], [5, 5, 6, 6]], np.float32)
+    area = np.float64(boxes[0, 2]) * np.float64(boxes[0, 3])
+    assert 0 < area < np.finfo(np.float32).tiny and area / (area + area - area) == 1.0
+    result = nms_module.nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), 0.5, backend=backend)
+    if backend == "xla" or not HAS_CPU_KERNEL:
+        np.testing.assert_array_equal(np.asarray(result.indices), [0, 1, 2])
+    else:
+        np.testing.assert_array_equal(np.asarray(result.indices), [0, 2, -1])
+
+
+def test_sort_key_orders_like_the_documented_float_ranking():
+    # One int32 key (radix-sortable on GPU) in place of the float key: decreasing score, NaN as
+    # -inf, -0.0 == 0.0, ties in input order.
+    tiny = np.finfo(np.float32).smallest_subnormal
+    special = [np.nan, -np.inf, np.inf, 0.0, -0.0, tiny, -tiny, 1.0, 1.0, -1.0, np.nan, -np.inf, 3e38, -3e38]
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([special, rng.normal(size=200), rng.integers(-3, 3, 100)]).astype(np.float32)
+    key = np.asarray(nms_module._descending_score_key(jnp.asarray(scores)))
+    assert key.dtype == np.int32
+    got = np.argsort(key, kind="stable")
+    ranked = np.where(np.isnan(scores), -np.inf, scores).astype(np.float64)
+    want = np.lexsort((np.arange(len(scores)), -ranked))  # decreasing score, then input position
+    np.testing.assert_array_equal(got, want)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pmap_and_shard_map_run_per_device(backend):
@@ -446,45 +565,23 @@ def test_missing_library_falls_back_to_xla_and_warns_once():
     assert lines[-1] == "[0, 2, -1] [0, 2, -1]"
 
 
-def _emulation():
-    path = next((p for p in ffi_module.library_candidates("libdetlayers_cpu.so") if p.is_file()), None)
-    if path is None:
-        return None
-    fn = getattr(ctypes.CDLL(str(path)), "DetlayersBitmaskNmsEmulation", None)
-    if fn is not None:
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float,
-                       ctypes.c_int64, ctypes.c_void_p]
-    return fn
-
-
-@pytest.mark.skipif(_emulation() is None, reason="C++ library not built")
-@pytest.mark.parametrize(
-    "family,name,j",
-    [pytest.param("axis", *p.values, id="axis-" + p.id) for p in case_params(AXIS, lambda n: True)]
-    + [pytest.param("rotated", *p.values, id="rotated-" + p.id) for p in case_params(ROTATED, lambda n: True, 400)],
-)
-def test_cuda_bitmask_algorithm_emulated_on_host_matches_references(family, name, j):
-    # The CUDA kernels' per-thread steps (custom_calls/nms_bitmask.h), run sequentially on the host:
-    # checks the GPU algorithm (tiling, diagonal words, on-device reduction, K limit) without a GPU.
-    case = (AXIS if family == "axis" else ROTATED)[name]
-    boxes, scores, idxs = case["boxes"], case["scores"], case.get("idxs")
-    order = np.argsort(-scores, kind="stable")
-    sorted_boxes = np.ascontiguousarray(boxes[order], np.float32)
-    sorted_idxs = None if idxs is None else np.ascontiguousarray(idxs[order], np.int32)
-    expected = case[f"keep{j}"]
-    for k in sorted({len(boxes), max(len(expected) // 2, 1)}):
-        keep = np.full((max(k, 1),), 7, np.int32)
-        count = _emulation()(
-            sorted_boxes.ctypes.data,
-            None if sorted_idxs is None else sorted_idxs.ctypes.data,
-            len(boxes),
-            boxes.shape[1],
-            float(f32_threshold(float(case["thresholds"][j]))),
-            k,
-            keep.ctypes.data,
-        )
-        want = expected[:k]
-        assert count == len(want)
-        np.testing.assert_array_equal(order[keep[:count]], want)
-        assert (keep[count:k] == -1).all()
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ custom call not built")
+def test_cuda_batch_chunking_gives_the_unchunked_result(monkeypatch):
+    # The chunked vmap rule of the CUDA call (padding, lax.map, reshape, slicing), run on CPU by
+    # standing the C++ custom call (same contract, without the scratch output) in for the CUDA one.
+    monkeypatch.setattr(nms_module, "_cuda_ffi", nms_module._call_cpu)
+    monkeypatch.setattr(nms_module, "CUDA_MAX_MASK_BYTES", 3 * nms_module.cuda_mask_bytes(50))  # 3 images a call
+    nms_module._cuda_custom_call.cache_clear()
+    try:
+        rng = np.random.default_rng(0)
+        xy = rng.uniform(0, 50, (2, 7, 50, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (2, 7, 50, 2)).astype(np.float32)], -1)
+        thresholds = rng.uniform(0.2, 0.8, (2, 7)).astype(np.float32)
+        chunked = jax.jit(jax.vmap(jax.vmap(functools.partial(nms_module._call_cuda, "detlayers_nms", 20))))
+        plain = jax.jit(jax.vmap(jax.vmap(functools.partial(nms_module._call_cpu, "detlayers_nms", 20))))
+        text = chunked.lower(boxes, thresholds).as_text()
+        assert "while" in text and "tensor<1x3x50x4xf32>" in text  # 7 images: 3 chunks of 3, padded
+        for got, want in zip(chunked(boxes, thresholds), plain(boxes, thresholds)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    finally:
+        nms_module._cuda_custom_call.cache_clear()
