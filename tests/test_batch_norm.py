@@ -25,7 +25,9 @@ from detlayers.batch_norm import (
     GroupNorm,
     LayerNorm,
     NaiveSyncBatchNorm,
+    SyncBatchNorm,
     get_norm,
+    update_running_stats,
 )
 
 RTOL = 1e-5
@@ -284,10 +286,10 @@ def test_cycle_batch_norm_list_matches_detectron2_cycle(ref):
     "name, cls, extra",
     [
         ("BN", BatchNorm2d, {}),
-        ("SyncBN", NaiveSyncBatchNorm, {"stats_mode": ""}),
+        ("SyncBN", SyncBatchNorm, {"axis_name": "batch"}),
         ("FrozenBN", FrozenBatchNorm2d, {}),
         ("GN", GroupNorm, {"num_groups": 32}),
-        ("nnSyncBN", NaiveSyncBatchNorm, {"stats_mode": ""}),
+        ("nnSyncBN", SyncBatchNorm, {"axis_name": "batch"}),
         ("naiveSyncBN", NaiveSyncBatchNorm, {"stats_mode": ""}),
         ("naiveSyncBN_N", NaiveSyncBatchNorm, {"stats_mode": "N"}),
         ("LN", LayerNorm, {}),
