@@ -381,6 +381,31 @@ def test_shape_spec_defaults_and_fields():
     assert spec == L.ShapeSpec(256, None, None, 4)
 
 
+def test_shape_spec_is_frozen_and_hashable_like_detectron2s_namedtuple():
+    import dataclasses
+
+    import flax.linen as nn
+
+    spec = L.ShapeSpec(channels=256, stride=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.channels = 128
+    assert hash(spec) == hash(L.ShapeSpec(256, None, None, 4))
+    assert {spec: "p2"}[L.ShapeSpec(channels=256, stride=4)] == "p2"
+    assert spec._replace(stride=8) == L.ShapeSpec(256, None, None, 8) and spec.stride == 4
+
+    class Head(nn.Module):
+        input_shape: L.ShapeSpec
+
+        @nn.compact
+        def __call__(self, x):
+            return x
+
+    assert hash(Head(spec)) == hash(Head(L.ShapeSpec(channels=256, stride=4)))
+    # a static jit argument must be hashable
+    out = jax.jit(lambda s, x: x * s.stride, static_argnums=0)(spec, jnp.ones(2))
+    np.testing.assert_array_equal(out, [4.0, 4.0])
+
+
 # ------------------------------------------------- property tests against float64 NumPy loops
 def _numpy_conv2d(x, weight, stride, padding, dilation, groups):
     """Direct definition of PyTorch's conv2d (weight OIHW), NHWC in and out, float64."""
