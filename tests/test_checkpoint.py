@@ -211,7 +211,7 @@ def test_pkl_that_would_run_code_is_refused_before_running_it(tmp_path, payload)
         refused = "system"  # posix.system on Linux, nt.system on Windows
     elif payload == "builtins.open":
         evil = _CreatesFile(open, (str(marker), "w"))
-        refused = "builtins.open"
+        refused = "io.open"  # how pickle names the builtin open
     else:  # hidden inside an otherwise ordinary model-zoo dict
         evil = {"model": {"stem.weight": np.zeros((8, 3, 3, 3), np.float32),
                           "x": _CreatesFile(os.system, (f"touch {marker}",))}}
@@ -219,8 +219,15 @@ def test_pkl_that_would_run_code_is_refused_before_running_it(tmp_path, payload)
     path = tmp_path / "model_final.pkl"
     with open(path, "wb") as f:
         pickle.dump(evil if payload == "nested" else {"model": evil}, f, protocol=2)
+    # the payload is real: a plain pickle.load creates the file
+    with open(path, "rb") as f:
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+    marker.unlink()
     with pytest.raises(ValueError, match=rf"model_final\.pkl.*{refused}.*refused"):
         read_state_dict(path)
+    with pytest.raises(ValueError, match=refused):
+        L.load_torch_state_dict(TinyNet(), path, np.zeros((1, 16, 16, 3), np.float32))
     assert not marker.exists()
 
 
