@@ -610,10 +610,9 @@ def _output_size(
         raw = tuple(scale_factor)
     else:
         raw = (scale_factor, scale_factor)
-    try:
-        scales = (float(raw[0]), float(raw[1]))
-    except (TypeError, ValueError):
-        raise TypeError(f"interpolate: scale_factor must be a number or a pair of numbers, got {scale_factor!r}") from None
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in raw):
+        raise TypeError(f"interpolate: scale_factor must be a number or a pair of numbers, got {scale_factor!r}")
+    scales = (float(raw[0]), float(raw[1]))
     if not all(np.isfinite(s) and s > 0 for s in scales):
         raise ValueError(f"interpolate: scale_factor must be finite and positive, got {scale_factor!r}")
     # PyTorch: the output size is floor(input * scale), computed in double.
