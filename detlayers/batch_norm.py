@@ -5,9 +5,12 @@ Layers:
 - :class:`BatchNorm2d` -- ``torch.nn.BatchNorm2d`` semantics (batch statistics in training, running
   statistics updated with the unbiased variance, running statistics in eval).
 - :class:`FrozenBatchNorm2d` -- fixed affine batch norm; identity when fresh.
-- :class:`NaiveSyncBatchNorm` -- batch norm whose training statistics are reduced over a named
-  device axis (``pmap`` / ``shard_map`` / named ``vmap``), with a per-example ``mask`` for padded
-  per-device batches.
+- :class:`NaiveSyncBatchNorm` -- detectron2's synchronized batch norm: training statistics
+  reduced over a named device axis (``pmap`` / ``shard_map`` / named ``vmap``) with detectron2's
+  device weighting (``stats_mode``) and running-statistics rule, with a per-example ``mask`` for
+  padded per-device batches.
+- :class:`SyncBatchNorm` -- ``torch.nn.SyncBatchNorm`` (``get_norm("SyncBN")``): the exact
+  statistics of all real examples on all devices, PyTorch's running-statistics rule.
 - :class:`GroupNorm` -- ``torch.nn.GroupNorm`` (what ``get_norm("GN", C)`` builds).
 - :class:`LayerNorm` -- detectron2's channel LayerNorm (normalizes over channels at each position).
 - :class:`CycleBatchNormList` -- one set of batch statistics per call position in a cycle, shared
