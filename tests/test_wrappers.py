@@ -410,7 +410,7 @@ def _numpy_bicubic_1d(x: np.ndarray, out_size: int, scale: float, align_corners:
     return out
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(h=st.integers(1, 7), w=st.integers(1, 7), out_h=st.integers(1, 11), out_w=st.integers(1, 11),
        align_corners=st.booleans())
 def test_interpolate_bicubic_matches_float64_numpy(h, w, out_h, out_w, align_corners):
@@ -428,7 +428,7 @@ def test_interpolate_bicubic_matches_float64_numpy(h, w, out_h, out_w, align_cor
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(h=st.integers(1, 9), w=st.integers(1, 9), out_h=st.integers(1, 9), out_w=st.integers(1, 9))
 def test_interpolate_area_matches_float64_window_means(h, w, out_h, out_w):
     x = np.random.default_rng(h * 10 + w).normal(size=(2, h, w, 3))
