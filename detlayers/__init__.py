@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "BatchNorm2d": "batch_norm",
     "FrozenBatchNorm2d": "batch_norm",
     "NaiveSyncBatchNorm": "batch_norm",
+    "SyncBatchNorm": "batch_norm",
     "get_norm": "batch_norm",
     "GroupNorm": "batch_norm",
     "LayerNorm": "batch_norm",
@@ -112,6 +113,7 @@ if TYPE_CHECKING:  # static tools see the real definitions
         GroupNorm,
         LayerNorm,
         NaiveSyncBatchNorm,
+        SyncBatchNorm,
         get_norm,
     )
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d

@@ -5,9 +5,12 @@ Layers:
 - :class:`BatchNorm2d` -- ``torch.nn.BatchNorm2d`` semantics (batch statistics in training, running
   statistics updated with the unbiased variance, running statistics in eval).
 - :class:`FrozenBatchNorm2d` -- fixed affine batch norm; identity when fresh.
-- :class:`NaiveSyncBatchNorm` -- batch norm whose training statistics are reduced over a named
-  device axis (``pmap`` / ``shard_map`` / named ``vmap``), with a per-example ``mask`` for padded
-  per-device batches.
+- :class:`NaiveSyncBatchNorm` -- detectron2's synchronized batch norm: training statistics
+  reduced over a named device axis (``pmap`` / ``shard_map`` / named ``vmap``) with detectron2's
+  device weighting (``stats_mode``) and running-statistics rule, with a per-example ``mask`` for
+  padded per-device batches.
+- :class:`SyncBatchNorm` -- ``torch.nn.SyncBatchNorm`` (``get_norm("SyncBN")``): the exact
+  statistics of all real examples on all devices, PyTorch's running-statistics rule.
 - :class:`GroupNorm` -- ``torch.nn.GroupNorm`` (what ``get_norm("GN", C)`` builds).
 - :class:`LayerNorm` -- detectron2's channel LayerNorm (normalizes over channels at each position).
 - :class:`CycleBatchNormList` -- one set of batch statistics per call position in a cycle, shared
@@ -47,6 +50,7 @@ __all__ = [
     "GroupNorm",
     "LayerNorm",
     "NaiveSyncBatchNorm",
+    "SyncBatchNorm",
     "batch_moments",
     "channel_layer_norm",
     "get_norm",
@@ -93,8 +97,22 @@ def _check_mask(mask: Array, x: Array, layer: str) -> None:
         raise TypeError(f"{layer}: mask must be a bool array, got dtype {jnp.result_type(mask)}")
 
 
+def _bound_axis_names() -> tuple[Any, ...]:
+    """The mapped axis names (pmap, shard_map, named vmap) bound at this point of the trace.
+
+    Read from JAX's axis environment; an empty tuple outside any mapped axis (or if this JAX does
+    not expose its axis environment, in which case the unbound-axis check is skipped).
+    """
+    try:
+        from jax._src import core as jax_core
+
+        return tuple(jax_core.get_axis_env().axis_sizes)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on JAX internals
+        return ()
+
+
 def _axis_is_bound(axis_name: Any) -> bool:
-    """Whether ``axis_name`` names a mapped axis (pmap, shard_map, named vmap) at this trace.
+    """Whether ``axis_name`` (a name or tuple of names) names mapped axes at this trace.
 
     JAX raises ``NameError("unbound axis name: ...")`` for collectives over an unknown axis; asking
     for its size is the cheapest such query and costs nothing at run time.
@@ -106,6 +124,28 @@ def _axis_is_bound(axis_name: Any) -> bool:
     except NameError:
         return False
     return True
+
+
+def _sync_axis(axis_name: Any, layer: str) -> Any:
+    """The axis to reduce training statistics over: ``axis_name`` when it is bound, None (local
+    statistics, world size 1) when no mapped axis is bound at all or ``axis_name`` is None.
+
+    Raises ``ValueError`` inside mapped axes that do not include ``axis_name``: synchronised batch
+    norm silently falling back to per-device statistics there would train a different model.
+    """
+    if axis_name is None:
+        return None
+    if _axis_is_bound(axis_name):
+        return axis_name
+    bound = _bound_axis_names()
+    if bound:
+        raise ValueError(
+            f"{layer}: training inside mapped axes {bound} (pmap / shard_map / named vmap) that do "
+            f"not include this layer's axis_name={axis_name!r}; pass axis_name= one of them (e.g. "
+            f"get_norm('SyncBN', C, axis_name={bound[0]!r})), or axis_name=None for per-device "
+            f"statistics"
+        )
+    return None
 
 
 def _masked_sum(a: Array, mask: Array | None) -> Array:
@@ -122,31 +162,11 @@ def _masked_sum(a: Array, mask: Array | None) -> Array:
     return jnp.sum(jnp.where(mask[:, None], row_sums, jnp.zeros((), a.dtype)), axis=0)
 
 
-def batch_moments(
-    x: Array,
-    *,
-    mask: Array | None = None,
-    axis_name: Any = None,
-) -> tuple[Array, Array, Array]:
-    """Per-channel mean and biased variance over every axis but the last, in float32.
-
-    Args:
-      x: ``[B, ..., C]`` (NHWC images: ``[N, H, W, C]``), any floating dtype.
-      mask: optional ``bool[B]``; rows where it is False contribute nothing (their values may be
-        anything, finite or not: each row is summed on its own and the padded rows' sums are
-        dropped by selection, never multiplied by 0). Differentiating w.r.t. ``x`` needs finite
-        padded rows (their zero cotangent meets their values in the chain rule).
-      axis_name: optional named mapped axis (``pmap`` / ``shard_map`` / named ``vmap``); the sums
-        are ``psum``-ed over it so every device gets the statistics of all real examples on all
-        devices, each element weighted once.
-
-    Returns:
-      ``(mean[C], var[C], count[])``: ``count`` is the number of (real) elements per channel that
-      entered the statistics, as float32. With ``count == 0`` mean and var are 0 (not NaN).
-
-    Two passes (mean, then centred squares) rather than ``E[x^2] - E[x]^2``: the second costs one
-    more ``C``-sized reduction but avoids cancellation when ``|mean| >> std``.
-    """
+def _moments(
+    x: Array, mask: Array | None, axis_name: Any, stats_mode: str
+) -> tuple[Array, Array, Array, Array, Array]:
+    """``(mean, var, count, grad_count, centred)``: the statistics of :func:`batch_moments`, the
+    per-device count that the closed-form backward divides by, and ``x - mean`` in float32."""
     dtype = _compute_dtype(x.dtype)
     xf = x.astype(dtype)
     per_row = 1
@@ -156,22 +176,80 @@ def batch_moments(
         count = jnp.asarray(x.shape[0] * per_row, dtype)
     else:
         count = jnp.sum(mask.astype(dtype)) * per_row
-
+    # no gradient flows through the counts (integers in disguise)
+    count = jax.lax.stop_gradient(count)
     total = _masked_sum(xf, mask)
+
+    if axis_name is not None and stats_mode == "":
+        # detectron2's stats_mode="": every device's mean and mean of squares weigh the same.
+        # var = avg_d(E_d[x^2]) - mean^2 is evaluated as avg_d(var_d + (mean_d - mean)^2), the same
+        # number without the cancellation of E[x^2] - E[x]^2.
+        has_real = (count > 0).astype(dtype)
+        local_mean = total / jnp.maximum(count, 1.0)
+        local_centred = xf - local_mean
+        local_var = _masked_sum(local_centred * local_centred, mask) / jnp.maximum(count, 1.0)
+        packed = jax.lax.psum(
+            jnp.concatenate([local_mean * has_real, jnp.stack([has_real, count])]), axis_name
+        )
+        devices = jax.lax.stop_gradient(packed[-2])
+        global_count = jax.lax.stop_gradient(packed[-1])
+        mean = packed[:-2] / jnp.maximum(devices, 1.0)
+        spread = local_mean - mean
+        var = jax.lax.psum(has_real * (local_var + spread * spread), axis_name) / jnp.maximum(
+            devices, 1.0
+        )
+        # d mean / d x = 1 / (devices * local count) for this device's real elements
+        return mean, var, global_count, devices * count, xf - mean
+
     if axis_name is not None:
         # one collective for the sums and the count
         packed = jax.lax.psum(jnp.concatenate([total, count[None]]), axis_name)
-        total, count = packed[:-1], packed[-1]
-    # no gradient flows through the count (an integer in disguise)
-    count = jax.lax.stop_gradient(count)
+        total, count = packed[:-1], jax.lax.stop_gradient(packed[-1])
     safe_count = jnp.maximum(count, 1.0)
     mean = total / safe_count
-
     centred = xf - mean
     sq_total = _masked_sum(centred * centred, mask)
     if axis_name is not None:
         sq_total = jax.lax.psum(sq_total, axis_name)
     var = sq_total / safe_count
+    return mean, var, count, count, centred
+
+
+def batch_moments(
+    x: Array,
+    *,
+    mask: Array | None = None,
+    axis_name: Any = None,
+    stats_mode: str = "N",
+) -> tuple[Array, Array, Array]:
+    """Per-channel mean and biased variance over every axis but the last, in float32.
+
+    Args:
+      x: ``[B, ..., C]`` (NHWC images: ``[N, H, W, C]``), any floating dtype.
+      mask: optional ``bool[B]``; rows where it is False contribute nothing (their values may be
+        anything, finite or not: each row is summed on its own and the padded rows' sums are
+        dropped by selection, never multiplied by 0). Differentiating w.r.t. ``x`` needs finite
+        padded rows (their zero cotangent meets their values in the chain rule).
+      axis_name: optional named mapped axis (``pmap`` / ``shard_map`` / named ``vmap``) to reduce
+        the statistics over.
+      stats_mode: how devices are combined over ``axis_name`` (detectron2's
+        ``NaiveSyncBatchNorm`` modes). ``"N"``: the sums are ``psum``-ed, so every device gets the
+        exact statistics of all real examples on all devices (each element weighted once).
+        ``""``: each device's mean and mean of squares (over its real elements) are averaged with
+        equal weight, ``var = avg(E_d[x^2]) - avg(E_d[x])^2``; devices without a real element are
+        left out of the average (detectron2 asserts there are none). Without ``axis_name`` both
+        are the local statistics.
+
+    Returns:
+      ``(mean[C], var[C], count[])``: ``count`` is the number of (real) elements per channel on all
+      devices, as float32. With ``count == 0`` mean and var are 0 (not NaN).
+
+    Two passes (mean, then centred squares) rather than ``E[x^2] - E[x]^2``: the second costs one
+    more ``C``-sized reduction but avoids cancellation when ``|mean| >> std``.
+    """
+    if stats_mode not in STATS_MODES:
+        raise ValueError(f"batch_moments: stats_mode must be one of {STATS_MODES}, got {stats_mode!r}")
+    mean, var, count, _, _ = _moments(x, mask, axis_name, stats_mode)
     return mean, var, count
 
 
@@ -198,26 +276,25 @@ def normalize(
     return y.astype(x.dtype)
 
 
-def _train_forward(x, scale, bias, mask, axis_name, eps):
-    mean, var, count = batch_moments(x, mask=mask, axis_name=axis_name)
+def _train_forward(x, scale, bias, mask, axis_name, eps, stats_mode):
+    # centred is the same buffer the statistics were computed from (count-weighted mode), so XLA
+    # keeps one [B, ..., C] buffer for the statistics, the output and the backward pass
+    mean, var, count, grad_count, centred = _moments(x, mask, axis_name, stats_mode)
     dtype = _compute_dtype(x.dtype)
     inv_std = jax.lax.rsqrt(var + jnp.asarray(eps, dtype))
     factor = inv_std if scale is None else inv_std * scale.astype(dtype)
-    # the same expression as batch_moments' centred values, so XLA keeps one [B, ..., C] buffer
-    # for the statistics, the output and the backward pass
-    centred = x.astype(dtype) - mean
     y = centred * factor
     if bias is not None:
         y = y + bias.astype(dtype)
-    return y.astype(x.dtype), (mean, var, count), (x, scale, bias, mask, centred, inv_std, count)
+    return y.astype(x.dtype), (mean, var, count), (x, scale, bias, mask, centred, inv_std, grad_count)
 
 
-def _train_normalize_fwd(x, scale, bias, mask, axis_name, eps):
-    y, stats, residuals = _train_forward(x, scale, bias, mask, axis_name, eps)
+def _train_normalize_fwd(x, scale, bias, mask, axis_name, eps, stats_mode):
+    y, stats, residuals = _train_forward(x, scale, bias, mask, axis_name, eps, stats_mode)
     return (y, stats), residuals
 
 
-def _train_normalize_bwd(axis_name, eps, residuals, cotangents):
+def _train_normalize_bwd(axis_name, eps, stats_mode, residuals, cotangents):
     """Closed-form batch-norm backward; the cotangents of the statistics are ignored (the caller
     only feeds ``stop_gradient``-ed statistics to the running averages).
 
@@ -228,8 +305,12 @@ def _train_normalize_bwd(axis_name, eps, residuals, cotangents):
     padded rows themselves do not enter the statistics, so theirs is the direct path
     ``dx = gs * inv_std``. ``scale`` and ``bias`` get the local sums of ``g * xhat`` and ``g``.
     All of this is exactly what autodiff of the forward gives.
+
+    With equal device weights (``stats_mode=""`` over an axis) the statistics' derivative w.r.t.
+    one of this device's real elements is ``1 / (devices * local count)`` instead of ``1 / n``:
+    the same formula with ``n`` replaced by that per-device count (the ``count`` residual).
     """
-    del eps
+    del eps, stats_mode
     x, scale, bias, mask, centred, inv_std, count = residuals
     dtype = _compute_dtype(x.dtype)
     g = cotangents[0].astype(dtype)
@@ -252,11 +333,11 @@ def _train_normalize_bwd(axis_name, eps, residuals, cotangents):
     return dx.astype(x.dtype), d_scale, d_bias, None
 
 
-def _train_normalize_primal(x, scale, bias, mask, axis_name, eps):
-    return _train_forward(x, scale, bias, mask, axis_name, eps)[:2]
+def _train_normalize_primal(x, scale, bias, mask, axis_name, eps, stats_mode):
+    return _train_forward(x, scale, bias, mask, axis_name, eps, stats_mode)[:2]
 
 
-_train_normalize_vjp = jax.custom_vjp(_train_normalize_primal, nondiff_argnums=(4, 5))
+_train_normalize_vjp = jax.custom_vjp(_train_normalize_primal, nondiff_argnums=(4, 5, 6))
 _train_normalize_vjp.defvjp(_train_normalize_fwd, _train_normalize_bwd)
 
 
@@ -267,9 +348,11 @@ def _train_normalize(
     mask: Array | None,
     axis_name: Any,
     eps: float,
+    stats_mode: str = "N",
 ) -> tuple[Array, tuple[Array, Array, Array]]:
     """Training-mode batch norm: ``(y, (mean, var, count))`` with ``y`` as
-    ``normalize(x, mean, var, scale, bias, eps)`` and the statistics of :func:`batch_moments`.
+    ``normalize(x, mean, var, scale, bias, eps)`` and the statistics of :func:`batch_moments`
+    (with ``stats_mode``).
 
     Same values as composing those two functions, but the gradient w.r.t. ``x``, ``scale`` and
     ``bias`` is the closed-form batch-norm backward (two passes over ``x`` and the cotangent)
@@ -282,7 +365,7 @@ def _train_normalize(
         # explicitly so its per-device parameter cotangents are summed over the axis (the cast's
         # transpose), as plain autodiff would do.
         scale, bias = (_as_varying_like(p, x, axis_name) for p in (scale, bias))
-    y, stats = _train_normalize_vjp(x, scale, bias, mask, axis_name, eps)
+    y, stats = _train_normalize_vjp(x, scale, bias, mask, axis_name, eps, stats_mode)
     return y, jax.lax.stop_gradient(stats)
 
 
@@ -314,21 +397,27 @@ def update_running_stats(
     var: Array,
     count: Array,
     momentum: float,
+    *,
+    unbiased: bool = True,
 ) -> tuple[Array, Array]:
-    """PyTorch's update ``r += momentum * (batch - r)``, with the unbiased variance.
+    """PyTorch's update ``r += momentum * (batch - r)``, with the unbiased variance by default.
 
-    ``var`` is the biased batch variance over ``count`` elements; the running variance receives
-    ``var * count / (count - 1)``. With ``count == 0`` nothing changes (as detectron2's
-    ``stats_mode="N"`` does for an empty global batch); with ``count == 1`` (where PyTorch raises)
-    the factor is taken as 1. Gradients never flow into running statistics.
+    ``var`` is the biased batch variance over ``count`` elements; with ``unbiased=True`` (PyTorch's
+    ``BatchNorm2d`` / ``SyncBatchNorm``) the running variance receives ``var * count / (count -
+    1)``, with ``unbiased=False`` (detectron2's ``NaiveSyncBatchNorm``) ``var`` itself. With
+    ``count == 0`` nothing changes (as detectron2's ``stats_mode="N"`` does for an empty global
+    batch); with ``count == 1`` (where PyTorch raises) the factor is taken as 1. Gradients never
+    flow into running statistics.
     """
     mean = jax.lax.stop_gradient(mean).astype(running_mean.dtype)
     var = jax.lax.stop_gradient(var)
     count = jax.lax.stop_gradient(count).astype(var.dtype)
-    unbiased = (var * (count / jnp.maximum(count - 1.0, 1.0))).astype(running_var.dtype)
+    if unbiased:
+        var = var * (count / jnp.maximum(count - 1.0, 1.0))
+    running_var_target = var.astype(running_var.dtype)
     step = jnp.where(count > 0, momentum, 0.0).astype(running_mean.dtype)
     return running_mean + step * (mean - running_mean), running_var + step * (
-        unbiased - running_var
+        running_var_target - running_var
     )
 
 
@@ -395,7 +484,19 @@ class _BatchNormBase(nn.Module):
     ``track_running_stats`` (each in its own positional order, PyTorch's / detectron2's).
     """
 
-    def _forward(self, x: Array, *, train: bool, mask: Array | None, axis_name: Any, layer: str) -> Array:
+    def _forward(
+        self,
+        x: Array,
+        *,
+        train: bool,
+        mask: Array | None,
+        axis_name: Any,
+        layer: str,
+        stats_mode: str = "N",
+        unbiased_running_var: bool = True,
+    ) -> Array:
+        # axis_name is the layer's sync axis, possibly unbound: resolved (or refused) by
+        # _sync_axis only when batch statistics are used
         num_features, eps = self.num_features, self.eps
         _check_input(x, num_features, layer)
         scale, bias = _affine_params(self, num_features) if self.affine else (None, None)
@@ -412,14 +513,16 @@ class _BatchNormBase(nn.Module):
         if running is not None and not train:
             return normalize(x, running[0].value, running[1].value, scale, bias, eps)
 
+        axis_name = _sync_axis(axis_name, layer)
         if x.size == 0:
             # empty batch: nothing to normalize and no statistics to learn from
             return x
-        y, (mean, var, count) = _train_normalize(x, scale, bias, mask, axis_name, eps)
+        y, (mean, var, count) = _train_normalize(x, scale, bias, mask, axis_name, eps, stats_mode)
         # (train is True here whenever running statistics exist: eval returned above)
         if running is not None and self.is_mutable_collection("batch_stats") and not self.is_initializing():
             new_mean, new_var = update_running_stats(
-                running[0].value, running[1].value, mean, var, count, self.momentum
+                running[0].value, running[1].value, mean, var, count, self.momentum,
+                unbiased=unbiased_running_var,
             )
             running[0].value = new_mean
             running[1].value = new_var
@@ -469,8 +572,49 @@ class BatchNorm2d(_BatchNormBase):
         return self._forward(x, train=train, mask=None, axis_name=None, layer="BatchNorm2d")
 
 
+class SyncBatchNorm(_BatchNormBase):
+    """``torch.nn.SyncBatchNorm`` (what detectron2's ``get_norm("SyncBN")`` / ``"nnSyncBN"`` build)
+    over a named device axis.
+
+    ``__call__(x, train=False, *, mask=None)``; ``x`` is the per-device ``[B, H, W, C]`` block and
+    ``mask`` an optional ``bool[B]`` marking its real examples (SPMD shards share one shape, so a
+    short per-device batch is padded). In training, per-channel sums and real-element counts are
+    ``psum``-ed over ``axis_name``: the normalization uses the mean and biased variance of *all
+    real examples on all devices*, and the running statistics take their unbiased variance, so the
+    output, its gradients and the running-stat update equal one :class:`BatchNorm2d` over the
+    concatenated real examples (PyTorch's ``SyncBatchNorm`` weights each device by its count the
+    same way). A device without real examples contributes nothing; a step whose *global* real
+    count is 0 leaves the running statistics unchanged.
+
+    Padded rows may hold anything for the forward statistics; keep them finite when
+    differentiating. The training gradient is a closed-form batch-norm backward (a ``custom_vjp``
+    with autodiff's values): reverse mode works, forward mode through a training step does not.
+
+    Axis rule: the statistics are reduced over ``axis_name`` when it is bound (``pmap`` /
+    ``shard_map`` / named ``vmap``); outside any mapped axis the layer uses local statistics, like
+    PyTorch with world size 1; inside mapped axes that do not include ``axis_name`` a training
+    call raises ``ValueError`` naming the bound axes and ``axis_name`` (never silently local).
+    ``axis_name=None`` always means per-device statistics. ``train=False`` uses the local running
+    statistics (no communication).
+    """
+
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    axis_name: Any = "batch"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, *, mask: Array | None = None) -> Array:
+        if mask is not None:
+            _check_input(x, self.num_features, "SyncBatchNorm")
+            _check_mask(mask, x, "SyncBatchNorm")
+        return self._forward(x, train=train, mask=mask, axis_name=self.axis_name, layer="SyncBatchNorm")
+
+
 class NaiveSyncBatchNorm(_BatchNormBase):
-    """Synchronized batch norm (detectron2's ``NaiveSyncBatchNorm``) over a named device axis.
+    """detectron2's ``NaiveSyncBatchNorm`` over a named device axis, with its numbers.
 
     ``__call__(x, train=False, *, mask=None)``; ``x`` is the per-device ``[B, H, W, C]`` block and
     ``mask`` an optional ``bool[B]`` marking its real examples (SPMD shards share one shape, so a
@@ -479,34 +623,33 @@ class NaiveSyncBatchNorm(_BatchNormBase):
     per-row sums are dropped by selection, never multiplied by 0); keep them finite when
     differentiating, since their (masked-out) outputs still enter the backward pass as
     ``0 * value``. The training gradient is a closed-form batch-norm backward (a ``custom_vjp``
-    with the same values as autodiff), so reverse mode (``grad``, also nested) works but forward
-    mode (``jvp``/``jacfwd``) through a training step does not.
+    with the same values as autodiff of detectron2's formula), so reverse mode (``grad``, also
+    nested) works but forward mode (``jvp``/``jacfwd``) through a training step does not.
 
-    In training, per-channel sums and real-element counts are ``psum``-ed over ``axis_name``, so
-    the normalization uses the mean and biased variance of *all real examples on all devices*: the
-    result, its gradients (``psum``'s transpose is handled by JAX) and the running-stat update equal
-    a single-device :class:`BatchNorm2d` over the concatenated real examples. Running statistics
-    take the global unbiased variance (PyTorch's ``SyncBatchNorm`` / ``BatchNorm2d`` rule;
-    detectron2's naive module writes the biased one, a detail it documents as approximate anyway).
+    ``stats_mode`` (detectron2's):
 
-    ``stats_mode``:
+    - ``""`` (default): each device's mean ``E_d[x]`` and mean of squares ``E_d[x^2]`` over its
+      real elements are averaged over the devices with *equal* weight, ``var = avg(E_d[x^2]) -
+      avg(E_d[x])^2``. These are the statistics of all real examples only when every device has
+      the same number of them; with a ``mask`` that makes the real counts differ they are not (as
+      in detectron2 when per-device batch sizes differ). detectron2 asserts that every device has
+      at least one example; here a device without real examples is left out of the average (a row
+      in the README's differences table), and a step with none anywhere leaves the running
+      statistics unchanged.
+    - ``"N"``: each device is weighted by its number of real examples, which gives the exact
+      statistics of all real examples on all devices; a device with none contributes nothing and
+      a step whose global real count is 0 leaves the running statistics unchanged.
 
-    - ``""`` (detectron2's default) weights every device equally. Under SPMD every device has the
-      same ``[B, H, W]``, so equal device weights are the same as weighting by element count; with
-      a ``mask`` the real counts differ and equal device weights would no longer be the statistics
-      of the real examples, so we weight by real counts (exact) here too.
-    - ``"N"`` weights each device by its number of real examples; a device with no real example
-      contributes nothing (no NaN).
+    Running statistics follow detectron2's rule for this layer in both modes:
+    ``running += momentum * (batch - running)`` with the *biased* batch variance (not PyTorch's
+    unbiased one; :class:`SyncBatchNorm` has ``torch.nn.SyncBatchNorm``'s rule).
 
-    Both modes therefore compute the same, exact statistics; ``stats_mode`` is validated and kept
-    so detectron2 configs (``naiveSyncBN`` / ``naiveSyncBN_N``) map one-to-one. In both modes a
-    step whose *global* real count is 0 leaves the running statistics unchanged (detectron2's
-    ``"N"`` rule; its ``""`` mode would fail there).
-
-    Axis detection: when ``axis_name`` is not bound in the current trace (no ``pmap`` /
-    ``shard_map`` / named ``vmap`` over it; JAX raises ``NameError`` when its size is queried) the
-    layer uses local statistics, like detectron2 with world size 1. ``train=False`` always uses the
-    local running statistics (no communication).
+    Axis rule: the statistics are reduced over ``axis_name`` when it is bound (``pmap`` /
+    ``shard_map`` / named ``vmap``); outside any mapped axis the layer uses local statistics, like
+    detectron2 with world size 1; inside mapped axes that do not include ``axis_name`` a training
+    call raises ``ValueError`` naming the bound axes and ``axis_name`` (never silently local).
+    ``axis_name=None`` always means per-device statistics. ``train=False`` uses the local running
+    statistics (no communication).
     """
 
     num_features: int
@@ -527,8 +670,15 @@ class NaiveSyncBatchNorm(_BatchNormBase):
         if mask is not None:
             _check_input(x, self.num_features, "NaiveSyncBatchNorm")
             _check_mask(mask, x, "NaiveSyncBatchNorm")
-        axis_name = self.axis_name if _axis_is_bound(self.axis_name) else None
-        return self._forward(x, train=train, mask=mask, axis_name=axis_name, layer="NaiveSyncBatchNorm")
+        return self._forward(
+            x,
+            train=train,
+            mask=mask,
+            axis_name=self.axis_name,
+            layer="NaiveSyncBatchNorm",
+            stats_mode=self.stats_mode,
+            unbiased_running_var=False,
+        )
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -574,6 +724,8 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         del train
+        if self.num_channels <= 0:
+            raise ValueError(f"GroupNorm: num_channels must be positive, got {self.num_channels}")
         if self.num_groups <= 0 or self.num_channels % self.num_groups != 0:
             raise ValueError(
                 f"GroupNorm: num_channels={self.num_channels} must be divisible by "
@@ -676,25 +828,33 @@ class CycleBatchNormList(nn.Module):
 
 
 def _group_norm_32(channels: int, *, name: str | None = None) -> GroupNorm:
+    if channels <= 0:
+        raise ValueError(f"get_norm('GN', out_channels): out_channels must be positive, got {channels}")
+    if channels % 32:
+        raise ValueError(
+            f"get_norm('GN', out_channels): GroupNorm with 32 groups needs out_channels divisible "
+            f"by 32, got {channels}"
+        )
     return GroupNorm(32, channels, name=name)
 
 
-def _naive_sync_bn_n(channels: int, *, name: str | None = None) -> NaiveSyncBatchNorm:
-    return NaiveSyncBatchNorm(channels, stats_mode="N", name=name)
+def _naive_sync_bn_n(channels: int, *, name: str | None = None, **kwargs: Any) -> NaiveSyncBatchNorm:
+    return NaiveSyncBatchNorm(channels, stats_mode="N", name=name, **kwargs)
 
 
 _NORMS: dict[str, Callable[..., nn.Module]] = {
     "BN": BatchNorm2d,
-    # detectron2 maps SyncBN / nnSyncBN to torch.nn.SyncBatchNorm; in JAX the cross-device batch
-    # norm is ours, and it is exact for unequal (masked) per-device batches.
-    "SyncBN": NaiveSyncBatchNorm,
+    # detectron2 maps SyncBN / nnSyncBN to torch.nn.SyncBatchNorm
+    "SyncBN": SyncBatchNorm,
     "FrozenBN": FrozenBatchNorm2d,
     "GN": _group_norm_32,
-    "nnSyncBN": NaiveSyncBatchNorm,
+    "nnSyncBN": SyncBatchNorm,
     "naiveSyncBN": NaiveSyncBatchNorm,
     "naiveSyncBN_N": _naive_sync_bn_n,
     "LN": LayerNorm,
 }
+# the names whose layers synchronise over a device axis (and take get_norm's axis_name)
+_SYNC_NORMS = ("SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
 
 
 def _accepts_name(fn: Callable[..., Any]) -> bool:
@@ -712,18 +872,23 @@ def get_norm(
     out_channels: int,
     *,
     name: str | None = None,
+    axis_name: Any = "batch",
 ) -> nn.Module | None:
     """detectron2's ``get_norm``: a normalization layer for ``out_channels`` channels, or None.
 
     Args:
-      norm: ``None`` or ``""`` (no norm); one of ``"BN"`` (:class:`BatchNorm2d`), ``"SyncBN"``,
-        ``"nnSyncBN"``, ``"naiveSyncBN"`` (all :class:`NaiveSyncBatchNorm` over axis ``"batch"``:
-        detectron2 uses ``torch.nn.SyncBatchNorm`` for the first two, whose JAX counterpart is this
-        layer), ``"naiveSyncBN_N"`` (``stats_mode="N"``), ``"FrozenBN"``
-        (:class:`FrozenBatchNorm2d`), ``"GN"`` (:class:`GroupNorm` with 32 groups, eps 1e-5),
-        ``"LN"`` (:class:`LayerNorm`); or a callable taking the channel count and returning a
-        Flax module.
+      norm: ``None`` or ``""`` (no norm); one of ``"BN"`` (:class:`BatchNorm2d`), ``"SyncBN"`` and
+        ``"nnSyncBN"`` (:class:`SyncBatchNorm`, as detectron2 builds ``torch.nn.SyncBatchNorm``),
+        ``"naiveSyncBN"`` (:class:`NaiveSyncBatchNorm`), ``"naiveSyncBN_N"`` (the same with
+        ``stats_mode="N"``), ``"FrozenBN"`` (:class:`FrozenBatchNorm2d`), ``"GN"``
+        (:class:`GroupNorm` with 32 groups, eps 1e-5; ``out_channels`` must be a positive multiple
+        of 32), ``"LN"`` (:class:`LayerNorm`); or a callable taking the channel count and
+        returning a Flax module.
       out_channels: number of channels (the last axis of the input).
+      axis_name: the mapped device axis the sync norms (``SyncBN``, ``nnSyncBN``, ``naiveSyncBN``,
+        ``naiveSyncBN_N``) reduce their statistics over (the ``pmap`` ``axis_name`` or
+        ``shard_map`` mesh axis of the data-parallel batch; default ``"batch"``). Ignored by the
+        other names and by callables, so config-driven code may always pass it.
       name: Flax name for the created module (``Conv2d`` passes ``"norm"``). Built-in layers and
         callables that accept a ``name`` keyword (Flax module classes, ``functools.partial`` of
         them, functions with a ``name`` parameter) get it directly; otherwise the returned module
@@ -740,6 +905,8 @@ def get_norm(
             return None
         if norm not in _NORMS:
             raise ValueError(f"get_norm: unknown norm {norm!r}; known names: {sorted(_NORMS)}")
+        if norm in _SYNC_NORMS:
+            return _NORMS[norm](out_channels, name=name, axis_name=axis_name)
         return _NORMS[norm](out_channels, name=name)
     if not callable(norm):
         raise TypeError(f"get_norm: norm must be None, a string or a callable, got {type(norm)}")

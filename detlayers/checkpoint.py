@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import io
 import os
 import pickle
 import re
@@ -38,14 +40,117 @@ def flax_name_to_torch(name: str) -> str:
     return match.group(1) + "." + ".".join(match.group(2)[1:].split("_"))
 
 
+# dtype kinds a weight may have: bool, signed / unsigned integer, floating
+_NUMERIC_KINDS = "biuf"
+
+
 def _to_numpy(value: Any, key: str) -> np.ndarray:
+    """``value`` as a NumPy array of a real numeric dtype; anything else is a ``TypeError``
+    (object, string, complex arrays are never coerced: casting them to float would give NaN or
+    silently drop the imaginary part)."""
     if isinstance(value, np.ndarray):
-        return value
-    if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
-    if isinstance(value, (jax.Array, np.generic, int, float, list, tuple)):
-        return np.asarray(value)
-    raise TypeError(f"load_torch_state_dict: entry {key!r} is a {type(value).__name__}, not an array")
+        array = value
+    elif type(value).__module__.startswith("torch"):
+        tensor = value.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widen exactly
+            tensor = tensor.float()
+        array = tensor.numpy()
+    elif isinstance(value, (jax.Array, np.generic, int, float, list, tuple)):
+        array = np.asarray(value)
+    else:
+        raise TypeError(f"load_torch_state_dict: entry {key!r} is a {type(value).__name__}, not an array")
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise TypeError(
+            f"load_torch_state_dict: entry {key!r} has dtype {array.dtype}, not a real numeric "
+            f"dtype (bool, integer or floating); object, string and complex arrays are refused"
+        )
+    return array
+
+
+# The globals a detectron2 model-zoo .pkl may name: NumPy array / dtype / scalar reconstruction
+# (under both spellings of NumPy's core module: numpy.core before NumPy 2, numpy._core after) and
+# OrderedDict; protocol-2 pickles written by Python 3 also name _codecs.encode for bytes (handled
+# in find_class). Anything else (os.system, builtins.eval, subprocess, ...) is refused before it
+# is called.
+def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # NumPy < 2
+        from numpy.core import multiarray, numeric
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it for ``bytes``; only text codecs."""
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1", "utf-8", "utf8"):
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode(encoding, errors)
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, tuples, strings, numbers and NumPy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_pickle_globals().get((module, name))
+        if allowed is not None:
+            return allowed
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise _RefusedGlobal(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _RefusedGlobal(f"persistent id {pid!r}")
+
+
+def _read_pickle(path: str) -> Any:
+    """A detectron2 model-zoo ``.pkl`` read without running code from it."""
+    expected = "a pickled dict of NumPy arrays (detectron2 model-zoo .pkl)"
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw:
+        raise ValueError(f"load_torch_state_dict: {path!r} is empty; expected {expected}")
+    try:
+        return _WeightsUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise ValueError(
+            f"load_torch_state_dict: {path!r} refers to {err}, which a weights file does not need; "
+            f"refused (reading it could run code). Only {expected} is read"
+        ) from None
+    except Exception as err:  # truncated, random or foreign bytes: whatever the unpickler says
+        raise ValueError(
+            f"load_torch_state_dict: {path!r} is not {expected} (it may be truncated or "
+            f"corrupt): {type(err).__name__}: {err}"
+        ) from err
+
+
+def _read_torch(path: str) -> Any:
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(f"load_torch_state_dict: reading {path!r} needs torch installed") from err
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"load_torch_state_dict: {path!r} is empty; expected a PyTorch .pth/.pt file (torch.save)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"load_torch_state_dict: {path!r} could not be read as a PyTorch .pth/.pt file "
+            f"(torch.save, loaded with weights_only=True; it may be truncated, corrupt or hold "
+            f"objects other than tensors): {type(err).__name__}: {err}"
+        ) from err
 
 
 def _unwrap(data: Any, source: str) -> Mapping:
@@ -64,10 +169,18 @@ def read_state_dict(source: Any) -> dict[str, np.ndarray]:
     * dict: NumPy arrays or torch tensors, possibly wrapped as ``{"model": ...}`` /
       ``{"state_dict": ...}``.
     * ``.pkl``: detectron2 model-zoo format, a pickled dict with the weights under ``"model"``
-      (other keys such as ``"__author__"`` or ``"matching_heuristics"`` are ignored). Pickles
-      can run code when loaded: only read files you trust.
+      (other keys such as ``"__author__"`` or ``"matching_heuristics"`` are ignored). It is read
+      with a restricted unpickler that builds only dicts, lists, tuples, strings, numbers and
+      NumPy arrays/dtypes/scalars (and ``OrderedDict``): a file naming any other global (for
+      example ``os.system`` through ``__reduce__``) is refused with a ``ValueError`` naming the
+      file and the global, before anything is called.
     * ``.pth``/``.pt``: ``torch.load(..., weights_only=True)`` (needs torch), unwrapped the same
       way (detectron2 training checkpoints keep the model under ``"model"``).
+
+    An empty, truncated or unreadable file raises ``ValueError`` naming the path and the format
+    expected. Every weight must be a real numeric array (bool, integer or floating); object,
+    string or complex entries raise ``TypeError`` (never coerced to NaN or their real part).
+    torch ``bfloat16`` tensors are widened to float32.
 
     ``num_batches_tracked`` entries are dropped, and a ``module.`` prefix shared by every key
     (``DistributedDataParallel`` checkpoints) is removed.
@@ -75,14 +188,9 @@ def read_state_dict(source: Any) -> dict[str, np.ndarray]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if path.endswith(".pkl"):
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
+            data = _read_pickle(path)
         elif path.endswith((".pth", ".pt")):
-            try:
-                import torch
-            except ImportError as err:
-                raise ImportError(f"load_torch_state_dict: reading {path!r} needs torch installed") from err
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _read_torch(path)
         else:
             raise ValueError(f"load_torch_state_dict: unknown checkpoint format {path!r} (expected .pkl, .pth or .pt)")
         weights = _unwrap(data, path)
@@ -113,6 +221,12 @@ def _torch_key(collection: str, path: tuple[str, ...], modules: Mapping[tuple[st
             names.append(flax_name_to_torch(name))
     names.append(table.get(leaf, leaf))
     return ".".join(names)
+
+
+def _is_frozen_bn_stat(collection: str, leaf: str, owner: nn.Module | None) -> bool:
+    from detlayers.batch_norm import FrozenBatchNorm2d
+
+    return collection == "batch_stats" and leaf in ("mean", "var") and isinstance(owner, FrozenBatchNorm2d)
 
 
 def _is_transposed_conv(owner: nn.Module | None) -> bool:
@@ -174,9 +288,17 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
     ``conv_transpose2d`` in ``detlayers.wrappers``); linear ``[out, in]`` -> ``[in, out]``; vectors
     unchanged. ``num_batches_tracked`` is ignored.
 
+    A :class:`~detlayers.FrozenBatchNorm2d` whose ``running_mean``/``running_var`` are absent
+    (detectron2's version-1 format, e.g. ImageNet backbones converted from Caffe2, which keep only
+    ``weight`` and ``bias``) gets mean 0 and var 1, as detectron2's ``_load_from_state_dict`` fills
+    them; they are not reported missing.
+
     Raises:
       ValueError: listing every missing key (a Flax variable with no entry), unexpected key (an
-        entry no variable uses) and mis-shaped key (with both shapes), all at once.
+        entry no variable uses) and mis-shaped key (the checkpoint's shape after the layout
+        transpose beside the shape the variable needs), all at once; or a file that cannot be
+        read (see :func:`read_state_dict`).
+      TypeError: an entry that is not a real numeric array.
     """
     weights = read_state_dict(state_dict)
     shapes, modules = trace_init(module, example_args, example_kwargs)
@@ -201,18 +323,33 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
                     f"load_torch_state_dict: Flax variables {used[key]!r} and {flax_path!r} both map to {key!r}"
                 )
             used[key] = flax_path
+            expected = tuple(value.shape)
             if key not in weights:
-                missing.append(f"{key} (for {flax_path}, shape {tuple(value.shape)})")
+                if _is_frozen_bn_stat(collection, name, modules.get(path)):
+                    # detectron2's FrozenBatchNorm2d version-1 checkpoints (ImageNet backbones
+                    # converted from Caffe2) carry only weight and bias; detectron2 fills
+                    # running_mean with zeros and running_var with ones (not 1 - eps)
+                    fill_value = 0.0 if name == "mean" else 1.0
+                    out[name] = jnp.full(expected, fill_value, dtype=value.dtype)
+                    continue
+                missing.append(f"{key} (for {flax_path}, shape {expected})")
                 continue
             array = weights[key]
-            expected = tuple(value.shape)
             converted = array
-            if name == "kernel" and collection == "params":
+            is_kernel = name == "kernel" and collection == "params"
+            if is_kernel:
                 converted = _convert_kernel(array, expected, modules.get(path))
-            if converted is None or tuple(converted.shape) != expected:
+            if converted is None:
                 misshaped.append(
-                    f"{key}: checkpoint shape {tuple(array.shape)}, {flax_path} needs {expected}"
-                    + (" after the layout transpose" if name == "kernel" else "")
+                    f"{key}: checkpoint shape {tuple(array.shape)} (PyTorch layout) has no "
+                    f"transpose to the Flax layout of {flax_path}, which needs {expected}"
+                )
+                continue
+            if tuple(converted.shape) != expected:
+                misshaped.append(
+                    f"{key}: checkpoint shape {tuple(converted.shape)}"
+                    + (f" after the layout transpose (PyTorch layout {tuple(array.shape)})" if is_kernel else "")
+                    + f", {flax_path} needs {expected}"
                 )
                 continue
             out[name] = jnp.asarray(np.ascontiguousarray(converted), dtype=value.dtype)

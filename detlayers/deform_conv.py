@@ -208,6 +208,14 @@ def _deform_conv_impl(
     _check_rank(kernel, "kernel", "HWIO [kh, kw, C/groups, O]")
     n, h, w, c = input.shape
     kh, kw, c_per_group, o = kernel.shape
+    if c < 1:
+        raise ValueError(
+            f"{fn_name}: input must have at least one channel, got input shape {input.shape} (NHWC)"
+        )
+    if kh < 1 or kw < 1:
+        raise ValueError(
+            f"{fn_name}: kernel spatial size must be positive, got kernel shape {kernel.shape} (HWIO)"
+        )
     if c % groups or c_per_group * groups != c:
         raise ValueError(
             f"{fn_name}: kernel shape {kernel.shape} (HWIO) needs input channels = "
@@ -405,6 +413,7 @@ class _DeformConvBase(nn.Module):
     def _params(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         kh, kw = _pair(self.kernel_size, "kernel_size", 1)
         groups = _positive_int(self.groups, "groups")
+        _positive_int(self.in_channels, f"{type(self).__name__}: in_channels")
         check_groups(self.in_channels, self.out_channels, groups, type(self).__name__)
         if jnp.ndim(x) != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(

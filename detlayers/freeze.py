@@ -28,7 +28,7 @@ import optax
 from flax.core import unfreeze
 
 from detlayers._module_trace import trace_init
-from detlayers.batch_norm import BatchNorm2d, FrozenBatchNorm2d, NaiveSyncBatchNorm
+from detlayers.batch_norm import BatchNorm2d, FrozenBatchNorm2d, NaiveSyncBatchNorm, SyncBatchNorm
 
 __all__ = [
     "convert_frozen_batchnorm",
@@ -41,7 +41,7 @@ __all__ = [
 
 # get_norm names whose layer is a (sync) batch norm with running statistics.
 BATCH_NORM_NAMES = frozenset({"BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"})
-_BATCH_NORM_TYPES = (BatchNorm2d, NaiveSyncBatchNorm)
+_BATCH_NORM_TYPES = (BatchNorm2d, NaiveSyncBatchNorm, SyncBatchNorm)
 _FLAX_INTERNAL_FIELDS = frozenset({"parent", "name"})
 
 
@@ -153,7 +153,8 @@ def convert_frozen_batchnorm(
     Module: walks the dataclass fields of ``module`` recursively (submodules given as fields,
     lists/tuples of them); a field whose name contains ``"norm"`` and holds a batch-norm name
     (``"BN"``, ``"SyncBN"``, ``"nnSyncBN"``, ``"naiveSyncBN"``, ``"naiveSyncBN_N"``) becomes
-    ``"FrozenBN"``, and a :class:`detlayers.BatchNorm2d` / :class:`detlayers.NaiveSyncBatchNorm`
+    ``"FrozenBN"``, and a :class:`detlayers.BatchNorm2d` / :class:`detlayers.NaiveSyncBatchNorm` /
+    :class:`detlayers.SyncBatchNorm`
     instance becomes ``FrozenBatchNorm2d(num_features, eps)``. Batch norms created inside a
     ``compact`` method without a field cannot be reached: pass them in through a field. Norm
     factories given as callables and :class:`detlayers.CycleBatchNormList` are not converted;

@@ -162,6 +162,7 @@ def conv2d(
         raise ValueError(f"conv2d: kernel must be HWIO [kh, kw, in/groups, out], got shape {kernel.shape}")
     if x.ndim != 4:
         raise ValueError(f"conv2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
+    _check_positive_groups(groups, "conv2d")
     if x.shape[-1] != kernel.shape[2] * groups:
         raise ValueError(
             f"conv2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
@@ -170,8 +171,10 @@ def conv2d(
     if kernel.shape[3] % groups:
         raise ValueError(f"conv2d: out channels {kernel.shape[3]} not divisible by groups={groups}")
     kh, kw = kernel.shape[:2]
-    stride_hw = _pair(stride, "stride")
-    dilation_hw = _pair(dilation, "dilation")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"conv2d: kernel spatial size must be positive, got kernel shape {kernel.shape} (HWIO)")
+    stride_hw = _pair(stride, "conv2d: stride", 1)
+    dilation_hw = _pair(dilation, "conv2d: dilation", 1)
     pad_h, pad_w = _conv_padding(padding, (kh, kw), dilation_hw, stride_hw)
     for axis, (size, (lo, hi), k, d) in enumerate(
         zip(x.shape[1:3], (pad_h, pad_w), (kh, kw), dilation_hw)
@@ -247,6 +250,11 @@ class Conv2d(nn.Module):
         return y
 
 
+def _check_positive_groups(groups: Any, layer: str) -> None:
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{layer}: groups must be a positive int, got {groups!r}")
+
+
 def _conv_params(layer: nn.Module, x: Array, *, fan_in_channels: int) -> tuple[Array, Array | None]:
     """Checks ``x`` and the config of a (transposed) conv layer, then creates its parameters.
 
@@ -256,8 +264,11 @@ def _conv_params(layer: nn.Module, x: Array, *, fan_in_channels: int) -> tuple[A
     ``out_channels`` for a transposed one, as PyTorch computes it from ``weight.shape[1]``).
     """
     name = type(layer).__name__
+    _check_positive_groups(layer.groups, name)
     _check_groups(layer.in_channels, layer.out_channels, layer.groups, name)
-    kh, kw = _pair(layer.kernel_size, "kernel_size")
+    kh, kw = _pair(layer.kernel_size, f"{name}: kernel_size", 1)
+    _pair(layer.stride, f"{name}: stride", 1)
+    _pair(layer.dilation, f"{name}: dilation", 1)
     _check_nhwc(x, layer.in_channels, name)
     _check_floating(x, "x")
     fan_in = fan_in_channels // layer.groups * kh * kw
@@ -319,6 +330,7 @@ def conv_transpose2d(
         raise ValueError(f"conv_transpose2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
     if kernel.ndim != 4:
         raise ValueError(f"conv_transpose2d: kernel must be [kh, kw, in/groups, out], got shape {kernel.shape}")
+    _check_positive_groups(groups, "conv_transpose2d")
     if x.shape[-1] != kernel.shape[2] * groups:
         raise ValueError(
             f"conv_transpose2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
@@ -575,22 +587,35 @@ def cross_entropy(
 # --------------------------------------------------------------------------------------------
 # interpolate
 # --------------------------------------------------------------------------------------------
+INTERPOLATE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+_ALIGN_CORNERS_MODES = ("bilinear", "bicubic")
+
+
 def _output_size(
-    in_hw: tuple[int, int], size: IntOrPair | None, scale_factor: float | Sequence[float] | None
+    in_hw: tuple[int, int],
+    size: IntOrPair | None,
+    scale_factor: float | Sequence[float] | None,
 ) -> tuple[tuple[int, int], tuple[float | None, float | None]]:
+    """Output ``(Ho, Wo)`` and the scale factors the coordinate transform uses (None: in/out)."""
     if (size is None) == (scale_factor is None):
         raise ValueError("interpolate: give exactly one of `size` and `scale_factor`")
     if size is not None:
-        return _pair(size, "size"), (None, None)
-    if isinstance(scale_factor, Sequence):
+        out = _pair(size, "interpolate: size")
+        if min(out) < 0:
+            raise ValueError(f"interpolate: size must be non-negative, got {size!r}")
+        return out, (None, None)
+    if isinstance(scale_factor, Sequence) and not isinstance(scale_factor, str):
         if len(scale_factor) != 2:
             raise ValueError(f"interpolate: scale_factor must be a number or a pair, got {scale_factor!r}")
-        scales = (float(scale_factor[0]), float(scale_factor[1]))
+        raw = tuple(scale_factor)
     else:
-        scales = (float(scale_factor), float(scale_factor))
-    if min(scales) <= 0:
-        raise ValueError(f"interpolate: scale_factor must be positive, got {scale_factor!r}")
-    # PyTorch: output size is floor(input * scale) computed in double.
+        raw = (scale_factor, scale_factor)
+    if not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in raw):
+        raise TypeError(f"interpolate: scale_factor must be a number or a pair of numbers, got {scale_factor!r}")
+    scales = (float(raw[0]), float(raw[1]))
+    if not all(np.isfinite(s) and s > 0 for s in scales):
+        raise ValueError(f"interpolate: scale_factor must be finite and positive, got {scale_factor!r}")
+    # PyTorch: the output size is floor(input * scale), computed in double.
     out = (int(np.floor(in_hw[0] * scales[0])), int(np.floor(in_hw[1] * scales[1])))
     return out, scales
 
@@ -604,34 +629,98 @@ def _source_scale(in_size: int, out_size: int, scale: float | None, align_corner
     return np.float32(in_size) / np.float32(out_size)
 
 
-def _nearest_indices(in_size: int, out_size: int, scale: float | None) -> np.ndarray:
-    """PyTorch's ``nearest_idx``: identity / halving shortcuts, else ``min(floor(dst*scale), in-1)``."""
+def _nearest_taps(in_size: int, out_size: int, scale: float | None, exact: bool) -> tuple[np.ndarray, None]:
+    """PyTorch's ``nearest_idx`` (legacy ``min(floor(dst*scale), in-1)``, with its identity and
+    halving shortcuts) or ``nearest_exact_idx`` (``min(floor((dst+0.5)*scale), in-1)``)."""
     dst = np.arange(out_size, dtype=np.int64)
-    if out_size == in_size:
-        return dst
-    if out_size == 2 * in_size:
-        return dst >> 1
     s = _source_scale(in_size, out_size, scale, align_corners=False)
-    src = np.floor(dst.astype(np.float32) * s).astype(np.int64)
-    return np.minimum(src, in_size - 1)
+    if exact:
+        # (dst + 0.5) is a double in PyTorch; the product is rounded to float by floorf
+        src = np.floor(((dst + 0.5) * np.float64(s)).astype(np.float32)).astype(np.int64)
+    elif out_size == in_size:
+        src = dst
+    elif out_size == 2 * in_size:
+        src = dst >> 1
+    else:
+        src = np.floor(dst.astype(np.float32) * s).astype(np.int64)
+    return np.minimum(src, in_size - 1)[:, None], None
+
+
+def _index_and_lambda(real: np.ndarray, in_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's ``guard_index_and_lambda``: ``floor`` capped at ``in-1``, fraction in [0, 1]."""
+    index = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
+    lam = np.clip(real - index.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    return index, lam
 
 
 def _linear_taps(
     in_size: int, out_size: int, scale: float | None, align_corners: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of 1-D linear interpolation, as PyTorch computes them (float32)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices ``[out, 2]`` and weights of linear interpolation, as PyTorch computes them
+    (float32; ``compute_source_index_and_lambda``, with its copy shortcut when out == in)."""
+    dst = np.arange(out_size, dtype=np.int64)
+    if out_size == in_size:
+        return np.stack([dst, dst], 1), np.tile(np.array([1, 0], np.float32), (out_size, 1))
     s = _source_scale(in_size, out_size, scale, align_corners)
-    dst = np.arange(out_size, dtype=np.float32)
+    dst_f = dst.astype(np.float32)
     if align_corners:
-        src = s * dst
+        real = s * dst_f
     else:
-        src = np.maximum(s * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    i0 = src.astype(np.int64)  # src >= 0, so truncation is floor
-    i0 = np.minimum(i0, in_size - 1)
+        real = np.maximum(s * (dst_f + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0, w1 = _index_and_lambda(real.astype(np.float32), in_size)
     i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
-    w1 = (src - i0.astype(np.float32)).astype(np.float32)
     w0 = (np.float32(1) - w1).astype(np.float32)
-    return i0, i1, w0, w1
+    return np.stack([i0, i1], 1), np.stack([w0, w1], 1)
+
+
+def _cubic_taps(
+    in_size: int, out_size: int, scale: float | None, align_corners: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices ``[out, 4]`` (clamped to the border, as PyTorch reads them) and weights of
+    bicubic interpolation: Keys' kernel with ``A = -0.75`` at the unclamped source position
+    ``scale*(dst+0.5)-0.5`` (or ``dst*(in-1)/(out-1)`` with ``align_corners``), in float32."""
+    s = _source_scale(in_size, out_size, scale, align_corners)
+    dst_f = np.arange(out_size, dtype=np.float32)
+    real = s * dst_f if align_corners else s * (dst_f + np.float32(0.5)) - np.float32(0.5)
+    index, t = _index_and_lambda(real.astype(np.float32), in_size)
+    a = np.float32(-0.75)
+    one = np.float32(1)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + one
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = np.stack([far(t + one), near(t), near(one - t), far((one - t) + one)], 1)
+    indices = np.clip(index[:, None] - 1 + np.arange(4), 0, in_size - 1)
+    return indices, weights.astype(np.float32)
+
+
+def _area_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``adaptive_avg_pool`` bins: output ``i`` averages inputs ``[floor(i*in/out),
+    ceil((i+1)*in/out))``; indices ``[out, K]`` padded with weight 0 to the longest bin."""
+    dst = np.arange(out_size, dtype=np.int64)
+    start = (dst * in_size) // out_size
+    end = ((dst + 1) * in_size + out_size - 1) // out_size
+    lengths = end - start
+    k = int(lengths.max()) if out_size else 1
+    offsets = np.arange(k)
+    indices = np.minimum(start[:, None] + offsets, in_size - 1)
+    weights = np.where(offsets < lengths[:, None], np.float32(1) / lengths[:, None].astype(np.float32), 0)
+    return indices, weights.astype(np.float32)
+
+
+def _resample_axis(x: Array, axis: int, indices: np.ndarray, weights: np.ndarray | None) -> Array:
+    """``y[..., o, ...] = sum_k weights[o, k] * x[..., indices[o, k], ...]`` along ``axis``
+    (static taps: one gather and a weighted sum; a plain gather without weights)."""
+    out_size, taps = indices.shape
+    if weights is None:
+        return jnp.take(x, jnp.asarray(indices[:, 0], jnp.int32), axis=axis)
+    gathered = jnp.take(x, jnp.asarray(indices.reshape(-1), jnp.int32), axis=axis)
+    gathered = gathered.reshape(x.shape[:axis] + (out_size, taps) + x.shape[axis + 1:])
+    w = jnp.asarray(weights, x.dtype).reshape((out_size, taps) + (1,) * (x.ndim - axis - 1))
+    return jnp.sum(gathered * w, axis=axis + 1)
 
 
 def interpolate(
@@ -640,54 +729,82 @@ def interpolate(
     scale_factor: float | Sequence[float] | None = None,
     mode: str = "nearest",
     align_corners: bool | None = None,
+    recompute_scale_factor: bool | None = None,
+    antialias: bool = False,
 ) -> Array:
-    """``torch.nn.functional.interpolate`` for NHWC maps, modes ``"nearest"`` and ``"bilinear"``.
+    """``torch.nn.functional.interpolate`` for NHWC maps ``[N, H, W, C]``.
 
     Args:
-      input: ``[N, H, W, C]``.
+      input: ``[N, H, W, C]``, floating point; ``N`` and ``C`` may be 0, ``H`` and ``W`` not.
       size: output ``(Ho, Wo)`` (or one int for both).
-      scale_factor: number or pair; the output size is ``floor(H * scale)`` and, as in PyTorch with
-        ``recompute_scale_factor=None``, source coordinates use ``1 / scale_factor`` (not ``H / Ho``).
-      mode: ``"nearest"`` (PyTorch's legacy nearest: ``src = min(floor(dst * scale), H-1)``) or
-        ``"bilinear"`` (``align_corners=False``: ``src = max(scale*(dst+0.5)-0.5, 0)``; ``True``:
-        ``src = dst*(H-1)/(Ho-1)``).
-      align_corners: only for ``"bilinear"`` (None means False, as PyTorch).
+      scale_factor: a number or a pair: the output size is ``floor(H * scale)`` (in double, as
+        PyTorch), and, with ``recompute_scale_factor`` None or False, the source coordinates use
+        ``1 / scale_factor`` (PyTorch's rule), not ``H / Ho``. Must be finite and positive.
+      mode:
+
+        - ``"nearest"``: PyTorch's legacy nearest, ``src = min(floor(dst * scale), H-1)`` (with its
+          shortcuts for ``Ho == H`` and ``Ho == 2H``);
+        - ``"nearest-exact"``: ``src = min(floor((dst + 0.5) * scale), H-1)`` (Pillow / scikit-image);
+        - ``"bilinear"``: ``align_corners=False``: ``src = max(scale*(dst+0.5)-0.5, 0)``;
+          ``True``: ``src = dst*(H-1)/(Ho-1)``; ``Ho == H`` copies (PyTorch's shortcut);
+        - ``"bicubic"``: Keys' cubic convolution with ``A = -0.75`` on 4x4 taps at the same source
+          positions as bilinear but without clamping them at 0, the taps read with the index
+          clamped to the border (PyTorch's rule), so results may overshoot the input range;
+        - ``"area"``: adaptive average pooling to ``(Ho, Wo)`` (bins ``[floor(i*H/Ho),
+          ceil((i+1)*H/Ho))``); ``scale_factor`` only sets the output size.
+      align_corners: only for ``"bilinear"`` and ``"bicubic"`` (None means False, as PyTorch).
+      recompute_scale_factor: True: compute the output size from ``scale_factor``, then
+        interpolate as if that size had been passed (``scale = H / Ho``). Only with
+        ``scale_factor``, as PyTorch.
+      antialias: must be False (PyTorch's antialiased resampling is not implemented).
+
     Returns:
       ``[N, Ho, Wo, C]`` in ``input.dtype``; the arithmetic is float32 for lower-precision inputs.
-    The sampling positions and weights are computed at trace time in float32 exactly as PyTorch's
-    CPU kernels do, so results match PyTorch's to float32 rounding.
+      The sampling positions and weights are computed at trace time in float32 exactly as
+      PyTorch's CPU kernels do, so results match PyTorch's to float32 rounding. A zero output
+      size is an error except for ``"area"`` (PyTorch's behaviour); ``C == 0`` gives an empty
+      result in every mode (PyTorch's interpolating modes reject it).
     """
     if input.ndim != 4:
         raise ValueError(f"interpolate: input must be NHWC [N, H, W, C] (rank 4), got shape {input.shape}")
     _check_floating(input, "input")
+    if mode not in INTERPOLATE_MODES:
+        raise ValueError(f"interpolate: mode must be one of {INTERPOLATE_MODES}, got {mode!r}")
+    if align_corners is not None and mode not in _ALIGN_CORNERS_MODES:
+        raise ValueError(
+            f"interpolate: align_corners can only be set with the interpolating modes "
+            f"{_ALIGN_CORNERS_MODES} (as in PyTorch), got mode={mode!r}"
+        )
+    if antialias:
+        raise ValueError("interpolate: antialias=True is not supported")
+    if recompute_scale_factor and scale_factor is None:
+        raise ValueError("interpolate: recompute_scale_factor is only allowed with scale_factor (as PyTorch)")
     in_hw = (int(input.shape[1]), int(input.shape[2]))
     out_hw, scales = _output_size(in_hw, size, scale_factor)
-    if min(out_hw) <= 0:
-        raise ValueError(f"interpolate: output size {out_hw} must be positive (input {input.shape})")
-    dtype = input.dtype
-    if mode == "nearest":
-        if align_corners is not None:
-            raise ValueError("interpolate: align_corners is only allowed with mode='bilinear' (as PyTorch)")
-        if min(in_hw) == 0:
-            raise ValueError(f"interpolate: cannot resample an empty spatial size, input {input.shape}")
-        rows = _nearest_indices(in_hw[0], out_hw[0], scales[0])
-        cols = _nearest_indices(in_hw[1], out_hw[1], scales[1])
-        return jnp.take(jnp.take(input, rows, axis=1), cols, axis=2)
+    if recompute_scale_factor:
+        scales = (None, None)
+    if min(in_hw) <= 0:
+        raise ValueError(f"interpolate: input spatial size must be positive, got input shape {input.shape} (NHWC)")
+    if min(out_hw) <= 0 and mode != "area":
+        raise ValueError(
+            f"interpolate: output size {out_hw} must be positive for mode={mode!r} (input shape "
+            f"{input.shape}, NHWC)"
+        )
+    if mode in ("nearest", "nearest-exact"):
+        exact = mode == "nearest-exact"
+        rows = _nearest_taps(in_hw[0], out_hw[0], scales[0], exact)[0]
+        cols = _nearest_taps(in_hw[1], out_hw[1], scales[1], exact)[0]
+        return _resample_axis(_resample_axis(input, 1, rows, None), 2, cols, None)
+    corners = bool(align_corners)
     if mode == "bilinear":
-        if min(in_hw) == 0:
-            raise ValueError(f"interpolate: cannot resample an empty spatial size, input {input.shape}")
-        corners = bool(align_corners)
-        h0, h1, hw0, hw1 = _linear_taps(in_hw[0], out_hw[0], scales[0], corners)
-        w0, w1, ww0, ww1 = _linear_taps(in_hw[1], out_hw[1], scales[1], corners)
-        x = input.astype(jnp.promote_types(dtype, jnp.float32))
-        top = jnp.take(x, h0, axis=1)
-        bottom = jnp.take(x, h1, axis=1)
-
-        def horizontal(rows: Array) -> Array:
-            return jnp.take(rows, w0, axis=2) * ww0[None, None, :, None] + jnp.take(rows, w1, axis=2) * ww1[
-                None, None, :, None
-            ]
-
-        out = horizontal(top) * hw0[None, :, None, None] + horizontal(bottom) * hw1[None, :, None, None]
-        return out.astype(dtype)
-    raise ValueError(f"interpolate: mode must be 'nearest' or 'bilinear', got {mode!r}")
+        taps_h = _linear_taps(in_hw[0], out_hw[0], scales[0], corners)
+        taps_w = _linear_taps(in_hw[1], out_hw[1], scales[1], corners)
+    elif mode == "bicubic":
+        taps_h = _cubic_taps(in_hw[0], out_hw[0], scales[0], corners)
+        taps_w = _cubic_taps(in_hw[1], out_hw[1], scales[1], corners)
+    else:  # area
+        taps_h = _area_taps(in_hw[0], out_hw[0])
+        taps_w = _area_taps(in_hw[1], out_hw[1])
+    x = input.astype(jnp.promote_types(input.dtype, jnp.float32))
+    out = _resample_axis(_resample_axis(x, 2, *taps_w), 1, *taps_h)
+    return out.astype(input.dtype)

@@ -25,7 +25,9 @@ from detlayers.batch_norm import (
     GroupNorm,
     LayerNorm,
     NaiveSyncBatchNorm,
+    SyncBatchNorm,
     get_norm,
+    update_running_stats,
 )
 
 RTOL = 1e-5
@@ -181,6 +183,52 @@ def test_batch_norm_empty_batch_returns_empty_and_keeps_stats():
     chex.assert_trees_all_equal(updates["batch_stats"], variables["batch_stats"])
 
 
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_update_running_stats_moves_only_when_the_real_count_is_positive(unbiased):
+    """The documented rule: ``r += momentum * (batch - r)``, and nothing at all when count == 0."""
+    running_mean = jnp.array([0.5, -1.0], jnp.float32)
+    running_var = jnp.array([2.0, 3.0], jnp.float32)
+    mean, var = jnp.array([4.0, 5.0]), jnp.array([6.0, 7.0])
+    kept = update_running_stats(running_mean, running_var, mean, var, jnp.float32(0), 0.1,
+                                unbiased=unbiased)
+    chex.assert_trees_all_equal(kept, (running_mean, running_var))
+    moved_mean, moved_var = update_running_stats(running_mean, running_var, mean, var,
+                                                 jnp.float32(4), 0.1, unbiased=unbiased)
+    factor = 4 / 3 if unbiased else 1.0
+    np.testing.assert_allclose(moved_mean, [0.9 * 0.5 + 0.4, 0.9 * -1.0 + 0.5], rtol=1e-6)
+    np.testing.assert_allclose(moved_var, [0.9 * 2.0 + 0.6 * factor, 0.9 * 3.0 + 0.7 * factor],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [SyncBatchNorm(4), NaiveSyncBatchNorm(4), NaiveSyncBatchNorm(4, stats_mode="N")],
+    ids=["SyncBatchNorm", "naive", "naive_N"],
+)
+def test_batch_norm_with_no_real_example_keeps_running_stats(module):
+    """A training step whose mask marks no real example (one device) learns nothing."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 2, 2, 4)) * 5 + 7, jnp.float32)
+    stats = {"mean": jnp.array([0.5, -1.0, 2.0, 0.0]), "var": jnp.array([2.0, 3.0, 0.5, 1.0])}
+    variables = {"params": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}, "batch_stats": stats}
+    y, updates = module.apply(variables, x, train=True, mask=jnp.zeros(3, bool),
+                              mutable=["batch_stats"])
+    chex.assert_trees_all_equal(updates["batch_stats"], stats)
+    assert np.all(np.isfinite(np.asarray(y)))
+    # one real example: the statistics do move (the test above can fail)
+    _, moved = module.apply(variables, x, train=True, mask=jnp.array([True, False, False]),
+                            mutable=["batch_stats"])
+    assert np.all(np.asarray(moved["batch_stats"]["mean"]) != np.asarray(stats["mean"]))
+
+
+def test_get_norm_group_norm_needs_a_positive_multiple_of_32():
+    with pytest.raises(ValueError, match=r"out_channels must be positive, got 0"):
+        get_norm("GN", 0)
+    with pytest.raises(ValueError, match=r"divisible by 32, got 48"):
+        get_norm("GN", 48)
+    with pytest.raises(ValueError, match="num_channels must be positive"):
+        GroupNorm(1, 0).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 0)))
+
+
 def test_batch_norm_rejects_bad_inputs():
     module = BatchNorm2d(8)
     with pytest.raises(ValueError, match=r"5 channels.*num_features=8"):
@@ -284,10 +332,10 @@ def test_cycle_batch_norm_list_matches_detectron2_cycle(ref):
     "name, cls, extra",
     [
         ("BN", BatchNorm2d, {}),
-        ("SyncBN", NaiveSyncBatchNorm, {"stats_mode": ""}),
+        ("SyncBN", SyncBatchNorm, {"axis_name": "batch"}),
         ("FrozenBN", FrozenBatchNorm2d, {}),
         ("GN", GroupNorm, {"num_groups": 32}),
-        ("nnSyncBN", NaiveSyncBatchNorm, {"stats_mode": ""}),
+        ("nnSyncBN", SyncBatchNorm, {"axis_name": "batch"}),
         ("naiveSyncBN", NaiveSyncBatchNorm, {"stats_mode": ""}),
         ("naiveSyncBN_N", NaiveSyncBatchNorm, {"stats_mode": "N"}),
         ("LN", LayerNorm, {}),

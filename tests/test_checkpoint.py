@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 
 import chex
 import flax.linen as nn
@@ -187,3 +188,158 @@ def test_flax_sequential_children_map_to_torch_sequential_indices():
     variables = L.load_torch_state_dict(model, sd, jnp.zeros((1, 5, 5, 2)))
     np.testing.assert_array_equal(variables["params"]["layers_2"]["kernel"], sd["2.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(variables["batch_stats"]["layers_0"]["norm"]["var"], sd["0.norm.running_var"])
+
+
+# ---------------------------------------------------------------- hostile and damaged files
+class _CreatesFile:
+    """Unpickling this calls ``callable_(*args)``: the classic pickle code-execution payload."""
+
+    def __init__(self, callable_, args):
+        self.callable_, self.args = callable_, args
+
+    def __reduce__(self):
+        return self.callable_, self.args
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.open", "nested"])
+def test_pkl_that_would_run_code_is_refused_before_running_it(tmp_path, payload):
+    import os
+
+    marker = tmp_path / "pwned.txt"
+    if payload == "os.system":
+        evil = _CreatesFile(os.system, (f"touch {marker}",))
+        refused = "system"  # posix.system on Linux, nt.system on Windows
+    elif payload == "builtins.open":
+        evil = _CreatesFile(open, (str(marker), "w"))
+        refused = "io.open"  # how pickle names the builtin open
+    else:  # hidden inside an otherwise ordinary model-zoo dict
+        evil = {"model": {"stem.weight": np.zeros((8, 3, 3, 3), np.float32),
+                          "x": _CreatesFile(os.system, (f"touch {marker}",))}}
+        refused = "system"
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(evil if payload == "nested" else {"model": evil}, f, protocol=2)
+    # the payload is real: a plain pickle.load creates the file
+    with open(path, "rb") as f:
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=rf"model_final\.pkl.*{refused}.*refused"):
+        read_state_dict(path)
+    with pytest.raises(ValueError, match=refused):
+        L.load_torch_state_dict(TinyNet(), path, np.zeros((1, 16, 16, 3), np.float32))
+    assert not marker.exists()
+
+
+def _real_pkl_bytes(pkl_path):
+    return pkl_path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_pkl_names_the_path_and_the_expected_format(tmp_path, pkl_path, damage):
+    data = _real_pkl_bytes(pkl_path)
+    content = {"empty": b"", "truncated": data[: len(data) // 2],
+               "random": np.random.default_rng(0).bytes(4096)}[damage]
+    path = tmp_path / f"{damage}.pkl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{damage}\.pkl.*pickled dict of NumPy arrays \(detectron2 model-zoo \.pkl\)"):
+        L.load_torch_state_dict(TinyNet(), path, np.zeros((1, 16, 16, 3), np.float32))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_pth_names_the_path_and_the_expected_format(tmp_path, pkl_path, damage):
+    torch = pytest.importorskip("torch")
+    with open(pkl_path, "rb") as f:
+        sd = pickle.load(f)["model"]
+    good = tmp_path / "good.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, good)
+    data = good.read_bytes()
+    content = {"empty": b"", "truncated": data[: len(data) // 2],
+               "random": np.random.default_rng(1).bytes(4096)}[damage]
+    path = tmp_path / f"{damage}.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{damage}\.pth.*PyTorch \.pth/\.pt file"):
+        read_state_dict(path)
+
+
+def test_detectron2_model_zoo_style_pkl_protocol_2_loads(tmp_path, pkl_path, fx, loaded):
+    """The model zoo's files: pickle protocol 2 of {"model": {name: ndarray}, "__author__": ...},
+    read with encoding latin1 (bytes appear as _codecs.encode calls)."""
+    import collections
+
+    with open(pkl_path, "rb") as f:
+        sd = pickle.load(f)["model"]
+    path = tmp_path / "model_final_280758.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": collections.OrderedDict(sd), "__author__": "Detectron2 Model Zoo",
+                     "matching_heuristics": True, "scalar": np.float32(0.5)}, f, protocol=2)
+    assert b"_codecs" in path.read_bytes() and b"_reconstruct" in path.read_bytes()
+    chex.assert_trees_all_equal(L.load_torch_state_dict(TinyNet(), path, fx["x"]), loaded)
+    for protocol in (4, 5):  # what pickle.dump writes today
+        with open(path, "wb") as f:
+            pickle.dump({"model": sd}, f, protocol=protocol)
+        flat = read_state_dict(path)
+        assert set(flat) == {k for k in sd if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize(
+    "bad, kind",
+    [
+        (np.array([1, "a", None], dtype=object), "object"),
+        (np.array([1 + 2j, 3 + 0j], np.complex64), "complex64"),
+        (np.array(["a", "b"]), "<U1"),
+    ],
+    ids=["object", "complex", "string"],
+)
+def test_non_numeric_entries_are_refused_not_coerced(tmp_path, bad, kind):
+    with pytest.raises(TypeError, match=rf"'stem.norm.bias' has dtype {re.escape(kind)}"):
+        read_state_dict({"stem.norm.bias": bad})
+    if kind != "object":  # the same through a .pkl file
+        path = tmp_path / "bad.pkl"
+        with open(path, "wb") as f:
+            pickle.dump({"model": {"stem.norm.bias": bad}}, f, protocol=2)
+        with pytest.raises(TypeError, match="stem.norm.bias"):
+            read_state_dict(path)
+
+
+def test_object_array_of_numbers_in_a_pkl_is_refused(tmp_path):
+    path = tmp_path / "object.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": np.array([1.0, 2.0], dtype=object)}}, f, protocol=2)
+    with pytest.raises(TypeError, match="'w' has dtype object"):
+        read_state_dict(path)
+
+
+def test_misshaped_kernel_message_compares_shapes_in_one_layout(pkl_path, fx):
+    with open(pkl_path, "rb") as f:
+        sd = dict(pickle.load(f)["model"])
+    sd["stem.weight"] = np.zeros((8, 3, 5, 5), np.float32)  # a 5x5 kernel where 3x3 is needed
+    sd["res2.0.conv1.weight"] = np.zeros((4, 8, 1), np.float32)  # wrong rank: no transpose
+    with pytest.raises(ValueError) as err:
+        L.load_torch_state_dict(TinyNet(), sd, fx["x"])
+    message = str(err.value)
+    assert ("stem.weight: checkpoint shape (5, 5, 3, 8) after the layout transpose (PyTorch layout "
+            "(8, 3, 5, 5)), params/stem/kernel needs (3, 3, 3, 8)") in message
+    assert "res2.0.conv1.weight: checkpoint shape (4, 8, 1) (PyTorch layout) has no transpose" in message
+
+
+def test_frozen_bn_version_1_checkpoint_fills_mean_0_and_var_1_like_detectron2(pkl_path, fx):
+    """detectron2's FrozenBatchNorm2d version-1 state dicts lack running_mean/running_var;
+    detectron2 loads them as 0 and 1 (reference outputs from detectron2 itself)."""
+    with open(pkl_path, "rb") as f:
+        sd = dict(pickle.load(f)["model"])
+    frozen = [k for k in fx["v1_dropped_keys"]]
+    assert frozen and all(k in sd for k in frozen)
+    for k in frozen:
+        del sd[k]
+    variables = L.load_torch_state_dict(TinyNet(), sd, fx["x"])
+    stem = variables["batch_stats"]["stem"]["norm"]
+    np.testing.assert_array_equal(stem["mean"], np.zeros(8))
+    np.testing.assert_array_equal(stem["var"], np.ones(8))  # ones, not 1 - eps
+    deconv, logits = _apply(variables, jnp.asarray(fx["x"]))
+    np.testing.assert_allclose(deconv, fx["v1_deconv_eval"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(logits, fx["v1_logits_eval"], rtol=RTOL, atol=ATOL)
+    # a BatchNorm2d (not frozen) without its statistics is still reported missing
+    del sd["res2.0.conv1.norm.running_mean"]
+    with pytest.raises(ValueError, match=r"missing keys:\n  res2\.0\.conv1\.norm\.running_mean"):
+        L.load_torch_state_dict(TinyNet(), sd, fx["x"])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from detlayers.deform_conv import (
@@ -162,6 +162,7 @@ def test_zero_offsets_and_unit_mask_equal_ordinary_convolution(
     n, h, w, c, o = 2, 9, 8, 4, 6
     ho = output_size(h, kernel_size, stride, padding, dilation)
     wo = output_size(w, kernel_size, stride, padding, dilation)
+    assume(ho >= 1 and wo >= 1)  # e.g. a 5x5 kernel with dilation 2 does not fit 8 columns
     taps = kernel_size * kernel_size
     x = rng.standard_normal((n, h, w, c)).astype(np.float32)
     kernel = rng.standard_normal((kernel_size, kernel_size, c // groups, o)).astype(np.float32)
@@ -277,6 +278,10 @@ def test_empty_batch_gives_empty_output_and_gradients():
         (dict(stride=0), "stride"),
         (dict(padding=-1), "padding"),
         (dict(groups=0), "groups"),
+        (dict(input=jnp.zeros((1, 5, 5, 0)), kernel=jnp.zeros((3, 3, 0, 4))),
+         r"input must have at least one channel, got input shape \(1, 5, 5, 0\)"),
+        (dict(kernel=jnp.zeros((0, 3, 4, 4)), offset=jnp.zeros((1, 7, 5, 0)),
+          mask=jnp.zeros((1, 7, 5, 0))), r"kernel spatial size must be positive"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(change, match):
@@ -297,6 +302,8 @@ def test_bad_argument_types_raise_type_errors():
         deform_conv(x.astype(jnp.int32), jnp.zeros((1, 3, 3, 18)), jnp.zeros((3, 3, 4, 4)))
     with pytest.raises(ValueError, match=r"expected input \[N, H, W, 3\]"):
         DeformConv(3, 4, 3, padding=1).init(jax.random.key(0), x, jnp.zeros((1, 5, 5, 18)))
+    with pytest.raises(ValueError, match="DeformConv: in_channels must be a positive int, got 0"):
+        DeformConv(0, 4, 3, padding=1).init(jax.random.key(0), x[..., :0], jnp.zeros((1, 5, 5, 18)))
 
 
 def test_modules_have_flax_params_and_detectron2_init():

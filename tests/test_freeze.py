@@ -66,7 +66,8 @@ def test_batch_norm_module_fields_become_frozen_with_their_eps():
 
 def test_top_level_batch_norm_and_affine_free_batch_norm_convert():
     x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
-    for bn in (L.BatchNorm2d(4), L.BatchNorm2d(4, affine=False)):
+    for bn in (L.BatchNorm2d(4), L.BatchNorm2d(4, affine=False), L.SyncBatchNorm(4),
+               L.NaiveSyncBatchNorm(4, stats_mode="N")):
         variables = jax.jit(bn.init)(jax.random.key(1), x)
         variables = {**variables, "batch_stats": jax.tree.map(lambda a: a * 1.5 + 0.1, variables["batch_stats"])}
         frozen, frozen_vars = L.convert_frozen_batchnorm(bn, variables)

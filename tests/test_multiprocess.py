@@ -20,7 +20,11 @@ CASES = {"equal": [3, 3, 3, 3], "masked": [3, 1, 2, 2], "empty_device": [2, 3, 0
          "N_empty_device": [2, 0, 3, 1]}
 
 
-def _reference_batch_norm(x, cot, scale, bias, mean0, var0):
+# cases whose layer is NaiveSyncBatchNorm: detectron2's biased running variance
+BIASED_RUNNING_VAR = {"equal", "N_masked", "N_empty_device"}
+
+
+def _reference_batch_norm(x, cot, scale, bias, mean0, var0, unbiased=True):
     """Training-mode BN over rows of x[n, ..., C] in float64: output, grads, new running stats."""
     x = x.astype(np.float64).reshape(-1, x.shape[-1])
     g = cot.astype(np.float64).reshape(-1, x.shape[-1])
@@ -35,7 +39,7 @@ def _reference_batch_norm(x, cot, scale, bias, mean0, var0):
     gxhat = g * scale
     grad_x = inv / n * (n * gxhat - gxhat.sum(0) - xhat * (gxhat * xhat).sum(0))
     new_mean = mean0 + MOMENTUM * (mu - mean0)
-    new_var = var0 + MOMENTUM * (var * n / (n - 1) - var0)
+    new_var = var0 + MOMENTUM * ((var * n / (n - 1) if unbiased else var) - var0)
     return y, grad_x, grad_scale, grad_bias, new_mean, new_var
 
 
@@ -57,7 +61,8 @@ def test_sync_batch_norm_across_processes_equals_batch_norm_on_real_examples(
     counts = CASES[case]
     real = np.concatenate([r["x"][d, :n] for d, n in enumerate(counts)])
     cot = np.concatenate([r["cot"][d, :n] for d, n in enumerate(counts)])
-    y, gx, gs, gb, m, v = _reference_batch_norm(real, cot, r["scale"], r["bias"], r["mean"], r["var"])
+    y, gx, gs, gb, m, v = _reference_batch_norm(real, cot, r["scale"], r["bias"], r["mean"], r["var"],
+                                                unbiased=case not in BIASED_RUNNING_VAR)
     got_y = np.concatenate([r[f"{case}/{mapping}/y"][d, :n] for d, n in enumerate(counts)])
     got_gx = np.concatenate([r[f"{case}/{mapping}/grad_x"][d, :n] for d, n in enumerate(counts)])
     np.testing.assert_allclose(got_y.reshape(y.shape), y, rtol=1e-4, atol=1e-5)

@@ -1,13 +1,20 @@
-"""NaiveSyncBatchNorm over 4 and 8 (forced CPU) devices equals one BatchNorm over the real examples.
+"""Synchronized batch norm over 4 and 8 (forced CPU) devices.
 
-Reference: ``tests/fixtures/norms_sync.npz`` (``tools/fixtures/make_norms.py``): one training step
-of ``torch.nn.BatchNorm2d(4)`` in float64 on all 16 real examples concatenated -- its output, the
-updated running statistics, and the gradients of ``sum(y * g)`` w.r.t. input, weight and bias.
+``SyncBatchNorm`` (``torch.nn.SyncBatchNorm``) and ``NaiveSyncBatchNorm(stats_mode="N")`` equal
+one BatchNorm over the real examples, and so does ``stats_mode=""`` when every device holds the
+same number of them. Reference: ``tests/fixtures/norms_sync.npz``
+(``tools/fixtures/make_norms.py``): one training step of ``torch.nn.BatchNorm2d(4)`` in float64 on
+all 16 real examples concatenated -- its output, the updated running statistics, and the gradients
+of ``sum(y * g)`` w.r.t. input, weight and bias. ``NaiveSyncBatchNorm`` writes detectron2's biased
+running variance, derived here from the same examples in float64.
 
 The 16 examples are dealt to the devices either evenly (no mask) or unevenly into padded
 per-device batches with a ``mask`` (one device may hold none); padded rows hold large finite junk
 so that any leak into the statistics would show. Each layout runs under ``jax.pmap`` and under
-``jax.shard_map`` on a ``Mesh`` of the first k devices, in both ``stats_mode``s.
+``jax.shard_map`` on a ``Mesh`` of the first k devices.
+
+``NaiveSyncBatchNorm(stats_mode="")`` with unequal real counts is checked against a float64 NumPy
+derivation of detectron2's formula (equal device weights), its gradient by central differences.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from detlayers.batch_norm import BatchNorm2d, NaiveSyncBatchNorm
+from detlayers.batch_norm import BatchNorm2d, NaiveSyncBatchNorm, SyncBatchNorm, get_norm
 
 C = 4
 # layout name -> (devices, real examples per device, padded per-device batch or None for no mask)
@@ -33,8 +40,17 @@ LAYOUTS = {
     "equal8": (8, [2] * 8, None),
     "unequal4": (4, [5, 3, 1, 7], 8),
     "unequal8_with_empty_device": (8, [3, 1, 2, 0, 4, 2, 1, 3], 4),
+    "unequal8": (8, [3, 1, 2, 1, 4, 2, 1, 2], 4),
 }
+# the layouts every count-weighted layer is checked on
+EXACT_LAYOUTS = ["equal4", "equal8", "unequal4", "unequal8_with_empty_device"]
 PAD_VALUE = 1.0e4
+# layer kind -> module; "naive" is detectron2's default stats_mode=""
+KINDS = {
+    "sync": lambda: SyncBatchNorm(C),
+    "naive_N": lambda: NaiveSyncBatchNorm(C, stats_mode="N"),
+    "naive": lambda: NaiveSyncBatchNorm(C, stats_mode=""),
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +99,14 @@ def local_step(module, params, stats, x, g, mask):
     return y, new_stats, grad_params, grad_x
 
 
+def biased_running_var(ref, momentum=0.1):
+    """detectron2's NaiveSyncBatchNorm update from var=1: the biased variance of the examples."""
+    return (1 - momentum) + momentum * ref["x"].astype(np.float64).var(axis=(0, 1, 2))
+
+
 @functools.lru_cache(maxsize=None)
-def pmapped_step(stats_mode, masked):
-    module = NaiveSyncBatchNorm(C, stats_mode=stats_mode)
+def pmapped_step(kind, masked):
+    module = KINDS[kind]()
 
     def step(params, stats, x, g, mask):
         y, new_stats, grad_params, grad_x = local_step(module, params, stats, x, g,
@@ -97,8 +118,8 @@ def pmapped_step(stats_mode, masked):
 
 
 @functools.lru_cache(maxsize=None)
-def shard_mapped_step(stats_mode, masked, devices):
-    module = NaiveSyncBatchNorm(C, stats_mode=stats_mode)
+def shard_mapped_step(kind, masked, devices):
+    module = KINDS[kind]()
     mesh = Mesh(np.asarray(jax.devices()[:devices]), ("batch",))
 
     def step(params, stats, x, g, mask):
@@ -120,10 +141,36 @@ def initial_variables(ref):
     return params, stats
 
 
-@pytest.mark.parametrize("stats_mode", ["", "N"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+def run_mapped(kind, mapping, layout, x, g, mask, params, stats):
+    """One train step of layer ``kind`` on per-device blocks ``x`` ``[D, B, ...]``: per-device
+    ``y`` and ``grad_x`` ``[D, B, ...]``, and the (device-invariant) stats and param grads."""
+    devices, _, batch = LAYOUTS[layout]
+    masked = batch is not None
+    if mapping == "pmap":
+        y, new_stats, grad_params, grad_x = pmapped_step(kind, masked)(params, stats, x, g, mask)
+        # every device holds the same (global) running stats and param grads
+        for tree in (new_stats, grad_params):
+            for leaf in jax.tree.leaves(tree):
+                chex.assert_shape(leaf, (devices, C))
+                np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
+        new_stats, grad_params = jax.tree.map(lambda a: a[0], (new_stats, grad_params))
+        return y, new_stats, grad_params, grad_x
+    batch = x.shape[1]
+    flat = lambda a: a.reshape((devices * batch,) + a.shape[2:])  # noqa: E731
+    y, new_stats, grad_params, grad_x = shard_mapped_step(kind, masked, devices)(
+        params, stats, flat(x), flat(g), flat(mask))
+    y, grad_x = (np.asarray(a).reshape((devices, batch) + a.shape[1:]) for a in (y, grad_x))
+    return y, new_stats, grad_params, grad_x
+
+
+@pytest.mark.parametrize(
+    "kind, layout",
+    [(kind, layout) for kind in ("sync", "naive_N") for layout in EXACT_LAYOUTS]
+    # equal device weights are count weights only when every device has the same real count
+    + [("naive", "equal4"), ("naive", "equal8")],
+)
 @pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
-def test_sync_batch_norm_equals_single_batch_norm_on_real_examples(ref, mapping, layout, stats_mode):
+def test_sync_batch_norm_equals_single_batch_norm_on_real_examples(ref, mapping, layout, kind):
     devices, counts, batch = LAYOUTS[layout]
     masked = batch is not None
     batch = batch or counts[0]
@@ -131,23 +178,12 @@ def test_sync_batch_norm_equals_single_batch_norm_on_real_examples(ref, mapping,
     g, _ = deal(ref["g"], counts, batch)
     params, stats = initial_variables(ref)
 
-    if mapping == "pmap":
-        y, new_stats, grad_params, grad_x = pmapped_step(stats_mode, masked)(params, stats, x, g, mask)
-        # every device holds the same (global) running stats and param grads
-        for tree in (new_stats, grad_params):
-            for leaf in jax.tree.leaves(tree):
-                chex.assert_shape(leaf, (devices, C))
-                np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
-        new_stats, grad_params = jax.tree.map(lambda a: a[0], (new_stats, grad_params))
-    else:
-        flat = lambda a: a.reshape((devices * batch,) + a.shape[2:])  # noqa: E731
-        y, new_stats, grad_params, grad_x = shard_mapped_step(stats_mode, masked, devices)(
-            params, stats, flat(x), flat(g), flat(mask))
-        y, grad_x = (np.asarray(a).reshape((devices, batch) + a.shape[1:]) for a in (y, grad_x))
+    y, new_stats, grad_params, grad_x = run_mapped(kind, mapping, layout, x, g, mask, params, stats)
+    expected_var = ref["var"] if kind == "sync" else biased_running_var(ref)
 
     assert_close(gather_real(y, counts), ref["y"])
     assert_close(new_stats["mean"], ref["mean"])
-    assert_close(new_stats["var"], ref["var"])
+    assert_close(new_stats["var"], expected_var)
     assert_close(grad_params["scale"], ref["grad_weight"])
     assert_close(grad_params["bias"], ref["grad_bias"])
     assert_close(gather_real(grad_x, counts), ref["grad_x"])
@@ -157,13 +193,14 @@ def test_sync_batch_norm_equals_single_batch_norm_on_real_examples(ref, mapping,
         assert np.all(grad_x[~mask] == 0.0)
 
 
-def test_sync_batch_norm_with_no_real_example_anywhere_keeps_stats_and_stays_finite(ref):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sync_batch_norm_with_no_real_example_anywhere_keeps_stats_and_stays_finite(ref, kind):
     counts = [0] * 4
     x, mask = deal(ref["x"][:0], counts, 2)
     x = x + np.float32(1.0)  # finite junk in every padded row
     g = np.ones_like(x)
     params, stats = initial_variables(ref)
-    y, new_stats, grad_params, grad_x = pmapped_step("N", True)(params, stats, x, g, mask)
+    y, new_stats, grad_params, grad_x = pmapped_step(kind, True)(params, stats, x, g, mask)
     assert np.all(np.isfinite(np.asarray(y)))
     np.testing.assert_array_equal(new_stats["mean"][0], stats["mean"])
     np.testing.assert_array_equal(new_stats["var"][0], stats["var"])
@@ -176,7 +213,7 @@ def test_sync_batch_norm_statistics_ignore_nan_in_padded_rows(ref):
     counts = [5, 3, 1, 7]
     x, mask = deal(ref["x"], counts, 8)
     x[~mask] = np.nan
-    module = NaiveSyncBatchNorm(C, stats_mode="N")
+    module = SyncBatchNorm(C)
     params, stats = initial_variables(ref)
     apply = jax.pmap(
         lambda x, m: module.apply({"params": params, "batch_stats": stats}, x, train=True, mask=m,
@@ -207,7 +244,11 @@ def test_sync_batch_norm_without_bound_axis_uses_local_statistics(ref):
     variables = {"params": params, "batch_stats": stats}
     y, updates = module.apply(variables, jnp.asarray(ref["x"]), train=True, mutable=["batch_stats"])
     assert_close(y, ref["y"])
-    assert_close(updates["batch_stats"]["var"], ref["var"])
+    assert_close(updates["batch_stats"]["var"], biased_running_var(ref))
+    y_sync, updates_sync = SyncBatchNorm(C).apply(variables, jnp.asarray(ref["x"]), train=True,
+                                                  mutable=["batch_stats"])
+    assert_close(y_sync, ref["y"])
+    assert_close(updates_sync["batch_stats"]["var"], ref["var"])
     # with a mask, locally: the same as BatchNorm2d on the real rows only
     x, mask = deal(ref["x"], [16], 20)
     y_masked = module.apply(variables, jnp.asarray(x[0]), train=True, mask=jnp.asarray(mask[0]))
@@ -234,7 +275,7 @@ def test_sync_batch_norm_runs_bf16_under_pmap_with_float32_stats(ref):
     chex.assert_type(updates["batch_stats"]["var"], jnp.float32)
     np.testing.assert_allclose(np.asarray(gather_real(y, counts), np.float32), ref["y"], rtol=0.05,
                                atol=0.05)
-    np.testing.assert_allclose(updates["batch_stats"]["var"][0], ref["var"], rtol=1e-2)
+    np.testing.assert_allclose(updates["batch_stats"]["var"][0], biased_running_var(ref), rtol=1e-2)
 
 
 def test_sync_batch_norm_rejects_bad_arguments():
@@ -287,7 +328,7 @@ def test_sync_batch_norm_random_uneven_split_matches_numpy_batch_norm(counts, se
     g, _ = deal(real_g, counts, 4)
     params = {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}
     stats = {"mean": jnp.zeros(C, jnp.float32), "var": jnp.ones(C, jnp.float32)}
-    y, new_stats, grad_params, grad_x = pmapped_step("N", True)(params, stats, x, g, mask)
+    y, new_stats, grad_params, grad_x = pmapped_step("sync", True)(params, stats, x, g, mask)
     ref_y, ref_mean, ref_var, ref_gx, ref_gs, ref_gb = numpy_batch_norm_step(
         real_x, real_g, scale.astype(np.float64), bias.astype(np.float64))
     assert_close(gather_real(y, counts), ref_y, rtol=2e-5)
@@ -296,3 +337,146 @@ def test_sync_batch_norm_random_uneven_split_matches_numpy_batch_norm(counts, se
     assert_close(gather_real(grad_x, counts), ref_gx, rtol=2e-5)
     assert_close(grad_params["scale"][0], ref_gs, rtol=2e-5)
     assert_close(grad_params["bias"][0], ref_gb, rtol=2e-5)
+
+
+def detectron2_naive_sync_step(blocks, weights, scale, bias, stats_mode, eps=1e-5, momentum=0.1):
+    """Float64 NumPy of detectron2's ``NaiveSyncBatchNorm.forward`` in training over devices
+    holding ``blocks`` (each ``[n_d, H, W, C]`` real examples): per-device ``E[x]`` and
+    ``E[x^2]``, averaged with equal weight (``""``) or weighted by ``n_d`` (``"N"``),
+    ``var = E[x^2] - E[x]^2``, running stats from (0, 1) with the biased ``var``; returns the
+    per-device outputs, the running stats and ``sum(y * g)`` for ``weights`` ``g``.
+
+    A device without examples is left out of the equal-weight average (detectron2 asserts there
+    is none)."""
+    live = [b.astype(np.float64) for b in blocks if b.shape[0]]
+    means = np.stack([b.mean(axis=(0, 1, 2)) for b in live])
+    meansqrs = np.stack([(b * b).mean(axis=(0, 1, 2)) for b in live])
+    device_weights = (np.ones(len(live)) if stats_mode == "" else
+                      np.array([b.shape[0] for b in live], np.float64))
+    device_weights = device_weights / device_weights.sum()
+    mean = device_weights @ means
+    var = device_weights @ meansqrs - mean * mean
+    ys = [(b - mean) / np.sqrt(var + eps) * scale + bias for b in blocks]
+    loss = sum(np.sum(y * w) for y, w in zip(ys, weights))
+    return ys, momentum * mean, (1 - momentum) + momentum * var, loss
+
+
+def central_difference_grad(f, blocks, h=1e-5):
+    """d f(blocks) / d blocks by central differences, float64."""
+    blocks = [b.astype(np.float64).copy() for b in blocks]
+    grads = [np.zeros_like(b) for b in blocks]
+    for b, gr in zip(blocks, grads):
+        flat, gflat = b.reshape(-1), gr.reshape(-1)
+        for i in range(flat.size):
+            keep = flat[i]
+            flat[i] = keep + h
+            up = f(blocks)
+            flat[i] = keep - h
+            down = f(blocks)
+            flat[i] = keep
+            gflat[i] = (up - down) / (2 * h)
+    return grads
+
+
+@pytest.mark.parametrize("layout", ["unequal4", "unequal8", "unequal8_with_empty_device"])
+@pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
+def test_naive_sync_batch_norm_default_mode_weights_devices_equally_like_detectron2(ref, mapping, layout):
+    devices, counts, batch = LAYOUTS[layout]
+    x, mask = deal(ref["x"], counts, batch)
+    g, _ = deal(ref["g"], counts, batch)
+    params, stats = initial_variables(ref)
+    y, new_stats, grad_params, grad_x = run_mapped("naive", mapping, layout, x, g, mask, params, stats)
+
+    scale, bias = ref["weight"].astype(np.float64), ref["bias"].astype(np.float64)
+    blocks = [x[d, :n] for d, n in enumerate(counts)]
+    weights = [g[d, :n].astype(np.float64) for d, n in enumerate(counts)]
+    ref_ys, ref_mean, ref_var, _ = detectron2_naive_sync_step(blocks, weights, scale, bias, "")
+    # the equal-weight statistics really differ from the count-weighted ones on this layout
+    assert np.max(np.abs(ref_var - biased_running_var(ref))) > 1e-3
+    assert_close(gather_real(y, counts), np.concatenate(ref_ys))
+    assert_close(new_stats["mean"], ref_mean)
+    assert_close(new_stats["var"], ref_var)
+
+    def loss(blocks_):
+        return detectron2_naive_sync_step(blocks_, weights, scale, bias, "")[3]
+
+    ref_grad_x = central_difference_grad(loss, blocks)
+    assert_close(gather_real(grad_x, counts), np.concatenate(ref_grad_x), rtol=2e-5)
+    assert np.all(np.asarray(grad_x)[~mask] == 0.0)
+    xhat = [(b - (ref_mean / 0.1)) for b in blocks]  # x - mean, with mean = running mean / momentum
+    inv_std = 1.0 / np.sqrt((ref_var - 0.9) / 0.1 + 1e-5)
+    assert_close(grad_params["scale"], sum(np.sum(w * xc * inv_std, axis=(0, 1, 2))
+                                           for w, xc in zip(weights, xhat)))
+    assert_close(grad_params["bias"], sum(np.sum(w, axis=(0, 1, 2)) for w in weights))
+
+
+def test_naive_sync_batch_norm_n_mode_matches_detectron2_formula(ref):
+    """The NumPy derivation of detectron2's "N" mode gives the single-BatchNorm fixture's output,
+    so the derivation itself is checked against torch."""
+    _, counts, batch = LAYOUTS["unequal4"]
+    x, _ = deal(ref["x"], counts, batch)
+    blocks = [x[d, :n] for d, n in enumerate(counts)]
+    zeros = [np.zeros(b.shape) for b in blocks]
+    ys, mean, var, _ = detectron2_naive_sync_step(
+        blocks, zeros, ref["weight"].astype(np.float64), ref["bias"].astype(np.float64), "N")
+    assert_close(np.concatenate(ys), ref["y"])
+    assert_close(mean, ref["mean"])
+    assert_close(var, biased_running_var(ref))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
+def test_sync_batch_norm_inside_other_mapped_axes_raises_naming_both(ref, kind, mapping):
+    module = KINDS[kind]()  # axis_name="batch"
+    params, stats = initial_variables(ref)
+    variables = {"params": params, "batch_stats": stats}
+    x = jnp.asarray(ref["x"][:8].reshape(4, 2, 3, 3, C))
+
+    def train_step(x):
+        return module.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+    def eval_step(x):
+        return module.apply(variables, x)
+
+    if mapping == "pmap":
+        def run(fn):
+            return jax.pmap(fn, axis_name="data")(x)
+    else:
+        mesh = Mesh(np.asarray(jax.devices()[:4]), ("data",))
+
+        def run(fn):
+            return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P("data")))(
+                x.reshape((8,) + x.shape[2:]))
+
+    with pytest.raises(ValueError, match=r"mapped axes \('data',\).*axis_name='batch'"):
+        run(train_step)
+    # eval needs no communication, and axis_name=None asks for per-device statistics explicitly
+    chex.assert_shape(run(eval_step), (4, 2, 3, 3, C) if mapping == "pmap" else (8, 3, 3, C))
+    local = module.clone(axis_name=None)
+    y = run(lambda x: local.apply(variables, x, train=True, mutable=["batch_stats"])[0])
+    first = np.asarray(y).reshape(4, 2, 3, 3, C)[0]
+    # device 0's output is the local batch norm of its own two examples
+    bn = BatchNorm2d(C)
+    assert_close(first, bn.apply(variables, x[0], train=True, mutable=["batch_stats"])[0])
+
+
+@pytest.mark.parametrize("name", ["SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N"])
+def test_get_norm_passes_axis_name_to_sync_norms(ref, name):
+    module = get_norm(name, C, axis_name="data")
+    assert module.axis_name == "data"
+    assert get_norm(name, C).axis_name == "batch"
+    params, stats = initial_variables(ref)
+    counts = [4, 4, 4, 4]
+    x, _ = deal(ref["x"], counts, 4)
+    y, _ = jax.pmap(
+        lambda x: module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"]),
+        axis_name="data",
+    )(x)
+    assert_close(gather_real(y, counts), ref["y"])
+
+
+def test_get_norm_ignores_axis_name_for_norms_that_do_not_sync():
+    assert isinstance(get_norm("BN", 8, axis_name="data"), BatchNorm2d)
+    assert get_norm("GN", 64, axis_name="data").num_groups == 32
+    assert get_norm(None, 8, axis_name="data") is None

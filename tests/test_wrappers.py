@@ -149,6 +149,31 @@ def test_conv2d_rejects_wrong_rank_and_channels():
         jax.jit(L.Conv2d(3, 4, kernel_size=1, norm="BNX").init)(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stride=0), "Conv2d: stride must be >= 1, got 0"),
+        (dict(stride=(1, -2)), r"Conv2d: stride must be >= 1, got \(1, -2\)"),
+        (dict(kernel_size=0), "Conv2d: kernel_size must be >= 1, got 0"),
+        (dict(dilation=0), "Conv2d: dilation must be >= 1, got 0"),
+        (dict(groups=0), "Conv2d: groups must be a positive int, got 0"),
+    ],
+)
+def test_conv2d_rejects_non_positive_stride_kernel_dilation_and_groups(kwargs, message):
+    args = dict(kernel_size=3)
+    args.update(kwargs)
+    x = jnp.zeros((1, 8, 8, 4))
+    with pytest.raises(ValueError, match=message):
+        L.Conv2d(4, 4, **args).init(jax.random.PRNGKey(0), x)
+    if "kernel_size" not in kwargs and "groups" not in kwargs:  # the functional form too
+        from detlayers.wrappers import conv2d
+
+        with pytest.raises(ValueError, match=message.replace("Conv2d", "conv2d")):
+            conv2d(x, jnp.zeros((3, 3, 4, 4)), **kwargs)
+    with pytest.raises(ValueError, match=message.replace("Conv2d", "ConvTranspose2d")):
+        L.ConvTranspose2d(4, 4, **args).init(jax.random.PRNGKey(0), x)
+
+
 def test_conv2d_empty_batch_gives_empty_output():
     conv = L.Conv2d(3, 4, kernel_size=3, stride=2, padding=1, norm="BN", activation=jax.nn.relu)
     v = jax.jit(conv.init)(jax.random.key(0), jnp.zeros((1, 9, 8, 3)))
@@ -256,15 +281,30 @@ def test_linear_matches_torch_and_rejects_wrong_features(fx):
 
 
 # ---------------------------------------------------------------------------- interpolate
-@pytest.mark.parametrize("case", range(12))
-def test_interpolate_matches_torch(fx, case):
-    cfg = config(fx, f"interp/{case}")
+INTERP_CASES = [("interp", i) for i in range(28)] + [("interp_down", i) for i in range(14)]
+
+
+@pytest.mark.parametrize("family, case", INTERP_CASES, ids=[f"{f}{i}" for f, i in INTERP_CASES])
+def test_interpolate_matches_torch(fx, family, case):
+    cfg = config(fx, f"{family}/{case}")
     kwargs = {k: tuplify(v) for k, v in cfg.items()}
     fn = jax.jit(lambda x: L.interpolate(x, **kwargs))
-    y = fn(fx["interp/x"])
-    expected = fx[f"interp/{case}/y"]
+    x = fx[f"{family}/x"]
+    y = fn(x)
+    expected = fx[f"{family}/{case}/y"]
     chex.assert_shape(y, expected.shape)
-    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL)
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(y, expected, rtol=RTOL, atol=ATOL * scale)
+
+
+def test_interpolate_fixture_covers_every_mode_and_scale_direction(fx):
+    seen = set()
+    for family, case in INTERP_CASES:
+        cfg = config(fx, f"{family}/{case}")
+        out_h = fx[f"{family}/{case}/y"].shape[1]
+        seen.add((cfg["mode"], "up" if out_h > fx[f"{family}/x"].shape[1] else "down"))
+    modes = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+    assert seen >= {(m, d) for m in modes for d in ("up", "down")}
 
 
 def _numpy_bilinear_align_corners(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -309,8 +349,108 @@ def test_interpolate_empty_batch_bf16_and_errors():
         L.interpolate(jnp.zeros((1, 4, 4, 2)), size=3, align_corners=True)
     with pytest.raises(ValueError, match="rank 4"):
         L.interpolate(jnp.zeros((4, 4, 2)), size=3)
-    with pytest.raises(ValueError, match="mode"):
-        L.interpolate(jnp.zeros((1, 4, 4, 2)), size=3, mode="bicubic")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        L.interpolate(jnp.zeros((1, 4, 4, 2)), size=3, mode="trilinear")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic", "area"])
+def test_interpolate_zero_size_inputs_follow_pytorch(mode):
+    # empty batch and no channels: correctly shaped empty results
+    chex.assert_shape(L.interpolate(jnp.zeros((0, 4, 5, 2)), size=(6, 7), mode=mode), (0, 6, 7, 2))
+    chex.assert_shape(L.interpolate(jnp.zeros((2, 4, 5, 0)), scale_factor=1.5, mode=mode), (2, 6, 7, 0))
+    with pytest.raises(ValueError, match=r"input spatial size must be positive.*\(2, 0, 5, 3\)"):
+        L.interpolate(jnp.zeros((2, 0, 5, 3)), size=(3, 7), mode=mode)
+    if mode == "area":  # adaptive pooling to an empty size is allowed by PyTorch
+        chex.assert_shape(L.interpolate(jnp.zeros((2, 4, 5, 3)), size=(0, 7), mode=mode), (2, 0, 7, 3))
+        chex.assert_shape(L.interpolate(jnp.zeros((2, 4, 5, 3)), scale_factor=0.1, mode=mode), (2, 0, 0, 3))
+    else:
+        with pytest.raises(ValueError, match=r"output size \(0, 0\) must be positive"):
+            L.interpolate(jnp.zeros((2, 4, 5, 3)), scale_factor=0.1, mode=mode)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 0.0, -1.5, (2.0, float("nan"))])
+def test_interpolate_rejects_non_finite_or_non_positive_scale_factor(bad):
+    with pytest.raises(ValueError, match="scale_factor must be finite and positive"):
+        L.interpolate(jnp.zeros((1, 4, 4, 2)), scale_factor=bad, mode="bilinear")
+
+
+def test_interpolate_argument_rules_follow_pytorch():
+    x = jnp.zeros((1, 4, 4, 2))
+    for mode in ("nearest", "nearest-exact", "area"):
+        with pytest.raises(ValueError, match="align_corners can only be set"):
+            L.interpolate(x, size=3, mode=mode, align_corners=False)
+    with pytest.raises(ValueError, match="recompute_scale_factor"):
+        L.interpolate(x, size=3, recompute_scale_factor=True)
+    with pytest.raises(ValueError, match="antialias"):
+        L.interpolate(x, size=3, mode="bilinear", antialias=True)
+    with pytest.raises(TypeError, match="scale_factor"):
+        L.interpolate(x, scale_factor="2")
+
+
+def _numpy_bicubic_1d(x: np.ndarray, out_size: int, scale: float, align_corners: bool) -> np.ndarray:
+    """Float64 Keys cubic convolution (A=-0.75) along axis 1 with border-clamped taps, written
+    from the textbook kernel W(d) (not from the implementation's two branches)."""
+    a = -0.75
+
+    def kernel(d):
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d**3 - (a + 3) * d**2 + 1
+        if d < 2:
+            return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
+        return 0.0
+
+    in_size = x.shape[1]
+    out = np.zeros((x.shape[0], out_size) + x.shape[2:])
+    for o in range(out_size):
+        src = o * scale if align_corners else (o + 0.5) * scale - 0.5
+        base = int(np.floor(src))
+        for j in range(base - 1, base + 3):
+            out[:, o] += kernel(src - j) * x[:, min(max(j, 0), in_size - 1)]
+    return out
+
+
+@settings(max_examples=6, deadline=None)
+@given(h=st.integers(1, 7), w=st.integers(1, 7), out_h=st.integers(1, 11), out_w=st.integers(1, 11),
+       align_corners=st.booleans())
+def test_interpolate_bicubic_matches_float64_numpy(h, w, out_h, out_w, align_corners):
+    x = np.random.default_rng(h * 100 + w).normal(size=(1, h, w, 2))
+    y = L.interpolate(jnp.asarray(x, jnp.float32), size=(out_h, out_w), mode="bicubic",
+                      align_corners=align_corners)
+
+    def scale(i, o):
+        if align_corners:
+            return (i - 1) / (o - 1) if o > 1 else 0.0
+        return i / o
+
+    ref = _numpy_bicubic_1d(x, out_h, scale(h, out_h), align_corners)
+    ref = _numpy_bicubic_1d(ref.transpose(0, 2, 1, 3), out_w, scale(w, out_w), align_corners).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), out_h=st.integers(1, 9), out_w=st.integers(1, 9))
+def test_interpolate_area_matches_float64_window_means(h, w, out_h, out_w):
+    x = np.random.default_rng(h * 10 + w).normal(size=(2, h, w, 3))
+    y = L.interpolate(jnp.asarray(x, jnp.float32), size=(out_h, out_w), mode="area")
+    ref = np.zeros((2, out_h, out_w, 3))
+    for i in range(out_h):
+        for j in range(out_w):
+            rows = slice(int(np.floor(i * h / out_h)), int(np.ceil((i + 1) * h / out_h)))
+            cols = slice(int(np.floor(j * w / out_w)), int(np.ceil((j + 1) * w / out_w)))
+            ref[:, i, j] = x[:, rows, cols].mean(axis=(1, 2))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_interpolate_new_modes_keep_dtype_and_run_under_jit_and_vmap():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 6, 3)), jnp.float32)
+    for mode in ("nearest-exact", "bicubic", "area"):
+        y32 = L.interpolate(x, scale_factor=1.5, mode=mode)
+        y16 = jax.jit(lambda v, m=mode: L.interpolate(v, scale_factor=1.5, mode=m))(x.astype(jnp.bfloat16))
+        chex.assert_type(y16, jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
+        stacked = jax.vmap(lambda v, m=mode: L.interpolate(v, size=(4, 9), mode=m))(x[:, None])
+        np.testing.assert_allclose(stacked[:, 0], L.interpolate(x, size=(4, 9), mode=mode), rtol=1e-6)
 
 
 # -------------------------------------------------------------------------- cross_entropy
@@ -379,6 +519,31 @@ def test_shape_spec_defaults_and_fields():
     spec = L.ShapeSpec(channels=256, stride=4)
     assert (spec.channels, spec.height, spec.width, spec.stride) == (256, None, None, 4)
     assert spec == L.ShapeSpec(256, None, None, 4)
+
+
+def test_shape_spec_is_frozen_and_hashable_like_detectron2s_namedtuple():
+    import dataclasses
+
+    import flax.linen as nn
+
+    spec = L.ShapeSpec(channels=256, stride=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.channels = 128
+    assert hash(spec) == hash(L.ShapeSpec(256, None, None, 4))
+    assert {spec: "p2"}[L.ShapeSpec(channels=256, stride=4)] == "p2"
+    assert spec._replace(stride=8) == L.ShapeSpec(256, None, None, 8) and spec.stride == 4
+
+    class Head(nn.Module):
+        input_shape: L.ShapeSpec
+
+        @nn.compact
+        def __call__(self, x):
+            return x
+
+    assert hash(Head(spec)) == hash(Head(L.ShapeSpec(channels=256, stride=4)))
+    # a static jit argument must be hashable
+    out = jax.jit(lambda s, x: x * s.stride, static_argnums=0)(spec, jnp.ones(2))
+    np.testing.assert_array_equal(out, [4.0, 4.0])
 
 
 # ------------------------------------------------- property tests against float64 NumPy loops

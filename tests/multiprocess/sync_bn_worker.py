@@ -19,14 +19,14 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from detlayers.batch_norm import NaiveSyncBatchNorm  # noqa: E402
+from detlayers.batch_norm import NaiveSyncBatchNorm, SyncBatchNorm  # noqa: E402
 
 out_path = sys.argv[1]
 C, B, HW = 3, 3, 2  # channels, padded per-device batch, spatial size
-CASES = {  # name -> (stats_mode, real examples per device)
+CASES = {  # name -> (layer, real examples per device): "" / "N" are NaiveSyncBatchNorm's modes
     "equal": ("", [3, 3, 3, 3]),
-    "masked": ("", [3, 1, 2, 2]),
-    "empty_device": ("", [2, 3, 0, 1]),
+    "masked": ("SyncBatchNorm", [3, 1, 2, 2]),
+    "empty_device": ("SyncBatchNorm", [2, 3, 0, 1]),
     "N_masked": ("N", [3, 1, 2, 2]),
     "N_empty_device": ("N", [2, 0, 3, 1]),
 }
@@ -44,7 +44,10 @@ local = slice(first, first + info.local_device_count)
 
 
 def make_step(mode):
-    bn = NaiveSyncBatchNorm(C, stats_mode=mode, axis_name="batch")
+    if mode == "SyncBatchNorm":
+        bn = SyncBatchNorm(C, axis_name="batch")
+    else:
+        bn = NaiveSyncBatchNorm(C, stats_mode=mode, axis_name="batch")
 
     def step(params, stats, x, mask, cot):
         def loss(params, x):
