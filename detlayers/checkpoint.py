@@ -288,7 +288,7 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
     ``conv_transpose2d`` in ``detlayers.wrappers``); linear ``[out, in]`` -> ``[in, out]``; vectors
     unchanged. ``num_batches_tracked`` is ignored.
 
-    A :class:`~detlayers.FrozenBatchNorm2d` whose ``running_mean``/``running_var`` are absent
+    A :class:`detlayers.FrozenBatchNorm2d` whose ``running_mean``/``running_var`` are absent
     (detectron2's version-1 format, e.g. ImageNet backbones converted from Caffe2, which keep only
     ``weight`` and ``bias``) gets mean 0 and var 1, as detectron2's ``_load_from_state_dict`` fills
     them; they are not reported missing.
