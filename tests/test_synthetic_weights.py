@@ -100,15 +100,29 @@ def test_init_distributions(plain):
     assert checked == 53 + 8 + 3 + 4 + 4 + 1 + 1  # ResNet, FPN, RPN, box head+predictor, mask head
 
 
-def test_calibration_replaces_only_frozen_bn_statistics(plain, calibrated, reference):
+OUTPUT_LAYERS = {
+    "proposal_generator.rpn_head.objectness_logits.weight",
+    "proposal_generator.rpn_head.anchor_deltas.weight",
+    "roi_heads.box_predictor.cls_score.weight",
+    "roi_heads.box_predictor.bbox_pred.weight",
+    "roi_heads.mask_head.predictor.weight",
+}
+
+
+def test_calibration_sets_frozen_bn_statistics_and_scales_output_layers(plain, calibrated, reference):
     stats = [k for k in plain if k.endswith((".norm.running_mean", ".norm.running_var"))]
     assert len(stats) == 2 * 53
+    scales = {k[len("scale."):]: reference[k] for k in reference if k.startswith("scale.")}
+    assert set(scales) == OUTPUT_LAYERS
     for k in plain:
         if k in stats:
             np.testing.assert_array_equal(calibrated[k], reference[k], err_msg=k)
+        elif k in scales:
+            assert scales[k].dtype == np.float32 and scales[k] > 1.0  # detectron2's init is too small
+            np.testing.assert_array_equal(calibrated[k], plain[k] * scales[k], err_msg=k)
         else:
             np.testing.assert_array_equal(calibrated[k], plain[k], err_msg=k)
-    # Calibrated statistics are real activations statistics, not the identity.
+    # Calibrated statistics are real activation statistics, not the identity.
     assert (reference["backbone.bottom_up.stem.conv1.norm.running_var"] > 1.0).all()
     assert not np.allclose(reference["backbone.bottom_up.res4.0.conv1.norm.running_mean"], 0.0)
 
@@ -125,6 +139,13 @@ def test_calibration_from_mapping_and_errors(plain, reference):
     wrong = dict(stats, **{name: np.ones(3, np.float32)})
     with pytest.raises(ValueError, match=r"wrong shape.*res5.2.conv3.norm.running_var: \(3,\)"):
         sw.mask_rcnn_r50_fpn_state_dict(seed=0, calibration=wrong)
+    misspelt = dict(stats, **{"scale.roi_heads.box_predictor.cls.weight": np.float32(2.0)})
+    with pytest.raises(ValueError, match=r"unknown parameters \['roi_heads.box_predictor.cls.weight'\]"):
+        sw.mask_rcnn_r50_fpn_state_dict(seed=0, calibration=misspelt)
+    scaled = sw.mask_rcnn_r50_fpn_state_dict(
+        seed=0, calibration={**stats, "scale.roi_heads.box_head.fc2.weight": np.float32(0.5)}
+    )
+    np.testing.assert_array_equal(scaled["roi_heads.box_head.fc2.weight"], plain["roi_heads.box_head.fc2.weight"] * 0.5)
 
 
 def test_num_classes_changes_only_class_dependent_tensors(plain):

@@ -26,10 +26,14 @@ parameter's values do not depend on which other parameters exist (``num_classes`
 the class-dependent tensors).
 
 With identity FrozenBN statistics such a network is useless (activations grow through 50 layers
-and every detection scores 1.0). ``calibration=`` replaces every ``running_mean``/``running_var``
-with statistics measured by detectron2 itself on a photograph (the per-channel mean and variance of
-each FrozenBN's input), which makes the features well scaled and the detection scores spread out;
-``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds them for ``seed=0``, written by
+and every detection scores 1.0), and with detectron2's output-layer init (std 0.01 / 0.001) every
+class score sits near 1/81 and every mask probability near 0.5. ``calibration=`` fixes both from
+measurements detectron2 itself made on a photograph: every ``running_mean``/``running_var``
+becomes the per-channel mean and variance of that FrozenBN's input, and the five output layers
+(RPN objectness and deltas, ``cls_score``, ``bbox_pred``, mask ``predictor``) are multiplied by
+the factor that gives their outputs a chosen standard deviation (2, 0.5, 3, 1 and 3). Then the
+features are well scaled, the detection scores spread out and the masks are crisp.
+``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds these for ``seed=0``, written by
 ``tools/fixtures/make_mask_rcnn.py``.
 
 This module needs only NumPy (the fixture script loads it in an environment without JAX).
@@ -46,6 +50,8 @@ import numpy as np
 __all__ = ["mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes"]
 
 FROZEN_BN_EPS = 1e-5
+# Calibration-file keys "scale.<parameter name>": a float32 factor for that parameter.
+_SCALE_PREFIX = "scale."
 # ResNet-50: blocks per stage res2..res5 and the stage widths (detectron2's RESNETS defaults).
 _R50_BLOCKS = (3, 4, 6, 3)
 _STEM_OUT = 64
@@ -177,7 +183,8 @@ def mask_rcnn_r50_fpn_state_dict(
       seed: non-negative int; the same seed gives bit-identical arrays on every platform.
       calibration: ``None`` (FrozenBN buffers as detectron2 constructs them: an identity), or a
         ``.npz`` path (or a mapping) whose ``...norm.running_mean`` / ``...norm.running_var``
-        entries replace the FrozenBN statistics, e.g.
+        entries replace the FrozenBN statistics and whose ``scale.<name>`` entries (float32
+        scalars) multiply parameter ``<name>``, e.g.
         ``tests/fixtures/mask_rcnn_bn_calibration.npz`` (calibrated for ``seed=0``). Other keys
         of the file are ignored; every FrozenBN statistic must be present with its shape.
       num_classes: foreground classes (``MODEL.ROI_HEADS.NUM_CLASSES``, 80 for COCO).
@@ -212,11 +219,15 @@ def _apply_calibration(
         for k in wanted
         if k in stats and np.shape(stats[k]) != state[k].shape
     ]
-    if missing or bad_shape:
+    scales = {k[len(_SCALE_PREFIX):]: v for k, v in stats.items() if k.startswith(_SCALE_PREFIX)}
+    unknown_scales = [k for k in scales if k not in state]
+    if missing or bad_shape or unknown_scales:
         raise ValueError(
             "calibration does not hold every FrozenBN statistic of Mask R-CNN R50-FPN: "
             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); "
-            f"wrong shape {bad_shape}"
+            f"wrong shape {bad_shape}; scales of unknown parameters {unknown_scales}"
         )
     for k in wanted:
         state[k] = np.asarray(stats[k], dtype=np.float32).copy()
+    for k, scale in scales.items():
+        state[k] = state[k] * np.float32(scale)
