@@ -56,8 +56,9 @@ def test_recorded_calls_replay_to_the_same_outputs(monkeypatch):
         indices, pooled = jax.block_until_ready(jax.jit(toy.forward)(features, boxes, scores, classes))
     assert toy.batched_nms is nms_module.batched_nms  # restored
     assert toy.roi_align is roi_align_module.roi_align
-    # batched_nms's inner nms is not counted twice
-    assert [r.label for r in records] == ["NMS", "ROIAlign"]
+    # one record per op call (callbacks are unordered: sort by label)
+    assert sorted(r.label for r in records) == ["NMS", "ROIAlign"]
+    records.sort(key=lambda r: r.label)
     nms_record, roi_record = records
     np.testing.assert_array_equal(nms_record.arrays[0], boxes)
     np.testing.assert_array_equal(nms_record.arrays[2], classes)

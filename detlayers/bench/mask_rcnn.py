@@ -183,7 +183,7 @@ def _recording(records: list[_Recorded]) -> Iterator[None]:
 
     def wrap(function: Callable[..., Any], label: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if getattr(local, "depth", 0):  # batched_nms calling nms: count the outer call only
+            if getattr(local, "depth", 0):  # an op calling another wrapped op: count the outer call
                 return function(*args, **kwargs)
             leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
             dynamic = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
