@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "paste_masks": "detlayers.bench.paste_masks",
     "deform_conv": "detlayers.bench.deform_conv",
     "sync_bn": "detlayers.bench.sync_bn",
+    "mask_rcnn": "detlayers.bench.mask_rcnn",
 }
 
 

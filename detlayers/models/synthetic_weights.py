@@ -1,0 +1,233 @@
+"""Synthetic Mask R-CNN R50-FPN weights: detectron2's state dict, initialized from a NumPy seed.
+
+The detectron2 model zoo cannot be downloaded everywhere this project is tested, and committing a
+170 MB checkpoint is not an option, so the parity tests, the benchmark and the notebook regenerate a
+full checkpoint from a seed instead. :func:`mask_rcnn_r50_fpn_state_dict` returns every entry of
+detectron2's ``GeneralizedRCNN.state_dict()`` for
+``configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml`` (same names, shapes and order,
+float32), initialized with the distributions detectron2's constructors use:
+
+- ResNet convolutions (stem and bottleneck blocks, no bias): ``c2_msra_fill``, i.e. normal with
+  std ``sqrt(2 / fan_out)``;
+- FPN lateral and output convolutions: ``c2_xavier_fill``, i.e. uniform in
+  ``+-sqrt(3 / fan_in)``, bias 0;
+- RPN head (3x3 conv and both 1x1 convs): normal std 0.01, bias 0;
+- box head ``fc1``/``fc2``: ``c2_xavier_fill``; ``cls_score``: normal std 0.01;
+  ``bbox_pred``: normal std 0.001; biases 0;
+- mask head ``mask_fcn1..4`` and ``deconv``: ``c2_msra_fill`` (PyTorch's fan convention for
+  transposed convolutions: ``fan_out = weight.shape[0] * kh * kw``), bias 0; ``predictor``: normal
+  std 0.001, bias 0;
+- every ``FrozenBatchNorm2d`` buffer as detectron2 constructs it: weight 1, bias 0,
+  running_mean 0, running_var ``1 - 1e-5``.
+
+The values are not PyTorch's (detectron2 draws from torch's RNG): they are drawn from
+``numpy.random.default_rng`` with one stream per parameter, keyed by ``(seed, name)``, so a
+parameter's values do not depend on which other parameters exist (``num_classes`` only changes
+the class-dependent tensors).
+
+With identity FrozenBN statistics such a network is useless (activations grow through 50 layers
+and every detection scores 1.0), and with detectron2's output-layer init (std 0.01 / 0.001) every
+class score sits near 1/81 and every mask probability near 0.5. ``calibration=`` fixes both from
+measurements detectron2 itself made on a photograph: every ``running_mean``/``running_var``
+becomes the per-channel mean and variance of that FrozenBN's input, and the five output layers
+(RPN objectness and deltas, ``cls_score``, ``bbox_pred``, mask ``predictor``) are multiplied by
+the factor that gives their outputs a chosen standard deviation (2, 0.5, 3, 1 and 3). Then the
+features are well scaled, the detection scores spread out and the masks are crisp.
+``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds these for ``seed=0``, written by
+``tools/fixtures/make_mask_rcnn.py``.
+
+This module needs only NumPy (the fixture script loads it in an environment without JAX).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes"]
+
+FROZEN_BN_EPS = 1e-5
+# Calibration-file keys "scale.<parameter name>": a float32 factor for that parameter.
+_SCALE_PREFIX = "scale."
+# ResNet-50: blocks per stage res2..res5 and the stage widths (detectron2's RESNETS defaults).
+_R50_BLOCKS = (3, 4, 6, 3)
+_STEM_OUT = 64
+_RES2_OUT = 256
+_BOTTLENECK_RES2 = 64
+_FPN_OUT = 256
+_NUM_ANCHORS = 3  # one size x three aspect ratios per level
+_BOX_POOLER = 7
+_FC_DIM = 1024
+_MASK_CONV_DIM = 256
+_MASK_NUM_CONV = 4
+
+# How a parameter is initialized: ("msra",) / ("xavier",) / ("normal", std) / ("const", value).
+_Init = tuple
+
+
+def _conv_with_frozen_bn(prefix: str, out_ch: int, in_ch: int, k: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """A detectron2 ``Conv2d(bias=False, norm=FrozenBatchNorm2d)`` inside the ResNet."""
+    yield f"{prefix}.weight", (out_ch, in_ch, k, k), ("msra",)
+    yield f"{prefix}.norm.weight", (out_ch,), ("const", 1.0)
+    yield f"{prefix}.norm.bias", (out_ch,), ("const", 0.0)
+    yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
+    yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0 - FROZEN_BN_EPS)
+
+
+def _entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """Every state-dict entry in detectron2's order (module registration order)."""
+    # FPN: detectron2 registers fpn_lateral{s}/fpn_output{s} for s = 2..5, then bottom_up.
+    res_channels = [_RES2_OUT * 2**i for i in range(4)]
+    for stage, in_ch in zip(range(2, 6), res_channels):
+        yield f"backbone.fpn_lateral{stage}.weight", (_FPN_OUT, in_ch, 1, 1), ("xavier",)
+        yield f"backbone.fpn_lateral{stage}.bias", (_FPN_OUT,), ("const", 0.0)
+        yield f"backbone.fpn_output{stage}.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("xavier",)
+        yield f"backbone.fpn_output{stage}.bias", (_FPN_OUT,), ("const", 0.0)
+
+    bottom_up = "backbone.bottom_up"
+    yield from _conv_with_frozen_bn(f"{bottom_up}.stem.conv1", _STEM_OUT, 3, 7)
+    in_ch = _STEM_OUT
+    for i, num_blocks in enumerate(_R50_BLOCKS):
+        out_ch = _RES2_OUT * 2**i
+        bottleneck = _BOTTLENECK_RES2 * 2**i
+        for b in range(num_blocks):
+            block = f"{bottom_up}.res{i + 2}.{b}"
+            if in_ch != out_ch:  # BottleneckBlock registers its projection shortcut first
+                yield from _conv_with_frozen_bn(f"{block}.shortcut", out_ch, in_ch, 1)
+            yield from _conv_with_frozen_bn(f"{block}.conv1", bottleneck, in_ch, 1)
+            yield from _conv_with_frozen_bn(f"{block}.conv2", bottleneck, bottleneck, 3)
+            yield from _conv_with_frozen_bn(f"{block}.conv3", out_ch, bottleneck, 1)
+            in_ch = out_ch
+
+    rpn = "proposal_generator.rpn_head"
+    yield f"{rpn}.conv.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("normal", 0.01)
+    yield f"{rpn}.conv.bias", (_FPN_OUT,), ("const", 0.0)
+    yield f"{rpn}.objectness_logits.weight", (_NUM_ANCHORS, _FPN_OUT, 1, 1), ("normal", 0.01)
+    yield f"{rpn}.objectness_logits.bias", (_NUM_ANCHORS,), ("const", 0.0)
+    yield f"{rpn}.anchor_deltas.weight", (4 * _NUM_ANCHORS, _FPN_OUT, 1, 1), ("normal", 0.01)
+    yield f"{rpn}.anchor_deltas.bias", (4 * _NUM_ANCHORS,), ("const", 0.0)
+
+    box_head = "roi_heads.box_head"
+    yield f"{box_head}.fc1.weight", (_FC_DIM, _FPN_OUT * _BOX_POOLER**2), ("xavier",)
+    yield f"{box_head}.fc1.bias", (_FC_DIM,), ("const", 0.0)
+    yield f"{box_head}.fc2.weight", (_FC_DIM, _FC_DIM), ("xavier",)
+    yield f"{box_head}.fc2.bias", (_FC_DIM,), ("const", 0.0)
+    predictor = "roi_heads.box_predictor"
+    yield f"{predictor}.cls_score.weight", (num_classes + 1, _FC_DIM), ("normal", 0.01)
+    yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
+    yield f"{predictor}.bbox_pred.weight", (4 * num_classes, _FC_DIM), ("normal", 0.001)
+    yield f"{predictor}.bbox_pred.bias", (4 * num_classes,), ("const", 0.0)
+
+    mask_head = "roi_heads.mask_head"
+    for k in range(1, _MASK_NUM_CONV + 1):
+        yield f"{mask_head}.mask_fcn{k}.weight", (_MASK_CONV_DIM, _FPN_OUT if k == 1 else _MASK_CONV_DIM, 3, 3), ("msra",)
+        yield f"{mask_head}.mask_fcn{k}.bias", (_MASK_CONV_DIM,), ("const", 0.0)
+    # ConvTranspose2d weight layout: [in_channels, out_channels, kh, kw].
+    yield f"{mask_head}.deconv.weight", (_MASK_CONV_DIM, _MASK_CONV_DIM, 2, 2), ("msra",)
+    yield f"{mask_head}.deconv.bias", (_MASK_CONV_DIM,), ("const", 0.0)
+    yield f"{mask_head}.predictor.weight", (num_classes, _MASK_CONV_DIM, 1, 1), ("normal", 0.001)
+    yield f"{mask_head}.predictor.bias", (num_classes,), ("const", 0.0)
+
+
+def mask_rcnn_r50_fpn_shapes(num_classes: int = 80) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of detectron2's Mask R-CNN R50-FPN state dict, in its order."""
+    _check_num_classes(num_classes)
+    return {name: shape for name, shape, _ in _entries(num_classes)}
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+def _torch_fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) as ``torch.nn.init._calculate_fan_in_and_fan_out`` computes them."""
+    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def _draw(seed: int, name: str, shape: tuple[int, ...], init: _Init) -> np.ndarray:
+    kind = init[0]
+    if kind == "const":
+        return np.full(shape, init[1], dtype=np.float32)
+    # One independent stream per parameter, keyed by its name.
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    fan_in, fan_out = _torch_fans(shape)
+    if kind == "msra":  # kaiming_normal_(mode="fan_out", nonlinearity="relu")
+        out = rng.standard_normal(shape, dtype=np.float32)
+        out *= np.float32(np.sqrt(2.0 / fan_out))
+    elif kind == "xavier":  # kaiming_uniform_(a=1): gain 1, bound sqrt(3 / fan_in)
+        bound = np.float32(np.sqrt(3.0 / fan_in))
+        out = rng.random(shape, dtype=np.float32)
+        out *= 2 * bound
+        out -= bound
+    elif kind == "normal":
+        out = rng.standard_normal(shape, dtype=np.float32)
+        out *= np.float32(init[1])
+    else:  # pragma: no cover - the table above only uses the kinds handled here
+        raise AssertionError(kind)
+    return out
+
+
+def mask_rcnn_r50_fpn_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+) -> dict[str, np.ndarray]:
+    """detectron2's Mask R-CNN R50-FPN state dict with detectron2-style init from a NumPy seed.
+
+    Args:
+      seed: non-negative int; the same seed gives bit-identical arrays on every platform.
+      calibration: ``None`` (FrozenBN buffers as detectron2 constructs them: an identity), or a
+        ``.npz`` path (or a mapping) whose ``...norm.running_mean`` / ``...norm.running_var``
+        entries replace the FrozenBN statistics and whose ``scale.<name>`` entries (float32
+        scalars) multiply parameter ``<name>``, e.g.
+        ``tests/fixtures/mask_rcnn_bn_calibration.npz`` (calibrated for ``seed=0``). Other keys
+        of the file are ignored; every FrozenBN statistic must be present with its shape.
+      num_classes: foreground classes (``MODEL.ROI_HEADS.NUM_CLASSES``, 80 for COCO).
+
+    Returns:
+      ``{detectron2 name: float32 np.ndarray}`` in PyTorch layout (convolutions OIHW, linear
+      ``[out, in]``, transposed convolution ``[in, out, kh, kw]``), in the order of
+      ``GeneralizedRCNN.state_dict()``; detectron2's non-persistent buffers (``pixel_mean``,
+      ``pixel_std``, anchors) are not part of it, as in a model-zoo checkpoint.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _check_num_classes(num_classes)
+    state = {name: _draw(int(seed), name, shape, init) for name, shape, init in _entries(int(num_classes))}
+    if calibration is not None:
+        _apply_calibration(state, calibration)
+    return state
+
+
+def _apply_calibration(
+    state: dict[str, np.ndarray], calibration: str | os.PathLike[str] | dict[str, np.ndarray]
+) -> None:
+    if isinstance(calibration, (str, os.PathLike)):
+        with np.load(calibration) as f:
+            stats = {k: f[k] for k in f.files}
+    else:
+        stats = dict(calibration)
+    wanted = [k for k in state if k.endswith((".norm.running_mean", ".norm.running_var"))]
+    missing = [k for k in wanted if k not in stats]
+    bad_shape = [
+        f"{k}: {np.shape(stats[k])} (expected {state[k].shape})"
+        for k in wanted
+        if k in stats and np.shape(stats[k]) != state[k].shape
+    ]
+    scales = {k[len(_SCALE_PREFIX):]: v for k, v in stats.items() if k.startswith(_SCALE_PREFIX)}
+    unknown_scales = [k for k in scales if k not in state]
+    if missing or bad_shape or unknown_scales:
+        raise ValueError(
+            "calibration does not hold every FrozenBN statistic of Mask R-CNN R50-FPN: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); "
+            f"wrong shape {bad_shape}; scales of unknown parameters {unknown_scales}"
+        )
+    for k in wanted:
+        state[k] = np.asarray(stats[k], dtype=np.float32).copy()
+    for k, scale in scales.items():
+        state[k] = state[k] * np.float32(scale)
