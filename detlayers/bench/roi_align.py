@@ -9,38 +9,8 @@ Also on CPU: ``roi_align_rotated`` on the same boxes with random angles vs detec
 GPU: an FPN pyramid (strides 4..32 of an 800 x 1216 image, batch 2, 256 channels) with 1000 ROIs,
 250 per level sized for that level, vs torchvision's CUDA kernel.
 
-Design record (CPU, measured while choosing; see the ``roi_align`` module docstring):
-  * dense separable contraction ``Wy F Wx^T`` over the whole map: ~R*PH*H*W*C MACs (15 GFLOP
-    here), far slower than torchvision; dropped.
-  * one big gather of every (sample, neighbour) as ``[R, PH, PW, taps, C]`` then a reduction:
-    XLA:CPU materialises the gather (100 MB+), 130 ms for just 4 taps; dropped.
-  * unrolled sum of whole-channel-vector gathers (fused into one loop): ~5 ms per tap for 512x7x7
-    bins; used for fixed sampling ratios.
-  * adaptive grid: per-bin taps from the separable weights ((g+1)^2 gathers instead of 4 g^2),
-    ROIs sorted by tap count, chunk loops with per-chunk trip counts (no cap).  A full sort
-    (``lax.top_k`` over H) to compact taps cost 135 ms; a band (first nonzero + length) is ~1 ms.
-  * backward: autodiff of the unrolled gathers (16 full-size scatters) was ~5x slower than
-    replaying the chunk loops with cache-sized scatter-adds, so every path uses the latter.
-  * chunk order: sorting by (row taps, column taps) instead of their product cut the loop steps
-    run per step needed from ~3 to ~1.7 (7x7); 7x7 forward 88 -> 72 ms CPU time.
-
-Measured 2026-11-25 on the shared 2-core AMD EPYC dev machine (load 3-8, so +-30 % noise), one
-``python -m detlayers.bench roi_align`` run, jax 0.10.2 vs torch 2.14.1 (2 threads), ms:
-
-  op (2x256x100x168, 512 rois)        detlayers   pytorch   ratio
-  roi_align 7x7 s=0 fwd                    90.0     350.0    0.26
-  roi_align 7x7 s=0 fwd+bwd               182.3    1494.6    0.12
-  roi_align 7x7 s=2 fwd                    16.7     191.4    0.09
-  roi_align 7x7 s=2 fwd+bwd                64.8     706.2    0.09
-  roi_align 14x14 s=0 fwd                 108.8     497.0    0.22
-  roi_align 14x14 s=0 fwd+bwd             215.8    2419.7    0.09
-  roi_align 14x14 s=2 fwd                  89.4     612.0    0.15
-  roi_align 14x14 s=2 fwd+bwd             352.0    2089.9    0.17
-  roi_align_rotated 7x7 s=0 fwd           124.9     473.6    0.26   (vs detectron2)
-  roi_align_rotated 7x7 s=0 fwd+bwd       404.6    3061.5    0.13   (vs detectron2)
-
-GPU: not measured (no GPU was lent to this task); on accelerators the chunks are made much wider
-(``_roi_sampling.CHUNK_BINS_ACCELERATOR``) because every loop step costs a launch.
+Design notes and the alternatives measured while choosing: docs/design/roi_align.md; results:
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
