@@ -4,6 +4,7 @@ NumPy derivation (tests/fixtures/roi_align.npz is made by tools/fixtures/make_ro
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import pathlib
@@ -332,6 +333,10 @@ def test_roi_align_runs_inside_pmap():
 def test_roi_align_takes_torchvision_defaults_and_module_keeps_aligned_true():
     """detectron2's roi_align is torchvision's: (spatial_scale=1.0, sampling_ratio=-1,
     aligned=False), any sampling_ratio <= 0 adaptive; detectron2's ROIAlign module is aligned."""
+    params = inspect.signature(L.roi_align).parameters
+    assert [params[k].default for k in ("spatial_scale", "sampling_ratio", "aligned")] == [
+        1.0, -1, False]
+    assert L.ROIAlign((7, 7), 1.0, 0).aligned is True
     image = jnp.arange(25, dtype=jnp.float32).reshape(1, 5, 5, 1)
     box = jnp.asarray([[0.0, 1, 1, 3, 3]])
     table_unaligned = [[7.5, 8, 8.5, 9], [10, 10.5, 11, 11.5], [12.5, 13, 13.5, 14],
