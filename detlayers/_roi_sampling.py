@@ -1,19 +1,10 @@
-"""Shared machinery of the ROI pooling ops (``roi_align``, ``roi_align_rotated``).
+"""Shared machinery of the ROI pooling ops (``roi_align``, ``roi_align_rotated``).  Private.
 
-Private module.  Two ideas carry everything here:
-
-* **Exact grids with static shapes.**  detectron2's adaptive grid (``sampling_ratio=0``) gives every
-  ROI its own number of samples per bin.  Instead of capping that number, ROIs are sorted by the
-  work they need and cut into fixed-size chunks; each chunk runs a loop whose trip count is the
-  largest grid *in that chunk* (a ``lax.fori_loop`` with a traced bound).  Shapes stay static,
-  nothing is truncated, and the waste is only the spread of sizes inside one chunk.
-* **Gathers of whole channel vectors.**  Features are NHWC, flattened to ``[N*H*W, C]``; one gather
-  index fetches a contiguous ``C`` vector, and the weighted sum of a handful of gathers fuses into a
-  single XLA loop.
-
-The loops have traced trip counts, which reverse-mode autodiff cannot see through, so the pooling
-runs under a ``jax.custom_vjp`` whose backward pass replays the same chunked loops with
-scatter-adds: the feature gradient is, sample for sample, the one detectron2/torchvision write.
+Contract: argument checks, the per-ROI validity rule (batch index in ``[0, N)``, finite geometry),
+the sampling grid (``sampling_ratio`` or the adaptive ``ceil(extent / bins)``, at most
+``MAX_ADAPTIVE_GRID``), detectron2's sample positions and 1-D bilinear rule in float32 operation
+order, and :func:`pool`, which sums weighted gathers of feature rows per output bin, with a
+feature gradient equal to the reference backward.  How it is computed: docs/design/roi_align.md.
 """
 
 from __future__ import annotations
@@ -27,14 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Output bins per chunk of the adaptive loops (a chunk holds max(1, CHUNK_BINS // (PH*PW)) ROIs).
-# Small enough that the chunk's accumulator ([chunk, PH, PW, C]) stays in cache and ROIs of
-# different sizes rarely share a chunk; large enough that a loop step does real work.  Measured
-# with detlayers/bench/roi_align.py: 196 to 1568 bins are within ~15% of each other on CPU.
+# Output bins per chunk of the adaptive loops (a chunk holds max(1, CHUNK_BINS // (PH*PW)) ROIs);
+# the choice is explained in docs/design/roi_align.md.
 CHUNK_BINS = 392
-# On accelerators every loop step is a kernel launch (and a host round trip for the predicate),
-# so far fewer, wider chunks pay off there.  Not measured yet (no GPU was available).
+# Accelerators pay a kernel launch per loop step, so they use far fewer, wider chunks.
 CHUNK_BINS_ACCELERATOR = 1 << 16
+
+# Largest adaptive grid (samples per bin along one axis).  ``ceil(extent / bins)`` is honoured
+# exactly up to this value, i.e. for ROIs up to ``MAX_ADAPTIVE_GRID * output_size`` feature pixels
+# per axis; a larger extent (only a diverged box or an absurd ``spatial_scale`` reaches it) is
+# sampled on a ``MAX_ADAPTIVE_GRID`` grid per bin instead, which bounds the work of any input.
+MAX_ADAPTIVE_GRID = 512
 
 
 def _chunk_bins() -> int:
@@ -57,11 +51,23 @@ def normalize_output_size(output_size: Any) -> tuple[int, int]:
 
 
 def check_sampling_ratio(sampling_ratio: Any) -> int:
+    """Static samples per bin and axis; every value ``<= 0`` means adaptive and returns 0."""
     if not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool):
-        raise TypeError(f"sampling_ratio must be an int >= 0, got {sampling_ratio!r}")
-    if sampling_ratio < 0:
-        raise ValueError(f"sampling_ratio must be >= 0 (0 = adaptive), got {sampling_ratio}")
-    return int(sampling_ratio)
+        raise TypeError(
+            f"sampling_ratio must be a Python int (<= 0 = adaptive), got {sampling_ratio!r}"
+        )
+    return max(int(sampling_ratio), 0)
+
+
+def concrete_value(x: Any) -> np.ndarray | None:
+    """``x`` as a NumPy array when its value is known at trace time, else ``None``.
+
+    Call it on an argument as the caller passed it: under ``jit`` a closed-over constant is
+    concrete, but any ``jnp`` operation applied to it inside the trace returns a tracer.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
 
 
 def check_spatial_scale(spatial_scale: Any) -> Any:
@@ -89,24 +95,37 @@ def check_inputs(name: str, features: Any, rois: Any, roi_cols: int) -> tuple[ja
     return features, rois
 
 
-def batch_index_and_validity(name: str, rois: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
-    """Batch index column as int32 plus a mask of ROIs whose index names an image.
-
-    Concrete ROIs with an index outside ``[0, N)`` raise ``ValueError``; traced ones (under
-    ``jit``) cannot be inspected, so such ROIs pool to zeros and receive no gradient.
+def batch_index_and_validity(name: str, rois: jax.Array, batch: int,
+                             concrete: np.ndarray | None) -> tuple[jax.Array, jax.Array]:
+    """Batch index column as int32 (clamped into range) plus a mask of ROIs whose index names an
+    image.  ``concrete`` (the ROIs' value when known at trace time) with an index outside
+    ``[0, N)`` (or not an integer, or NaN) raises ``ValueError``; traced ROIs cannot be inspected,
+    so such ROIs are masked out (they pool to zeros and receive no gradient).
     """
-    column = rois[:, 0]
-    if not isinstance(column, jax.core.Tracer):
-        values = np.asarray(column)
-        bad = (values < 0) | (values >= batch) | (values != np.floor(values))
+    if concrete is not None and concrete.shape[0]:
+        values = concrete[:, 0].astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~((values >= 0) & (values < batch) & (values == np.floor(values)))
         if bad.any():
             raise ValueError(
                 f"{name}: rois[:, 0] must hold batch indices in [0, {batch}) (input has N={batch});"
                 f" got {values[bad][:5].tolist()} at rows {np.nonzero(bad)[0][:5].tolist()}"
             )
-    index = column.astype(jnp.int32)
-    valid = (index >= 0) & (index < batch)
+    column = rois[:, 0]
+    # Compared as floats so that NaN (and values that would wrap in int32) are invalid.
+    valid = (column >= 0) & (column < batch)
+    index = jnp.where(valid, column, 0).astype(jnp.int32)
     return jnp.clip(index, 0, max(batch - 1, 0)), valid
+
+
+def rounded(product: jax.Array) -> jax.Array:
+    """``product`` rounded to its dtype before a later add uses it.
+
+    XLA's CPU and GPU compilers contract ``a * b + c`` into a fused multiply-add, which rounds once
+    where the reference kernels round twice; at the ``y <= H`` validity edge that last bit decides
+    whether a sample counts.  The select is an identity the compilers cannot fuse through.
+    """
+    return jnp.where(jnp.isnan(product), jnp.asarray(jnp.nan, product.dtype), product)
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -115,22 +134,26 @@ def compute_dtype(dtype: Any) -> Any:
 
 
 def sample_grid(roi_extent: jax.Array, bins: int, sampling_ratio: int) -> jax.Array:
-    """Samples per bin on one axis: ``sampling_ratio`` or ``ceil(extent / bins)`` (<= 0: none)."""
+    """Samples per bin on one axis: ``sampling_ratio``, or ``ceil(extent / bins)`` clipped to
+    ``[0, MAX_ADAPTIVE_GRID]`` (a non-finite extent gives 0)."""
     if sampling_ratio > 0:
         return jnp.full(roi_extent.shape, sampling_ratio, jnp.int32)
-    return jnp.ceil(roi_extent / bins).astype(jnp.int32)
+    grid = jnp.ceil(roi_extent / bins)
+    # Clip in floating point: converting inf or 1e30 to int32 is undefined or saturates.
+    grid = jnp.where(jnp.isfinite(grid), jnp.clip(grid, 0, MAX_ADAPTIVE_GRID), 0)
+    return grid.astype(jnp.int32)
 
 
 def sample_coordinate(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bin_index: Any,
                       k: Any) -> jax.Array:
     """Position of sample ``k`` of bin ``bin_index``, in detectron2's operation order.
 
-    ``start + bin * bin_size + (k + 0.5) * bin_size / grid``; keeping the order (and float32)
-    reproduces the reference's rounding, which matters at the ``-1`` / ``size`` validity edges.
+    ``start + bin * bin_size + (k + 0.5) * bin_size / grid``, each operation rounded to the
+    working dtype as in the reference, which matters at the ``-1`` / ``size`` validity edges.
     """
     dtype = start.dtype
     offset = (jnp.asarray(k, dtype) + jnp.asarray(0.5, dtype)) * bin_size / grid.astype(dtype)
-    return (start + jnp.asarray(bin_index, dtype) * bin_size) + offset
+    return (start + rounded(jnp.asarray(bin_index, dtype) * bin_size)) + offset
 
 
 def bilinear_1d(y: jax.Array, length: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -23,6 +24,9 @@ def _check(boxes1: Array, boxes2: Array, reduction: str, fn: str) -> tuple[Array
     float64 input) and the dtype the loss is returned in (the boxes' promoted dtype)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    # Read before any jnp operation: under jit, a closed-over constant is concrete but whatever
+    # jnp derives from it inside the trace is a tracer.
+    concrete1 = None if isinstance(boxes1, jax.core.Tracer) else np.asarray(boxes1)
     boxes1, boxes2 = jnp.asarray(boxes1), jnp.asarray(boxes2)
     for arg, boxes in (("boxes1", boxes1), ("boxes2", boxes2)):
         if boxes.ndim < 1 or boxes.shape[-1] != 4:
@@ -38,10 +42,10 @@ def _check(boxes1: Array, boxes2: Array, reduction: str, fn: str) -> tuple[Array
         ) from None
     # detectron2 asserts x2 >= x1 and y2 >= y1 on boxes1; that needs concrete values, so the
     # check runs only outside jit (under a trace it would need a host round trip).
-    if not isinstance(boxes1, jax.core.Tracer):
-        if bool(jnp.any(boxes1[..., 2] < boxes1[..., 0])):
+    if concrete1 is not None:
+        if (concrete1[..., 2] < concrete1[..., 0]).any():
             raise ValueError(f"{fn}: bad box in boxes1: x1 larger than x2")
-        if bool(jnp.any(boxes1[..., 3] < boxes1[..., 1])):
+        if (concrete1[..., 3] < concrete1[..., 1]).any():
             raise ValueError(f"{fn}: bad box in boxes1: y1 larger than y2")
     out_dtype = jnp.result_type(boxes1, boxes2)
     dtype = jnp.promote_types(out_dtype, jnp.float32)

@@ -2,25 +2,7 @@
 
 detectron2's ``ROIAlign`` is ``torchvision.ops.roi_align``; this module computes the same numbers
 (forward and feature gradient) for every setting, including the adaptive sampling grid
-(``sampling_ratio=0``), with static shapes and without any cap on the grid.
-
-How (measured alternatives are in ``detlayers/bench/roi_align.py``'s docstring):
-
-1. **Separable weights.**  The bilinear weight of a sample is a row weight times a column weight
-   and detectron2's validity test (``y < -1 or y > H`` ...) is per axis, so a bin's average is
-   ``sum_{h,w} Wy[p,h] Wx[q,w] F[h,w,:]`` with ``Wy[p,h]`` the summed, count-normalised 1-D weights
-   of the bin's sample rows (built exactly, sample by sample, in ``[R, PH, H]``; likewise ``Wx``).
-2. **Taps.**  Only the nonzero rows/columns of ``Wy``/``Wx`` matter.  With ``sampling_ratio=s > 0``
-   each bin's ``s`` sample rows give ``2s`` (row, weight) taps, a static count, so for ``s <= 4``
-   the forward is an unrolled, fully fused sum of ``(2s)^2`` gathers of contiguous channel vectors
-   (NHWC); larger ``s`` use the loops below.  The adaptive grid makes about
-   ``ceil(bin)+1`` taps per bin, which is data-dependent: ROIs are sorted by tap count and pooled
-   in chunks by loops whose trip count is the chunk's largest tap count (exact, nothing
-   truncated), under a ``custom_vjp`` that replays the loops with scatter-adds for the feature
-   gradient.
-
-Compared with sampling every grid point (4 gathers per sample), merging a bin's samples into
-taps needs ``(g+1)^2`` instead of ``4 g^2`` gathers for a ``g x g`` grid.
+(``sampling_ratio <= 0``), with static shapes.  How: docs/design/roi_align.md.
 """
 
 from __future__ import annotations
@@ -37,8 +19,7 @@ from detlayers import _roi_sampling as rs
 # Above this many (row tap x column tap) pairs per bin, a fixed sampling_ratio also uses the
 # chunked loops instead of one unrolled fusion (compile time grows with the unrolled count).
 _MAX_UNROLLED_TAPS = 64
-# Column taps fused into one step of the adaptive loops (CPU process time on the benchmark:
-# 1 -> 115 ms, 2 -> 70 ms, 4 -> 78 ms for 7x7; padding to a multiple wastes gathers).
+# Column taps fused into one step of the adaptive loops (see docs/design/roi_align.md).
 _COLUMN_UNROLL = 2
 
 
@@ -46,11 +27,12 @@ def roi_align(
     input: jax.Array,
     rois: jax.Array,
     output_size: int | tuple[int, int],
-    spatial_scale: float | jax.Array,
-    sampling_ratio: int,
-    aligned: bool = True,
+    spatial_scale: float | jax.Array = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
 ) -> jax.Array:
-    """Average-pools ``output_size`` bins of bilinear samples in each ROI (detectron2/torchvision).
+    """Average-pools ``output_size`` bins of bilinear samples in each ROI (torchvision's
+    ``roi_align``, which detectron2's ``roi_align`` is, with the same defaults).
 
     Args:
       input: features ``[N, H, W, C]`` (NHWC), any float dtype.  Half types are computed in float32
@@ -59,24 +41,30 @@ def roi_align(
       output_size: ``PH`` or ``(PH, PW)``.
       spatial_scale: multiplies the box coordinates (e.g. ``1/stride`` of the feature level); a
         Python float or a scalar array (it may be traced).
-      sampling_ratio: samples per bin along each axis; ``0`` means adaptive,
-        ``ceil(roi_size / output_size)`` per ROI, exact for every ROI size.
-      aligned: shift box corners by -0.5 pixel (detectron2's ``ROIAlign(aligned=True)``).  When
-        False, ROI width and height are clamped to at least 1 (the legacy behaviour).
+      sampling_ratio: samples per bin along each axis; any value ``<= 0`` (default -1) means
+        adaptive, ``ceil(roi_size / output_size)`` per ROI and axis, exact up to
+        ``MAX_ADAPTIVE_GRID = 512`` samples per bin and axis (ROIs up to ``512 * output_size``
+        feature pixels); a larger ROI is sampled on a 512-per-bin grid along that axis.
+      aligned: shift box corners by -0.5 pixel (detectron2's ``ROIAlign(aligned=True)``; default
+        False as in torchvision).  When False, ROI width and height are clamped to at least 1.
 
     Returns:
       ``[R, PH, PW, C]`` in ``input.dtype``.  Bin ``(p, q)`` averages a ``gh x gw`` grid of samples
       at cell centres; samples with ``y < -1``, ``y > H``, ``x < -1`` or ``x > W`` read 0 but still
       count in the average; empty grids (an empty ROI when aligned) give 0.  A reversed box
-      (``x2 < x1`` when aligned) has a negative extent: with ``sampling_ratio=0`` its grid is empty
+      (``x2 < x1`` when aligned) has a negative extent: with adaptive sampling its grid is empty
       (zeros; torchvision fails on such boxes), with a fixed ratio the samples walk backwards.
+      A ROI whose scaled corners or extent are not finite (inf or NaN, e.g. from a diverged box
+      head) pools to zeros and gets no gradient, in bounded time.
 
     Differentiable w.r.t. ``input`` (the gradient equals torchvision's backward); like
     torchvision, the box coordinates receive no gradient (they are treated as constants).
 
-    A batch index outside ``[0, N)`` raises ``ValueError`` when ``rois`` is concrete; under ``jit``
-    it cannot be checked and such a ROI pools to zeros.
+    A batch index outside ``[0, N)`` (or NaN) raises ``ValueError`` when ``rois`` is concrete
+    (also a constant closed over by a jitted function); when traced it cannot be checked and such
+    a ROI pools to zeros.
     """
+    concrete_rois = rs.concrete_value(rois)
     features, rois = rs.check_inputs("roi_align", input, rois, 5)
     pooled_h, pooled_w = rs.normalize_output_size(output_size)
     sampling_ratio = rs.check_sampling_ratio(sampling_ratio)
@@ -93,23 +81,24 @@ def roi_align(
 
     dtype = rs.compute_dtype(out_dtype)
     boxes = lax.stop_gradient(rois).astype(dtype)
-    batch_index, valid = rs.batch_index_and_validity("roi_align", boxes, batch)
+    batch_index, valid = rs.batch_index_and_validity("roi_align", boxes, batch, concrete_rois)
 
     offset = jnp.asarray(0.5 if aligned else 0.0, dtype)
     scale_ = jnp.asarray(scale, dtype)
-    x1 = boxes[:, 1] * scale_ - offset
-    y1 = boxes[:, 2] * scale_ - offset
-    x2 = boxes[:, 3] * scale_ - offset
-    y2 = boxes[:, 4] * scale_ - offset
+    x1 = rs.rounded(boxes[:, 1] * scale_) - offset
+    y1 = rs.rounded(boxes[:, 2] * scale_) - offset
+    x2 = rs.rounded(boxes[:, 3] * scale_) - offset
+    y2 = rs.rounded(boxes[:, 4] * scale_) - offset
     roi_w = x2 - x1
     roi_h = y2 - y1
     if not aligned:
         roi_w = jnp.maximum(roi_w, 1.0)
         roi_h = jnp.maximum(roi_h, 1.0)
+    valid &= jnp.isfinite(jnp.stack([x1, y1, roi_w, roi_h], -1)).all(-1)
     bin_h = roi_h / pooled_h
     bin_w = roi_w / pooled_w
-    grid_h = rs.sample_grid(roi_h, pooled_h, sampling_ratio)
-    grid_w = rs.sample_grid(roi_w, pooled_w, sampling_ratio)
+    grid_h = jnp.where(valid, rs.sample_grid(roi_h, pooled_h, sampling_ratio), 0)
+    grid_w = jnp.where(valid, rs.sample_grid(roi_w, pooled_w, sampling_ratio), 0)
 
     if sampling_ratio > 0:
         row, wy = rs.sample_taps(y1, bin_h, pooled_h, height, sampling_ratio)
@@ -159,7 +148,8 @@ def _pool_unrolled(table, params, taps_y, taps_x):
 
 
 class ROIAlign(nn.Module):
-    """Flax wrapper of :func:`roi_align` (detectron2's ``ROIAlign``), no parameters.
+    """Flax wrapper of :func:`roi_align` (detectron2's ``ROIAlign``, whose ``aligned`` defaults to
+    True, unlike the function's), no parameters.
 
     ``__call__(input [N, H, W, C], rois [R, 5]) -> [R, PH, PW, C]``.
     """

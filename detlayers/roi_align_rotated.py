@@ -1,11 +1,8 @@
 """ROIAlign for rotated boxes on NHWC features: ``roi_align_rotated`` and ``ROIAlignRotated``.
 
-Same numbers as detectron2's ``ROIAlignRotated`` (forward and feature gradient).  A rotated
-sampling grid is not separable, so every sample is bilinearly interpolated from its four
-neighbours (four gathers of contiguous channel vectors).  The adaptive grid
-(``sampling_ratio=0``, ``ceil(size / output_size)`` samples per bin and ROI) is exact for every ROI:
-ROIs are sorted by grid size and pooled in chunks by loops that run to the chunk's largest grid
-(``detlayers._roi_sampling.pool``), whose custom VJP replays the samples as scatter-adds.
+Same numbers as detectron2's ``ROIAlignRotated`` (forward and feature gradient), including the
+adaptive sampling grid (``sampling_ratio <= 0``), with static shapes.  How:
+docs/design/roi_align.md.
 """
 
 from __future__ import annotations
@@ -41,8 +38,10 @@ def roi_align_rotated(
       output_size: ``PH`` or ``(PH, PW)``.
       spatial_scale: multiplies centre and size (``1/stride`` of the feature level); a Python
         float or a scalar array (it may be traced).
-      sampling_ratio: samples per bin along each box axis; ``0`` means adaptive,
-        ``ceil(size * spatial_scale / output_size)`` per ROI, exact for every size.
+      sampling_ratio: samples per bin along each box axis; any value ``<= 0`` means adaptive,
+        ``ceil(size * spatial_scale / output_size)`` per ROI and axis, exact up to
+        ``MAX_ADAPTIVE_GRID = 512`` samples per bin and axis (boxes up to ``512 * output_size``
+        feature pixels); a larger box is sampled on a 512-per-bin grid along that axis.
 
     Returns:
       ``[R, PH, PW, C]`` in ``input.dtype``.  The centre is shifted by -0.5 after scaling (always
@@ -50,13 +49,17 @@ def roi_align_rotated(
       Local point ``(yy, xx)`` maps to ``y = yy cos t - xx sin t + yc``,
       ``x = yy sin t + xx cos t + xc``.
       Samples with ``y < -1``, ``y > H``, ``x < -1`` or ``x > W`` read 0 but count in the average.
+      A box whose scaled centre, size or angle is not finite (inf or NaN, e.g. from a diverged box
+      head) pools to zeros and gets no gradient, in bounded time.
 
     Differentiable w.r.t. ``input`` (equal to detectron2's backward); the boxes get no gradient.
 
     Boxes with negative width or height raise ``ValueError`` when ``rois`` is concrete (detectron2
-    asserts); under ``jit`` they cannot be checked.  Likewise a batch index outside ``[0, N)``
-    raises when concrete and pools to zeros under ``jit``.
+    asserts; a constant closed over by a jitted function is concrete too); traced ones cannot be
+    checked and pool to zeros.  Likewise a batch index outside ``[0, N)`` (or NaN) raises when
+    concrete and pools to zeros when traced.
     """
+    concrete_rois = rs.concrete_value(rois)
     features, rois = rs.check_inputs("roi_align_rotated", input, rois, 6)
     pooled_h, pooled_w = rs.normalize_output_size(output_size)
     sampling_ratio = rs.check_sampling_ratio(sampling_ratio)
@@ -70,10 +73,10 @@ def roi_align_rotated(
         raise ValueError(
             f"roi_align_rotated: input has an empty batch or map, shape {features.shape}"
         )
-    if not isinstance(rois, jax.core.Tracer):
-        sizes = np.asarray(rois[:, 3:5])
-        if (sizes < 0).any():
-            bad = np.nonzero((sizes < 0).any(-1))[0]
+    if concrete_rois is not None:
+        negative = (concrete_rois[:, 3:5] < 0).any(-1)
+        if negative.any():
+            bad = np.nonzero(negative)[0]
             raise ValueError(
                 "roi_align_rotated: rois must have non-negative width and height (columns 3, 4);"
                 f" rows {bad[:5].tolist()} do not"
@@ -81,18 +84,23 @@ def roi_align_rotated(
 
     dtype = rs.compute_dtype(out_dtype)
     boxes = jax.lax.stop_gradient(rois).astype(dtype)
-    batch_index, valid = rs.batch_index_and_validity("roi_align_rotated", boxes, batch)
+    batch_index, valid = rs.batch_index_and_validity("roi_align_rotated", boxes, batch,
+                                                     concrete_rois)
 
     scale_ = jnp.asarray(scale, dtype)
     roi_h = boxes[:, 4] * scale_
     roi_w = boxes[:, 3] * scale_
     theta = boxes[:, 5] * jnp.asarray(math.pi / 180.0, dtype)
-    grid_h = rs.sample_grid(roi_h, pooled_h, sampling_ratio)
-    grid_w = rs.sample_grid(roi_w, pooled_w, sampling_ratio)
+    center_y = rs.rounded(boxes[:, 2] * scale_) - 0.5
+    center_x = rs.rounded(boxes[:, 1] * scale_) - 0.5
+    valid &= jnp.isfinite(jnp.stack([center_y, center_x, roi_h, roi_w, theta], -1)).all(-1)
+    valid &= (roi_h >= 0) & (roi_w >= 0)
+    grid_h = jnp.where(valid, rs.sample_grid(roi_h, pooled_h, sampling_ratio), 0)
+    grid_w = jnp.where(valid, rs.sample_grid(roi_w, pooled_w, sampling_ratio), 0)
     count = jnp.maximum(grid_h * grid_w, 1).astype(dtype)
     params = dict(
-        center_y=boxes[:, 2] * scale_ - 0.5,
-        center_x=boxes[:, 1] * scale_ - 0.5,
+        center_y=center_y,
+        center_x=center_x,
         start_h=-roi_h / 2.0,
         start_w=-roi_w / 2.0,
         bin_h=roi_h / pooled_h,
@@ -109,8 +117,7 @@ def roi_align_rotated(
     if 0 < sampling_ratio <= _MAX_UNROLLED_RATIO:
         unrolled = functools.partial(_pool_unrolled, taps=taps, ratio=sampling_ratio)
     table = features.astype(dtype).reshape(batch * height * width, channels)
-    out = rs.pool(taps, (pooled_h, pooled_w), unrolled, table, params,
-                  jnp.maximum(grid_h, 0), jnp.maximum(grid_w, 0), valid)
+    out = rs.pool(taps, (pooled_h, pooled_w), unrolled, table, params, grid_h, grid_w, valid)
     return out.astype(out_dtype)
 
 
@@ -128,8 +135,8 @@ def _rotated_taps(c, iy, ix, pooled, size):
     yy = rs.sample_coordinate(per_roi("start_h"), per_roi("bin_h"), per_roi("grid_h"), ph, iy)
     xx = rs.sample_coordinate(per_roi("start_w"), per_roi("bin_w"), per_roi("grid_w"), pw, ix)
     cos, sin = per_roi("cos"), per_roi("sin")
-    y = yy * cos - xx * sin + per_roi("center_y")
-    x = yy * sin + xx * cos + per_roi("center_x")
+    y = (rs.rounded(yy * cos) - rs.rounded(xx * sin)) + per_roi("center_y")
+    x = (rs.rounded(yy * sin) + rs.rounded(xx * cos)) + per_roi("center_x")
     y_low, y_high, wy_low, wy_high = rs.bilinear_1d(y, height)
     x_low, x_high, wx_low, wx_high = rs.bilinear_1d(x, width)
     in_grid = (iy < per_roi("grid_h")) & (ix < per_roi("grid_w"))

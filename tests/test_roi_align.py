@@ -4,7 +4,12 @@ NumPy derivation (tests/fixtures/roi_align.npz is made by tools/fixtures/make_ro
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -200,7 +205,7 @@ def test_roi_align_jit_vmap_and_grad_compose():
 
     @jax.jit
     def loss(f):
-        pooled = jax.vmap(lambda f, r: L.roi_align(f, r, 3, 1.0, 0))(f, rois)
+        pooled = jax.vmap(lambda f, r: L.roi_align(f, r, 3, 1.0, 0, aligned=True))(f, rois)
         return (pooled**2).sum(), pooled
 
     (_, pooled), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(features)
@@ -250,16 +255,33 @@ def test_roi_align_half_precision_runs_in_float32_and_returns_input_dtype():
         np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=3e-2, rtol=2e-2)
 
 
-def test_roi_align_batch_index_out_of_range_raises_or_zeroes_under_jit():
-    features = jnp.ones((2, 6, 6, 1))
-    rois = jnp.asarray([[2, 0, 0, 4, 4], [0, 0, 0, 4, 4]], jnp.float32)
+@pytest.mark.parametrize("ratio", [0, 2])
+def test_roi_align_batch_index_out_of_range_raises_or_zeroes_under_jit(ratio):
+    """Adaptive and unrolled (fixed ratio) paths: an index outside [0, N) or NaN pools zeros under
+    jit (not the clamped first/last image), and raises when the ROIs are concrete."""
+    features = jnp.concatenate([jnp.ones((1, 6, 6, 1)), jnp.full((1, 6, 6, 1), 2.0)])
+    rois = jnp.asarray([[2, 0, 0, 4, 4], [1, 0, 0, 4, 4], [-1, 0, 0, 4, 4], [np.nan, 0, 0, 4, 4],
+                        [0, 0, 0, 4, 4]], jnp.float32)
     with pytest.raises(ValueError, match=r"batch indices in \[0, 2\)"):
-        L.roi_align(features, rois, 2, 1.0, 0)
+        L.roi_align(features, rois[:2], 2, 1.0, ratio)
     with pytest.raises(ValueError, match="batch indices"):
-        L.roi_align(features, rois.at[0, 0].set(-1), 2, 1.0, 0)
-    out = jax.jit(lambda f, r: L.roi_align(f, r, 2, 1.0, 0))(features, rois)
-    assert not np.asarray(out[0]).any()  # documented: unknown images pool to zeros under jit
-    np.testing.assert_allclose(np.asarray(out[1]), 1.0, atol=1e-6)
+        L.roi_align(features, rois[2:], 2, 1.0, ratio)
+    with pytest.raises(ValueError, match="batch indices"):
+        L.roi_align(features, rois[3:], 2, 1.0, ratio)
+    pooled = jax.jit(lambda f, r: L.roi_align(f, r, 2, 1.0, ratio))(features, rois)
+    assert not np.asarray(pooled)[[0, 2, 3]].any()  # documented: unknown images pool to zeros
+    np.testing.assert_allclose(np.asarray(pooled[1]), 2.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pooled[4]), 1.0, atol=1e-6)
+    # The masked rows send no gradient: image 1 only gets row 1's weight 2, image 0 row 4's 5.
+    grad = jax.jit(jax.grad(lambda f, r: (L.roi_align(f, r, 2, 1.0, ratio)
+                                          * jnp.arange(1.0, 6.0)[:, None, None, None]).sum()))(
+        features, rois)
+    # Closed over, the ROIs are concrete at trace time: the bad indices are reported.
+    with pytest.raises(ValueError, match="batch indices"):
+        jax.jit(lambda f: L.roi_align(f, rois, 2, 1.0, ratio))(features)
+    expected = jax.grad(lambda f: 2 * L.roi_align(f, rois[1:2], 2, 1.0, ratio).sum()
+                        + 5 * L.roi_align(f, rois[4:], 2, 1.0, ratio).sum())(features)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), atol=1e-6)
 
 
 def test_roi_align_rejects_bad_arguments():
@@ -275,8 +297,6 @@ def test_roi_align_rejects_bad_arguments():
         L.roi_align(features, rois, (2, 2, 2), 1.0, 0)
     with pytest.raises(ValueError, match="output_size"):
         L.roi_align(features, rois, 0, 1.0, 0)
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        L.roi_align(features, rois, 2, 1.0, -1)
     with pytest.raises(TypeError, match="sampling_ratio"):
         L.roi_align(features, rois, 2, 1.0, 1.5)
     with pytest.raises(TypeError, match="spatial_scale"):
@@ -303,8 +323,171 @@ def test_roi_align_runs_inside_pmap():
     rng = np.random.default_rng(8)
     features = rng.standard_normal((2, 1, 7, 9, 2)).astype(np.float32)
     rois = np.asarray([[[0, 1, 1, 8, 6]], [[0, -2, 0, 5, 12]]], np.float32)
-    out = jax.pmap(lambda f, r: L.roi_align(f, r, 2, 1.0, 0), devices=jax.devices()[:2])(
+    out = jax.pmap(lambda f, r: L.roi_align(f, r, 2, 1.0, 0, True), devices=jax.devices()[:2])(
         features, rois)
     for i in range(2):
         expected = reference_roi_align(features[i], rois[i], (2, 2), 1.0, 0, True)
         np.testing.assert_allclose(np.asarray(out[i]), expected, atol=1e-5)
+
+
+def test_roi_align_takes_torchvision_defaults_and_module_keeps_aligned_true():
+    """detectron2's roi_align is torchvision's: (spatial_scale=1.0, sampling_ratio=-1,
+    aligned=False), any sampling_ratio <= 0 adaptive; detectron2's ROIAlign module is aligned."""
+    params = inspect.signature(L.roi_align).parameters
+    assert [params[k].default for k in ("spatial_scale", "sampling_ratio", "aligned")] == [
+        1.0, -1, False]
+    assert L.ROIAlign((7, 7), 1.0, 0).aligned is True
+    image = jnp.arange(25, dtype=jnp.float32).reshape(1, 5, 5, 1)
+    box = jnp.asarray([[0.0, 1, 1, 3, 3]])
+    table_unaligned = [[7.5, 8, 8.5, 9], [10, 10.5, 11, 11.5], [12.5, 13, 13.5, 14],
+                       [15, 15.5, 16, 16.5]]  # detectron2 test_roi_align.py, aligned=False
+    np.testing.assert_allclose(np.asarray(L.roi_align(image, box, (4, 4)))[0, :, :, 0],
+                               table_unaligned, atol=1e-5)
+    rng = np.random.default_rng(9)
+    features = rng.standard_normal((1, 9, 11, 2)).astype(np.float32)
+    rois = np.asarray([[0, 0.5, 1.0, 9.0, 7.5], [0, -2, 3, 14, 6]], np.float32)
+    expected = reference_roi_align(features, rois, (3, 2), 0.5, 0, False)
+    for ratio in (-1, 0, -5):
+        out = L.roi_align(jnp.asarray(features), jnp.asarray(rois), (3, 2), 0.5, ratio)
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+    module = L.ROIAlign((3, 2), 0.5, -1)
+    out = module.apply({}, jnp.asarray(features), jnp.asarray(rois))
+    np.testing.assert_allclose(np.asarray(out),
+                               reference_roi_align(features, rois, (3, 2), 0.5, 0, True), atol=1e-5)
+
+
+def test_roi_align_matches_torchvision_forward_and_gradient_across_borders(fixtures_dir):
+    """ROIs across every border (negative, past W/H, exactly at the last pixel), at scales 1 and
+    1/4, aligned True/False, ratios 0/1/2/4, jitted: a sample exactly at y = H must be rounded as
+    torchvision's float32 code rounds it (a fused multiply-add moves it inside the map)."""
+    data = np.load(fixtures_dir / "roi_align.npz")
+    assert int(data["num_border_cases"]) == 16
+    for i in range(int(data["num_border_cases"])):
+        case = {k[5:]: data[k] for k in data.files if k.startswith(f"b{i:03d}_")}
+        aligned, ratio, ph, pw, scale = case["config"]
+        out, grad = _forward_and_grad(
+            jnp.asarray(case["input"]), jnp.asarray(case["rois"]), jnp.asarray(case["upstream"]),
+            jnp.float32(scale), output_size=(int(ph), int(pw)), sampling_ratio=int(ratio),
+            aligned=bool(aligned),
+        )
+        msg = f"border config {case['config']}"  # a misplaced edge sample is off by ~1
+        np.testing.assert_allclose(np.asarray(out), case["output"], atol=5e-5, rtol=1e-5, err_msg=msg)
+        np.testing.assert_allclose(np.asarray(grad), case["grad"], atol=5e-5, rtol=1e-5, err_msg=msg)
+
+
+@pytest.mark.parametrize("ratio", [0, 2, 6])
+def test_roi_align_non_finite_rois_pool_zeros_with_zero_gradient(ratio):
+    """A diverged box (inf or NaN coordinate, or an extent that overflows) gives zeros and no
+    gradient, eagerly and under jit, and leaves the other ROIs exact."""
+    rng = np.random.default_rng(11)
+    features = jnp.asarray(rng.standard_normal((2, 7, 8, 2)), jnp.float32)
+    inf, nan = np.inf, np.nan
+    rois = jnp.asarray([[1, 1, 2, 6, 5], [0, inf, 0, 4, 4], [0, 0, -inf, 4, 4], [1, 0, 0, inf, 4],
+                        [0, 0, 0, 4, nan], [0, -3e38, 0, 3e38, 4], [0, 0.5, 0.5, 3, 6]],
+                       jnp.float32)
+    finite = [0, 6]
+    expected = reference_roi_align(np.asarray(features), np.asarray(rois)[finite], (2, 3), 1.0,
+                                   ratio, False)
+    for fn in (L.roi_align, jax.jit(L.roi_align, static_argnums=(2, 3, 4))):
+        out = fn(features, rois, (2, 3), 1.0, ratio)
+        assert np.isfinite(np.asarray(out)).all()
+        assert not np.asarray(out)[1:6].any()
+        np.testing.assert_allclose(np.asarray(out)[finite], expected, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda f: L.roi_align(f, rois, (2, 3), 1.0, ratio).sum()))(features)
+    expected_grad = jax.grad(lambda f: L.roi_align(f, rois[jnp.asarray(finite)], (2, 3), 1.0,
+                                                   ratio).sum())(features)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), atol=1e-6)
+
+
+def separable_reference(features, roi, output_size, scale, aligned, grid):
+    """float64 ROIAlign of one ROI with a given ``(gh, gw)`` grid, vectorized per axis."""
+    features = np.asarray(features, np.float64)
+    _, height, width, _ = features.shape
+    b, x1, y1, x2, y2 = np.asarray(roi, np.float64)
+    shift = 0.5 if aligned else 0.0
+
+    def weights(start, end, bins, count, length):
+        extent = end - start if aligned else max(end - start, 1.0)
+        size = extent / bins
+        y = (start + np.arange(bins)[:, None] * size
+             + (np.arange(count)[None, :] + 0.5) * size / count)
+        valid = (y >= -1) & (y <= length)
+        y = np.maximum(y, 0)
+        low = np.floor(y).astype(int)
+        at_end = low >= length - 1
+        low = np.minimum(low, length - 1)
+        high = np.where(at_end, low, low + 1)
+        frac = np.where(at_end, 0.0, y - low)
+        out = np.zeros((bins, length))
+        rows = np.repeat(np.arange(bins)[:, None], count, 1)
+        np.add.at(out, (rows, low), np.where(valid, 1 - frac, 0))
+        np.add.at(out, (rows, high), np.where(valid, frac, 0))
+        return out / count
+
+    wy = weights(y1 * scale - shift, y2 * scale - shift, output_size[0], grid[0], height)
+    wx = weights(x1 * scale - shift, x2 * scale - shift, output_size[1], grid[1], width)
+    return np.einsum("ph,qw,hwc->pqc", wy, wx, features[int(b)])
+
+
+def test_roi_align_adaptive_grid_is_exact_up_to_its_bound_then_clamped():
+    """Up to MAX_ADAPTIVE_GRID samples per bin the adaptive grid is detectron2's; a wider ROI
+    (here 1334 samples per bin wanted along x) is sampled on the documented 512-per-bin grid."""
+    bound = _roi_sampling.MAX_ADAPTIVE_GRID
+    assert bound == 512
+    rng = np.random.default_rng(12)
+    features = rng.standard_normal((1, 8, 9, 2)).astype(np.float32)
+    exact_roi = [0, -700, 1, 3 * bound - 700, 6]  # exactly 512 samples per bin along x
+    wide_roi = [0, -1000, 2, 3000, 5]  # ceil(4000 / 3) = 1334 > 512
+    rois = jnp.asarray([exact_roi, wide_roi], jnp.float32)
+    out = np.asarray(_forward(jnp.asarray(features), rois, 1.0, output_size=(2, 3),
+                              sampling_ratio=0, aligned=False))
+    exact = separable_reference(features, exact_roi, (2, 3), 1.0, False, (3, bound))
+    np.testing.assert_allclose(out[0], exact, atol=1e-6)
+    clamped = separable_reference(features, wide_roi, (2, 3), 1.0, False, (2, bound))
+    np.testing.assert_allclose(out[1], clamped, atol=1e-6)
+    unclamped = separable_reference(features, wide_roi, (2, 3), 1.0, False, (2, 1334))
+    assert np.abs(clamped - unclamped).max() > 1e-4  # the rule really is what is tested
+
+
+HANG_SCRIPT = """
+import math, jax, jax.numpy as jnp, numpy as np
+import detlayers as L
+f = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 7, 3)), jnp.float32)
+good = [0.0, 1.0, 1.0, 5.0, 4.0]
+cases = [  # (rois, spatial_scale): the result is zeros for every one of them
+    ([[0.0, 0.0, 0.0, math.inf, 4.0]], 1.0),
+    ([[0.0, -math.inf, 0.0, 4.0, 4.0]], 1.0),
+    ([[0.0, 0.0, math.nan, 4.0, 4.0]], 1.0),
+    ([[0.0, 0.0, 0.0, 3e38, 3e38]], 1.0),
+    ([[0.0, 1.0, 1.0, 5.0, 4.0]], 1e30),
+    ([[0.0, 1.0, 1.0, 5.0, 4.0]], math.inf),
+]
+jitted = jax.jit(lambda f, r, s: L.roi_align(f, r, (7, 7), s, 0))
+for rois, scale in cases:
+    rois = jnp.asarray(rois + [good], jnp.float32)
+    for out in (L.roi_align(f, rois, (7, 7), scale, 0), jitted(f, rois, jnp.float32(scale))):
+        out = np.asarray(out)
+        assert not out[0].any(), (rois, scale, out[0])
+        assert np.isfinite(out).all()
+        assert out[1].any() or scale != 1.0  # the scale moves the good ROI off the map too
+    grad = jax.grad(lambda f: jitted(f, rois, jnp.float32(scale))[0].sum())(f)
+    assert not np.asarray(grad).any()
+print("bounded")
+"""
+
+
+def test_roi_align_non_finite_and_huge_rois_finish_in_bounded_time():
+    """inf / NaN coordinates, overflowing extents, spatial_scale 1e30 and inf with adaptive
+    sampling (which once looped ~2^31 times): eager and jitted, in a subprocess with a timeout."""
+    assert "bounded" in run_python(HANG_SCRIPT, timeout=300)
+
+
+def run_python(script: str, timeout: float) -> str:
+    """Runs ``script`` in a fresh interpreter (CPU, this checkout's detlayers); returns stdout."""
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

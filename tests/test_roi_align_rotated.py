@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -201,8 +205,149 @@ def test_roi_align_rotated_empty_half_precision_and_bad_arguments():
         L.roi_align_rotated(features, jnp.asarray([[0, 2, 2, -1, 3, 0]], jnp.float32), 2, 1.0, 0)
     with pytest.raises(ValueError, match="batch indices"):
         L.roi_align_rotated(features, jnp.asarray([[5, 2, 2, 1, 3, 0]], jnp.float32), 2, 1.0, 0)
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        L.roi_align_rotated(features, jnp.zeros((1, 6)), 2, 1.0, -2)
-    out = _forward(features, jnp.asarray([[5, 2, 2, 3, 3, 0]], jnp.float32), 1.0, output_size=(2, 2),
-                   sampling_ratio=0)
-    assert not np.asarray(out).any()  # documented: an unknown image pools to zeros under jit
+    with pytest.raises(TypeError, match="sampling_ratio"):
+        L.roi_align_rotated(features, jnp.zeros((1, 6)), 2, 1.0, 2.0)
+    # Any sampling_ratio <= 0 is adaptive, as in detectron2.
+    rois = jnp.asarray([[1, 3, 2.5, 4, 3, 30.0]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(L.roi_align_rotated(features, rois, 2, 1.0, -2)),
+                                  np.asarray(L.roi_align_rotated(features, rois, 2, 1.0, 0)))
+
+
+@pytest.mark.parametrize("ratio", [0, 2])
+def test_roi_align_rotated_batch_index_out_of_range_pools_zeros_under_jit(ratio):
+    """Adaptive and unrolled (fixed ratio) paths: an index outside [0, N) or NaN pools zeros
+    under jit (not the clamped first/last image) and sends no gradient."""
+    features = jnp.concatenate([jnp.ones((1, 6, 6, 1)), jnp.full((1, 6, 6, 1), 2.0)])
+    rois = jnp.asarray([[2, 3, 3, 3, 3, 20], [1, 3, 3, 3, 3, 20], [-1, 3, 3, 3, 3, 20],
+                        [np.nan, 3, 3, 3, 3, 20], [0, 3, 3, 3, 3, 20]], jnp.float32)
+    for bad in ([0], [2], [3]):
+        with pytest.raises(ValueError, match="batch indices"):
+            L.roi_align_rotated(features, rois[jnp.asarray(bad)], 2, 1.0, ratio)
+    weights = jnp.arange(1.0, 6.0)[:, None, None, None]
+    pooled = jax.jit(lambda f, r: L.roi_align_rotated(f, r, 2, 1.0, ratio))(features, rois)
+    assert not np.asarray(pooled)[[0, 2, 3]].any()
+    np.testing.assert_allclose(np.asarray(pooled[1]), 2.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pooled[4]), 1.0, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda f, r: (L.roi_align_rotated(f, r, 2, 1.0, ratio) * weights).sum()))(
+        features, rois)
+    expected = jax.grad(lambda f: 2 * L.roi_align_rotated(f, rois[1:2], 2, 1.0, ratio).sum()
+                        + 5 * L.roi_align_rotated(f, rois[4:], 2, 1.0, ratio).sum())(features)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), atol=1e-6)
+    with pytest.raises(ValueError, match="batch indices"):  # closed over: concrete, so checked
+        jax.jit(lambda f: L.roi_align_rotated(f, rois, 2, 1.0, ratio))(features)
+
+
+def test_roi_align_rotated_matches_detectron2_across_borders(fixtures_dir):
+    """Boxes across every border (negative, past W/H, at the last pixel), angles 0/90/-90/180/30,
+    scales 1 and 1/4, ratios 0/1/2/4, jitted: forward and detectron2's backward."""
+    data = np.load(fixtures_dir / "roi_align_rotated.npz")
+    assert int(data["num_border_cases"]) == 8
+    for i in range(int(data["num_border_cases"])):
+        case = {k[5:]: data[k] for k in data.files if k.startswith(f"b{i:03d}_")}
+        ratio, ph, pw, scale = case["config"]
+        out, grad = _forward_and_grad(
+            jnp.asarray(case["input"]), jnp.asarray(case["rois"]), jnp.asarray(case["upstream"]),
+            jnp.float32(scale), output_size=(int(ph), int(pw)), sampling_ratio=int(ratio),
+        )
+        msg = f"border config {case['config']}"  # a misplaced edge sample is off by ~1
+        np.testing.assert_allclose(np.asarray(out), case["output"], atol=5e-5, rtol=1e-5, err_msg=msg)
+        np.testing.assert_allclose(np.asarray(grad), case["grad"], atol=5e-5, rtol=1e-5, err_msg=msg)
+
+
+@pytest.mark.parametrize("ratio", [0, 2])
+def test_roi_align_rotated_non_finite_rois_pool_zeros_with_zero_gradient(ratio):
+    rng = np.random.default_rng(13)
+    features = jnp.asarray(rng.standard_normal((2, 7, 8, 2)), jnp.float32)
+    inf, nan = np.inf, np.nan
+    rois = jnp.asarray([[1, 4, 3, 5, 4, 30], [0, inf, 3, 4, 4, 0], [0, 3, -inf, 4, 4, 0],
+                        [1, 3, 3, inf, 4, 10], [0, 3, 3, 4, nan, 0], [0, 3, 3, 4, 4, inf],
+                        [0, 3, 3, 4, 4, nan], [0, 2.5, 3.5, 3, 6, -45]], jnp.float32)
+    finite = [0, 7]
+    expected = reference_roi_align_rotated(np.asarray(features), np.asarray(rois)[finite], (2, 3),
+                                           1.0, ratio)
+    for fn in (L.roi_align_rotated, jax.jit(L.roi_align_rotated, static_argnums=(2, 3, 4))):
+        out = np.asarray(fn(features, rois, (2, 3), 1.0, ratio))
+        assert np.isfinite(out).all()
+        assert not out[1:7].any()
+        np.testing.assert_allclose(out[finite], expected, atol=1e-5)
+    grad = jax.jit(jax.grad(lambda f, r: L.roi_align_rotated(f, r, (2, 3), 1.0, ratio).sum()))(
+        features, rois)
+    expected_grad = jax.grad(lambda f: L.roi_align_rotated(f, rois[jnp.asarray(finite)], (2, 3),
+                                                           1.0, ratio).sum())(features)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), atol=1e-6)
+
+
+def test_roi_align_rotated_adaptive_grid_is_clamped_at_its_bound():
+    """A box needing more than MAX_ADAPTIVE_GRID samples per bin (ceil(1800 / 3) = 600 along x)
+    is sampled on the documented 512-per-bin grid: at angle 0 that is the float64 separable
+    average of those samples."""
+    from detlayers import _roi_sampling
+
+    bound = _roi_sampling.MAX_ADAPTIVE_GRID
+    rng = np.random.default_rng(14)
+    features = rng.standard_normal((1, 8, 9, 2)).astype(np.float32)
+    roi = np.asarray([[0, 300.5, 4.5, 1800, 5, 0]], np.float32)  # x from -600 to 1200 after -0.5
+    out = np.asarray(_forward(jnp.asarray(features), jnp.asarray(roi), 1.0, output_size=(2, 3),
+                              sampling_ratio=0))[0]
+
+    def weights(start, extent, bins, count, length):
+        size = extent / bins
+        y = start + np.arange(bins)[:, None] * size + (np.arange(count)[None, :] + 0.5) * size / count
+        valid = (y >= -1) & (y <= length)
+        y = np.maximum(y, 0)
+        low = np.minimum(np.floor(y).astype(int), length - 1)
+        at_end = np.floor(y) >= length - 1
+        high = np.where(at_end, low, low + 1)
+        frac = np.where(at_end, 0.0, y - low)
+        w = np.zeros((bins, length))
+        rows = np.repeat(np.arange(bins)[:, None], count, 1)
+        np.add.at(w, (rows, low), np.where(valid, 1 - frac, 0))
+        np.add.at(w, (rows, high), np.where(valid, frac, 0))
+        return w / count
+
+    def expected(grid_w):
+        wy = weights(4.0 - 2.5, 5.0, 2, 3, 8)
+        wx = weights(300.0 - 900.0, 1800.0, 3, grid_w, 9)
+        return np.einsum("ph,qw,hwc->pqc", wy, wx, features[0].astype(np.float64))
+
+    np.testing.assert_allclose(out, expected(bound), atol=1e-6)
+    assert np.abs(expected(bound) - expected(600)).max() > 1e-4
+
+
+HANG_SCRIPT = """
+import math, jax, jax.numpy as jnp, numpy as np
+import detlayers as L
+f = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 7, 3)), jnp.float32)
+good = [0.0, 3.0, 3.0, 4.0, 3.0, 20.0]
+cases = [  # (rois, spatial_scale): the result is zeros for every one of them
+    ([[0.0, 3.0, 3.0, math.inf, 4.0, 0.0]], 1.0),
+    ([[0.0, -math.inf, 3.0, 4.0, 4.0, 0.0]], 1.0),
+    ([[0.0, 3.0, 3.0, 4.0, math.nan, 0.0]], 1.0),
+    ([[0.0, 3.0, 3.0, 3e38, 3e38, 45.0]], 1.0),
+    ([[0.0, 3.0, 3.0, 4.0, 4.0, 0.0]], 1e30),
+    ([[0.0, 3.0, 3.0, 4.0, 4.0, 0.0]], math.inf),
+]
+jitted = jax.jit(lambda f, r, s: L.roi_align_rotated(f, r, (7, 7), s, 0))
+for rois, scale in cases:
+    rois = jnp.asarray(rois + [good], jnp.float32)
+    for out in (L.roi_align_rotated(f, rois, (7, 7), scale, 0), jitted(f, rois, jnp.float32(scale))):
+        out = np.asarray(out)
+        assert np.isfinite(out).all()
+        assert not out[0].any(), (rois, scale, out[0])
+        assert out[1].any() or scale != 1.0  # the scale moves the good box off the map too
+    grad = jax.grad(lambda f: jitted(f, rois, jnp.float32(scale))[0].sum())(f)
+    assert not np.asarray(grad).any()
+print("bounded")
+"""
+
+
+def test_roi_align_rotated_non_finite_and_huge_rois_finish_in_bounded_time():
+    """inf / NaN centre, size or angle, overflowing sizes, spatial_scale 1e30 and inf with
+    adaptive sampling: eager and jitted, in a subprocess with a timeout."""
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", HANG_SCRIPT], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bounded" in result.stdout

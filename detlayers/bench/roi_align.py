@@ -9,7 +9,8 @@ Also on CPU: ``roi_align_rotated`` on the same boxes with random angles vs detec
 GPU: an FPN pyramid (strides 4..32 of an 800 x 1216 image, batch 2, 256 channels) with 1000 ROIs,
 250 per level sized for that level, vs torchvision's CUDA kernel.
 
-Measured tables, and the alternatives measured while choosing the implementation: BENCHMARKS.md.
+Design notes and the alternatives measured while choosing: docs/design/roi_align.md; results:
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
