@@ -488,3 +488,88 @@ def test_cuda_bitmask_algorithm_emulated_on_host_matches_references(family, name
         assert count == len(want)
         np.testing.assert_array_equal(order[keep[:count]], want)
         assert (keep[count:k] == -1).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# NMSResult: a pytree, not an index (detectron2's `boxes[keep]` must fail loudly)
+# ------------------------------------------------------------------------------------------------
+def _small_result():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    keep = L.nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), 0.5)
+    return boxes, keep
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "boxes_jnp[keep]",
+        "boxes_np[keep]",
+        "boxes_jnp[keep, 0]",
+        "boxes_jnp.at[keep].set(0)",
+        "keep[:2]",
+        "keep[0]",
+        "jnp.take(boxes_jnp, keep, axis=0)",
+        "np.take(boxes_np, keep, axis=0)",
+        "np.asarray(keep)",
+        "jnp.asarray(keep)",
+        "len(keep)",
+        "list(keep)",
+        "[1, 2, 3][keep]",
+    ],
+)
+def test_using_the_result_as_detectron2_keep_fails_with_what_to_write(pattern):
+    boxes_np, keep = _small_result()
+    boxes_jnp = jnp.asarray(boxes_np)
+    scope = dict(boxes_np=boxes_np, boxes_jnp=boxes_jnp, keep=keep, jnp=jnp, np=np)
+    with pytest.raises((TypeError, IndexError), match=r"boxes\[keep\.indices\[:keep\.count\]\]"):
+        eval(pattern, scope)
+
+
+def test_result_does_not_unpack_like_the_former_tuple():
+    _, keep = _small_result()
+    with pytest.raises(TypeError, match=r"keep\.indices"):
+        indices, count = keep
+    # under jit too (the pattern is refused at trace time)
+    with pytest.raises(TypeError, match=r"keep\.indices"):
+        jax.jit(lambda b, s: b[L.nms(b, s, 0.5)])(jnp.zeros((4, 4)), jnp.zeros((4,)))
+
+
+def test_result_fields_and_the_written_alternative():
+    boxes, keep = _small_result()
+    np.testing.assert_array_equal(np.asarray(keep.indices), [0, 2, -1])
+    np.testing.assert_array_equal(np.asarray(keep.valid), [True, True, False])
+    np.testing.assert_array_equal(np.asarray(boxes[keep.indices[: keep.count]]), boxes[[0, 2]])
+    assert not isinstance(keep, tuple)
+    # hashable by identity, immutable (as pytrees of arrays are)
+    assert keep == keep and hash(keep) == hash(keep)
+    assert keep != L.NMSResult.from_indices(keep.indices, keep.count)
+    with pytest.raises(Exception, match="cannot assign"):
+        keep.count = 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_equals_slot_below_count_under_jit_vmap_and_pmap(backend):
+    case = AXIS["clustered_37"]
+    n_dev = min(4, jax.device_count())
+    boxes = np.stack([case["boxes"]] * n_dev)
+    scores = np.stack([np.roll(case["scores"], d) for d in range(n_dev)])
+    per_image = lambda b, s: nms_module.nms(b, s, 0.5, max_output_size=20, backend=backend)  # noqa: E731
+    results = {
+        "jit": jax.jit(per_image)(boxes[0], scores[0]),
+        "vmap": jax.jit(jax.vmap(per_image))(boxes, scores),
+        "pmap": jax.pmap(per_image)(boxes, scores),
+    }
+    for how, result in results.items():
+        assert type(result) is L.NMSResult, how
+        indices, count, valid = (np.asarray(x) for x in (result.indices, result.count, result.valid))
+        assert valid.dtype == bool and valid.shape == indices.shape, how
+        np.testing.assert_array_equal(valid, np.arange(20) < count[..., None], err_msg=how)
+        np.testing.assert_array_equal(valid, indices >= 0, err_msg=how)
+    np.testing.assert_array_equal(np.asarray(results["vmap"].indices), np.asarray(results["pmap"].indices))
+    np.testing.assert_array_equal(np.asarray(results["jit"].indices), np.asarray(results["vmap"].indices[0]))
+    assert int(results["jit"].count) == min(20, len(case["keep1"]))
+    # a pytree: leaves are (indices, count, valid), and it round-trips through tree utilities
+    leaves, treedef = jax.tree.flatten(results["vmap"])
+    assert len(leaves) == 3
+    again = jax.tree.unflatten(treedef, leaves)
+    assert type(again) is L.NMSResult and again.valid is leaves[2]
