@@ -198,8 +198,13 @@ def batched_nms(
     backend: str | None = None,
 ) -> NMSResult:
     """Per-class NMS (``torchvision.ops.batched_nms``): boxes with different ``idxs[N]`` (integer
-    class ids, compared as int32) never suppress each other. Exact per class: equivalent to
-    :func:`nms` on each class, merged by decreasing score. Otherwise as :func:`nms`."""
+    class ids of any integer dtype, compared exactly) never suppress each other. Exact per class:
+    equivalent to :func:`nms` on each class, merged by decreasing score. Otherwise as :func:`nms`.
+
+    64-bit ids (torchvision keeps int64) are mapped to int32 group numbers without collisions:
+    NumPy input on the host, JAX arrays by a sort. With ``jax_enable_x64`` off, JAX itself wraps an
+    int64 array to int32 when it becomes a JAX array (e.g. a ``jit`` argument), before this
+    function sees it: pass the NumPy array directly, enable x64, or remap the ids to int32."""
     return _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, rotated=False)
 
 
@@ -227,7 +232,7 @@ def batched_nms_rotated(
     backend: str | None = None,
 ) -> NMSResult:
     """Per-class rotated NMS (``detectron2.layers.batched_nms_rotated``), exact per class (no
-    coordinate offsets). Otherwise as :func:`nms_rotated`."""
+    coordinate offsets; class ids as in :func:`batched_nms`). Otherwise as :func:`nms_rotated`."""
     return _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, rotated=True)
 
 
@@ -262,14 +267,35 @@ def _check_inputs(boxes, scores, idxs, box_dim: int, name: str) -> tuple[Array, 
         if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
             raise TypeError(f"{name}: {arg} must be real-valued, got dtype {arr.dtype}")
     if idxs is not None:
-        idxs = jnp.asarray(idxs)
+        # Host data stays NumPy until its ids are mapped: converting 64-bit ids to a JAX array
+        # with jax_enable_x64 off would wrap them to int32 first.
+        idxs = idxs if isinstance(idxs, jax.Array) else np.asarray(idxs)
         if idxs.ndim != 1 or idxs.shape[0] != boxes.shape[0]:
             raise ValueError(
                 f"{name}: idxs must be [N] with N = {boxes.shape[0]} (boxes {boxes.shape}), got {idxs.shape}"
             )
         if not (jnp.issubdtype(idxs.dtype, jnp.integer) or idxs.dtype == jnp.bool_):
             raise TypeError(f"{name}: idxs must hold integer class ids, got dtype {idxs.dtype}")
+        idxs = _class_groups(idxs)
     return boxes, scores, idxs
+
+
+def _class_groups(idxs: Array | np.ndarray) -> Array:
+    """int32 ``[N]`` group numbers with exactly the equalities of the class ids ``idxs[N]``.
+
+    Ids of at most 32 bits convert one to one (uint32 wraps, which keeps distinct ids distinct).
+    64-bit ids become their rank among the sorted ids (no two distinct ids share a number): on the
+    host for NumPy input, else with a sort in XLA (static shapes, works under ``jit``/``vmap``).
+    """
+    if np.dtype(idxs.dtype).itemsize <= 4:
+        return jnp.asarray(idxs).astype(jnp.int32)
+    if isinstance(idxs, np.ndarray):
+        info = np.iinfo(np.int32)
+        if idxs.size and (idxs.min() < info.min or idxs.max() > info.max):
+            idxs = np.unique(idxs, return_inverse=True)[1].reshape(idxs.shape)
+        return jnp.asarray(idxs.astype(np.int32))
+    ranks = jnp.searchsorted(jnp.sort(idxs), idxs, side="left", method="sort")
+    return ranks.astype(jnp.int32)
 
 
 def _output_size(n: int, max_output_size: int | None) -> int:
@@ -307,7 +333,7 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     sorted_boxes = boxes[order]
     args = [sorted_boxes]
     if idxs is not None:
-        args.append(lax.stop_gradient(idxs).astype(jnp.int32)[order])
+        args.append(lax.stop_gradient(idxs)[order])
     args.append(threshold)
 
     target = "detlayers_" + name

@@ -573,3 +573,59 @@ def test_valid_equals_slot_below_count_under_jit_vmap_and_pmap(backend):
     assert len(leaves) == 3
     again = jax.tree.unflatten(treedef, leaves)
     assert type(again) is L.NMSResult and again.valid is leaves[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# 64-bit class ids: no two distinct ids may share a class (torchvision compares int64 ids)
+# ------------------------------------------------------------------------------------------------
+# Ids that wrap onto each other (and onto 0, 1, -1) in int32: 2**32 + 1 -> 1, -(2**40) -> 0, ...
+WIDE_IDS = np.array([2**31, 2**32 + 1, -1, -(2**40), 1, 0, 2**32, 2**31, -1, 2**63 - 1], np.int64)
+
+
+def _identical_boxes(n):
+    boxes = np.tile(np.array([[10, 10, 50, 50]], np.float32), (n, 1))
+    scores = np.linspace(1.0, 0.1, n).astype(np.float32)
+    return boxes, scores
+
+
+def _expected_wide(ids):
+    # identical boxes: the best box of each distinct id survives, in score order
+    first = sorted({int(i): k for k, i in reversed(list(enumerate(ids.tolist())))}.values())
+    return np.array(first)
+
+
+@pytest.mark.parametrize("fn_name", ["batched_nms", "batched_nms_rotated"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_class_ids_never_merge_classes(fn_name, backend):
+    boxes, scores = _identical_boxes(len(WIDE_IDS))
+    if fn_name == "batched_nms_rotated":
+        boxes = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2],
+                                np.zeros((len(boxes), 1), np.float32)], 1)
+    fn = getattr(nms_module, fn_name)
+    expected = _expected_wide(WIDE_IDS)
+    assert len(expected) == 8  # 2**31 and -1 repeat; everything else is distinct
+    # NumPy int64 with x64 off: mapped on the host before JAX could wrap the ids
+    result = fn(boxes, scores, WIDE_IDS, 0.5, backend=backend)
+    np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), expected)
+    np.testing.assert_array_equal(  # unsigned 64-bit ids too
+        np.asarray(fn(boxes, scores, WIDE_IDS.astype(np.uint64), 0.5, backend=backend).indices[:8]),
+        _expected_wide(WIDE_IDS.astype(np.uint64)))
+    # int64 JAX arrays (x64 on): mapped by a sort in XLA, traced under jit and under vmap
+    with jax.enable_x64(True):
+        ids = jnp.asarray(WIDE_IDS)
+        assert ids.dtype == jnp.int64
+        jitted_fn = jax.jit(lambda b, s, i: fn(b, s, i, 0.5, backend=backend))
+        got = jitted_fn(boxes, scores, ids)
+        np.testing.assert_array_equal(np.asarray(got.indices[: got.count]), expected)
+        batched = jax.vmap(lambda b, s, i: fn(b, s, i, 0.5, backend=backend))(
+            np.stack([boxes, boxes]), np.stack([scores, scores]), jnp.stack([ids, ids[::-1]]))
+        np.testing.assert_array_equal(np.asarray(batched.indices[0, :8]), expected)
+        assert int(batched.count[1]) == 8
+
+
+def test_int64_ids_within_int32_range_and_uint32_ids_are_unchanged():
+    boxes, scores = _identical_boxes(6)
+    small = np.array([3, 3, -2, 7, 7, 0], np.int64)  # fits int32: converted as is
+    np.testing.assert_array_equal(np.asarray(L.batched_nms(boxes, scores, small, 0.5).indices[:4]), [0, 2, 3, 5])
+    wide_u32 = np.array([2**32 - 1, 2**31, 2**31 - 1, 0, 2**32 - 1, 5], np.uint32)  # wraps 1:1
+    np.testing.assert_array_equal(np.asarray(L.batched_nms(boxes, scores, wide_u32, 0.5).indices[:5]), [0, 1, 2, 3, 5])
