@@ -393,25 +393,50 @@ _agree_fns = {
 }
 
 
+# Sizes around and beyond the pure-XLA tile (XLA_TILE = 256 boxes): one box, one short of a tile,
+# a tile and one, partial last tiles after one, two and three full tiles.
+PARTIAL_TILE_SIZES = (1, 255, 257, 300, 513, 1000)
+
+
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ custom call not built")
-@settings(max_examples=12, deadline=None)
+@pytest.mark.parametrize("n", PARTIAL_TILE_SIZES)
+@settings(max_examples=3, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     threshold=st.floats(0.0, 1.0),
     classes=st.integers(1, 4),
     spread=st.floats(1.0, 100.0),
 )
-def test_cpp_and_pure_xla_agree_on_random_problems(seed, threshold, classes, spread):
+def test_cpp_and_pure_xla_agree_on_random_problems(n, seed, threshold, classes, spread):
+    assert nms_module.XLA_TILE == 256  # the sizes above are chosen around it
     rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, 100, (1, 2)) + rng.normal(0, spread, (256, 2))
-    wh = rng.uniform(0.5, 40, (256, 2))
+    xy = rng.uniform(0, 100, (1, 2)) + rng.normal(0, spread, (n, 2))
+    wh = rng.uniform(0.5, 40, (n, 2))
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    scores = rng.random(256).astype(np.float32)
-    idxs = rng.integers(0, classes, 256).astype(np.int32)
+    scores = rng.random(n).astype(np.float32)
+    idxs = rng.integers(0, classes, n).astype(np.int32)
     args = (boxes, scores, idxs, np.float32(threshold))
     a, b = _agree_fns["auto"](*args), _agree_fns["xla"](*args)
     np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
     assert int(a.count) == int(b.count)
+
+
+@pytest.mark.parametrize(
+    "fn_name,name",
+    [("nms", "clustered_500"), ("nms", "grid_exact_ties"), ("nms", "dense_3000"), ("batched_nms", "batched_300")],
+)
+def test_pure_xla_unpadded_sizes_with_a_partial_last_tile_match_torchvision(fn_name, name):
+    # No padding: 500, 300 and 3000 boxes end in a partial tile of the pure-XLA loop.
+    case = AXIS[name]
+    assert len(case["boxes"]) % nms_module.XLA_TILE
+    for j, thr in enumerate(case["thresholds"]):
+        args = (case["boxes"], case["scores"]) + ((case["idxs"],) if "idxs" in case else ())
+        result = jitted(fn_name, "xla")(*args, jnp.asarray(f32_threshold(float(thr))))
+        np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), case[f"keep{j}"])
+    # a kept-box buffer that ends in a partial tile too
+    fn = getattr(nms_module, fn_name)
+    result = fn(*args, float(case["thresholds"][0]), max_output_size=300, backend="xla")
+    np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), case["keep0"][:300])
 
 
 def test_missing_library_falls_back_to_xla_and_warns_once():
