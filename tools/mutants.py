@@ -118,7 +118,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # ---- paste_masks_in_image: the windowed (tiled) path -------------------------------------
     Mutant("paste-swap-row-col-tile", "detlayers/mask_ops.py",
            "row_tile, col_tile = local // tiles_x[n], local % tiles_x[n]",
-           "col_tile, row_tile = local // tiles_y[n], local % tiles_y[n]", MASKS),
+           "row_tile, col_tile = local % tiles_x[n], local // tiles_x[n]", MASKS),
     Mutant("paste-drop-window-offset", "detlayers/mask_ops.py",
            "left = jnp.minimum(x_lo[n] + col_tile * tile_w, width - tile_w)",
            "left = jnp.minimum(col_tile * tile_w, width - tile_w)", MASKS),
