@@ -1,11 +1,16 @@
 """Non-maximum suppression (``detectron2.layers.nms``): axis-aligned and rotated, plain and per class.
 
-All four functions return :class:`NMSResult` ``(indices, count)`` with static shapes, so they work
-under ``jit``, ``vmap`` (one custom-call launch for the whole batch), ``pmap`` and ``shard_map``:
+All four functions return an :class:`NMSResult` with static shapes, so they work under ``jit``,
+``vmap`` (one custom-call launch for the whole batch), ``pmap`` and ``shard_map``:
 
 * ``indices``: int32 ``[K]``, ``K = N`` or ``min(N, max_output_size)``: positions in the input of
   the kept boxes, by decreasing score; slots ``>= count`` hold ``-1``.
 * ``count``: int32 ``[]``, the number of kept boxes (at most ``K``).
+* ``valid``: bool ``[K]``, ``arange(K) < count``.
+
+detectron2 returns a tensor of kept indices and its code writes ``boxes[keep]``; an
+:class:`NMSResult` is not an index (it is a pytree, not a tuple or array), and every such use
+raises ``TypeError`` saying to write ``boxes[keep.indices[:keep.count]]``.
 
 Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
 
@@ -62,10 +67,12 @@ but ``jax.grad`` of a model that uses the indices works.
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +97,59 @@ CUDA_MAX_MASK_BYTES = 1 << 30
 _backend_override: str | None = None
 
 
-class NMSResult(NamedTuple):
-    """Kept boxes: ``indices`` int32 ``[K]`` (by decreasing score, ``-1`` padded), ``count`` int32 ``[]``."""
+_NOT_AN_INDEX = (
+    "an NMSResult is not an index array (detectron2's nms returns one; ours has a static, "
+    "-1 padded length). Write boxes[keep.indices[:keep.count]] (outside jit), or keep the static "
+    "shape with keep.indices (-1 padded), keep.valid (bool mask) and keep.count."
+)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["indices", "count", "valid"], meta_fields=[])
+@dataclasses.dataclass(frozen=True, eq=False)
+class NMSResult:
+    """Kept boxes of an NMS call, a pytree (not a tuple), batched like its fields under ``vmap``.
+
+    Attributes:
+      indices: int32 ``[..., K]``: kept positions by decreasing score, ``-1`` after ``count``.
+      count: int32 ``[...]``: number of kept boxes.
+      valid: bool ``[..., K]``: ``arange(K) < count``.
+
+    Using the result itself as an index (``boxes[keep]``, ``keep[:k]``, ``jnp.take(x, keep)``,
+    ``np.asarray(keep)``, ``len(keep)``, ``i, c = keep``) raises ``TypeError``. Equality and hash are
+    by identity, like other pytrees holding arrays. Build one with :meth:`from_indices`.
+    """
 
     # jax.Array, not the module's alias: documentation tools evaluate these names outside the module.
     indices: jax.Array
     count: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def from_indices(cls, indices: Array, count: Array) -> NMSResult:
+        """The result for ``-1``-padded ``indices[..., K]`` and ``count[...]``; derives ``valid``."""
+        indices = jnp.asarray(indices, jnp.int32)
+        count = jnp.asarray(count, jnp.int32)
+        valid = jnp.arange(indices.shape[-1], dtype=jnp.int32) < count[..., None]
+        return cls(indices, count, valid)
+
+    def _not_an_index(self, *args, **kwargs) -> NoReturn:
+        raise TypeError(_NOT_AN_INDEX)
+
+    # Every protocol through which Python, NumPy or JAX would read this object as an index or an
+    # array (or unpack it, as a tuple could be) refuses with the same message.
+    __index__ = __array__ = __iter__ = __len__ = __getitem__ = _not_an_index
+
+    @property
+    def __jax_array__(self) -> NoReturn:
+        # A property, because JAX probes for it with getattr before calling it (jnp.take,
+        # jnp.asarray): the probe itself raises the message.
+        raise TypeError(_NOT_AN_INDEX)
+
+
+# JAX's indexing takes an object it does not know for a nested index sequence only when it is a
+# Sequence, and then asks for its length: registering makes `jnp_array[keep]` reach __len__ and
+# raise the message above (otherwise JAX raises a generic IndexError).
+collections.abc.Sequence.register(NMSResult)
 
 
 def set_backend(backend: str | None) -> None:
@@ -141,7 +195,8 @@ def nms(
       backend: ``"auto"`` or ``"xla"``; default :func:`get_backend`.
 
     Returns:
-      :class:`NMSResult` with ``indices`` int32 ``[K]`` and ``count`` int32 ``[]``.
+      :class:`NMSResult` with ``indices`` int32 ``[K]``, ``count`` int32 ``[]`` and ``valid`` bool
+      ``[K]``. Index boxes with ``boxes[result.indices[:result.count]]``, not ``boxes[result]``.
     """
     return _suppress(boxes, scores, None, iou_threshold, max_output_size, backend, rotated=False)
 
@@ -156,8 +211,13 @@ def batched_nms(
     backend: str | None = None,
 ) -> NMSResult:
     """Per-class NMS (``torchvision.ops.batched_nms``): boxes with different ``idxs[N]`` (integer
-    class ids, compared as int32) never suppress each other. Exact per class: equivalent to
-    :func:`nms` on each class, merged by decreasing score. Otherwise as :func:`nms`."""
+    class ids of any integer dtype, compared exactly) never suppress each other. Exact per class:
+    equivalent to :func:`nms` on each class, merged by decreasing score. Otherwise as :func:`nms`.
+
+    64-bit ids (torchvision keeps int64) are mapped to int32 group numbers without collisions:
+    NumPy input on the host, JAX arrays by a sort. With ``jax_enable_x64`` off, JAX itself wraps an
+    int64 array to int32 when it becomes a JAX array (e.g. a ``jit`` argument), before this
+    function sees it: pass the NumPy array directly, enable x64, or remap the ids to int32."""
     return _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, rotated=False)
 
 
@@ -185,7 +245,7 @@ def batched_nms_rotated(
     backend: str | None = None,
 ) -> NMSResult:
     """Per-class rotated NMS (``detectron2.layers.batched_nms_rotated``), exact per class (no
-    coordinate offsets). Otherwise as :func:`nms_rotated`."""
+    coordinate offsets; class ids as in :func:`batched_nms`). Otherwise as :func:`nms_rotated`."""
     return _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, rotated=True)
 
 
@@ -220,14 +280,35 @@ def _check_inputs(boxes, scores, idxs, box_dim: int, name: str) -> tuple[Array, 
         if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
             raise TypeError(f"{name}: {arg} must be real-valued, got dtype {arr.dtype}")
     if idxs is not None:
-        idxs = jnp.asarray(idxs)
+        # Host data stays NumPy until its ids are mapped: converting 64-bit ids to a JAX array
+        # with jax_enable_x64 off would wrap them to int32 first.
+        idxs = idxs if isinstance(idxs, jax.Array) else np.asarray(idxs)
         if idxs.ndim != 1 or idxs.shape[0] != boxes.shape[0]:
             raise ValueError(
                 f"{name}: idxs must be [N] with N = {boxes.shape[0]} (boxes {boxes.shape}), got {idxs.shape}"
             )
         if not (jnp.issubdtype(idxs.dtype, jnp.integer) or idxs.dtype == jnp.bool_):
             raise TypeError(f"{name}: idxs must hold integer class ids, got dtype {idxs.dtype}")
+        idxs = _class_groups(idxs)
     return boxes, scores, idxs
+
+
+def _class_groups(idxs: Array | np.ndarray) -> Array:
+    """int32 ``[N]`` group numbers with exactly the equalities of the class ids ``idxs[N]``.
+
+    Ids of at most 32 bits convert one to one (uint32 wraps, which keeps distinct ids distinct).
+    64-bit ids become their rank among the sorted ids (no two distinct ids share a number): on the
+    host for NumPy input, else with a sort in XLA (static shapes, works under ``jit``/``vmap``).
+    """
+    if np.dtype(idxs.dtype).itemsize <= 4:
+        return jnp.asarray(idxs).astype(jnp.int32)
+    if isinstance(idxs, np.ndarray):
+        info = np.iinfo(np.int32)
+        if idxs.size and (idxs.min() < info.min or idxs.max() > info.max):
+            idxs = np.unique(idxs, return_inverse=True)[1].reshape(idxs.shape)
+        return jnp.asarray(idxs.astype(np.int32))
+    ranks = jnp.searchsorted(jnp.sort(idxs), idxs, side="left", method="sort")
+    return ranks.astype(jnp.int32)
 
 
 def _output_size(n: int, max_output_size: int | None) -> int:
@@ -252,7 +333,7 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     n = boxes.shape[0]
     k = _output_size(n, max_output_size)
     if k == 0:
-        return NMSResult(jnp.full((0,), -1, jnp.int32), jnp.zeros((), jnp.int32))
+        return NMSResult.from_indices(jnp.full((0,), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
     boxes = lax.stop_gradient(boxes).astype(jnp.float32)
     scores = lax.stop_gradient(scores).astype(jnp.float32)
@@ -262,7 +343,7 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     sorted_boxes = boxes[order]
     args = [sorted_boxes]
     if idxs is not None:
-        args.append(lax.stop_gradient(idxs).astype(jnp.int32)[order])
+        args.append(lax.stop_gradient(idxs)[order])
     args.append(threshold)
 
     target = "detlayers_" + name
@@ -282,7 +363,7 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
 
     slot = jnp.arange(k, dtype=jnp.int32)
     indices = jnp.where(slot < count, order[jnp.clip(positions, 0, n - 1)], -1)
-    return NMSResult(indices.astype(jnp.int32), count.astype(jnp.int32))
+    return NMSResult.from_indices(indices, count)
 
 
 def _call_cpu(target: str, k: int, *args: Array) -> tuple[Array, Array]:

@@ -2,7 +2,11 @@
 a short end-to-end run of ``python -m detlayers.demo``."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +194,49 @@ def test_train_step_synchronizes_batch_norm_statistics_over_devices():
     local_var = (1 - momentum) + momentum * halves.var(1).mean(0)
     assert np.abs(local_var - np.asarray(new["var"])).max() > 1e-3
     assert all(np.isfinite(float(v)) for v in losses.values())
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_batch_size_below_one_is_a_usage_error(value, capsys):
+    from detlayers.demo.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--batch-size", value])
+    assert exit_info.value.code == 2  # argparse's usage error
+    assert f"--batch-size: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_training_without_tqdm_installed_when_progress_is_off():
+    # A fresh interpreter where `import tqdm` fails: the demo's modules import, and the training
+    # loop runs with progress off (a stand-in step keeps it fast); a bar needs tqdm.
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["tqdm"] = None
+        sys.modules["tqdm.auto"] = None
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh
+        import detlayers.demo.__main__, detlayers.demo.run, detlayers.demo.resume
+        from detlayers.demo import data as shapes, train as t
+
+        def fake_factory(model, optimizer, mesh):
+            def step(params, batch_stats, opt_state, batch, rng):
+                return jax.tree.map(lambda p: p + 1.0, params), batch_stats, opt_state, {"total": jnp.ones(())}
+            return step
+
+        t.make_train_step = fake_factory
+        mesh = Mesh(np.asarray(jax.devices()[:1]), (t.AXIS,))
+        start = t.TrainState({"w": jnp.zeros(2)}, {}, {}, jax.random.key(0))
+        config = t.TrainConfig(steps=2, batch_per_device=1)
+        out = t.train(None, shapes.ShapesConfig(), config, mesh, start, progress=False)
+        print("steps", out.step, float(out.params["w"][0]))
+        try:
+            t.train(None, shapes.ShapesConfig(), config, mesh, start, progress=True)
+        except ImportError as err:
+            print("bar needs tqdm:", "tqdm" in str(err))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-3:-1] == ["steps 2 2.0", "bar needs tqdm: True"]

@@ -325,3 +325,32 @@ def test_complex_masks_are_rejected():
 def test_traced_threshold_is_rejected():
     with pytest.raises(TypeError, match="static"):
         jax.jit(lambda t: paste_masks_in_image(jnp.zeros((1, 4, 4)), jnp.zeros((1, 4)), (8, 8), t))(0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the windowed (tiled) paste over many 64 x 128 tiles, against detectron2 and the whole-image path
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiles_480x640", "tiles_800x1333"])
+def test_windowed_paste_over_many_tiles_matches_detectron2_and_whole_image_path(ref, name):
+    masks, boxes = ref[f"{name}_masks"], ref[f"{name}_boxes"]
+    hw = tuple(int(v) for v in name.split("_")[1].split("x"))
+    assert hw[0] > 4 * mask_ops._TILE[0] and hw[1] > 4 * mask_ops._TILE[1]
+    # the whole-image path (dense weights, cropped to the same windows): independent of the tiling
+    values = np.asarray(paste(masks, boxes, hw, None))
+    whole_bool = values >= np.float32(0.5)
+    whole_soft = np.clip(values * np.float32(255), 0, 255).astype(np.uint8)
+
+    ours = np.asarray(paste(masks, boxes, hw, 0.5))
+    expected = _unpack(ref[f"{name}_bool_05"], (len(masks), *hw))
+    assert expected.sum() > 10_000
+    _assert_threshold_matches(ours, expected, values, 0.5)
+    _assert_threshold_matches(ours, whole_bool, values, 0.5)
+
+    soft = np.asarray(paste(masks, boxes, hw, -1.0))
+    _assert_soft_matches(soft, whole_soft)
+    # detectron2's soft masks, by their per-row / per-column sums and non-zero counts: one level
+    # on a few pixels may differ (summation order), a misplaced tile moves whole rows or columns
+    soft = soft.astype(np.int64)
+    for axis, key in ((2, "soft_row_sums"), (1, "soft_col_sums")):
+        np.testing.assert_allclose(soft.sum(axis=axis), ref[f"{name}_{key}"], atol=2, rtol=0)
+    np.testing.assert_allclose(np.count_nonzero(soft, axis=(1, 2)), ref[f"{name}_soft_total_nonzero"], atol=2)

@@ -512,25 +512,50 @@ _agree_fns = {
 }
 
 
+# Sizes around and beyond the pure-XLA tile (XLA_TILE = 256 boxes): one box, one short of a tile,
+# a tile and one, partial last tiles after one, two and three full tiles.
+PARTIAL_TILE_SIZES = (1, 255, 257, 300, 513, 1000)
+
+
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ custom call not built")
-@settings(max_examples=12, deadline=None)
+@pytest.mark.parametrize("n", PARTIAL_TILE_SIZES)
+@settings(max_examples=3, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     threshold=st.floats(0.0, 1.0),
     classes=st.integers(1, 4),
     spread=st.floats(1.0, 100.0),
 )
-def test_cpp_and_pure_xla_agree_on_random_problems(seed, threshold, classes, spread):
+def test_cpp_and_pure_xla_agree_on_random_problems(n, seed, threshold, classes, spread):
+    assert nms_module.XLA_TILE == 256  # the sizes above are chosen around it
     rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, 100, (1, 2)) + rng.normal(0, spread, (256, 2))
-    wh = rng.uniform(0.5, 40, (256, 2))
+    xy = rng.uniform(0, 100, (1, 2)) + rng.normal(0, spread, (n, 2))
+    wh = rng.uniform(0.5, 40, (n, 2))
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
-    scores = rng.random(256).astype(np.float32)
-    idxs = rng.integers(0, classes, 256).astype(np.int32)
+    scores = rng.random(n).astype(np.float32)
+    idxs = rng.integers(0, classes, n).astype(np.int32)
     args = (boxes, scores, idxs, np.float32(threshold))
     a, b = _agree_fns["auto"](*args), _agree_fns["xla"](*args)
     np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
     assert int(a.count) == int(b.count)
+
+
+@pytest.mark.parametrize(
+    "fn_name,name",
+    [("nms", "clustered_500"), ("nms", "grid_exact_ties"), ("nms", "dense_3000"), ("batched_nms", "batched_300")],
+)
+def test_pure_xla_unpadded_sizes_with_a_partial_last_tile_match_torchvision(fn_name, name):
+    # No padding: 500, 300 and 3000 boxes end in a partial tile of the pure-XLA loop.
+    case = AXIS[name]
+    assert len(case["boxes"]) % nms_module.XLA_TILE
+    for j, thr in enumerate(case["thresholds"]):
+        args = (case["boxes"], case["scores"]) + ((case["idxs"],) if "idxs" in case else ())
+        result = jitted(fn_name, "xla")(*args, jnp.asarray(f32_threshold(float(thr))))
+        np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), case[f"keep{j}"])
+    # a kept-box buffer that ends in a partial tile too
+    fn = getattr(nms_module, fn_name)
+    result = fn(*args, float(case["thresholds"][0]), max_output_size=300, backend="xla")
+    np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), case["keep0"][:300])
 
 
 def test_missing_library_falls_back_to_xla_and_warns_once():
@@ -585,3 +610,143 @@ def test_cuda_batch_chunking_gives_the_unchunked_result(monkeypatch):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     finally:
         nms_module._cuda_custom_call.cache_clear()
+
+
+def _small_result():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    keep = L.nms(boxes, np.array([0.9, 0.8, 0.7], np.float32), 0.5)
+    return boxes, keep
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "boxes_jnp[keep]",
+        "boxes_np[keep]",
+        "boxes_jnp[keep, 0]",
+        "boxes_jnp.at[keep].set(0)",
+        "keep[:2]",
+        "keep[0]",
+        "jnp.take(boxes_jnp, keep, axis=0)",
+        "np.take(boxes_np, keep, axis=0)",
+        "np.asarray(keep)",
+        "jnp.asarray(keep)",
+        "len(keep)",
+        "list(keep)",
+        "[1, 2, 3][keep]",
+    ],
+)
+def test_using_the_result_as_detectron2_keep_fails_with_what_to_write(pattern):
+    boxes_np, keep = _small_result()
+    boxes_jnp = jnp.asarray(boxes_np)
+    scope = dict(boxes_np=boxes_np, boxes_jnp=boxes_jnp, keep=keep, jnp=jnp, np=np)
+    with pytest.raises((TypeError, IndexError), match=r"boxes\[keep\.indices\[:keep\.count\]\]"):
+        eval(pattern, scope)
+
+
+def test_result_does_not_unpack_like_the_former_tuple():
+    _, keep = _small_result()
+    with pytest.raises(TypeError, match=r"keep\.indices"):
+        indices, count = keep
+    # under jit too (the pattern is refused at trace time)
+    with pytest.raises(TypeError, match=r"keep\.indices"):
+        jax.jit(lambda b, s: b[L.nms(b, s, 0.5)])(jnp.zeros((4, 4)), jnp.zeros((4,)))
+
+
+def test_result_fields_and_the_written_alternative():
+    boxes, keep = _small_result()
+    np.testing.assert_array_equal(np.asarray(keep.indices), [0, 2, -1])
+    np.testing.assert_array_equal(np.asarray(keep.valid), [True, True, False])
+    np.testing.assert_array_equal(np.asarray(boxes[keep.indices[: keep.count]]), boxes[[0, 2]])
+    assert not isinstance(keep, tuple)
+    # hashable by identity, immutable (as pytrees of arrays are)
+    assert keep == keep and hash(keep) == hash(keep)
+    assert keep != L.NMSResult.from_indices(keep.indices, keep.count)
+    with pytest.raises(Exception, match="cannot assign"):
+        keep.count = 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_equals_slot_below_count_under_jit_vmap_and_pmap(backend):
+    case = AXIS["clustered_37"]
+    n_dev = min(4, jax.device_count())
+    boxes = np.stack([case["boxes"]] * n_dev)
+    scores = np.stack([np.roll(case["scores"], d) for d in range(n_dev)])
+    # K = 30 slots for 28 kept boxes: valid has True and False entries (and slot `count` is False)
+    per_image = lambda b, s: nms_module.nms(b, s, 0.5, max_output_size=30, backend=backend)  # noqa: E731
+    results = {
+        "jit": jax.jit(per_image)(boxes[0], scores[0]),
+        "vmap": jax.jit(jax.vmap(per_image))(boxes, scores),
+        "pmap": jax.pmap(per_image)(boxes, scores),
+    }
+    for how, result in results.items():
+        assert type(result) is L.NMSResult, how
+        indices, count, valid = (np.asarray(x) for x in (result.indices, result.count, result.valid))
+        assert valid.dtype == bool and valid.shape == indices.shape, how
+        assert (count < 30).all() and not valid[..., -1].any(), how
+        np.testing.assert_array_equal(valid, np.arange(30) < count[..., None], err_msg=how)
+        np.testing.assert_array_equal(valid, indices >= 0, err_msg=how)
+    np.testing.assert_array_equal(np.asarray(results["vmap"].indices), np.asarray(results["pmap"].indices))
+    np.testing.assert_array_equal(np.asarray(results["jit"].indices), np.asarray(results["vmap"].indices[0]))
+    assert int(results["jit"].count) == len(case["keep1"])
+    # a pytree: leaves are (indices, count, valid), and it round-trips through tree utilities
+    leaves, treedef = jax.tree.flatten(results["vmap"])
+    assert len(leaves) == 3
+    again = jax.tree.unflatten(treedef, leaves)
+    assert type(again) is L.NMSResult and again.valid is leaves[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# 64-bit class ids: no two distinct ids may share a class (torchvision compares int64 ids)
+# ------------------------------------------------------------------------------------------------
+# Ids that wrap onto each other (and onto 0, 1, -1) in int32: 2**32 + 1 -> 1, -(2**40) -> 0, ...
+WIDE_IDS = np.array([2**31, 2**32 + 1, -1, -(2**40), 1, 0, 2**32, 2**31, -1, 2**63 - 1], np.int64)
+
+
+def _identical_boxes(n):
+    boxes = np.tile(np.array([[10, 10, 50, 50]], np.float32), (n, 1))
+    scores = np.linspace(1.0, 0.1, n).astype(np.float32)
+    return boxes, scores
+
+
+def _expected_wide(ids):
+    # identical boxes: the best box of each distinct id survives, in score order
+    first = sorted({int(i): k for k, i in reversed(list(enumerate(ids.tolist())))}.values())
+    return np.array(first)
+
+
+@pytest.mark.parametrize("fn_name", ["batched_nms", "batched_nms_rotated"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_class_ids_never_merge_classes(fn_name, backend):
+    boxes, scores = _identical_boxes(len(WIDE_IDS))
+    if fn_name == "batched_nms_rotated":
+        boxes = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2],
+                                np.zeros((len(boxes), 1), np.float32)], 1)
+    fn = getattr(nms_module, fn_name)
+    expected = _expected_wide(WIDE_IDS)
+    assert len(expected) == 8  # 2**31 and -1 repeat; everything else is distinct
+    # NumPy int64 with x64 off: mapped on the host before JAX could wrap the ids
+    result = fn(boxes, scores, WIDE_IDS, 0.5, backend=backend)
+    np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), expected)
+    np.testing.assert_array_equal(  # unsigned 64-bit ids too
+        np.asarray(fn(boxes, scores, WIDE_IDS.astype(np.uint64), 0.5, backend=backend).indices[:8]),
+        _expected_wide(WIDE_IDS.astype(np.uint64)))
+    # int64 JAX arrays (x64 on): mapped by a sort in XLA, traced under jit and under vmap
+    with jax.enable_x64(True):
+        ids = jnp.asarray(WIDE_IDS)
+        assert ids.dtype == jnp.int64
+        jitted_fn = jax.jit(lambda b, s, i: fn(b, s, i, 0.5, backend=backend))
+        got = jitted_fn(boxes, scores, ids)
+        np.testing.assert_array_equal(np.asarray(got.indices[: got.count]), expected)
+        batched = jax.vmap(lambda b, s, i: fn(b, s, i, 0.5, backend=backend))(
+            np.stack([boxes, boxes]), np.stack([scores, scores]), jnp.stack([ids, ids[::-1]]))
+        np.testing.assert_array_equal(np.asarray(batched.indices[0, :8]), expected)
+        assert int(batched.count[1]) == 8
+
+
+def test_int64_ids_within_int32_range_and_uint32_ids_are_unchanged():
+    boxes, scores = _identical_boxes(6)
+    small = np.array([3, 3, -2, 7, 7, 0], np.int64)  # fits int32: converted as is
+    np.testing.assert_array_equal(np.asarray(L.batched_nms(boxes, scores, small, 0.5).indices[:4]), [0, 2, 3, 5])
+    wide_u32 = np.array([2**32 - 1, 2**31, 2**31 - 1, 0, 2**32 - 1, 5], np.uint32)  # wraps 1:1
+    np.testing.assert_array_equal(np.asarray(L.batched_nms(boxes, scores, wide_u32, 0.5).indices[:5]), [0, 1, 2, 3, 5])

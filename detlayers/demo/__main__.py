@@ -24,6 +24,7 @@ def _cpu_cores() -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from detlayers.demo.model import DetectorConfig  # no JAX work at import
+    from detlayers.demo.resume import positive_int
     from detlayers.demo.train import TrainConfig
 
     t = TrainConfig()
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="devices to train on, counted over all processes (default: all; on "
                              "CPU one forced host device per core, or --devices split evenly over "
                              "the processes)")
-    parser.add_argument("--batch-size", type=int, default=t.batch_per_device,
+    parser.add_argument("--batch-size", type=positive_int, default=t.batch_per_device,
                         help="images per device per step")
     parser.add_argument("--lr", type=float, default=t.learning_rate, help="peak learning rate")
     parser.add_argument("--eval-images", type=int, default=160, help="held-out images for AP")
@@ -45,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=t.seed)
     parser.add_argument("--out", default="demo_out",
                         help="output directory (or a .png path for the picture)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (then tqdm need not be installed)")
     from detlayers import distributed
     from detlayers.demo import resume
 
@@ -78,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         args.no_progress = True
 
     from detlayers.demo.run import run_demo
+    from detlayers.demo.train import NonFiniteLossError
 
-    run_demo(args)
+    try:
+        run_demo(args)
+    except NonFiniteLossError as err:  # a diverged run: say so plainly, exit non-zero
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -8,17 +8,28 @@ complete, so a run killed mid-save leaves only a temporary directory that
 every process calls :meth:`TrainCheckpointer.save` and :meth:`TrainCheckpointer.restore` (orbax
 coordinates them); arrays that are replicated over a global mesh are written once.
 
-Errors: a checkpoint that cannot be read (corrupt files) or does not fit the model being trained
-(other shapes, dtypes or tree structure) raises :class:`CheckpointError` naming its path: a
-resumed run never silently starts from scratch.
+Integrity: :meth:`TrainCheckpointer.save` records a SHA-256 digest of every leaf's bytes (with its
+dtype and shape) in ``meta`` and refuses to write a non-finite floating-point leaf (a diverged
+state must not replace a good checkpoint); :meth:`TrainCheckpointer.restore` recomputes the digests
+and checks that ``meta["step"]`` names the step directory it was read from. A checkpoint written
+without digests (before they were recorded) restores unverified.
+
+Errors: a checkpoint that cannot be read (corrupt files), whose arrays differ from what was saved
+(a digest mismatch), or that does not fit the model being trained (other shapes, dtypes or tree
+structure) raises :class:`CheckpointError` naming its path (and the leaf): a resumed run never
+silently starts from scratch or from damaged values.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import jax
+import numpy as np
+
+DIGESTS_KEY = "leaf_sha256"  # meta entry: {leaf path: hex digest} written by save()
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +43,7 @@ class TrainCheckpointer:
       directory: where step directories live (created if missing).
       every: save interval in steps; ``save(step, ...)`` is a no-op unless ``step % every == 0``
         or ``force=True``.
-      keep: how many complete checkpoints to keep.
+      keep: how many complete checkpoints to keep (>= 1).
     """
 
     def __init__(self, directory: str | os.PathLike, *, every: int, keep: int = 3):
@@ -40,6 +51,9 @@ class TrainCheckpointer:
 
         if every < 1:
             raise ValueError(f"checkpoint interval must be >= 1, got {every}")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            # orbax's max_to_keep=0 would delete every checkpoint as soon as it is written
+            raise ValueError(f"checkpoints to keep must be an int >= 1, got {keep!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.every = every
         self._ocp = ocp
@@ -64,9 +78,21 @@ class TrainCheckpointer:
             return False
         if step in self._manager.all_steps():
             return False
+        digests = {}
+        for key, leaf in jax.tree_util.tree_leaves_with_path(state):
+            host = _host_value(leaf)
+            if host is None:
+                continue
+            name = jax.tree_util.keystr(key)
+            if np.issubdtype(host.dtype, np.inexact) and not np.isfinite(host).all():
+                raise CheckpointError(
+                    f"refusing to save checkpoint {self.step_path(step)}: {name} holds NaN or inf "
+                    "(the training state diverged); the previous checkpoints are kept")
+            digests[name] = _digest(host)
         ocp = self._ocp
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(dict(meta, **{DIGESTS_KEY: digests}))), force=True)
         return True
 
     def wait(self) -> None:
@@ -93,7 +119,12 @@ class TrainCheckpointer:
                 f"checkpoint {path} cannot be restored into this model: "
                 f"{type(err).__name__}: {err}") from err
         _check_matches(abstract, restored.state, path)
-        return restored.state, dict(restored.meta)
+        meta = dict(restored.meta)
+        if "step" in meta and meta["step"] != step:
+            raise CheckpointError(
+                f"checkpoint {path}: meta says step {meta['step']!r}, its directory says step {step}")
+        _check_digests(restored.state, meta.pop(DIGESTS_KEY, None), path)
+        return restored.state, meta
 
     def close(self) -> None:
         self._manager.wait_until_finished()
@@ -111,3 +142,34 @@ def _check_matches(abstract: Any, restored: Any, path: str) -> None:
             raise CheckpointError(
                 f"checkpoint {path}: {jax.tree_util.keystr(key)} is {b.dtype}{list(b.shape)}, "
                 f"the model expects {a.dtype}{list(a.shape)}")
+
+
+def _host_value(leaf: Any) -> np.ndarray | None:
+    """The leaf's full value on this host, or None for an array sharded over other processes."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.is_fully_replicated:
+            return None
+        leaf = leaf.addressable_data(0)
+    return np.asarray(leaf)
+
+
+def _digest(value: np.ndarray) -> str:
+    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+def _check_digests(state: Any, digests: Any, path: str) -> None:
+    if digests is None:  # written before digests were recorded
+        return
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"checkpoint {path}: meta[{DIGESTS_KEY!r}] is not a dict")
+    for key, leaf in jax.tree_util.tree_leaves_with_path(state):
+        name = jax.tree_util.keystr(key)
+        host = _host_value(leaf)
+        if host is None or name not in digests:
+            continue
+        if _digest(host) != digests[name]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} differs from what was saved (SHA-256 mismatch): its "
+                "files were changed or damaged after writing")

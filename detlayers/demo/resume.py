@@ -27,16 +27,28 @@ import numpy as np
 from detlayers.demo.checkpointing import CheckpointError, TrainCheckpointer
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (so ``--batch-size 0`` is a usage error, not a crash later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the checkpoint / resume / record flags to the demo's CLI."""
     group = parser.add_argument_group("checkpoints and records")
     group.add_argument("--checkpoint-dir", default=None,
                        help="save orbax checkpoints here (on a file system every process sees); "
                             "none when left out")
-    group.add_argument("--checkpoint-every", type=int, default=100, metavar="K",
+    group.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="K",
                        help="save every K steps (and always after the last step)")
-    group.add_argument("--keep-checkpoints", type=int, default=3,
-                       help="how many of the newest complete checkpoints to keep")
+    group.add_argument("--keep-checkpoints", type=positive_int, default=3,
+                       help="how many of the newest complete checkpoints to keep (>= 1; 0 is "
+                            "refused: it would delete every checkpoint)")
     group.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in --checkpoint-dir "
                             "(an error if there is none or it does not fit this run)")

@@ -31,6 +31,32 @@ from detlayers.demo.model import ShapesDetector
 AXIS = "batch"
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because a step's loss was NaN or infinite (nothing of that step is saved)."""
+
+
+class _NoProgressBar:
+    """Stands in for tqdm when progress is off, so tqdm is only imported when a bar is shown."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoProgressBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                mininterval=1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings.  ``global_batch = batch_per_device * number of devices``."""
@@ -184,9 +210,11 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
 
     ``on_step(state, metrics)`` is called after every step (e.g. to save a checkpoint);
     ``metrics`` is the step's losses as a dict of 0-d device arrays.
-    """
-    from tqdm.auto import tqdm
 
+    A step whose total loss is NaN or infinite raises :class:`NonFiniteLossError` before
+    ``on_step`` sees it, so the last checkpoint written stays the last good one.  (Reading the
+    loss each step waits for the step to finish; the next step's batch is made meanwhile.)
+    """
     optimizer = make_optimizer(config)
     if state is None:
         state = init_state(model, optimizer, config.seed)
@@ -202,8 +230,7 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
         (state.params, state.batch_stats, state.opt_state, jax.random.key_data(state.rng))),
         replicated)
     rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(state.rng))
-    bar = tqdm(total=config.steps, initial=state.step, disable=not progress, desc="train",
-               unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = _progress_bar(config.steps, state.step, progress)
     stream = batches(data_config, config.seed, state.data_position, global_batch,
                      jax.process_index(), process_count)
     step = state.step
@@ -213,6 +240,13 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
             batch = shard_batch(local_batch, mesh)
             params, batch_stats, opt_state, metrics = step_fn(
                 params, batch_stats, opt_state, batch, jax.random.fold_in(rng, step))
+            total = float(metrics["total"])
+            if not np.isfinite(total):
+                losses = {k: float(v) for k, v in sorted(metrics.items())}
+                raise NonFiniteLossError(
+                    f"training stopped at step {step + 1}: the loss is not finite ({losses}); "
+                    "nothing of this step was saved, so the newest checkpoint (if any) is the "
+                    "last good state: lower the learning rate or check the data, then --resume")
             bar.update(1)
             if on_step is not None:
                 on_step(TrainState(params, batch_stats, opt_state, rng, step + 1,

@@ -1,0 +1,304 @@
+"""Mutation run: inject small, realistic bugs one at a time and check that a test catches each.
+
+Not part of CI (each mutant runs a test selection; the full list takes an hour or more on a small
+machine). Run it from anywhere with the Python environment the tests use:
+
+    python tools/mutants.py                        # every mutant
+    python tools/mutants.py --list                 # names only
+    python tools/mutants.py --only paste --jobs 2  # mutants whose name contains "paste"
+    python tools/mutants.py --check                # each mutant's text occurs exactly once
+
+How it works. The working tree (tracked and untracked, non-ignored files, plus the built library in
+``detlayers/_lib``) is copied to a scratch directory. Each mutant replaces one exact piece of text
+in one file of that copy, runs its test selection there (``pytest -x``; ``PYTHONPATH`` is the copy),
+and restores the file. A mutant is *killed* when the selection fails or times out, and *survives*
+when it passes. Mutants of C++ sources (``custom_calls/``) rebuild the CPU library into the copy's
+``build/`` with CMake first and restore the unmutated library after. The score is killed / run.
+
+A mutant whose text is no longer in its file is reported as ``stale`` (the code moved on: update
+the list). Keep mutants *non-equivalent*: each must change an output some input can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CPP_SUFFIXES = (".cc", ".h", ".cu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    """One injected bug: replace ``old`` (must occur exactly once in ``path``) by ``new``."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    select: str | None = None  # pytest -k expression narrowing the run
+
+    @property
+    def is_cpp(self) -> bool:
+        return self.path.endswith(CPP_SUFFIXES)
+
+
+NMS = ("tests/test_nms.py",)
+NMS_VALUES = "matches or agree or partial_last or threshold or max_output"
+MASKS = ("tests/test_mask_ops.py",)
+ROI = ("tests/test_roi_align.py",)
+ROI_ROT = ("tests/test_roi_align_rotated.py",)
+BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
+ROT_IOU = ("tests/test_rotated_iou.py",)
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ---- NMS: pure-XLA path -----------------------------------------------------------------
+    Mutant("nms-xla-threshold-ge", "detlayers/nms.py",
+           "return mask & (_axis_iou(first, second) > threshold)",
+           "return mask & (_axis_iou(first, second) >= threshold)", NMS, NMS_VALUES),
+    Mutant("nms-xla-drop-partial-last-tile", "detlayers/nms.py",
+           "    num_tiles = -(-n // tile)\n", "    num_tiles = n // tile\n", NMS, NMS_VALUES),
+    Mutant("nms-xla-tile-start-off-by-one", "detlayers/nms.py",
+           "candidate = ((start + lane) < n) & ~suppressed",
+           "candidate = ((start + lane) < n - 1) & ~suppressed", NMS, NMS_VALUES),
+    Mutant("nms-xla-self-pass-all-pairs", "detlayers/nms.py",
+           "earlier = lane[:, None] < lane[None, :]", "earlier = lane[:, None] != lane[None, :]",
+           NMS, NMS_VALUES),
+    Mutant("nms-xla-kept-chunks-one-short", "detlayers/nms.py",
+           "num_chunks = (count + tile - 1) // tile", "num_chunks = count // tile", NMS, NMS_VALUES),
+    Mutant("nms-xla-ignore-classes", "detlayers/nms.py",
+           "            mask &= first_cls[:, None] == second_cls[None, :]\n",
+           "            mask &= True\n", NMS, NMS_VALUES),
+    Mutant("nms-xla-rotated-reach-half-side", "detlayers/nms.py",
+           "radius = 0.5 * jnp.sqrt(w * w + h * h)", "radius = 0.5 * jnp.maximum(w, h)",
+           NMS + ("tests/test_rotated_iou.py",), "rotated"),
+    Mutant("nms-nan-score-ranks-first", "detlayers/nms.py",
+           "rank_key = -jnp.where(jnp.isnan(scores), -jnp.inf, scores)",
+           "rank_key = -jnp.where(jnp.isnan(scores), jnp.inf, scores)", NMS, "nan or matches"),
+    Mutant("nms-threshold-rounds-up", "detlayers/nms.py",
+           "return jnp.asarray(f32_at_or_below(as_double), jnp.float32)",
+           "return jnp.asarray(np.float32(as_double), jnp.float32)", NMS, "threshold"),
+    Mutant("nms-valid-from-indices", "detlayers/nms.py",
+           "valid = jnp.arange(indices.shape[-1], dtype=jnp.int32) < count[..., None]",
+           "valid = jnp.arange(indices.shape[-1], dtype=jnp.int32) <= count[..., None]", NMS, "valid or result"),
+    Mutant("nms-int64-ids-wrap", "detlayers/nms.py",
+           "            idxs = np.unique(idxs, return_inverse=True)[1].reshape(idxs.shape)\n",
+           "            pass\n", NMS, "int64"),
+    Mutant("nms-int64-traced-ids-wrap", "detlayers/nms.py",
+           "    ranks = jnp.searchsorted(jnp.sort(idxs), idxs, side=\"left\", method=\"sort\")\n",
+           "    ranks = idxs\n", NMS, "int64"),
+    # ---- NMS: C++ kernel and the CUDA algorithm (emulated on the host) --------------------------
+    Mutant("nms-cpp-threshold-ge", "custom_calls/nms_cpu.cc",
+           "hit |= static_cast<int>(iou > threshold);", "hit |= static_cast<int>(iou >= threshold);",
+           NMS, NMS_VALUES),
+    Mutant("nms-cpp-rotated-threshold-ge", "custom_calls/nms_cpu.cc",
+           "suppressed = rotated_box_iou<float>(a, b) > threshold;",
+           "suppressed = rotated_box_iou<float>(a, b) >= threshold;", NMS, "rotated and matches"),
+    Mutant("nms-cpp-rotated-reach-half-side", "custom_calls/nms_cpu.cc",
+           "const double radius = 0.5 * std::sqrt(w * w + h * h);",
+           "const double radius = 0.5 * std::max(w, h);", NMS, "rotated"),
+    Mutant("nms-cuda-bitmask-threshold-ge", "custom_calls/nms_bitmask.h",
+           "if (IoU::iou(box, col_boxes + j * kBoxDim) > threshold) bits |= Word{1} << j;",
+           "if (IoU::iou(box, col_boxes + j * kBoxDim) >= threshold) bits |= Word{1} << j;",
+           NMS, "emulated"),
+    Mutant("nms-iou-union-order", "custom_calls/nms_box_iou.h",
+           "return inter / (area_a + area_b - inter);", "return inter / (area_a + (area_b - inter));",
+           NMS, "emulated or grid"),
+    # ---- paste_masks_in_image: the windowed (tiled) path -------------------------------------
+    Mutant("paste-swap-row-col-tile", "detlayers/mask_ops.py",
+           "row_tile, col_tile = local // tiles_x[n], local % tiles_x[n]",
+           "row_tile, col_tile = local % tiles_x[n], local // tiles_x[n]", MASKS),
+    Mutant("paste-drop-window-offset", "detlayers/mask_ops.py",
+           "left = jnp.minimum(x_lo[n] + col_tile * tile_w, width - tile_w)",
+           "left = jnp.minimum(col_tile * tile_w, width - tile_w)", MASKS),
+    Mutant("paste-window-start-plus-one", "detlayers/mask_ops.py",
+           "top = jnp.minimum(y_lo[n] + row_tile * tile_h, height - tile_h)",
+           "top = jnp.minimum(y_lo[n] + 1 + row_tile * tile_h, height - tile_h)", MASKS),
+    Mutant("paste-no-move-back-at-edge", "detlayers/mask_ops.py",
+           "left = jnp.minimum(x_lo[n] + col_tile * tile_w, width - tile_w)",
+           "left = x_lo[n] + col_tile * tile_w", MASKS),
+    Mutant("paste-tiles-one-short", "detlayers/mask_ops.py",
+           "tiles_x = (x_hi - x_lo + tile_w - 1) // tile_w", "tiles_x = (x_hi - x_lo) // tile_w", MASKS),
+    Mutant("paste-window-crop-off-by-one", "detlayers/mask_ops.py",
+           "inside = (pixels >= jnp.floor(start) - 1.0) & (pixels < jnp.ceil(end) + 1.0)\n    low_weight",
+           "inside = (pixels >= jnp.floor(start)) & (pixels < jnp.ceil(end) + 1.0)\n    low_weight", MASKS),
+    Mutant("paste-tap-index-off-by-one", "detlayers/mask_ops.py",
+           "-1.0, mask_size - 1.0).astype(jnp.int32) + 1\n", "-1.0, mask_size - 1.0).astype(jnp.int32)\n",
+           MASKS),
+    Mutant("paste-soft-rounds", "detlayers/mask_ops.py",
+           "        return jnp.clip(values * 255.0, 0.0, 255.0).astype(jnp.uint8)\n\n    def body",
+           "        return jnp.round(jnp.clip(values * 255.0, 0.0, 255.0)).astype(jnp.uint8)\n\n    def body",
+           MASKS),
+    Mutant("paste-whole-image-crop", "detlayers/mask_ops.py",
+           "        inside = (pixels >= jnp.floor(start) - 1.0) & (pixels < jnp.ceil(end) + 1.0)\n        left_weight",
+           "        inside = (pixels >= jnp.floor(start) - 1.0) & (pixels < jnp.ceil(end))\n        left_weight",
+           MASKS),
+    # ---- ROIAlign ------------------------------------------------------------------------------
+    Mutant("roi-bilinear-valid-low", "detlayers/_roi_sampling.py",
+           "valid = (y >= -1.0) & (y <= length)", "valid = (y > -1.0) & (y <= length)", ROI),
+    Mutant("roi-bilinear-valid-high", "detlayers/_roi_sampling.py",
+           "valid = (y >= -1.0) & (y <= length)", "valid = (y >= -1.0) & (y < length)", ROI),
+    Mutant("roi-bilinear-at-end", "detlayers/_roi_sampling.py",
+           "at_end = low >= length - 1", "at_end = low >= length", ROI),
+    Mutant("roi-adaptive-grid-floor", "detlayers/_roi_sampling.py",
+           "return jnp.ceil(roi_extent / bins).astype(jnp.int32)",
+           "return jnp.floor(roi_extent / bins).astype(jnp.int32)", ROI),
+    Mutant("roi-min-size-not-aligned", "detlayers/roi_align.py",
+           "        roi_w = jnp.maximum(roi_w, 1.0)\n", "        roi_w = jnp.maximum(roi_w, 0.0)\n", ROI),
+    Mutant("roi-aligned-offset", "detlayers/roi_align.py",
+           "offset = jnp.asarray(0.5 if aligned else 0.0, dtype)",
+           "offset = jnp.asarray(0.5 if aligned else 0.5, dtype)", ROI),
+    Mutant("roi-batch-index-clamp", "detlayers/_roi_sampling.py",
+           "valid = (index >= 0) & (index < batch)", "valid = (index >= 0) & (index <= batch)",
+           ROI + ROI_ROT, "batch or index"),
+    Mutant("roi-invalid-rows-not-zeroed", "detlayers/_roi_sampling.py",
+           "return jnp.where(live[:, None, None, None], out, 0.0), residuals",
+           "return out, residuals", ROI + ROI_ROT, "batch or index"),
+    # ---- batch norm ----------------------------------------------------------------------------
+    Mutant("bn-biased-running-var", "detlayers/batch_norm.py",
+           "unbiased = (var * (count / jnp.maximum(count - 1.0, 1.0))).astype(running_var.dtype)",
+           "unbiased = var.astype(running_var.dtype)", BN),
+    Mutant("bn-update-when-empty", "detlayers/batch_norm.py",
+           "step = jnp.where(count > 0, momentum, 0.0).astype(running_mean.dtype)",
+           "step = jnp.asarray(momentum).astype(running_mean.dtype)", BN),
+    Mutant("bn-eps-dropped", "detlayers/batch_norm.py",
+           "inv = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))",
+           "inv = jax.lax.rsqrt(var.astype(dtype))", BN),
+    Mutant("bn-count-unmasked", "detlayers/batch_norm.py",
+           "count = jnp.sum(mask.astype(dtype)) * per_row",
+           "count = jnp.asarray(x.shape[0] * per_row, dtype)", BN),
+    # ---- losses, rotated IoU -------------------------------------------------------------------
+    Mutant("loss-overlap-ge", "detlayers/losses.py",
+           "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",
+           ("tests/test_losses.py",)),
+    Mutant("loss-diagonal-eps", "detlayers/losses.py",
+           "diagonal_sq = enclose_w**2 + enclose_h**2 + eps", "diagonal_sq = enclose_w**2 + enclose_h**2",
+           ("tests/test_losses.py",)),
+)
+
+
+def _copy_tree(dest: pathlib.Path) -> None:
+    """Tracked and untracked non-ignored files of the repository, and its built library."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+    lib = REPO / "detlayers" / "_lib"
+    if lib.is_dir():
+        shutil.copytree(lib, dest / "detlayers" / "_lib", dirs_exist_ok=True)
+
+
+def _build_cpu_library(root: pathlib.Path) -> None:
+    """CMake build of the CPU custom-call library of ``root`` into ``root/detlayers/_lib``."""
+    build = root / "build" / "mutants"
+    subprocess.run(["cmake", "-S", str(root), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
+                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "detlayers_cpu"], check=True,
+                   capture_output=True)
+    (root / "detlayers" / "_lib").mkdir(parents=True, exist_ok=True)
+    for lib in build.glob("libdetlayers_*.so"):
+        shutil.copy2(lib, root / "detlayers" / "_lib" / lib.name)
+
+
+def _run_tests(root: pathlib.Path, mutant: Mutant, jobs: int, timeout: float) -> tuple[str, float]:
+    cmd = [sys.executable, "-m", "pytest", *mutant.tests, "-x", "-q", "-p", "no:cacheprovider",
+           "-o", "addopts=", "-n", str(jobs)]
+    if mutant.select:
+        cmd += ["-k", mutant.select]
+    env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "killed (timeout)", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if proc.returncode == 0:
+        return "survived", seconds
+    if proc.returncode == 5:
+        return "error (no tests selected)", seconds
+    return "killed", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=None, help="run mutants whose name contains one of these")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--check", action="store_true", help="check every mutant's text and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="pytest-xdist workers per run")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutant (then killed)")
+    parser.add_argument("--scratch", default=None, help="scratch directory (default: a fresh temporary one)")
+    args = parser.parse_args(argv)
+
+    mutants = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only)]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:40s} {m.path}  [{' '.join(m.tests)}{' -k ' + repr(m.select) if m.select else ''}]")
+        return 0
+    stale = [m for m in mutants if (REPO / m.path).read_text().count(m.old) != 1]
+    for m in stale:
+        print(f"stale: {m.name}: its text occurs {(REPO / m.path).read_text().count(m.old)} times in {m.path}")
+    if args.check:
+        print(f"{len(mutants) - len(stale)} of {len(mutants)} mutants apply")
+        return 1 if stale else 0
+    mutants = [m for m in mutants if m not in stale]
+
+    scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="detlayers-mutants-"))
+    print(f"scratch copy: {scratch}", flush=True)
+    _copy_tree(scratch)
+    saved_lib = scratch / "build" / "unmutated_lib"
+    if any(m.is_cpp for m in mutants):
+        if not (scratch / "detlayers" / "_lib").is_dir():
+            _build_cpu_library(scratch)
+        shutil.copytree(scratch / "detlayers" / "_lib", saved_lib, dirs_exist_ok=True)
+
+    results: list[tuple[Mutant, str]] = []
+    for m in mutants:
+        target = scratch / m.path
+        original = target.read_text()
+        target.write_text(original.replace(m.old, m.new, 1))
+        try:
+            if m.is_cpp:
+                try:
+                    _build_cpu_library(scratch)
+                except subprocess.CalledProcessError:
+                    outcome, seconds = "killed (does not build)", 0.0
+                else:
+                    outcome, seconds = _run_tests(scratch, m, args.jobs, args.timeout)
+            else:
+                outcome, seconds = _run_tests(scratch, m, args.jobs, args.timeout)
+        finally:
+            target.write_text(original)
+            if m.is_cpp:
+                shutil.copytree(saved_lib, scratch / "detlayers" / "_lib", dirs_exist_ok=True)
+        results.append((m, outcome))
+        print(f"{outcome:26s} {m.name:40s} ({seconds:.0f} s)", flush=True)
+
+    run = [r for r in results if not r[1].startswith("error")]
+    killed = sum(r[1].startswith("killed") for r in run)
+    print(f"\nscore: {killed} / {len(run)} killed"
+          + (f" ({100 * killed / len(run):.0f} %)" if run else "")
+          + (f"; {len(stale)} stale" if stale else ""))
+    for m, outcome in results:
+        if outcome == "survived" or outcome.startswith("error"):
+            print(f"  {outcome}: {m.name} ({m.path})")
+    if args.scratch is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0 if killed == len(run) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
