@@ -143,8 +143,8 @@ class ResNet(nn.Module):
                 break
             dilation = self.res5_dilation if stage == 5 else 1
             first_stride = 1 if stage_index == 0 or (stage == 5 and dilation == 2) else 2
-            if self.depth < 50:
-                out_channels = 64 * 2**stage_index
+            if self.depth < 50:  # BasicBlock stages: RES2_OUT_CHANNELS (64 in detectron2) doubling
+                out_channels = self.res2_out_channels * 2**stage_index
             for block_index in range(num_blocks):
                 stride = first_stride if block_index == 0 else 1
                 name = f"res{stage}_{block_index}"
