@@ -122,3 +122,26 @@ def test_weights_as_argument(tiny):
     exported = export_predictor(predictor, 1, inputs[0].shape[1:3], inputs[3], with_weights=False)
     got = jax.device_get(exported.call(predictor.variables, *[jnp.asarray(a) for a in inputs[:3]]))
     _assert_identical(got, expected)
+
+
+def test_predict_batch_is_one_call_with_per_image_results(tiny):
+    predictor, inputs, expected = tiny
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    second = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    calls = []
+    run = predictor._forward
+    predictor._forward = lambda *a, **k: calls.append(a[1].shape) or run(*a, **k)
+    try:
+        batch = predictor.predict_batch([first, second])
+    finally:
+        predictor._forward = run
+    assert calls == [(2, 64, 96, 3)]
+    for image, result in zip((first, second), batch):
+        single = predictor(image)  # same padded size, so the same numbers
+        assert set(result) == {"pred_boxes", "scores", "pred_classes", "pred_masks"}
+        for key in ("pred_boxes", "scores"):
+            np.testing.assert_allclose(result[key], single[key], atol=1e-4, err_msg=key)
+        for key in ("pred_classes", "pred_masks"):
+            np.testing.assert_array_equal(result[key], single[key], err_msg=key)
+    assert batch[0]["pred_masks"].shape[1:] == (60, 90)

@@ -83,9 +83,18 @@ def export_predictor(
         if nms_backend is not None:
             nms.set_backend(nms_backend)
         kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
+        # detlayers' own custom calls carry no JAX compatibility guarantee; the artifact is meant
+        # for a process with the same detlayers library (load_exported).
+        kwargs["disabled_checks"] = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _custom_call_targets()]
         return jax.export.export(jax.jit(fn), **kwargs)(*args)
     finally:
         nms._backend_override = previous
+
+
+def _custom_call_targets() -> list[str]:
+    from detlayers import _ffi
+
+    return sorted(set(_ffi._CPU_TARGETS) | set(_ffi._CUDA_TARGETS))
 
 
 def register_custom_calls() -> None:

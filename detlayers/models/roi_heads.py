@@ -214,6 +214,50 @@ def mask_rcnn_inference(mask_logits: Array, classes: Array) -> Array:
     return jax.nn.sigmoid(picked.astype(jnp.float32))
 
 
+# Detections pass through the mask head this many slots (per image) at a time, and only while some
+# image still has valid slots left: detectron2 runs the head on the detections alone, and so does
+# this, up to one partial chunk.
+MASK_HEAD_CHUNK = 10
+
+
+def _mask_probs_of_valid_slots(
+    head: nn.Module, features: Array, classes: Array, valid: Array, *, initializing: bool
+) -> Array:
+    """``mask_rcnn_inference(head(features))`` for the valid prefix of every image's slots.
+
+    ``features [N, D, S, S, C]``, ``classes``/``valid [N, D]`` with valid slots first. Returns
+    ``[N, D, 2S, 2S]``; slots after the last chunk that holds a valid one stay 0.
+    """
+    n, d = valid.shape
+    if initializing or d == 0:
+        logits = head(features.reshape(n * d, *features.shape[2:]))
+        probs = mask_rcnn_inference(logits, classes.reshape(-1))
+        return probs.reshape(n, d, *probs.shape[1:])
+    chunk = min(MASK_HEAD_CHUNK, d)
+    padded = -(-d // chunk) * chunk
+    pad = padded - d
+    features = jnp.pad(features, ((0, 0), (0, pad)) + ((0, 0),) * (features.ndim - 2))
+    classes = jnp.pad(classes, ((0, 0), (0, pad)))
+    num_chunks = (jnp.max(jnp.sum(valid, axis=1)) + chunk - 1) // chunk
+    size = 2 * features.shape[2]
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((n, padded, size, size), jnp.float32))
+
+    def cond_fn(_, carry):
+        return carry[0] < num_chunks
+
+    def body_fn(module, carry):
+        index, probs = carry
+        start = index * chunk
+        x = jax.lax.dynamic_slice_in_dim(features, start, chunk, axis=1)
+        c = jax.lax.dynamic_slice_in_dim(classes, start, chunk, axis=1)
+        p = mask_rcnn_inference(module(x.reshape(n * chunk, *x.shape[2:])), c.reshape(-1))
+        probs = jax.lax.dynamic_update_slice_in_dim(probs, p.reshape(n, chunk, size, size), start, axis=1)
+        return index + 1, probs
+
+    _, probs = nn.while_loop(cond_fn, body_fn, head, init)
+    return probs[:, :d]
+
+
 class StandardROIHeads(nn.Module):
     """Box head (``box_head``, ``box_predictor``) and, with ``mask_on``, ``mask_head``.
 
@@ -278,10 +322,12 @@ class StandardROIHeads(nn.Module):
                 features, boxes, valid, self.mask_pooler_resolution, self.strides,
                 self.mask_pooler_sampling_ratio, self.mask_pooler_aligned,
             )
-            mask_logits = MaskRCNNConvUpsampleHead(
+            head = MaskRCNNConvUpsampleHead(
                 self.in_channels, self.num_classes, self.mask_num_conv, self.mask_conv_dim, self.mask_norm,
                 self.cls_agnostic_mask, name="mask_head",
-            )(mask_features)
-            probs_m = mask_rcnn_inference(mask_logits, classes.reshape(-1))
-            out["mask_probs"] = probs_m.reshape(n, d, *probs_m.shape[1:])
+            )
+            out["mask_probs"] = _mask_probs_of_valid_slots(
+                head, mask_features.reshape(n, d, *mask_features.shape[1:]), classes, valid,
+                initializing=self.is_initializing(),
+            )
         return out
