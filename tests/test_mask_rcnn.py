@@ -23,6 +23,9 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 CALIBRATION = FIXTURES / "mask_rcnn_bn_calibration.npz"
 CASES = sorted(p for p in FIXTURES.glob("mask_rcnn_*_*.npz") if p.name != CALIBRATION.name)
 
+# Mask pixels whose pasted probability lies this close to the 0.5 threshold may fall on either
+# side of it (float32 rounding); they are left out of the mask IoU.
+MASK_PROB_MARGIN = 1e-3
 # Instances whose score lies this close to the score threshold or to the score of the last of
 # the top-k are left out of the comparison: float32 differences may move them across the cut.
 SCORE_CUT_MARGIN = 1e-3
@@ -290,6 +293,10 @@ def _compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int) ->
                 np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=1e-4, rtol=0,
                                            err_msg=f"score of instance {i}")
                 a, b = first["pred_masks"][i], second["pred_masks"][j]
+                if "ambiguous" in second:  # pixels whose probability float32 rounding may flip
+                    certain = ~second["ambiguous"][j]
+                    assert (np.logical_or(a, b) & certain).sum() >= 0.8 * np.logical_or(a, b).sum()
+                    a, b = a & certain, b & certain
                 union = np.logical_or(a, b).sum()
                 iou = np.logical_and(a, b).sum() / union if union else 1.0
                 assert iou >= 0.99, f"mask IoU {iou:.4f} of instance {i}"
@@ -356,22 +363,13 @@ def test_parity_with_detectron2(case_path, r50_variables):
         "pred_masks": out["pred_masks"][0, :k, :h, :w],
     }
     assert np.all(np.diff(ours["scores"]) <= 0), "instances are not sorted by score"
+    from detlayers.mask_ops import paste_masks_in_image
+
+    soft = np.asarray(paste_masks_in_image(out["mask_probs"][0, :k], ours["pred_boxes"], (h, w), None))
+    ours["ambiguous"] = np.abs(soft - 0.5) < MASK_PROB_MARGIN
+    assert not np.any(((soft >= 0.5) != ours["pred_masks"]) & ~ours["ambiguous"])
     checked = _compare_instances(case, ours, float(case["score_thresh"]), int(case["topk"]))
     assert checked >= min(10, len(case["scores"]) // 2), f"only {checked} instances compared"
-
-
-def test_predictor_call_matches_run_and_detectron2_layout(r50_variables):
-    if not CASES:
-        pytest.skip("needs the parity fixtures (tools/fixtures/make_mask_rcnn.py)")
-    case = _load_case(CASES[0])
-    image = _photo_bgr(str(case["image_name"]))
-    predictor = _predictor(r50_variables, int(case["min_size"]), int(case["max_size"]))
-    out = predictor(image)
-    k = len(out["scores"])
-    assert out["pred_boxes"].shape == (k, 4) and out["pred_boxes"].dtype == np.float32
-    assert out["pred_classes"].dtype == np.int64
-    assert out["pred_masks"].shape == (k, *image.shape[:2]) and out["pred_masks"].dtype == bool
-    _compare_instances(case, out, float(case["score_thresh"]), int(case["topk"]))
 
 
 def test_static_shapes_and_valid_prefix(r50_variables):
@@ -448,3 +446,28 @@ def test_state_dict_names_are_detectron2s(state_dict):
         keys = [p.key for p in path]
         names.add(_torch_key(keys[0], tuple(keys[1:]), modules))
     assert names == set(state_dict)
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "GN"])
+def test_freeze_at_stops_gradients_of_the_frozen_stages(norm):
+    import jax.numpy as jnp
+
+    from detlayers.models.resnet import ResNet
+
+    net = ResNet(depth=18, norm=norm, stem_out_channels=32, res2_out_channels=32, freeze_at=2,
+                 out_features=("res2", "res3"))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
+    variables = net.init(jax.random.key(0), x)
+    params = variables["params"]
+    assert set(params) == {"stem", "res2_0", "res2_1", "res3_0", "res3_1"}
+    if norm == "GN":
+        assert set(params["res3_0"]["conv1"]["norm"]) == {"scale", "bias"}
+
+    def loss(p):
+        out = net.apply({**variables, "params": p}, x)
+        return jnp.sum(out["res3"] ** 2) + jnp.sum(out["res2"] ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    norms = {k: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(v))) for k, v in grads.items()}
+    assert norms["stem"] == 0 and norms["res2_0"] == 0 and norms["res2_1"] == 0
+    assert norms["res3_0"] > 0 and norms["res3_1"] > 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +53,16 @@ def tiny():
 def _run_fresh(tmp_path, artifact: bytes, inputs, import_lines: str) -> dict:
     (tmp_path / "model.bin").write_bytes(artifact)
     np.savez(tmp_path / "inputs.npz", images=inputs[0], image_hw=inputs[1], output_hw=inputs[2])
-    script = textwrap.dedent(f"""
-        import sys
-        import numpy as np
-        import jax
-        {import_lines}
-        data = np.load("inputs.npz")
-        out = exported.call(data["images"], data["image_hw"], data["output_hw"])
-        np.savez("outputs.npz", **{{k: np.asarray(v) for k, v in out.items()}})
-        assert "flax" not in sys.modules, "the artifact must not need flax"
-    """)
+    script = "\n".join([
+        "import sys",
+        "import numpy as np",
+        "import jax",
+        import_lines,
+        "data = np.load('inputs.npz')",
+        "out = exported.call(data['images'], data['image_hw'], data['output_hw'])",
+        "np.savez('outputs.npz', **{k: np.asarray(v) for k, v in out.items()})",
+        "assert 'flax' not in sys.modules, 'the artifact must not need flax'",
+    ])
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=_env())
     with np.load(tmp_path / "outputs.npz") as data:
         return {k: data[k] for k in data.files}
@@ -124,6 +123,17 @@ def test_weights_as_argument(tiny):
     _assert_identical(got, expected)
 
 
+def test_predictor_call_is_the_run_output_sliced(tiny):
+    predictor, inputs, expected = tiny
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)  # the fixture's image
+    out = predictor(image)
+    k = int(expected["num_instances"][0])
+    np.testing.assert_array_equal(out["pred_boxes"], expected["pred_boxes"][0, :k])
+    np.testing.assert_array_equal(out["scores"], expected["scores"][0, :k])
+    np.testing.assert_array_equal(out["pred_classes"], expected["pred_classes"][0, :k])
+    np.testing.assert_array_equal(out["pred_masks"], expected["pred_masks"][0, :k, :60, :90])
+
+
 def test_predict_batch_is_one_call_with_per_image_results(tiny):
     predictor, inputs, expected = tiny
     rng = np.random.default_rng(1)
@@ -144,4 +154,10 @@ def test_predict_batch_is_one_call_with_per_image_results(tiny):
             np.testing.assert_allclose(result[key], single[key], atol=1e-4, err_msg=key)
         for key in ("pred_classes", "pred_masks"):
             np.testing.assert_array_equal(result[key], single[key], err_msg=key)
-    assert batch[0]["pred_masks"].shape[1:] == (60, 90)
+    for result in batch:  # DefaultPredictor's layout: only the valid instances, NumPy, by score
+        k = len(result["scores"])
+        assert k > 0
+        assert result["pred_boxes"].shape == (k, 4) and result["pred_boxes"].dtype == np.float32
+        assert result["scores"].dtype == np.float32 and np.all(np.diff(result["scores"]) <= 0)
+        assert result["pred_classes"].dtype == np.int64
+        assert result["pred_masks"].shape == (k, 60, 90) and result["pred_masks"].dtype == bool
