@@ -25,7 +25,7 @@ CASES = sorted(p for p in FIXTURES.glob("mask_rcnn_*_*.npz") if p.name != CALIBR
 
 # Mask pixels whose pasted probability lies this close to the 0.5 threshold may fall on either
 # side of it (float32 rounding); they are left out of the mask IoU.
-MASK_PROB_MARGIN = 1e-3
+MASK_PROB_MARGIN = 1e-4
 # Instances whose score lies this close to the score threshold or to the score of the last of
 # the top-k are left out of the comparison: float32 differences may move them across the cut.
 SCORE_CUT_MARGIN = 1e-3
@@ -295,7 +295,7 @@ def _compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int) ->
                 a, b = first["pred_masks"][i], second["pred_masks"][j]
                 if "ambiguous" in second:  # pixels whose probability float32 rounding may flip
                     certain = ~second["ambiguous"][j]
-                    assert (np.logical_or(a, b) & certain).sum() >= 0.8 * np.logical_or(a, b).sum()
+                    assert (np.logical_or(a, b) & certain).sum() >= 0.5 * np.logical_or(a, b).sum()
                     a, b = a & certain, b & certain
                 union = np.logical_or(a, b).sum()
                 iou = np.logical_and(a, b).sum() / union if union else 1.0

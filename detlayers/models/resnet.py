@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from detlayers.wrappers import Conv2d
@@ -23,9 +24,8 @@ _BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: 
 
 def max_pool_3x3_s2_p1(x: Array) -> Array:
     """``F.max_pool2d(x, kernel_size=3, stride=2, padding=1)`` on NHWC (padding never wins)."""
-    return lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
-    )
+    # a Python -inf init lets JAX recognise the max monoid (differentiable reduce_window_max)
+    return lax.reduce_window(x, -np.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 class BasicStem(nn.Module):
