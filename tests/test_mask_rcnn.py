@@ -1,0 +1,473 @@
+"""Mask R-CNN R50-FPN (``detlayers.models``) against detectron2's own outputs, plus the config,
+checkpoint loading and static-shape contracts.
+
+Parity fixtures ``tests/fixtures/mask_rcnn_<image>_<min_size>.npz`` are written by
+``tools/fixtures/make_mask_rcnn.py`` (detectron2 built from source, CPU) from the weights
+``detlayers.models.synthetic_weights.mask_rcnn_r50_fpn_state_dict(seed=0, calibration=...)``,
+which the tests regenerate; neither torch nor detectron2 is needed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+CALIBRATION = FIXTURES / "mask_rcnn_bn_calibration.npz"
+CASES = sorted(p for p in FIXTURES.glob("mask_rcnn_*_*.npz") if p.name != CALIBRATION.name)
+
+# Mask pixels whose pasted probability lies this close to the 0.5 threshold may fall on either
+# side of it (float32 rounding); they are left out of the mask IoU.
+MASK_PROB_MARGIN = 1e-4
+# Instances whose score lies this close to the score threshold or to the score of the last of
+# the top-k are left out of the comparison: float32 differences may move them across the cut.
+SCORE_CUT_MARGIN = 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+def _yaml_values() -> dict:
+    """COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml over Base-RCNN-FPN.yaml and
+    detectron2's defaults.py, for the inference keys the config covers (written out by hand)."""
+    return {
+        "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
+        "MODEL.MASK_ON": True,
+        "MODEL.PIXEL_MEAN": (103.530, 116.280, 123.675),
+        "MODEL.PIXEL_STD": (1.0, 1.0, 1.0),
+        "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone",
+        "MODEL.BACKBONE.FREEZE_AT": 2,
+        "MODEL.RESNETS.DEPTH": 50,
+        "MODEL.RESNETS.OUT_FEATURES": ("res2", "res3", "res4", "res5"),
+        "MODEL.RESNETS.NUM_GROUPS": 1,
+        "MODEL.RESNETS.NORM": "FrozenBN",
+        "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
+        "MODEL.RESNETS.STRIDE_IN_1X1": True,
+        "MODEL.RESNETS.RES5_DILATION": 1,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": 256,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
+        "MODEL.FPN.IN_FEATURES": ("res2", "res3", "res4", "res5"),
+        "MODEL.FPN.OUT_CHANNELS": 256,
+        "MODEL.FPN.NORM": "",
+        "MODEL.FPN.FUSE_TYPE": "sum",
+        "MODEL.ANCHOR_GENERATOR.SIZES": ((32,), (64,), (128,), (256,), (512,)),
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": ((0.5, 1.0, 2.0),),
+        "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
+        "MODEL.RPN.IN_FEATURES": ("p2", "p3", "p4", "p5", "p6"),
+        "MODEL.RPN.PRE_NMS_TOPK_TEST": 1000,
+        "MODEL.RPN.POST_NMS_TOPK_TEST": 1000,
+        "MODEL.RPN.NMS_THRESH": 0.7,
+        "MODEL.RPN.BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0, 1.0),
+        "MODEL.RPN.MIN_SIZE": 0.0,
+        "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
+        "MODEL.ROI_HEADS.NUM_CLASSES": 80,
+        "MODEL.ROI_HEADS.IN_FEATURES": ("p2", "p3", "p4", "p5"),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.05,
+        "MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.5,
+        "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
+        "MODEL.ROI_BOX_HEAD.NUM_FC": 2,
+        "MODEL.ROI_BOX_HEAD.FC_DIM": 1024,
+        "MODEL.ROI_BOX_HEAD.NUM_CONV": 0,
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
+        "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": 0,
+        "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "ROIAlignV2",
+        "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS": (10.0, 10.0, 5.0, 5.0),
+        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": False,
+        "MODEL.ROI_MASK_HEAD.NAME": "MaskRCNNConvUpsampleHead",
+        "MODEL.ROI_MASK_HEAD.NUM_CONV": 4,
+        "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
+        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,
+        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0,
+        "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIAlignV2",
+        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False,
+        "INPUT.MIN_SIZE_TEST": 800,
+        "INPUT.MAX_SIZE_TEST": 1333,
+        "INPUT.FORMAT": "BGR",
+        "TEST.DETECTIONS_PER_IMAGE": 100,
+    }
+
+
+def test_config_equals_the_yaml():
+    from detlayers.models import mask_rcnn_R_50_FPN_3x_config
+
+    flat = mask_rcnn_R_50_FPN_3x_config().to_dict()
+    mismatched = {k: (flat.get(k), v) for k, v in _yaml_values().items() if flat.get(k) != v}
+    assert not mismatched
+
+
+def test_config_against_detectron2_when_installed():
+    detectron2_config = pytest.importorskip("detectron2.config")
+    import detectron2
+
+    yaml = pathlib.Path(detectron2.__file__).parents[1] / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_3x.yaml"
+    if not yaml.is_file():
+        pytest.skip("detectron2's configs/ folder is not next to the package")
+    from detlayers.models import mask_rcnn_R_50_FPN_3x_config
+
+    d2 = detectron2_config.get_cfg()
+    d2.merge_from_file(str(yaml))
+    for key, value in mask_rcnn_R_50_FPN_3x_config().to_dict().items():
+        node = d2
+        for part in key.split("."):
+            node = node[part]
+        expected = node
+        if isinstance(value, tuple):
+            expected = tuple(tuple(x) if isinstance(x, list) else x for x in node)
+        assert value == expected, key
+
+
+def test_merge_from_list_returns_a_new_config():
+    from detlayers.models import mask_rcnn_R_50_FPN_3x_config
+
+    cfg = mask_rcnn_R_50_FPN_3x_config()
+    new = cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 256, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.5",
+                               "MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32], [64], [128], [256]]])
+    assert cfg.INPUT.MIN_SIZE_TEST == 800 and new.INPUT.MIN_SIZE_TEST == 256
+    assert new.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.5
+    assert new.MODEL.ANCHOR_GENERATOR.SIZES == ((16,), (32,), (64,), (128,), (256,))
+    assert hash(new) != hash(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.INPUT.MIN_SIZE_TEST = 1  # type: ignore[misc]
+    with pytest.raises(KeyError, match="ROI_HEAD"):
+        cfg.merge_from_list(["MODEL.ROI_HEAD.SCORE_THRESH_TEST", 0.1])
+    with pytest.raises(ValueError, match="MIN_SIZE_TEST needs an int"):
+        cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 2.5])
+    with pytest.raises(ValueError, match="odd-length"):
+        cfg.merge_from_list(["INPUT.MIN_SIZE_TEST"])
+
+
+def test_resize_shortest_edge_shape_is_detectron2s():
+    from detlayers.models import resize_shortest_edge_shape
+
+    # values from detectron2's ResizeShortestEdge.get_output_shape
+    assert resize_shortest_edge_shape(300, 451, 256, 1333) == (256, 385)
+    assert resize_shortest_edge_shape(400, 600, 320, 1333) == (320, 480)
+    assert resize_shortest_edge_shape(480, 640, 800, 1333) == (800, 1067)
+    assert resize_shortest_edge_shape(100, 1000, 800, 1333) == (133, 1333)
+    assert resize_shortest_edge_shape(1000, 100, 800, 1333) == (1333, 133)
+
+
+def test_models_import_is_lazy():
+    code = (
+        "import sys, detlayers, detlayers.models\n"
+        "assert 'detlayers.models.mask_rcnn' not in sys.modules, sorted(sys.modules)\n"
+        "assert 'flax' not in sys.modules\n"
+        "detlayers.models.mask_rcnn_R_50_FPN_3x_config\n"
+        "assert 'detlayers.models.mask_rcnn' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
+
+
+# --------------------------------------------------------------------------------------------
+# anchors and box decoding (float64 NumPy derivations)
+
+
+def test_cell_anchors_match_the_float64_formula():
+    from detlayers.models.box_ops import cell_anchors, grid_anchors
+
+    base = cell_anchors((32,), (0.5, 1.0, 2.0))
+    w = np.sqrt(32.0**2 / np.array([0.5, 1.0, 2.0]))
+    h = np.array([0.5, 1.0, 2.0]) * w
+    np.testing.assert_array_equal(base, np.stack([-w / 2, -h / 2, w / 2, h / 2], 1).astype(np.float32))
+    grid = grid_anchors((2, 3), 4, (32,), (0.5, 1.0, 2.0))
+    assert grid.shape == (2 * 3 * 3, 4)
+    # order (y, x, anchor): entry 1*3*3 + 2*3 + 1 is row 1, column 2, anchor 1
+    np.testing.assert_array_equal(grid[1 * 9 + 2 * 3 + 1], base[1] + np.float32([8, 4, 8, 4]))
+
+
+def test_apply_deltas_clamps_like_detectron2():
+    import jax.numpy as jnp
+
+    from detlayers.models.box_ops import DEFAULT_SCALE_CLAMP, apply_deltas
+
+    boxes = np.array([[10.0, 20.0, 50.0, 40.0]], np.float32)
+    deltas = np.array([[1.0, -2.0, 10.0, -0.5]], np.float32)
+    out = np.asarray(apply_deltas(jnp.asarray(deltas), jnp.asarray(boxes), (10.0, 10.0, 5.0, 5.0)))
+    b, d = boxes.astype(np.float64)[0], deltas.astype(np.float64)[0] / [10, 10, 5, 5]
+    w, h = b[2] - b[0], b[3] - b[1]
+    cx, cy = b[0] + 0.5 * w + d[0] * w, b[1] + 0.5 * h + d[1] * h
+    pw, ph = np.exp(min(d[2], DEFAULT_SCALE_CLAMP)) * w, np.exp(min(d[3], DEFAULT_SCALE_CLAMP)) * h
+    np.testing.assert_allclose(out[0], [cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2], rtol=1e-6)
+    big = np.asarray(apply_deltas(jnp.asarray([[0.0, 0.0, 100.0, 0.0]]), jnp.asarray(boxes), (1, 1, 1, 1)))
+    np.testing.assert_allclose(big[0, 2] - big[0, 0], 40.0 * 1000 / 16, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# weights shared by the tests below
+
+
+def _synthetic_state_dict() -> dict[str, np.ndarray]:
+    synthetic = pytest.importorskip("detlayers.models.synthetic_weights")
+    calibration = str(CALIBRATION) if CALIBRATION.is_file() else None
+    return synthetic.mask_rcnn_r50_fpn_state_dict(seed=0, calibration=calibration)
+
+
+@pytest.fixture(scope="module")
+def state_dict() -> dict[str, np.ndarray]:
+    return _synthetic_state_dict()
+
+
+@pytest.fixture(scope="module")
+def r50_variables(state_dict):
+    from detlayers.models import build_model, load_detectron2_weights, mask_rcnn_R_50_FPN_3x_config
+
+    return load_detectron2_weights(build_model(mask_rcnn_R_50_FPN_3x_config()), state_dict)
+
+
+_PREDICTORS: dict = {}
+
+
+def _predictor(variables, min_size: int, max_size: int = 1333):
+    """One predictor (one compiled function per input shape) per test size, shared by the module."""
+    from detlayers.models import Predictor, mask_rcnn_R_50_FPN_3x_config
+
+    key = (min_size, max_size)
+    if key not in _PREDICTORS:
+        cfg = mask_rcnn_R_50_FPN_3x_config().merge_from_list(
+            ["INPUT.MIN_SIZE_TEST", min_size, "INPUT.MAX_SIZE_TEST", max_size]
+        )
+        _PREDICTORS[key] = Predictor(cfg, variables)
+    return _PREDICTORS[key]
+
+
+def _photo_bgr(name: str) -> np.ndarray:
+    skimage_data = pytest.importorskip("skimage.data")
+    return np.ascontiguousarray(getattr(skimage_data, name)()[..., ::-1])
+
+
+# --------------------------------------------------------------------------------------------
+# parity with detectron2
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _near_cut(scores: np.ndarray, score_thresh: float, topk: int) -> np.ndarray:
+    near = scores < score_thresh + SCORE_CUT_MARGIN
+    if len(scores) >= topk:
+        near |= scores < scores[-1] + SCORE_CUT_MARGIN
+    return near
+
+
+def _match(ref_boxes, ref_classes, boxes, classes) -> np.ndarray:
+    """For each reference instance, the index of the same-class instance of ours with the highest
+    box IoU (> 0.5), or -1."""
+    if len(boxes) == 0:
+        return np.full(len(ref_boxes), -1)
+    iou = _box_iou(ref_boxes, boxes)
+    iou[ref_classes[:, None] != classes[None, :]] = 0
+    best = iou.argmax(axis=1)
+    return np.where(iou[np.arange(len(ref_boxes)), best] > 0.5, best, -1)
+
+
+def _compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int) -> int:
+    """Asserts detectron2's instances (``ref``) and ours agree; returns how many were compared."""
+    checked = 0
+    for first, second, first_name in ((ref, ours, "detectron2"), (ours, ref, "detlayers")):
+        near = _near_cut(first["scores"], score_thresh, topk)
+        match = _match(first["pred_boxes"], first["pred_classes"], second["pred_boxes"], second["pred_classes"])
+        for i in np.nonzero(~near)[0]:
+            j = match[i]
+            assert j >= 0, (
+                f"{first_name} instance {i} (class {first['pred_classes'][i]}, score {first['scores'][i]:.6f}, "
+                f"box {first['pred_boxes'][i]}) has no counterpart"
+            )
+            if first is ref:
+                np.testing.assert_allclose(second["pred_boxes"][j], first["pred_boxes"][i], atol=1e-2, rtol=0,
+                                           err_msg=f"box of instance {i}")
+                np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=1e-4, rtol=0,
+                                           err_msg=f"score of instance {i}")
+                a, b = first["pred_masks"][i], second["pred_masks"][j]
+                if "ambiguous" in second:  # pixels whose probability float32 rounding may flip
+                    certain = ~second["ambiguous"][j]
+                    assert (np.logical_or(a, b) & certain).sum() >= 0.5 * np.logical_or(a, b).sum()
+                    a, b = a & certain, b & certain
+                union = np.logical_or(a, b).sum()
+                iou = np.logical_and(a, b).sum() / union if union else 1.0
+                assert iou >= 0.99, f"mask IoU {iou:.4f} of instance {i}"
+                checked += 1
+    return checked
+
+
+def _load_case(path: pathlib.Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        case = {k: data[k] for k in data.files}
+    k, h, w = (int(v) for v in case["mask_shape"])
+    case["pred_masks"] = np.unpackbits(case["pred_masks_packed"], axis=-1, count=w).astype(bool).reshape(k, h, w)
+    return case
+
+
+def test_parity_fixtures_exist():
+    if not CASES:
+        pytest.skip(
+            "no tests/fixtures/mask_rcnn_<image>_<size>.npz: generate them with "
+            "tools/fixtures/make_mask_rcnn.py (needs detectron2)"
+        )
+    assert CALIBRATION.is_file(), "the parity fixtures need tests/fixtures/mask_rcnn_bn_calibration.npz"
+    assert len({str(_load_case(p)["image_name"]) for p in CASES}) >= 2
+    assert len({int(_load_case(p)["min_size"]) for p in CASES}) >= 2
+
+
+@pytest.mark.parametrize("case_path", CASES, ids=[p.stem for p in CASES])
+def test_parity_with_detectron2(case_path, r50_variables):
+    case = _load_case(case_path)
+    image = _photo_bgr(str(case["image_name"]))
+    assert tuple(image.shape[:2]) == tuple(case["image_hw"])
+    predictor = _predictor(r50_variables, int(case["min_size"]), int(case["max_size"]))
+    images, image_hw, original_hw, canvas = predictor.inputs([image])
+    assert tuple(image_hw[0]) == tuple(case["input_hw"])
+    out = jax.device_get(predictor.run(images, image_hw, original_hw, canvas, return_intermediates=True))
+
+    channels = case["fpn_channels"]
+    for level in ("p2", "p3", "p4", "p5", "p6"):
+        ours, ref = out[level][..., channels], case[level]
+        assert ours.shape == ref.shape, level
+        error = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert error <= 1e-4, f"{level}: relative error {error:.2e}"
+
+    # RPN proposals: the same count, and each of detectron2's proposals among ours (a proposal
+    # whose logit nearly ties with another may swap places with it; few do).
+    valid = out["proposal_valid"][0]
+    boxes, logits = out["proposal_boxes"][0][valid], out["proposal_logits"][0][valid]
+    ref_boxes, ref_logits = case["proposal_boxes"], case["proposal_logits"]
+    assert abs(len(boxes) - len(ref_boxes)) <= 2, (len(boxes), len(ref_boxes))
+    iou = _box_iou(ref_boxes, boxes)
+    best = iou.argmax(axis=1)
+    found = (iou[np.arange(len(ref_boxes)), best] > 0.999) & (
+        np.abs(logits[best] - ref_logits) <= 1e-3 * np.maximum(1.0, np.abs(ref_logits))
+    )
+    assert found.mean() >= 0.99, f"only {found.mean():.4f} of detectron2's proposals found"
+    np.testing.assert_allclose(boxes[:10], ref_boxes[:10], atol=1e-2, rtol=0)
+
+    k = int(out["num_instances"][0])
+    h, w = (int(v) for v in case["image_hw"])
+    ours = {
+        "pred_boxes": out["pred_boxes"][0, :k],
+        "scores": out["scores"][0, :k],
+        "pred_classes": out["pred_classes"][0, :k].astype(np.int64),
+        "pred_masks": out["pred_masks"][0, :k, :h, :w],
+    }
+    assert np.all(np.diff(ours["scores"]) <= 0), "instances are not sorted by score"
+    from detlayers.mask_ops import paste_masks_in_image
+
+    soft = np.asarray(paste_masks_in_image(out["mask_probs"][0, :k], ours["pred_boxes"], (h, w), None))
+    ours["ambiguous"] = np.abs(soft - 0.5) < MASK_PROB_MARGIN
+    assert not np.any(((soft >= 0.5) != ours["pred_masks"]) & ~ours["ambiguous"])
+    checked = _compare_instances(case, ours, float(case["score_thresh"]), int(case["topk"]))
+    assert checked >= min(10, len(case["scores"]) // 2), f"only {checked} instances compared"
+
+
+def test_static_shapes_and_valid_prefix(r50_variables):
+    predictor = _predictor(r50_variables, 256)
+    image = _photo_bgr("chelsea")
+    images, image_hw, original_hw, canvas = predictor.inputs([image])
+    assert images.shape[1] % 32 == 0 and images.shape[2] % 32 == 0
+    out = predictor.run(images, image_hw, original_hw, canvas, return_intermediates=True)
+    assert out["pred_boxes"].shape == (1, 100, 4)
+    assert out["pred_masks"].shape == (1, 100, *canvas)
+    assert out["mask_probs"].shape == (1, 100, 28, 28)
+    assert out["proposal_boxes"].shape == (1, 1000, 4)
+    valid = np.asarray(out["valid"][0])
+    k = int(out["num_instances"][0])
+    assert valid[:k].all() and not valid[k:].any()
+    assert not np.asarray(out["pred_masks"][0, k:]).any()
+    pv = np.asarray(out["proposal_valid"][0])
+    assert pv[: pv.sum()].all()
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_pkl_and_pth_load_like_the_dict(state_dict, r50_variables, tmp_path):
+    from detlayers.models import build_model, load_detectron2_weights, mask_rcnn_R_50_FPN_3x_config
+
+    model = build_model(mask_rcnn_R_50_FPN_3x_config())
+    pkl = tmp_path / "model_final_test.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": state_dict, "__author__": "test", "matching_heuristics": True}, f)
+    from_pkl = load_detectron2_weights(model, pkl)
+    jax.tree.map(np.testing.assert_array_equal, from_pkl, r50_variables)
+
+    torch = pytest.importorskip("torch")
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+    tensors["pixel_mean"] = torch.zeros(3, 1, 1)  # detectron2 buffers that carry no weights
+    tensors["pixel_std"] = torch.ones(3, 1, 1)
+    tensors["backbone.bottom_up.stem.conv1.norm.num_batches_tracked"] = torch.tensor(0)
+    pth = tmp_path / "model.pth"
+    torch.save({"model": tensors}, pth)
+    from_pth = load_detectron2_weights(model, pth)
+    jax.tree.map(np.testing.assert_array_equal, from_pth, r50_variables)
+    fc1 = from_pth["params"]["roi_heads"]["box_head"]["fc1"]["kernel"]
+    np.testing.assert_array_equal(fc1, state_dict["roi_heads.box_head.fc1.weight"].T)
+
+
+def test_checkpoint_errors_list_every_bad_key(state_dict):
+    from detlayers.models import build_model, load_detectron2_weights, mask_rcnn_R_50_FPN_3x_config
+
+    bad = dict(state_dict)
+    del bad["roi_heads.mask_head.deconv.weight"]
+    del bad["backbone.bottom_up.res3.2.conv2.norm.running_var"]
+    bad["roi_heads.box_head.fc3.weight"] = np.zeros((4, 4), np.float32)
+    bad["roi_heads.box_predictor.cls_score.weight"] = np.zeros((91, 1024), np.float32)
+    with pytest.raises(ValueError) as info:
+        load_detectron2_weights(build_model(mask_rcnn_R_50_FPN_3x_config()), bad)
+    message = str(info.value)
+    for key in ("roi_heads.mask_head.deconv.weight", "backbone.bottom_up.res3.2.conv2.norm.running_var",
+                "roi_heads.box_head.fc3.weight", "roi_heads.box_predictor.cls_score.weight"):
+        assert key in message
+    assert "missing keys" in message and "unexpected keys" in message and "mis-shaped keys" in message
+
+
+def test_state_dict_names_are_detectron2s(state_dict):
+    from detlayers._module_trace import trace_init
+    from detlayers.checkpoint import _torch_key
+    from detlayers.models import build_model, mask_rcnn_R_50_FPN_3x_config
+    from detlayers.models.mask_rcnn import _example_inputs
+
+    shapes, modules = trace_init(build_model(mask_rcnn_R_50_FPN_3x_config()), _example_inputs(), {})
+    names = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path({k: shapes[k] for k in ("params", "batch_stats")})[0]:
+        keys = [p.key for p in path]
+        names.add(_torch_key(keys[0], tuple(keys[1:]), modules))
+    assert names == set(state_dict)
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "GN"])
+def test_freeze_at_stops_gradients_of_the_frozen_stages(norm):
+    import jax.numpy as jnp
+
+    from detlayers.models.resnet import ResNet
+
+    net = ResNet(depth=18, norm=norm, stem_out_channels=32, res2_out_channels=32, freeze_at=2,
+                 out_features=("res2", "res3"))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
+    variables = net.init(jax.random.key(0), x)
+    params = variables["params"]
+    assert set(params) == {"stem", "res2_0", "res2_1", "res3_0", "res3_1"}
+    if norm == "GN":
+        assert set(params["res3_0"]["conv1"]["norm"]) == {"scale", "bias"}
+
+    def loss(p):
+        out = net.apply({**variables, "params": p}, x)
+        return jnp.sum(out["res3"] ** 2) + jnp.sum(out["res2"] ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    norms = {k: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(v))) for k, v in grads.items()}
+    assert norms["stem"] == 0 and norms["res2_0"] == 0 and norms["res2_1"] == 0
+    assert norms["res3_0"] > 0 and norms["res3_1"] > 0
