@@ -326,32 +326,22 @@ def _round_product(product: Array) -> Array:
 ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
 
 
-def _rotated_reach(boxes: Array) -> Array:
-    """Radius beyond which a rotated box cannot touch another (see nms_cpu.cc's rotated_reach):
-    circumradius with 0.1 % slack, plus room for detectron2's 1e-5 tolerances and float32
-    rounding of large coordinates. Degenerate boxes get infinity (never skipped)."""
-    w, h = jnp.abs(boxes[:, 2]), jnp.abs(boxes[:, 3])
-    min_side = jnp.minimum(w, h)
-    radius = 0.5 * jnp.sqrt(w * w + h * h)
-    coord = jnp.abs(boxes[:, 0]) + jnp.abs(boxes[:, 1])
-    reach = radius * 1.002 + 2e-4 / min_side + 2e-5 * coord + 1e-5
-    return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, jnp.inf)
-
-
 def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
 
     The exact (expensive) IoU is evaluated only for masked pairs whose bounding discs meet, in
-    batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs with disjoint discs have detectron2 IoU exactly
-    0, which never exceeds a threshold >= 0.
+    batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs whose discs cannot meet have IoU 0, which
+    exceeds only a negative threshold (detectron2's rule, as in the C++ and CUDA kernels).
     """
-    from detlayers.rotated_boxes import rotated_iou_paired  # imported lazily: rotated NMS only
+    from detlayers.rotated_boxes import rotated_discs_apart, rotated_iou_paired, rotated_reach
 
-    dx = first[:, None, 0] - second[None, :, 0]
-    dy = first[:, None, 1] - second[None, :, 1]
-    reach = _rotated_reach(first)[:, None] + _rotated_reach(second)[None, :]
-    pending = (mask & ~(dx * dx + dy * dy > reach * reach)).astype(jnp.uint8)
-    hit = jnp.zeros(mask.shape, jnp.uint8)
+    reach1, reach2 = rotated_reach(first), rotated_reach(second)
+    apart = rotated_discs_apart(
+        first[:, None, 0], first[:, None, 1], reach1[:, None],
+        second[None, :, 0], second[None, :, 1], reach2[None, :],
+    )
+    pending = (mask & ~apart).astype(jnp.uint8)
+    hit = (mask & apart & (np.float32(0) > threshold)).astype(jnp.uint8)
     batch = min(ROTATED_PAIR_BATCH, mask.size)
     slot = jnp.arange(batch)
 

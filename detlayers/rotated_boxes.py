@@ -163,8 +163,9 @@ def _two_product(a: Array, b: Array) -> tuple[Array, Array]:
     return p, e
 
 
-def _cos_sin_degrees(angle: Array) -> tuple[Array, Array]:
-    """float32 cos and sin of ``angle * 0.01745329251`` (detectron2's radians, in double).
+def _cos_sin_degrees(angle: Array, *, truncated: bool = True) -> tuple[Array, Array]:
+    """float32 cos and sin of ``angle * 0.01745329251`` (detectron2's radians, in double), or of
+    ``angle * pi / 180`` when not ``truncated`` (exact at multiples of 90 degrees).
 
     detectron2 evaluates them in double precision and rounds to float32; without float64 we get
     the same float32 numbers (barring a ~1e-4 chance per value) by working in float32 pairs:
@@ -181,11 +182,14 @@ def _cos_sin_degrees(angle: Array) -> tuple[Array, Array]:
     fraction = remainder - whole  # exact, |fraction| <= 0.5
 
     frac_rad, frac_err = _two_product(fraction, _DEG_TO_RAD_HI)
-    deficit, deficit_err = _two_product(angle, _DEFICIT_HI)
-    psi, psi_err = _two_sum(frac_rad, -deficit)
     frac_rest = frac_err + _rounded(fraction * _DEG_TO_RAD_LO)
-    deficit_rest = deficit_err + _rounded(angle * _DEFICIT_LO)
-    psi_err = psi_err + (frac_rest - deficit_rest)
+    if truncated:
+        deficit, deficit_err = _two_product(angle, _DEFICIT_HI)
+        psi, psi_err = _two_sum(frac_rad, -deficit)
+        deficit_rest = deficit_err + _rounded(angle * _DEFICIT_LO)
+        psi_err = psi_err + (frac_rest - deficit_rest)
+    else:
+        psi, psi_err = frac_rad, frac_rest
     psi, psi_err = _two_sum(psi, psi_err)
     psi_sq = _rounded(psi * psi)
     # sin(psi) = psi + sin_tail;  cos(psi) = 1 - one_minus_cos   (|psi| < 0.009)
@@ -433,45 +437,150 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     return jnp.where(count > 2, twice_area / np.float32(2), 0)
 
 
-def _prepare(boxes: Array) -> Array:
-    """Per-box quantities ``[K, 8]``: x, y, w, h, cos, sin, area, reach (trigonometry once per box).
+def rotated_reach(boxes: Array) -> Array:
+    """Reach ``[K]`` of float32 rotated boxes ``[K, 5]``: pairs whose centres are farther apart
+    than the sum of their reaches have IoU exactly 0 and may skip the polygon computation.
 
-    ``reach`` bounds how far from its centre a box can contribute a candidate vertex: its
-    half-diagonal, plus the distance by which the slack of the point-inside test (``1e-5`` on
-    dot products, i.e. ``1e-5 / side`` in length) widens each side, plus a 0.1% safety margin
-    for rounding. Two boxes whose centres are farther apart than the sum of their reaches have
-    no candidate at all, so detectron2's IoU is exactly 0 for them.
+    The one Python definition of the rule (``custom_calls/rotated_iou.h``'s ``rotated_reach`` is
+    the one C++ definition, with the same float32 operations in the same order, so both skip the
+    same pairs): the circumradius with 0.2 % slack, plus room for detectron2's ``1e-5``
+    point-inside tolerance and the float32 rounding of large coordinates. A box with a zero side,
+    or with a non-finite size or reach, gets ``inf`` (never skipped).
     """
+    w, h = jnp.abs(boxes[:, 2]), jnp.abs(boxes[:, 3])
+    min_side = jnp.minimum(w, h)
+    radius = np.float32(0.5) * jnp.sqrt(_rounded(w * w) + _rounded(h * h))
+    coord = jnp.abs(boxes[:, 0]) + jnp.abs(boxes[:, 1])
+    safe_side = jnp.where(min_side > 0, min_side, np.float32(1))
+    reach = (
+        _rounded(radius * np.float32(1.002))
+        + np.float32(2e-4) / safe_side
+        + _rounded(np.float32(2e-5) * coord)
+        + np.float32(1e-5)
+    )
+    return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, np.float32(np.inf))
+
+
+def rotated_discs_apart(
+    x1: Array, y1: Array, reach1: Array, x2: Array, y2: Array, reach2: Array
+) -> Array:
+    """True where two boxes (centres and :func:`rotated_reach`, broadcast) are too far apart to
+    overlap; their IoU is then exactly 0. False for an infinite reach or NaN."""
+    dx, dy = x1 - x2, y1 - y2
+    reach = reach1 + reach2
+    return _rounded(dx * dx) + _rounded(dy * dy) > _rounded(reach * reach)
+
+
+# Columns of the per-box table built by _prepare.
+_X, _Y, _W, _H, _COS, _SIN, _AREA, _REACH, _COS_EXACT, _SIN_EXACT = range(10)
+
+
+def _prepare(boxes: Array) -> Array:
+    """Per-box quantities ``[K, 10]`` (trigonometry once per box): x, y, w, h, cos and sin of
+    detectron2's radians, area, reach, and cos and sin of the exact radians."""
     x, y, w, h, angle = (boxes[:, k] for k in range(5))
     cos, sin = _cos_sin_degrees(angle)
+    cos_exact, sin_exact = _cos_sin_degrees(angle, truncated=False)
     area = _rounded(w * h)
-    half_diagonal = np.float32(0.5) * jnp.sqrt(w * w + h * h)
-    slack = np.float32(1e-5) / jnp.abs(w) + np.float32(1e-5) / jnp.abs(h)  # inf for a 0 side
-    reach = half_diagonal * np.float32(1.001) + slack
-    return jnp.stack([x, y, w, h, cos, sin, area, reach], axis=1)
+    reach = rotated_reach(boxes)
+    return jnp.stack([x, y, w, h, cos, sin, area, reach, cos_exact, sin_exact], axis=1)
 
 
 def _maybe_overlapping(prepared1: Array, prepared2: Array) -> Array:
     """``[N, M]`` mask of the pairs that may have a non-zero IoU (NaN boxes included)."""
-    dx = prepared1[:, None, 0] - prepared2[None, :, 0]
-    dy = prepared1[:, None, 1] - prepared2[None, :, 1]
-    reach = prepared1[:, None, 7] + prepared2[None, :, 7]
-    return ~(dx * dx + dy * dy > reach * reach)
+    return ~rotated_discs_apart(
+        prepared1[:, None, _X], prepared1[:, None, _Y], prepared1[:, None, _REACH],
+        prepared2[None, :, _X], prepared2[None, :, _Y], prepared2[None, :, _REACH],
+    )
 
 
-def _iou_of_pairs(prepared1: Array, prepared2: Array) -> Array:
-    """IoU of pair ``p`` of prepared boxes (``[P, 8]`` each, see ``_prepare``); returns ``[P]``."""
-    b1, b2 = prepared1.T, prepared2.T
+def _detectron2_iou_of_pairs(b1: Array, b2: Array) -> Array:
+    """detectron2's float32 IoU of prepared boxes ``b1[:, p]``, ``b2[:, p]`` (columns ``[10, P]``)."""
     # Shift to the midpoint of the two centres (sum rounded in float32, as the reference does).
-    mid_x = (b1[0] + b2[0]) * np.float32(0.5)
-    mid_y = (b1[1] + b2[1]) * np.float32(0.5)
-    x1, y1 = _corners_xy(b1[0] - mid_x, b1[1] - mid_y, b1[2], b1[3], b1[4], b1[5])
-    x2, y2 = _corners_xy(b2[0] - mid_x, b2[1] - mid_y, b2[2], b2[3], b2[4], b2[5])
-    area1, area2 = b1[6], b2[6]
+    mid_x = (b1[_X] + b2[_X]) * np.float32(0.5)
+    mid_y = (b1[_Y] + b2[_Y]) * np.float32(0.5)
+    x1, y1 = _corners_xy(b1[_X] - mid_x, b1[_Y] - mid_y, b1[_W], b1[_H], b1[_COS], b1[_SIN])
+    x2, y2 = _corners_xy(b2[_X] - mid_x, b2[_Y] - mid_y, b2[_W], b2[_H], b2[_COS], b2[_SIN])
+    area1, area2 = b1[_AREA], b2[_AREA]
     inter = _hull_area(*_candidates(x1, y1, x2, y2))
     degenerate = (area1 < _MIN_AREA) | (area2 < _MIN_AREA)
     union = jnp.where(degenerate, np.float32(1), area1 + area2 - inter)
     return jnp.where(degenerate, np.float32(0), inter / union)
+
+
+def _band_integral(px, py, qx, qy, half_w, half_h) -> Array:
+    """Signed integral of ``clamp(y, -half_h, half_h) + half_h`` dx along the segment p -> q,
+    restricted to ``|x| <= half_w`` (one edge's share of a polygon's area inside the box)."""
+    zero, one = np.float32(0), np.float32(1)
+    span_x = qx - px
+    moving = span_x != zero
+    safe_span_x = jnp.where(moving, span_x, one)
+    xa = jnp.clip(px, -half_w, half_w)
+    xb = jnp.clip(qx, -half_w, half_w)
+    ta = (xa - px) / safe_span_x
+    tb = (xb - px) / safe_span_x
+    span_y = qy - py
+    ya = py + _rounded(ta * span_y)
+    yb = py + _rounded(tb * span_y)
+    rise = yb - ya
+    sloped = rise != zero
+    safe_rise = jnp.where(sloped, rise, one)
+    t_low = jnp.clip((-half_h - ya) / safe_rise, zero, one)
+    t_high = jnp.clip((half_h - ya) / safe_rise, zero, one)
+    t_enter = jnp.minimum(t_low, t_high)
+    t_leave = jnp.maximum(t_low, t_high)
+    inside = jnp.where(sloped, t_leave - t_enter, jnp.where(jnp.abs(ya) <= half_h, one, zero))
+    above = jnp.where(
+        rise > zero, one - t_leave, jnp.where(rise < zero, t_enter, jnp.where(ya > half_h, one, zero))
+    )
+    mean_inside = (jnp.clip(ya, -half_h, half_h) + jnp.clip(yb, -half_h, half_h)) * np.float32(
+        0.5
+    ) + half_h
+    height = _rounded(inside * mean_inside) + _rounded(above * (half_h + half_h))
+    return jnp.where(moving, _rounded((xb - xa) * height), zero)
+
+
+def _exact_iou_of_pairs(b1: Array, b2: Array) -> Array:
+    """IoU of prepared boxes ``b1[:, p]``, ``b2[:, p]`` (``[10, P]``) exact up to float32
+    rounding: box 2's outline in box 1's frame, integrated against box 1's rectangle."""
+    c1, s1, c2, s2 = b1[_COS_EXACT], b1[_SIN_EXACT], b2[_COS_EXACT], b2[_SIN_EXACT]
+    dx, dy = b2[_X] - b1[_X], b2[_Y] - b1[_Y]
+    # Box 2's centre and width axis in box 1's frame (width axis (c, -s), height axis (s, c)).
+    cx = _rounded(dx * c1) - _rounded(dy * s1)
+    cy = _rounded(dx * s1) + _rounded(dy * c1)
+    ux = _rounded(c2 * c1) + _rounded(s2 * s1)
+    uy = _rounded(c2 * s1) - _rounded(s2 * c1)
+    half_w2, half_h2 = b2[_W] * np.float32(0.5), b2[_H] * np.float32(0.5)
+    a, b = _rounded(half_w2 * ux), _rounded(half_w2 * uy)
+    c, d = _rounded(half_h2 * uy), _rounded(half_h2 * ux)
+    xs = (cx + (a - c), cx + (a + c), cx - (a - c), cx - (a + c))
+    ys = (cy + (b + d), cy + (b - d), cy - (b + d), cy - (b - d))
+    half_w1 = jnp.abs(b1[_W]) * np.float32(0.5)
+    half_h1 = jnp.abs(b1[_H]) * np.float32(0.5)
+    terms = [
+        _band_integral(xs[k], ys[k], xs[(k + 1) % 4], ys[(k + 1) % 4], half_w1, half_h1)
+        for k in range(4)
+    ]
+    area1, area2 = b1[_AREA], b2[_AREA]
+    inter = jnp.minimum(jnp.abs(((terms[0] + terms[1]) + terms[2]) + terms[3]),
+                        jnp.minimum(area1, area2))
+    degenerate = (area1 < _MIN_AREA) | (area2 < _MIN_AREA)
+    union = jnp.where(degenerate, np.float32(1), area1 + area2 - inter)
+    return jnp.where(degenerate, np.float32(0), jnp.clip(inter / union, np.float32(0), np.float32(1)))
+
+
+# detectron2's value (clamped to [0, 1]) is used when it lies within this distance of the exact IoU.
+SOUND_TOLERANCE = 1e-4
+_SOUND_TOLERANCE = np.float32(SOUND_TOLERANCE)
+
+
+def _iou_of_pairs(prepared1: Array, prepared2: Array) -> Array:
+    """IoU of pair ``p`` of prepared boxes (``[P, 10]`` each, see ``_prepare``); returns ``[P]``."""
+    b1, b2 = prepared1.T, prepared2.T
+    reference = _detectron2_iou_of_pairs(b1, b2)
+    exact = _exact_iou_of_pairs(b1, b2)
+    sound = jnp.abs(reference - exact) <= _SOUND_TOLERANCE
+    return jnp.where(sound, jnp.clip(reference, np.float32(0), np.float32(1)), exact)
 
 
 # --------------------------------------------------------------------------------------------
