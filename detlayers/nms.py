@@ -11,8 +11,9 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
 
 * Boxes are visited by decreasing score; a box is kept unless its IoU with an already kept box is
   **greater than** ``iou_threshold``. The IoU is computed in float32 with the kept (higher-scoring)
-  box as the first argument, in exactly torchvision's / detectron2's arithmetic, so the decision
-  is bit-identical to theirs. ``iou_threshold`` given as a Python number is compared as the float64
+  box as the first argument, in exactly torchvision's arithmetic (axis-aligned: the decision is
+  bit-identical to theirs) or as :func:`detlayers.rotated_boxes.pairwise_iou_rotated` (rotated:
+  detectron2's value wherever it is sound, else the exact IoU; identical on every backend). ``iou_threshold`` given as a Python number is compared as the float64
   value torchvision compares with (the float32 comparison uses the largest float32 not above it,
   which decides every float32 IoU identically). detectron2's *CPU* rotated kernel suppresses at
   IoU ``>=`` threshold while its CUDA kernel (and the spec) use ``>``; the two differ only when an
@@ -28,7 +29,9 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
   ``-inf`` and the stable sort keeps input order). A box with a NaN coordinate is treated as an
   empty box: it never suppresses another box and is never suppressed.
 * ``iou_threshold`` must lie in ``[0, 1]`` (``ValueError`` for a Python number outside). A traced
-  threshold is not checked; the comparison rule above still applies.
+  threshold is not checked; the comparison rule above still applies (for rotated boxes, pairs
+  too far apart to overlap have IoU 0, so a negative threshold suppresses them, as in
+  detectron2).
 
 Backends (all give identical indices; the sort by score always runs in XLA before the kernel):
 
@@ -40,8 +43,9 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
 * Everywhere else (TPU, or when no library was built): a pure-XLA version that walks the sorted
   boxes in tiles of 256 inside a ``while_loop``, comparing each tile only with the boxes kept so
   far (memory ``O(N + tile^2)``, no ``N x N`` matrix; work ``O(N * kept)``). For rotated boxes the
-  exact polygon IoU (:func:`detlayers.rotated_boxes.pairwise_iou_rotated`) is evaluated only for
-  pairs whose bounding discs meet: other pairs have detectron2 IoU exactly 0.
+  polygon IoU is evaluated only for pairs whose bounding discs meet
+  (:func:`detlayers.rotated_boxes.rotated_reach`, the rule every backend uses): other pairs have
+  IoU exactly 0.
 
 The pure-XLA path can be forced anywhere, as a reference or for debugging: pass ``backend="xla"``,
 call :func:`set_backend` ``("xla")``, or set the environment variable ``DETLAYERS_NMS_BACKEND=xla``

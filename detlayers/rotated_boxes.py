@@ -1,53 +1,18 @@
-"""Rotated-box geometry (``detectron2.layers.rotated_boxes``): corners, areas and exact IoU.
+"""Rotated-box geometry (``detectron2.layers.rotated_boxes``): corners, areas and IoU.
 
 A rotated box is ``(x_center, y_center, width, height, angle_degrees)``; a positive angle turns the
 box counter-clockwise as seen on screen (image y axis points down), i.e. its width axis is
 ``(cos a, -sin a)`` and its height axis ``(sin a, cos a)`` in image coordinates.
 
-:func:`pairwise_iou_rotated` reproduces detectron2's ``pairwise_iou_rotated`` step for step, in pure
-``jax.numpy`` (no custom call), so it runs on every backend, under ``jit`` and ``vmap``. The same
-algorithm, written for C++ and CUDA, is ``custom_calls/rotated_iou.h`` (used by the NMS kernels).
-
-1. Both boxes are moved so that the midpoint of their centres is the origin, which keeps corner
-   coordinates small for boxes far from the image origin (large coordinates lose no precision).
-2. The IoU is 0 when either area ``w * h`` is below ``1e-14``.
-3. Candidate vertices of the intersection polygon are collected in a fixed order: the 16 crossings
-   of an edge of box 1 with an edge of box 2 (edge parameters accepted up to ``1e-5`` outside
-   ``[0, 1]``; parallel edges, ``|det| <= 1e-14``, skipped), then the corners of box 1 inside box 2,
-   then the corners of box 2 inside box 1 (projection test with an absolute slack of ``1e-5``).
-   The slack is deliberate: near-identical boxes must not lose a vertex, so their IoU is ~1.
-4. Their convex hull is built by a Graham scan around the lowest (then leftmost) candidate, with
-   detectron2's exchange sort on the cross product (collinear within ``1e-6``: nearer first) and
-   its pop rule; the area is the fan sum of ``|triangle|`` areas.
-
-Every step works on all pairs at once: candidates live in fixed 24-slot arrays with a validity
-mask (compacted to the front, in discovery order, so the sort sees exactly detectron2's
-sequence), the sort and the scan are ``lax`` loops over slot indices shared by all pairs, and the
-stack pointer of the scan is per pair.
-
-Precision: the computation is float32 whatever the input dtype (bfloat16/float16/float64/int
-inputs are cast), as detectron2's kernel is; the result is float32. The float32 arithmetic is made
-to round exactly like detectron2's compiled C++ so results are bit-identical to it (and to
-``rotated_iou.h``), which keeps NMS decisions identical across backends:
-
-* products are rounded before they are added (XLA would otherwise fuse them into FMAs);
-* where detectron2 compares a float with a double constant, the float32 comparison uses that
-  constant rounded in the direction that gives the identical decision;
-* ``cos``/``sin`` of ``angle * 0.01745329251`` (detectron2's truncated pi/180, evaluated in double
-  there) are computed in float32 pairs and round to the same float32 values (all but ~1 in 10^5
-  angles; the other ones differ by one ulp).
-
-Measured: bit-identical to detectron2's CPU op on every fixture case (about 20,000 pairs, tiny to
-huge boxes, see ``tests/test_rotated_iou.py``) and on 180,000 further random pairs. Float64
-inputs are not evaluated in float64 (detectron2 does not either).
-
-Cost and memory: a cheap ``[N, M]`` test first drops the pairs whose centres are too far apart
-to produce any candidate vertex (their IoU is exactly 0 in detectron2 too). The remaining pairs
-are gathered to the front and evaluated ``pairs_per_chunk`` (default 4096) at a time in a loop
-whose trip count is their number divided by the chunk, so scratch memory is a few MB whatever
-``N`` and ``M`` are, besides ``O(N M)`` for the mask, the pair list and the result
-(``N = M = 2000``: about 50 MB). On one CPU core this is ~10x faster than detectron2's CPU op on
-typical detection layouts (few overlapping pairs) and ~1-2x slower when nearly all pairs overlap.
+The IoU (:func:`pairwise_iou_rotated` and the NMS kernels) is detectron2's float32 value, clamped
+to ``[0, 1]``, wherever that value is within ``SOUND_TOLERANCE`` (``1e-4``) of the exact IoU;
+elsewhere (the same rectangle written as ``angle + 180`` or ``(h, w, angle + 90)``, nearly
+identical, tiny or thin boxes, where detectron2 gives 1/3, values above 1 or below 0) it is the
+exact IoU up to float32 rounding. It is 0 when either area ``w * h`` is below ``1e-14``. The
+values are bit-identical in pure ``jax.numpy`` (here, any backend), in the C++ CPU kernel and in
+the CUDA kernel (``custom_calls/rotated_iou.h``), so NMS decisions are identical everywhere.
+Inputs of any real dtype are evaluated in float32. How it is computed:
+``docs/design/rotated_iou.md``.
 
 Not differentiable (neither is detectron2's op): differentiating with respect to the boxes raises
 a ``TypeError`` at trace time; wrap them in ``jax.lax.stop_gradient`` when the IoU only drives
@@ -74,6 +39,9 @@ __all__ = [
     "rotated_iou_paired",
     "rotated_box_corners",
     "rotated_box_areas",
+    "rotated_reach",
+    "rotated_discs_apart",
+    "SOUND_TOLERANCE",
 ]
 
 DEFAULT_PAIRS_PER_CHUNK = 4096
@@ -594,15 +562,17 @@ def pairwise_iou_rotated(
     Args:
       boxes1: ``[N, 5]`` rotated boxes ``(x_center, y_center, width, height, angle_degrees)``.
       boxes2: ``[M, 5]`` rotated boxes.
-      pairs_per_chunk: how many box pairs are evaluated at once (bounds scratch memory; see the
-        module docstring). Keyword-only, not in detectron2.
+      pairs_per_chunk: how many box pairs are evaluated at once (bounds scratch memory).
+        Keyword-only, not in detectron2.
 
     Returns:
-      float32 ``[N, M]``; ``iou[i, j]`` is detectron2's ``pairwise_iou_rotated(boxes1,
-      boxes2)[i, j]``, bit for bit (box ``i`` of ``boxes1`` is the reference's first argument;
-      the IoU is symmetric only up to rounding). Inputs of any real dtype are evaluated in
-      float32. Empty ``N`` or ``M`` gives an empty ``[N, M]`` array. Works under ``jit`` and
-      ``vmap``.
+      float32 ``[N, M]`` in ``[0, 1]``; ``iou[i, j]`` is detectron2's ``pairwise_iou_rotated(boxes1,
+      boxes2)[i, j]`` bit for bit (clamped to ``[0, 1]``) wherever that is within
+      ``SOUND_TOLERANCE`` of the exact IoU, else the exact IoU up to float32 rounding (see the
+      module docstring). Box ``i`` of ``boxes1`` is detectron2's first argument; the IoU is
+      symmetric only up to rounding. Inputs of any real dtype are evaluated in float32. Empty
+      ``N`` or ``M`` gives an empty ``[N, M]`` array. Works under ``jit`` and ``vmap``; scratch
+      memory is bounded by ``pairs_per_chunk`` besides the ``O(N M)`` result.
 
     Raises:
       ValueError: a box array is not ``[K, 5]``, ``N * M >= 2**31``, or ``pairs_per_chunk < 1``.
@@ -679,7 +649,7 @@ def rotated_iou_paired(boxes1: Array, boxes2: Array) -> Array:
     distance test): every row is evaluated, in one shot, with no skipping of far-apart pairs and
     no chunking, so the caller bounds ``P`` (scratch is about 3 KB per pair). ``boxes1[p]`` is
     detectron2's first argument (the kept box in its NMS); values are bit-identical to
-    :func:`pairwise_iou_rotated`.
+    :func:`pairwise_iou_rotated`'s.
     """
     boxes1 = _as_boxes(boxes1, "boxes1", 2)
     boxes2 = _as_boxes(boxes2, "boxes2", 2)
@@ -697,8 +667,8 @@ def rotated_iou_one_to_many(
 ) -> Array:
     """IoU of one rotated box ``box[5]`` with each of ``boxes[M, 5]``; float32 ``[M]``.
 
-    ``box`` is the reference's first argument, as in detectron2's rotated NMS (the kept box
-    against the remaining ones), so the result is bit-compatible with what that NMS compares.
+    ``box`` is detectron2's first argument, as in its rotated NMS (the kept box against the
+    remaining ones); values as :func:`pairwise_iou_rotated`.
     Each call pays a fixed loop overhead; for suppression over many boxes, one
     :func:`pairwise_iou_rotated` matrix (cheap when few pairs overlap) is usually faster than a
     call per kept box.
