@@ -330,6 +330,35 @@ def _round_product(product: Array) -> Array:
 ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
 
 
+def _rotated_iou_may_exceed(first: Array, second: Array, threshold: Array) -> Array:
+    """``[P, Q]``: False only where the IoU certainly does not exceed ``threshold``.
+
+    The intersection is at most the smaller area and the overlap of the boxes' axis-aligned
+    bounding boxes; the IoU bound that follows is inflated by a margin far above the float32
+    error of the IoU (``SOUND_TOLERANCE``, rounding, and the ``eps * aspect ratio`` error of thin
+    boxes), so culled pairs are ones every backend's exact evaluation would not suppress either.
+    """
+    from detlayers.rotated_boxes import SOUND_TOLERANCE, _cos_sin_degrees
+
+    def extents(b):
+        cos, sin = _cos_sin_degrees(b[:, 4], truncated=False)
+        w, h = jnp.abs(b[:, 2]), jnp.abs(b[:, 3])
+        half_x = 0.5 * (jnp.abs(w * cos) + jnp.abs(h * sin))
+        half_y = 0.5 * (jnp.abs(w * sin) + jnp.abs(h * cos))
+        aspect = jnp.maximum(w, h) / jnp.minimum(w, h)  # inf or NaN for a zero side
+        return b[:, 0], b[:, 1], half_x, half_y, w * h, aspect
+
+    x1, y1, hx1, hy1, area1, aspect1 = (v[:, None] for v in extents(first))
+    x2, y2, hx2, hy2, area2, aspect2 = (v[None, :] for v in extents(second))
+    overlap_x = jnp.minimum(x1 + hx1, x2 + hx2) - jnp.maximum(x1 - hx1, x2 - hx2)
+    overlap_y = jnp.minimum(y1 + hy1, y2 + hy2) - jnp.maximum(y1 - hy1, y2 - hy2)
+    overlap = jnp.maximum(overlap_x, 0.0) * jnp.maximum(overlap_y, 0.0)
+    most = jnp.minimum(overlap, jnp.minimum(area1, area2)) * np.float32(1.001)
+    bound = most / (area1 + area2 - most)
+    margin = np.float32(2e-3 + SOUND_TOLERANCE) + np.float32(1e-5) * (aspect1 + aspect2)
+    return ~(bound < threshold - margin)  # NaN anywhere: keep the pair
+
+
 def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
 
@@ -344,7 +373,7 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
         first[:, None, 0], first[:, None, 1], reach1[:, None],
         second[None, :, 0], second[None, :, 1], reach2[None, :],
     )
-    pending = (mask & ~apart).astype(jnp.uint8)
+    pending = (mask & ~apart & _rotated_iou_may_exceed(first, second, threshold)).astype(jnp.uint8)
     hit = (mask & apart & (np.float32(0) > threshold)).astype(jnp.uint8)
     batch = min(ROTATED_PAIR_BATCH, mask.size)
     slot = jnp.arange(batch)
@@ -443,7 +472,10 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
             live = (base + lane) < count
             first = jnp.where(is_self, cur, kb)
             first_cls = None if classes is None else jnp.where(is_self, cur_cls, kc)
-            mask = jnp.where(is_self, earlier, live[:, None])
+            # Boxes already suppressed need no further test, nor suppress others in the tile
+            # (the self pass comes last, when `suppressed` is final).
+            mask = jnp.where(is_self, earlier & ~suppressed[:, None], live[:, None])
+            mask &= ~suppressed[None, :]
             hit = overlaps(first, first_cls, cur, cur_cls, mask)
             suppressed = suppressed | (hit.any(axis=0) & ~is_self)
             inner = jnp.where(is_self, hit, inner)

@@ -494,6 +494,26 @@ def test_cpp_and_pure_xla_rotated_agree_at_small_thresholds(seed, threshold, cla
     assert int(a.count) < 300 + 212  # something was suppressed
 
 
+def test_rotated_culling_bound_never_drops_a_pair_that_exceeds_the_threshold():
+    # The pure-XLA path skips pairs whose IoU bound (areas, bounding-box overlap) is below the
+    # threshold: the bound must hold for every pair, thin and tiny boxes included.
+    from detlayers.rotated_boxes import pairwise_iou_rotated
+
+    rng = np.random.default_rng(8)
+    n = 400
+    xy = rng.uniform(0, 60, (n, 2))
+    sides = 10.0 ** rng.uniform(-1.5, 2, (n, 2))
+    boxes = np.concatenate([xy, sides, rng.uniform(-180, 180, (n, 1))], 1).astype(np.float32)
+    iou = np.asarray(jax.jit(pairwise_iou_rotated)(boxes, boxes))
+    checked = 0
+    for thr in (0.01, 0.05, 0.2, 0.5, 0.8, 0.95):
+        may = np.asarray(jax.jit(nms_module._rotated_iou_may_exceed)(boxes, boxes, jnp.float32(thr)))
+        assert not np.any(~may & (iou > thr)), thr
+        checked += int(np.sum(~may & (iou > 0)))
+        assert np.mean(~may) > 0.3  # it culls
+    assert checked > 1000  # overlapping pairs were culled, not only disjoint ones
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_traced_threshold_suppresses_every_later_rotated_box(backend):
     # detectron2's rule: boxes whose discs cannot meet have IoU 0, and 0 > t for t < 0, so each
@@ -586,3 +606,30 @@ def test_cuda_bitmask_algorithm_emulated_on_host_matches_references(family, name
         assert count == len(want)
         np.testing.assert_array_equal(order[keep[:count]], want)
         assert (keep[count:k] == -1).all()
+
+
+def test_pure_xla_rotated_nms_on_thousands_of_boxes_finishes_in_bounded_time():
+    # The TPU path must scale: disc culling and the IoU bound keep the exact polygon IoU to the
+    # few pairs that can matter. A subprocess with a timeout, so a regression fails, not hangs.
+    script = textwrap.dedent(
+        """
+        import importlib, numpy as np, jax
+        nms = importlib.import_module("detlayers.nms")
+        rng = np.random.default_rng(7)
+        n = 4000
+        xy = rng.uniform(0, 1333, (n // 25, 2))[rng.integers(0, n // 25, n)] + rng.normal(0, 12, (n, 2))
+        boxes = np.concatenate([xy, rng.uniform(8, 96, (n, 2)), rng.uniform(-180, 180, (n, 1))], 1)
+        scores = rng.permutation(n).astype(np.float32)
+        boxes = boxes.astype(np.float32)
+        xla = nms.nms_rotated(boxes, scores, 0.5, backend="xla")
+        auto = nms.nms_rotated(boxes, scores, 0.5, backend="auto")
+        print(int(xla.count), int(auto.count), bool(np.array_equal(np.asarray(xla.indices), np.asarray(auto.indices))))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=400,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 0, out.stderr
+    xla_count, auto_count, same = out.stdout.split()
+    assert int(xla_count) == int(auto_count) > 1000 and same == "True"
