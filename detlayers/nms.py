@@ -328,6 +328,7 @@ def _round_product(product: Array) -> Array:
 
 
 ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
+ROTATED_SMALL_PAIR_BATCH = 64  # the step's batch when few pairs are left
 
 
 def _rotated_iou_may_exceed(first: Array, second: Array, threshold: Array) -> Array:
@@ -376,16 +377,27 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
     pending = (mask & ~apart & _rotated_iou_may_exceed(first, second, threshold)).astype(jnp.uint8)
     hit = (mask & apart & (np.float32(0) > threshold)).astype(jnp.uint8)
     batch = min(ROTATED_PAIR_BATCH, mask.size)
-    slot = jnp.arange(batch)
 
-    def step(state):
-        pending, hit = state
-        rows, cols = jnp.nonzero(pending, size=batch, fill_value=0)
-        real = slot < pending.sum()
+    def evaluate(size, pending, hit):
+        rows, cols = jnp.nonzero(pending, size=size, fill_value=0)
+        real = jnp.arange(size) < pending.sum()
         over = rotated_iou_paired(first[rows], second[cols]) > threshold
         hit = hit.at[rows, cols].max((real & over).astype(jnp.uint8))
         pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
         return pending, hit
+
+    small = min(ROTATED_SMALL_PAIR_BATCH, batch)
+
+    def step(state):
+        # Most passes leave only a few pairs: a small batch then avoids paying for a full one.
+        pending, hit = state
+        return lax.cond(
+            pending.sum() <= small,
+            functools.partial(evaluate, small),
+            functools.partial(evaluate, batch),
+            pending,
+            hit,
+        )
 
     _, hit = lax.while_loop(
         lambda s: s[0].any(), step, _varying_like((pending, hit), first, second, mask, threshold)
