@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "nms_box_iou.h"
+#include "rotated_iou.h"
 
 namespace detlayers {
 namespace bitmask {
@@ -38,24 +39,10 @@ struct PairIoU<4> {
   }
 };
 
-// Conservative disc test for rotated boxes: true only when the two boxes are so far apart that
-// detectron2's IoU is exactly 0 (no edge crossing and no corner inside the other box, even with its
-// 1e-5 tolerances and float32 rounding of large coordinates), which never exceeds a threshold >= 0.
-// Lets the kernels skip the expensive polygon intersection for most pairs. Degenerate, huge or
-// non-finite boxes get an infinite reach (never skipped).
-DETLAYERS_HOST_DEVICE inline float rotated_reach(const float* b) {
-  const float w = fabsf(b[2]), h = fabsf(b[3]);
-  const float min_side = fminf(w, h);
-  if (!(min_side > 0.0f)) return INFINITY;
-  const float radius = 0.5f * sqrtf(w * w + h * h);
-  const float coord = fabsf(b[0]) + fabsf(b[1]);
-  return radius * 1.002f + 2e-4f / min_side + 2e-5f * coord + 1e-5f;
-}
-
+// Disc test for rotated boxes (rotated_iou.h's rotated_reach, the one definition): true when
+// the boxes cannot overlap, so their IoU is 0 and the polygon intersection can be skipped.
 DETLAYERS_HOST_DEVICE inline bool rotated_discs_apart(const float* a, const float* b) {
-  const float dx = a[0] - b[0], dy = a[1] - b[1];
-  const float reach = rotated_reach(a) + rotated_reach(b);
-  return dx * dx + dy * dy > reach * reach;  // false for inf or NaN
+  return ::detlayers::rotated_discs_apart(a, rotated_reach(a), b, rotated_reach(b));
 }
 
 // Packed mask layout. Row tile r (rows 64r .. 64r+63) stores, row after row, only its words for the

@@ -119,13 +119,11 @@ void greedy_axis(const float* boxes, const int32_t* positions, int64_t m, float 
   }
 }
 
-// Kept rotated boxes plus a conservative "reach" radius: two boxes whose centres are farther apart
-// than the sum of their reaches cannot overlap, and detectron2's IoU of such a pair is exactly 0,
-// which never exceeds a threshold >= 0, so skipping the exact IoU changes nothing. The reach adds
-// generous slack for detectron2's 1e-5 tolerances and float32 rounding of large coordinates.
+// Kept rotated boxes and their reach (rotated_iou.h): pairs whose discs are apart have IoU 0
+// without evaluating the polygon intersection.
 struct RotatedKept {
-  std::vector<float> boxes;    // 5 floats per kept box
-  std::vector<double> reach;   // see above
+  std::vector<float> boxes;  // 5 floats per kept box
+  std::vector<float> reach;
   int64_t size = 0;
   void reset(int64_t capacity) {
     boxes.resize(static_cast<size_t>(5 * capacity));
@@ -134,15 +132,6 @@ struct RotatedKept {
   }
 };
 
-inline double rotated_reach(const float* b) {
-  const double w = std::fabs(static_cast<double>(b[2])), h = std::fabs(static_cast<double>(b[3]));
-  const double min_side = std::min(w, h);
-  if (!(min_side > 0.0) || !std::isfinite(w + h)) return INFINITY;
-  const double radius = 0.5 * std::sqrt(w * w + h * h);
-  const double coord = std::fabs(static_cast<double>(b[0])) + std::fabs(static_cast<double>(b[1]));
-  return radius * 1.001 + 1e-4 / min_side + 1e-5 * coord + 1e-6;
-}
-
 template <typename Emit>
 void greedy_rotated(const float* boxes, const int32_t* positions, int64_t m, float threshold,
                     RotatedKept& kept, Emit&& emit) {
@@ -150,14 +139,16 @@ void greedy_rotated(const float* boxes, const int32_t* positions, int64_t m, flo
   for (int64_t t = 0; t < m; ++t) {
     const int32_t p = positions ? positions[t] : static_cast<int32_t>(t);
     const float* b = boxes + 5 * static_cast<int64_t>(p);
-    const double b_reach = rotated_reach(b);
+    const float b_reach = rotated_reach(b);
+    // detectron2's rule for pairs whose discs cannot meet: IoU 0, so they suppress iff 0 > t
+    // (only for a negative traced threshold).
+    const bool apart_suppresses = 0.0f > threshold;
     bool suppressed = false;
     for (int64_t j = 0; j < kept.size && !suppressed; ++j) {
       const float* a = kept.boxes.data() + 5 * j;
-      const double dx = static_cast<double>(a[0]) - b[0], dy = static_cast<double>(a[1]) - b[1];
-      const double r = kept.reach[j] + b_reach;
-      if (dx * dx + dy * dy > r * r) continue;  // r may be inf: then never skipped
-      suppressed = rotated_box_iou<float>(a, b) > threshold;
+      suppressed = rotated_discs_apart(a, kept.reach[j], b, b_reach)
+                       ? apart_suppresses
+                       : rotated_box_iou<float>(a, b) > threshold;
     }
     if (suppressed) continue;
     const int64_t s = kept.size++;

@@ -16,8 +16,9 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
 
 * Boxes are visited by decreasing score; a box is kept unless its IoU with an already kept box is
   **greater than** ``iou_threshold``. The IoU is computed in float32 with the kept (higher-scoring)
-  box as the first argument, in exactly torchvision's / detectron2's arithmetic, so the decision
-  is bit-identical to theirs. ``iou_threshold`` given as a Python number is compared as the float64
+  box as the first argument, in exactly torchvision's arithmetic (axis-aligned: the decision is
+  bit-identical to theirs) or as :func:`detlayers.rotated_boxes.pairwise_iou_rotated` (rotated:
+  detectron2's value wherever it is sound, else the exact IoU; identical on every backend). ``iou_threshold`` given as a Python number is compared as the float64
   value torchvision compares with (the float32 comparison uses the largest float32 not above it,
   which decides every float32 IoU identically). detectron2's *CPU* rotated kernel suppresses at
   IoU ``>=`` threshold while its CUDA kernel (and the spec) use ``>``; the two differ only when an
@@ -37,7 +38,9 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
   pure-XLA path on CPU, where XLA flushes subnormals to zero (IoU ``0/0``: such a box suppresses
   nothing). The C++ and CUDA kernels keep them.
 * ``iou_threshold`` must lie in ``[0, 1]`` (``ValueError`` for a Python number outside). A traced
-  threshold is not checked; the comparison rule above still applies.
+  threshold is not checked; the comparison rule above still applies (for rotated boxes, pairs
+  too far apart to overlap have IoU 0, so a negative threshold suppresses them, as in
+  detectron2).
 
 Backends (all give identical indices; the sort by score always runs in XLA before the kernel):
 
@@ -52,8 +55,9 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
 * Everywhere else (TPU, or when no library was built): a pure-XLA version that walks the sorted
   boxes in tiles of 256 inside a ``while_loop``, comparing each tile only with the boxes kept so
   far (memory ``O(N + tile^2)``, no ``N x N`` matrix; work ``O(N * kept)``). For rotated boxes the
-  exact polygon IoU (:func:`detlayers.rotated_boxes.pairwise_iou_rotated`) is evaluated only for
-  pairs whose bounding discs meet: other pairs have detectron2 IoU exactly 0.
+  polygon IoU is evaluated only for pairs whose bounding discs meet
+  (:func:`detlayers.rotated_boxes.rotated_reach`, the rule every backend uses): other pairs have
+  IoU exactly 0.
 
 The pure-XLA path can be forced anywhere, as a reference or for debugging: pass ``backend="xla"``,
 call :func:`set_backend` ``("xla")``, or set the environment variable ``DETLAYERS_NMS_BACKEND=xla``
@@ -477,45 +481,76 @@ def _round_product(product: Array) -> Array:
 
 
 ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
+ROTATED_SMALL_PAIR_BATCH = 64  # the step's batch when few pairs are left
 
 
-def _rotated_reach(boxes: Array) -> Array:
-    """Radius beyond which a rotated box cannot touch another (see nms_cpu.cc's rotated_reach):
-    circumradius with 0.1 % slack, plus room for detectron2's 1e-5 tolerances and float32
-    rounding of large coordinates. Degenerate boxes get infinity (never skipped)."""
-    w, h = jnp.abs(boxes[:, 2]), jnp.abs(boxes[:, 3])
-    min_side = jnp.minimum(w, h)
-    radius = 0.5 * jnp.sqrt(w * w + h * h)
-    coord = jnp.abs(boxes[:, 0]) + jnp.abs(boxes[:, 1])
-    reach = radius * 1.002 + 2e-4 / min_side + 2e-5 * coord + 1e-5
-    return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, jnp.inf)
+def _rotated_iou_may_exceed(first: Array, second: Array, threshold: Array) -> Array:
+    """``[P, Q]``: False only where the IoU certainly does not exceed ``threshold``.
+
+    The intersection is at most the smaller area and the overlap of the boxes' axis-aligned
+    bounding boxes; the IoU bound that follows is inflated by a margin far above the float32
+    error of the IoU (``SOUND_TOLERANCE``, rounding, and the ``eps * aspect ratio`` error of thin
+    boxes), so culled pairs are ones every backend's exact evaluation would not suppress either.
+    """
+    from detlayers.rotated_boxes import SOUND_TOLERANCE, _cos_sin_degrees
+
+    def extents(b):
+        cos, sin = _cos_sin_degrees(b[:, 4], truncated=False)
+        w, h = jnp.abs(b[:, 2]), jnp.abs(b[:, 3])
+        half_x = 0.5 * (jnp.abs(w * cos) + jnp.abs(h * sin))
+        half_y = 0.5 * (jnp.abs(w * sin) + jnp.abs(h * cos))
+        aspect = jnp.maximum(w, h) / jnp.minimum(w, h)  # inf or NaN for a zero side
+        return b[:, 0], b[:, 1], half_x, half_y, w * h, aspect
+
+    x1, y1, hx1, hy1, area1, aspect1 = (v[:, None] for v in extents(first))
+    x2, y2, hx2, hy2, area2, aspect2 = (v[None, :] for v in extents(second))
+    overlap_x = jnp.minimum(x1 + hx1, x2 + hx2) - jnp.maximum(x1 - hx1, x2 - hx2)
+    overlap_y = jnp.minimum(y1 + hy1, y2 + hy2) - jnp.maximum(y1 - hy1, y2 - hy2)
+    overlap = jnp.maximum(overlap_x, 0.0) * jnp.maximum(overlap_y, 0.0)
+    most = jnp.minimum(overlap, jnp.minimum(area1, area2)) * np.float32(1.001)
+    bound = most / (area1 + area2 - most)
+    margin = np.float32(2e-3 + SOUND_TOLERANCE) + np.float32(1e-5) * (aspect1 + aspect2)
+    return ~(bound < threshold - margin)  # NaN anywhere: keep the pair
 
 
 def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
 
     The exact (expensive) IoU is evaluated only for masked pairs whose bounding discs meet, in
-    batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs with disjoint discs have detectron2 IoU exactly
-    0, which never exceeds a threshold >= 0.
+    batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs whose discs cannot meet have IoU 0, which
+    exceeds only a negative threshold (detectron2's rule, as in the C++ and CUDA kernels).
     """
-    from detlayers.rotated_boxes import rotated_iou_paired  # imported lazily: rotated NMS only
+    from detlayers.rotated_boxes import rotated_discs_apart, rotated_iou_paired, rotated_reach
 
-    dx = first[:, None, 0] - second[None, :, 0]
-    dy = first[:, None, 1] - second[None, :, 1]
-    reach = _rotated_reach(first)[:, None] + _rotated_reach(second)[None, :]
-    pending = (mask & ~(dx * dx + dy * dy > reach * reach)).astype(jnp.uint8)
-    hit = jnp.zeros(mask.shape, jnp.uint8)
+    reach1, reach2 = rotated_reach(first), rotated_reach(second)
+    apart = rotated_discs_apart(
+        first[:, None, 0], first[:, None, 1], reach1[:, None],
+        second[None, :, 0], second[None, :, 1], reach2[None, :],
+    )
+    pending = (mask & ~apart & _rotated_iou_may_exceed(first, second, threshold)).astype(jnp.uint8)
+    hit = (mask & apart & (np.float32(0) > threshold)).astype(jnp.uint8)
     batch = min(ROTATED_PAIR_BATCH, mask.size)
-    slot = jnp.arange(batch)
 
-    def step(state):
-        pending, hit = state
-        rows, cols = jnp.nonzero(pending, size=batch, fill_value=0)
-        real = slot < pending.sum()
+    def evaluate(size, pending, hit):
+        rows, cols = jnp.nonzero(pending, size=size, fill_value=0)
+        real = jnp.arange(size) < pending.sum()
         over = rotated_iou_paired(first[rows], second[cols]) > threshold
         hit = hit.at[rows, cols].max((real & over).astype(jnp.uint8))
         pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
         return pending, hit
+
+    small = min(ROTATED_SMALL_PAIR_BATCH, batch)
+
+    def step(state):
+        # Most passes leave only a few pairs: a small batch then avoids paying for a full one.
+        pending, hit = state
+        return lax.cond(
+            pending.sum() <= small,
+            functools.partial(evaluate, small),
+            functools.partial(evaluate, batch),
+            pending,
+            hit,
+        )
 
     _, hit = lax.while_loop(
         lambda s: s[0].any(), step, _varying_like((pending, hit), first, second, mask, threshold)
@@ -602,7 +637,10 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
             live = (base + lane) < count
             first = jnp.where(is_self, cur, kb)
             first_cls = None if classes is None else jnp.where(is_self, cur_cls, kc)
-            mask = jnp.where(is_self, earlier, live[:, None])
+            # Boxes already suppressed need no further test, nor suppress others in the tile
+            # (the self pass comes last, when `suppressed` is final).
+            mask = jnp.where(is_self, earlier & ~suppressed[:, None], live[:, None])
+            mask &= ~suppressed[None, :]
             hit = overlaps(first, first_cls, cur, cur_cls, mask)
             suppressed = suppressed | (hit.any(axis=0) & ~is_self)
             inner = jnp.where(is_self, hit, inner)

@@ -1,53 +1,18 @@
-"""Rotated-box geometry (``detectron2.layers.rotated_boxes``): corners, areas and exact IoU.
+"""Rotated-box geometry (``detectron2.layers.rotated_boxes``): corners, areas and IoU.
 
 A rotated box is ``(x_center, y_center, width, height, angle_degrees)``; a positive angle turns the
 box counter-clockwise as seen on screen (image y axis points down), i.e. its width axis is
 ``(cos a, -sin a)`` and its height axis ``(sin a, cos a)`` in image coordinates.
 
-:func:`pairwise_iou_rotated` reproduces detectron2's ``pairwise_iou_rotated`` step for step, in pure
-``jax.numpy`` (no custom call), so it runs on every backend, under ``jit`` and ``vmap``. The same
-algorithm, written for C++ and CUDA, is ``custom_calls/rotated_iou.h`` (used by the NMS kernels).
-
-1. Both boxes are moved so that the midpoint of their centres is the origin, which keeps corner
-   coordinates small for boxes far from the image origin (large coordinates lose no precision).
-2. The IoU is 0 when either area ``w * h`` is below ``1e-14``.
-3. Candidate vertices of the intersection polygon are collected in a fixed order: the 16 crossings
-   of an edge of box 1 with an edge of box 2 (edge parameters accepted up to ``1e-5`` outside
-   ``[0, 1]``; parallel edges, ``|det| <= 1e-14``, skipped), then the corners of box 1 inside box 2,
-   then the corners of box 2 inside box 1 (projection test with an absolute slack of ``1e-5``).
-   The slack is deliberate: near-identical boxes must not lose a vertex, so their IoU is ~1.
-4. Their convex hull is built by a Graham scan around the lowest (then leftmost) candidate, with
-   detectron2's exchange sort on the cross product (collinear within ``1e-6``: nearer first) and
-   its pop rule; the area is the fan sum of ``|triangle|`` areas.
-
-Every step works on all pairs at once: candidates live in fixed 24-slot arrays with a validity
-mask (compacted to the front, in discovery order, so the sort sees exactly detectron2's
-sequence), the sort and the scan are ``lax`` loops over slot indices shared by all pairs, and the
-stack pointer of the scan is per pair.
-
-Precision: the computation is float32 whatever the input dtype (bfloat16/float16/float64/int
-inputs are cast), as detectron2's kernel is; the result is float32. The float32 arithmetic is made
-to round exactly like detectron2's compiled C++ so results are bit-identical to it (and to
-``rotated_iou.h``), which keeps NMS decisions identical across backends:
-
-* products are rounded before they are added (XLA would otherwise fuse them into FMAs);
-* where detectron2 compares a float with a double constant, the float32 comparison uses that
-  constant rounded in the direction that gives the identical decision;
-* ``cos``/``sin`` of ``angle * 0.01745329251`` (detectron2's truncated pi/180, evaluated in double
-  there) are computed in float32 pairs and round to the same float32 values (all but ~1 in 10^5
-  angles; the other ones differ by one ulp).
-
-Measured: bit-identical to detectron2's CPU op on every fixture case (about 20,000 pairs, tiny to
-huge boxes, see ``tests/test_rotated_iou.py``) and on 180,000 further random pairs. Float64
-inputs are not evaluated in float64 (detectron2 does not either).
-
-Cost and memory: a cheap ``[N, M]`` test first drops the pairs whose centres are too far apart
-to produce any candidate vertex (their IoU is exactly 0 in detectron2 too). The remaining pairs
-are gathered to the front and evaluated ``pairs_per_chunk`` (default 4096) at a time in a loop
-whose trip count is their number divided by the chunk, so scratch memory is a few MB whatever
-``N`` and ``M`` are, besides ``O(N M)`` for the mask, the pair list and the result
-(``N = M = 2000``: about 50 MB). On one CPU core this is ~10x faster than detectron2's CPU op on
-typical detection layouts (few overlapping pairs) and ~1-2x slower when nearly all pairs overlap.
+The IoU (:func:`pairwise_iou_rotated` and the NMS kernels) is detectron2's float32 value, clamped
+to ``[0, 1]``, wherever that value is within ``SOUND_TOLERANCE`` (``1e-4``) of the exact IoU;
+elsewhere (the same rectangle written as ``angle + 180`` or ``(h, w, angle + 90)``, nearly
+identical, tiny or thin boxes, where detectron2 gives 1/3, values above 1 or below 0) it is the
+exact IoU up to float32 rounding. It is 0 when either area ``w * h`` is below ``1e-14``. The
+values are bit-identical in pure ``jax.numpy`` (here, any backend), in the C++ CPU kernel and in
+the CUDA kernel (``custom_calls/rotated_iou.h``), so NMS decisions are identical everywhere.
+Inputs of any real dtype are evaluated in float32. How it is computed:
+``docs/design/rotated_iou.md``.
 
 Not differentiable (neither is detectron2's op): differentiating with respect to the boxes raises
 a ``TypeError`` at trace time; wrap them in ``jax.lax.stop_gradient`` when the IoU only drives
@@ -74,6 +39,9 @@ __all__ = [
     "rotated_iou_paired",
     "rotated_box_corners",
     "rotated_box_areas",
+    "rotated_reach",
+    "rotated_discs_apart",
+    "SOUND_TOLERANCE",
 ]
 
 DEFAULT_PAIRS_PER_CHUNK = 4096
@@ -163,8 +131,9 @@ def _two_product(a: Array, b: Array) -> tuple[Array, Array]:
     return p, e
 
 
-def _cos_sin_degrees(angle: Array) -> tuple[Array, Array]:
-    """float32 cos and sin of ``angle * 0.01745329251`` (detectron2's radians, in double).
+def _cos_sin_degrees(angle: Array, *, truncated: bool = True) -> tuple[Array, Array]:
+    """float32 cos and sin of ``angle * 0.01745329251`` (detectron2's radians, in double), or of
+    ``angle * pi / 180`` when not ``truncated`` (exact at multiples of 90 degrees).
 
     detectron2 evaluates them in double precision and rounds to float32; without float64 we get
     the same float32 numbers (barring a ~1e-4 chance per value) by working in float32 pairs:
@@ -181,11 +150,14 @@ def _cos_sin_degrees(angle: Array) -> tuple[Array, Array]:
     fraction = remainder - whole  # exact, |fraction| <= 0.5
 
     frac_rad, frac_err = _two_product(fraction, _DEG_TO_RAD_HI)
-    deficit, deficit_err = _two_product(angle, _DEFICIT_HI)
-    psi, psi_err = _two_sum(frac_rad, -deficit)
     frac_rest = frac_err + _rounded(fraction * _DEG_TO_RAD_LO)
-    deficit_rest = deficit_err + _rounded(angle * _DEFICIT_LO)
-    psi_err = psi_err + (frac_rest - deficit_rest)
+    if truncated:
+        deficit, deficit_err = _two_product(angle, _DEFICIT_HI)
+        psi, psi_err = _two_sum(frac_rad, -deficit)
+        deficit_rest = deficit_err + _rounded(angle * _DEFICIT_LO)
+        psi_err = psi_err + (frac_rest - deficit_rest)
+    else:
+        psi, psi_err = frac_rad, frac_rest
     psi, psi_err = _two_sum(psi, psi_err)
     psi_sq = _rounded(psi * psi)
     # sin(psi) = psi + sin_tail;  cos(psi) = 1 - one_minus_cos   (|psi| < 0.009)
@@ -433,45 +405,150 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     return jnp.where(count > 2, twice_area / np.float32(2), 0)
 
 
-def _prepare(boxes: Array) -> Array:
-    """Per-box quantities ``[K, 8]``: x, y, w, h, cos, sin, area, reach (trigonometry once per box).
+def rotated_reach(boxes: Array) -> Array:
+    """Reach ``[K]`` of float32 rotated boxes ``[K, 5]``: pairs whose centres are farther apart
+    than the sum of their reaches have IoU exactly 0 and may skip the polygon computation.
 
-    ``reach`` bounds how far from its centre a box can contribute a candidate vertex: its
-    half-diagonal, plus the distance by which the slack of the point-inside test (``1e-5`` on
-    dot products, i.e. ``1e-5 / side`` in length) widens each side, plus a 0.1% safety margin
-    for rounding. Two boxes whose centres are farther apart than the sum of their reaches have
-    no candidate at all, so detectron2's IoU is exactly 0 for them.
+    The one Python definition of the rule (``custom_calls/rotated_iou.h``'s ``rotated_reach`` is
+    the one C++ definition, with the same float32 operations in the same order, so both skip the
+    same pairs): the circumradius with 0.2 % slack, plus room for detectron2's ``1e-5``
+    point-inside tolerance and the float32 rounding of large coordinates. A box with a zero side,
+    or with a non-finite size or reach, gets ``inf`` (never skipped).
     """
+    w, h = jnp.abs(boxes[:, 2]), jnp.abs(boxes[:, 3])
+    min_side = jnp.minimum(w, h)
+    radius = np.float32(0.5) * jnp.sqrt(_rounded(w * w) + _rounded(h * h))
+    coord = jnp.abs(boxes[:, 0]) + jnp.abs(boxes[:, 1])
+    safe_side = jnp.where(min_side > 0, min_side, np.float32(1))
+    reach = (
+        _rounded(radius * np.float32(1.002))
+        + np.float32(2e-4) / safe_side
+        + _rounded(np.float32(2e-5) * coord)
+        + np.float32(1e-5)
+    )
+    return jnp.where((min_side > 0) & jnp.isfinite(reach), reach, np.float32(np.inf))
+
+
+def rotated_discs_apart(
+    x1: Array, y1: Array, reach1: Array, x2: Array, y2: Array, reach2: Array
+) -> Array:
+    """True where two boxes (centres and :func:`rotated_reach`, broadcast) are too far apart to
+    overlap; their IoU is then exactly 0. False for an infinite reach or NaN."""
+    dx, dy = x1 - x2, y1 - y2
+    reach = reach1 + reach2
+    return _rounded(dx * dx) + _rounded(dy * dy) > _rounded(reach * reach)
+
+
+# Columns of the per-box table built by _prepare.
+_X, _Y, _W, _H, _COS, _SIN, _AREA, _REACH, _COS_EXACT, _SIN_EXACT = range(10)
+
+
+def _prepare(boxes: Array) -> Array:
+    """Per-box quantities ``[K, 10]`` (trigonometry once per box): x, y, w, h, cos and sin of
+    detectron2's radians, area, reach, and cos and sin of the exact radians."""
     x, y, w, h, angle = (boxes[:, k] for k in range(5))
     cos, sin = _cos_sin_degrees(angle)
+    cos_exact, sin_exact = _cos_sin_degrees(angle, truncated=False)
     area = _rounded(w * h)
-    half_diagonal = np.float32(0.5) * jnp.sqrt(w * w + h * h)
-    slack = np.float32(1e-5) / jnp.abs(w) + np.float32(1e-5) / jnp.abs(h)  # inf for a 0 side
-    reach = half_diagonal * np.float32(1.001) + slack
-    return jnp.stack([x, y, w, h, cos, sin, area, reach], axis=1)
+    reach = rotated_reach(boxes)
+    return jnp.stack([x, y, w, h, cos, sin, area, reach, cos_exact, sin_exact], axis=1)
 
 
 def _maybe_overlapping(prepared1: Array, prepared2: Array) -> Array:
     """``[N, M]`` mask of the pairs that may have a non-zero IoU (NaN boxes included)."""
-    dx = prepared1[:, None, 0] - prepared2[None, :, 0]
-    dy = prepared1[:, None, 1] - prepared2[None, :, 1]
-    reach = prepared1[:, None, 7] + prepared2[None, :, 7]
-    return ~(dx * dx + dy * dy > reach * reach)
+    return ~rotated_discs_apart(
+        prepared1[:, None, _X], prepared1[:, None, _Y], prepared1[:, None, _REACH],
+        prepared2[None, :, _X], prepared2[None, :, _Y], prepared2[None, :, _REACH],
+    )
 
 
-def _iou_of_pairs(prepared1: Array, prepared2: Array) -> Array:
-    """IoU of pair ``p`` of prepared boxes (``[P, 8]`` each, see ``_prepare``); returns ``[P]``."""
-    b1, b2 = prepared1.T, prepared2.T
+def _detectron2_iou_of_pairs(b1: Array, b2: Array) -> Array:
+    """detectron2's float32 IoU of prepared boxes ``b1[:, p]``, ``b2[:, p]`` (columns ``[10, P]``)."""
     # Shift to the midpoint of the two centres (sum rounded in float32, as the reference does).
-    mid_x = (b1[0] + b2[0]) * np.float32(0.5)
-    mid_y = (b1[1] + b2[1]) * np.float32(0.5)
-    x1, y1 = _corners_xy(b1[0] - mid_x, b1[1] - mid_y, b1[2], b1[3], b1[4], b1[5])
-    x2, y2 = _corners_xy(b2[0] - mid_x, b2[1] - mid_y, b2[2], b2[3], b2[4], b2[5])
-    area1, area2 = b1[6], b2[6]
+    mid_x = (b1[_X] + b2[_X]) * np.float32(0.5)
+    mid_y = (b1[_Y] + b2[_Y]) * np.float32(0.5)
+    x1, y1 = _corners_xy(b1[_X] - mid_x, b1[_Y] - mid_y, b1[_W], b1[_H], b1[_COS], b1[_SIN])
+    x2, y2 = _corners_xy(b2[_X] - mid_x, b2[_Y] - mid_y, b2[_W], b2[_H], b2[_COS], b2[_SIN])
+    area1, area2 = b1[_AREA], b2[_AREA]
     inter = _hull_area(*_candidates(x1, y1, x2, y2))
     degenerate = (area1 < _MIN_AREA) | (area2 < _MIN_AREA)
     union = jnp.where(degenerate, np.float32(1), area1 + area2 - inter)
     return jnp.where(degenerate, np.float32(0), inter / union)
+
+
+def _band_integral(px, py, qx, qy, half_w, half_h) -> Array:
+    """Signed integral of ``clamp(y, -half_h, half_h) + half_h`` dx along the segment p -> q,
+    restricted to ``|x| <= half_w`` (one edge's share of a polygon's area inside the box)."""
+    zero, one = np.float32(0), np.float32(1)
+    span_x = qx - px
+    moving = span_x != zero
+    safe_span_x = jnp.where(moving, span_x, one)
+    xa = jnp.clip(px, -half_w, half_w)
+    xb = jnp.clip(qx, -half_w, half_w)
+    ta = (xa - px) / safe_span_x
+    tb = (xb - px) / safe_span_x
+    span_y = qy - py
+    ya = py + _rounded(ta * span_y)
+    yb = py + _rounded(tb * span_y)
+    rise = yb - ya
+    sloped = rise != zero
+    safe_rise = jnp.where(sloped, rise, one)
+    t_low = jnp.clip((-half_h - ya) / safe_rise, zero, one)
+    t_high = jnp.clip((half_h - ya) / safe_rise, zero, one)
+    t_enter = jnp.minimum(t_low, t_high)
+    t_leave = jnp.maximum(t_low, t_high)
+    inside = jnp.where(sloped, t_leave - t_enter, jnp.where(jnp.abs(ya) <= half_h, one, zero))
+    above = jnp.where(
+        rise > zero, one - t_leave, jnp.where(rise < zero, t_enter, jnp.where(ya > half_h, one, zero))
+    )
+    mean_inside = (jnp.clip(ya, -half_h, half_h) + jnp.clip(yb, -half_h, half_h)) * np.float32(
+        0.5
+    ) + half_h
+    height = _rounded(inside * mean_inside) + _rounded(above * (half_h + half_h))
+    return jnp.where(moving, _rounded((xb - xa) * height), zero)
+
+
+def _exact_iou_of_pairs(b1: Array, b2: Array) -> Array:
+    """IoU of prepared boxes ``b1[:, p]``, ``b2[:, p]`` (``[10, P]``) exact up to float32
+    rounding: box 2's outline in box 1's frame, integrated against box 1's rectangle."""
+    c1, s1, c2, s2 = b1[_COS_EXACT], b1[_SIN_EXACT], b2[_COS_EXACT], b2[_SIN_EXACT]
+    dx, dy = b2[_X] - b1[_X], b2[_Y] - b1[_Y]
+    # Box 2's centre and width axis in box 1's frame (width axis (c, -s), height axis (s, c)).
+    cx = _rounded(dx * c1) - _rounded(dy * s1)
+    cy = _rounded(dx * s1) + _rounded(dy * c1)
+    ux = _rounded(c2 * c1) + _rounded(s2 * s1)
+    uy = _rounded(c2 * s1) - _rounded(s2 * c1)
+    half_w2, half_h2 = b2[_W] * np.float32(0.5), b2[_H] * np.float32(0.5)
+    a, b = _rounded(half_w2 * ux), _rounded(half_w2 * uy)
+    c, d = _rounded(half_h2 * uy), _rounded(half_h2 * ux)
+    xs = (cx + (a - c), cx + (a + c), cx - (a - c), cx - (a + c))
+    ys = (cy + (b + d), cy + (b - d), cy - (b + d), cy - (b - d))
+    half_w1 = jnp.abs(b1[_W]) * np.float32(0.5)
+    half_h1 = jnp.abs(b1[_H]) * np.float32(0.5)
+    terms = [
+        _band_integral(xs[k], ys[k], xs[(k + 1) % 4], ys[(k + 1) % 4], half_w1, half_h1)
+        for k in range(4)
+    ]
+    area1, area2 = b1[_AREA], b2[_AREA]
+    inter = jnp.minimum(jnp.abs(((terms[0] + terms[1]) + terms[2]) + terms[3]),
+                        jnp.minimum(area1, area2))
+    degenerate = (area1 < _MIN_AREA) | (area2 < _MIN_AREA)
+    union = jnp.where(degenerate, np.float32(1), area1 + area2 - inter)
+    return jnp.where(degenerate, np.float32(0), jnp.clip(inter / union, np.float32(0), np.float32(1)))
+
+
+# detectron2's value (clamped to [0, 1]) is used when it lies within this distance of the exact IoU.
+SOUND_TOLERANCE = 1e-4
+_SOUND_TOLERANCE = np.float32(SOUND_TOLERANCE)
+
+
+def _iou_of_pairs(prepared1: Array, prepared2: Array) -> Array:
+    """IoU of pair ``p`` of prepared boxes (``[P, 10]`` each, see ``_prepare``); returns ``[P]``."""
+    b1, b2 = prepared1.T, prepared2.T
+    reference = _detectron2_iou_of_pairs(b1, b2)
+    exact = _exact_iou_of_pairs(b1, b2)
+    sound = jnp.abs(reference - exact) <= _SOUND_TOLERANCE
+    return jnp.where(sound, jnp.clip(reference, np.float32(0), np.float32(1)), exact)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,15 +562,17 @@ def pairwise_iou_rotated(
     Args:
       boxes1: ``[N, 5]`` rotated boxes ``(x_center, y_center, width, height, angle_degrees)``.
       boxes2: ``[M, 5]`` rotated boxes.
-      pairs_per_chunk: how many box pairs are evaluated at once (bounds scratch memory; see the
-        module docstring). Keyword-only, not in detectron2.
+      pairs_per_chunk: how many box pairs are evaluated at once (bounds scratch memory).
+        Keyword-only, not in detectron2.
 
     Returns:
-      float32 ``[N, M]``; ``iou[i, j]`` is detectron2's ``pairwise_iou_rotated(boxes1,
-      boxes2)[i, j]``, bit for bit (box ``i`` of ``boxes1`` is the reference's first argument;
-      the IoU is symmetric only up to rounding). Inputs of any real dtype are evaluated in
-      float32. Empty ``N`` or ``M`` gives an empty ``[N, M]`` array. Works under ``jit`` and
-      ``vmap``.
+      float32 ``[N, M]`` in ``[0, 1]``; ``iou[i, j]`` is detectron2's ``pairwise_iou_rotated(boxes1,
+      boxes2)[i, j]`` bit for bit (clamped to ``[0, 1]``) wherever that is within
+      ``SOUND_TOLERANCE`` of the exact IoU, else the exact IoU up to float32 rounding (see the
+      module docstring). Box ``i`` of ``boxes1`` is detectron2's first argument; the IoU is
+      symmetric only up to rounding. Inputs of any real dtype are evaluated in float32. Empty
+      ``N`` or ``M`` gives an empty ``[N, M]`` array. Works under ``jit`` and ``vmap``; scratch
+      memory is bounded by ``pairs_per_chunk`` besides the ``O(N M)`` result.
 
     Raises:
       ValueError: a box array is not ``[K, 5]``, ``N * M >= 2**31``, or ``pairs_per_chunk < 1``.
@@ -570,7 +649,7 @@ def rotated_iou_paired(boxes1: Array, boxes2: Array) -> Array:
     distance test): every row is evaluated, in one shot, with no skipping of far-apart pairs and
     no chunking, so the caller bounds ``P`` (scratch is about 3 KB per pair). ``boxes1[p]`` is
     detectron2's first argument (the kept box in its NMS); values are bit-identical to
-    :func:`pairwise_iou_rotated`.
+    :func:`pairwise_iou_rotated`'s.
     """
     boxes1 = _as_boxes(boxes1, "boxes1", 2)
     boxes2 = _as_boxes(boxes2, "boxes2", 2)
@@ -588,8 +667,8 @@ def rotated_iou_one_to_many(
 ) -> Array:
     """IoU of one rotated box ``box[5]`` with each of ``boxes[M, 5]``; float32 ``[M]``.
 
-    ``box`` is the reference's first argument, as in detectron2's rotated NMS (the kept box
-    against the remaining ones), so the result is bit-compatible with what that NMS compares.
+    ``box`` is detectron2's first argument, as in its rotated NMS (the kept box against the
+    remaining ones); values as :func:`pairwise_iou_rotated`.
     Each call pays a fixed loop overhead; for suppression over many boxes, one
     :func:`pairwise_iou_rotated` matrix (cheap when few pairs overlap) is usually faster than a
     call per kept box.
