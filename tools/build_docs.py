@@ -55,6 +55,12 @@ def public_modules() -> list[str]:
             names.append(info.name)
     if errors:
         raise ImportError(f"cannot walk packages: {errors}")
+    # Subpackages that export lazily too (detlayers.models): resolve their names the same way.
+    for name in names:
+        if name != PACKAGE and hasattr(importlib.import_module(name), "__getattr__"):
+            module = importlib.import_module(name)
+            for exported in getattr(module, "__all__", ()):
+                getattr(module, exported)
     return sorted(names)
 
 

@@ -1,6 +1,6 @@
 """detectron2's ``GeneralizedRCNN`` (Mask R-CNN / Faster R-CNN with a ResNet-FPN) at inference.
 
-:func:`build_model` turns a :class:`~detlayers.models.config.Config` into the Flax module
+:func:`build_model` turns a :class:`detlayers.models.config.Config` into the Flax module
 :class:`GeneralizedRCNN`, whose submodule names are detectron2's (``backbone.bottom_up.res2.0...``,
 ``proposal_generator.rpn_head...``, ``roi_heads.box_head.fc1``...), so a detectron2 checkpoint loads
 one to one. :class:`Predictor` is detectron2's ``DefaultPredictor``: host-side resize and
@@ -299,7 +299,7 @@ class Predictor:
     """detectron2's ``DefaultPredictor`` on detlayers: ``Predictor(cfg, weights)(image_bgr)``.
 
     Args:
-      cfg: a :class:`~detlayers.models.config.Config` (e.g. ``mask_rcnn_R_50_FPN_3x_config()``).
+      cfg: a :class:`detlayers.models.config.Config` (e.g. ``mask_rcnn_R_50_FPN_3x_config()``).
       weights: a detectron2 ``.pkl``/``.pth`` path, a ``{detectron2 name: array}`` dict, or the Flax
         variables ``{"params": ..., "batch_stats": ...}`` themselves.
 

@@ -60,7 +60,7 @@ def find_top_rpn_proposals(
     """detectron2's ``find_top_rpn_proposals`` (inference), batched with static shapes.
 
     Args:
-      anchors: per level ``float32[Hi*Wi*A, 4]`` (:func:`box_ops.grid_anchors`).
+      anchors: per level ``float32[Hi*Wi*A, 4]`` (:func:`detlayers.models.box_ops.grid_anchors`).
       deltas: per level ``[N, Hi*Wi*A, 4]``; logits: per level ``[N, Hi*Wi*A]``.
       image_hw: ``int32[N, 2]`` image sizes before padding (boxes are clipped to them).
 
