@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from detlayers._checks import as_pair
+from detlayers._numerics import accumulation_dtype as compute_dtype  # noqa: F401 (used as rs.compute_dtype)
+
 # Output bins per chunk of the adaptive loops (a chunk holds max(1, CHUNK_BINS // (PH*PW)) ROIs).
 # Small enough that the chunk's accumulator ([chunk, PH, PW, C]) stays in cache and ROIs of
 # different sizes rarely share a chunk; large enough that a loop step does real work.  Measured
@@ -43,14 +46,7 @@ def _chunk_bins() -> int:
 
 def normalize_output_size(output_size: Any) -> tuple[int, int]:
     """``int`` or ``(PH, PW)`` -> ``(PH, PW)``, both positive Python ints."""
-    if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
-        size = (int(output_size), int(output_size))
-    elif isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in output_size
-    ):
-        size = (int(output_size[0]), int(output_size[1]))
-    else:
-        raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
+    size = as_pair(output_size, "output_size")
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
     return size
@@ -107,11 +103,6 @@ def batch_index_and_validity(name: str, rois: jax.Array, batch: int) -> tuple[ja
     index = column.astype(jnp.int32)
     valid = (index >= 0) & (index < batch)
     return jnp.clip(index, 0, max(batch - 1, 0)), valid
-
-
-def compute_dtype(dtype: Any) -> Any:
-    """float32 for every half type (accumulate in float32); float64 stays float64."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def sample_grid(roi_extent: jax.Array, bins: int, sampling_ratio: int) -> jax.Array:

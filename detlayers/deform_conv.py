@@ -48,7 +48,8 @@ from jax import lax
 
 from detlayers._checks import IntOrPair, check_groups
 from detlayers._checks import as_pair as _pair
-from detlayers.wrappers import _make_norm
+from detlayers._conv_norm import make_norm as _make_norm
+from detlayers._roi_sampling import gather_rows as _gather
 
 __all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
 
@@ -160,10 +161,6 @@ def _sampling_plan(
                 )
             )
     return _SamplingPlan(tuple(neighbours), inside)
-
-
-def _gather(image_rows: jax.Array, index: jax.Array) -> jax.Array:
-    return image_rows.at[index].get(mode="promise_in_bounds")
 
 
 def _columns(image_rows: jax.Array, plan: _SamplingPlan, mask: jax.Array | None) -> jax.Array:

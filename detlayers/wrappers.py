@@ -29,6 +29,8 @@ from detlayers._checks import as_pair as _pair
 from detlayers._checks import check_floating as _check_floating
 from detlayers._checks import check_groups as _check_groups
 from detlayers._checks import check_nhwc as _check_nhwc
+from detlayers._conv_norm import make_norm as _make_norm
+from detlayers._numerics import operand_dtype
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -72,12 +74,6 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return torch_default_kernel_init(fan_in)
 
 
-def _compute_dtype(x: Array) -> Any:
-    """Operand dtype of a layer: the input's. Parameters are cast to it (so bf16 inputs use bf16
-    operands, as ``torch.autocast`` does) while products accumulate in float32."""
-    return x.dtype
-
-
 # --------------------------------------------------------------------------------------------
 # Conv2d
 # --------------------------------------------------------------------------------------------
@@ -118,7 +114,7 @@ def _nhwc_conv(
 ) -> Array:
     """``lax.conv_general_dilated`` NHWC x HWIO with this module's dtype rule: operands in the input
     dtype, products and bias accumulated in float32, result in the input dtype."""
-    dtype = _compute_dtype(x)
+    dtype = operand_dtype(x)
     y = jax.lax.conv_general_dilated(
         x,
         kernel.astype(dtype),
@@ -273,18 +269,6 @@ def _conv_params(layer: nn.Module, x: Array, *, fan_in_channels: int) -> tuple[A
             "bias", layer.bias_init or torch_default_bias_init(fan_in), (layer.out_channels,), layer.param_dtype
         )
     return kernel, bias
-
-
-def _make_norm(norm: Any, channels: int) -> nn.Module | None:
-    """Builds the ``norm`` submodule inside a compact method (so Flax names it ``norm``)."""
-    if norm is None or (isinstance(norm, str) and norm == ""):
-        return None
-    if isinstance(norm, nn.Module):
-        # An unbound module given as a field is adopted by the parent under the field name.
-        return norm
-    from detlayers.batch_norm import get_norm  # imported lazily: norm-free convs don't need it
-
-    return get_norm(norm, channels, name="norm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +444,7 @@ class Linear(nn.Module):
             (self.in_features, self.out_features),
             self.param_dtype,
         )
-        dtype = _compute_dtype(x)
+        dtype = operand_dtype(x)
         y = jnp.matmul(x, kernel.astype(dtype), precision=self.precision, preferred_element_type=jnp.float32)
         if self.bias:
             bias = self.param(
