@@ -16,14 +16,14 @@ import pytest
 
 import detlayers as L
 from detlayers.freeze import frozen_class, masked_optimizer, trainable_mask
+from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "wrappers.npz") as data:
-        return {k: data[k] for k in data.files if k.startswith("dsc/")}
+def fx():
+    return load_fixture("wrappers.npz", prefix="dsc/")
 
 
 def test_depthwise_separable_conv_matches_detectron2_in_eval_and_train(fx):

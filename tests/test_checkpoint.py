@@ -17,6 +17,7 @@ import pytest
 
 import detlayers as L
 from detlayers.checkpoint import flax_name_to_torch, read_state_dict
+from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 
@@ -58,9 +59,8 @@ class TinyNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "checkpoint_tiny.npz") as data:
-        return {k: data[k] for k in data.files}
+def fx():
+    return load_fixture("checkpoint_tiny.npz")
 
 
 @pytest.fixture(scope="module")

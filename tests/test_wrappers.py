@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 import detlayers as L
 from detlayers.wrappers import conv2d, conv_transpose2d
+from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "wrappers.npz") as data:
-        return {k: data[k] for k in data.files}
+def fx():
+    return load_fixture("wrappers.npz")
 
 
 def config(fx, prefix):
