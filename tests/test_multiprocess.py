@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from detlayers.launch import launch
+from detlayers.distributed.launch import launch
 from helpers import load_npz
 
 HERE = pathlib.Path(__file__).parent

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import detlayers as L
-from detlayers.checkpoint import flax_name_to_torch, read_state_dict
+from detlayers.torch_weights import flax_name_to_torch, read_state_dict
 from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
