@@ -193,17 +193,9 @@ class _DeformArgs(NamedTuple):
 
 
 def _check_deform_args(
-    input: jax.Array,
-    offset: jax.Array,
-    mask: jax.Array | None,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    stride: IntOrPair,
-    padding: IntOrPair,
-    dilation: IntOrPair,
-    groups: int,
-    deformable_groups: int,
-    fn_name: str,
+    fn_name: str, input: jax.Array, offset: jax.Array, mask: jax.Array | None, kernel: jax.Array,
+    bias: jax.Array | None, stride: IntOrPair, padding: IntOrPair, dilation: IntOrPair,
+    groups: int, deformable_groups: int,
 ) -> _DeformArgs:
     """Normalizes the int-or-pair arguments and raises ``TypeError``/``ValueError`` (naming
     ``fn_name``, the argument and the shapes) for anything ``_deform_conv_impl`` cannot run."""
@@ -281,8 +273,8 @@ def _deform_conv_impl(
     fn_name: str,
 ) -> jax.Array:
     stride, padding, dilation, groups, dg, (ho, wo) = _check_deform_args(
-        input, offset, mask, kernel, bias, stride, padding, dilation, groups, deformable_groups,
-        fn_name,
+        fn_name, input, offset, mask, kernel, bias, stride, padding, dilation, groups,
+        deformable_groups,
     )
     n, h, w, c = input.shape
     kh, kw, c_per_group, o = kernel.shape

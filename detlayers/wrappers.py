@@ -74,6 +74,15 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return torch_default_kernel_init(fan_in)
 
 
+def _check_kernel_in_channels(x: Array, kernel: Array, groups: int, fn_name: str) -> None:
+    """``ValueError`` unless ``x``'s channels equal the kernel's in-channels times ``groups``."""
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(
+            f"{fn_name}: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
+            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Conv2d
 # --------------------------------------------------------------------------------------------
@@ -158,11 +167,7 @@ def conv2d(
         raise ValueError(f"conv2d: kernel must be HWIO [kh, kw, in/groups, out], got shape {kernel.shape}")
     if x.ndim != 4:
         raise ValueError(f"conv2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
-    if x.shape[-1] != kernel.shape[2] * groups:
-        raise ValueError(
-            f"conv2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
-            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
-        )
+    _check_kernel_in_channels(x, kernel, groups, "conv2d")
     if kernel.shape[3] % groups:
         raise ValueError(f"conv2d: out channels {kernel.shape[3]} not divisible by groups={groups}")
     kh, kw = kernel.shape[:2]
@@ -303,11 +308,7 @@ def conv_transpose2d(
         raise ValueError(f"conv_transpose2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
     if kernel.ndim != 4:
         raise ValueError(f"conv_transpose2d: kernel must be [kh, kw, in/groups, out], got shape {kernel.shape}")
-    if x.shape[-1] != kernel.shape[2] * groups:
-        raise ValueError(
-            f"conv_transpose2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
-            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
-        )
+    _check_kernel_in_channels(x, kernel, groups, "conv_transpose2d")
     kh, kw = kernel.shape[:2]
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
