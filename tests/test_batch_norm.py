@@ -18,15 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detlayers.batch_norm import (
-    BatchNorm2d,
-    CycleBatchNormList,
-    FrozenBatchNorm2d,
-    GroupNorm,
-    LayerNorm,
-    NaiveSyncBatchNorm,
-    get_norm,
-)
+from detlayers.batch_norm import (BatchNorm2d, CycleBatchNormList, FrozenBatchNorm2d, GroupNorm,
+                                  LayerNorm, NaiveSyncBatchNorm, get_norm)
 from helpers import assert_close, load_fixture
 
 RTOL = 1e-5
