@@ -5,6 +5,7 @@
   closed before returning).
 * ``assert_close``: relative closeness measured against the largest reference magnitude.
 * ``bilinear_interpolate``: the float64 bilinear sample of ROIAlign (plain and rotated).
+* ``mse_train_step``: a jitted training step of a module with batch statistics.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import math
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -64,3 +68,20 @@ def bilinear_interpolate(image: np.ndarray, y: float, x: float) -> np.ndarray:
     ly, lx = y - y0, x - x0
     return ((1 - ly) * (1 - lx) * image[y0, x0] + (1 - ly) * lx * image[y0, x1]
             + ly * (1 - lx) * image[y1, x0] + ly * lx * image[y1, x1])
+
+
+def mse_train_step(module, x, target, tx: optax.GradientTransformation):
+    """Jitted ``(params, batch_stats, opt_state) -> (params, batch_stats, opt_state, loss)``: one
+    ``tx`` step on the mean squared error of ``module.apply(..., x, train=True)`` to ``target``."""
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        def loss_fn(p):
+            y, upd = module.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean((y - target) ** 2), upd["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    return step
