@@ -67,7 +67,7 @@ _EXPORTS: dict[str, str] = {
     "diou_loss": "losses",
     "ciou_loss": "losses",
     # checkpoints
-    "load_torch_state_dict": "checkpoint",
+    "load_torch_state_dict": "torch_weights",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -117,7 +117,7 @@ if TYPE_CHECKING:  # static tools see the real definitions
         get_norm,
     )
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
-    from detlayers.checkpoint import load_torch_state_dict
+    from detlayers.torch_weights import load_torch_state_dict
     from detlayers.freeze import (
         convert_frozen_batchnorm,
         frozen_class,

@@ -18,6 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from detlayers._checks import as_pair
+from detlayers._numerics import accumulation_dtype as compute_dtype  # noqa: F401 (used as rs.compute_dtype)
+from detlayers._numerics import round_product as rounded
+
 # Output bins per chunk of the adaptive loops (a chunk holds max(1, CHUNK_BINS // (PH*PW)) ROIs);
 # the choice is explained in docs/design/roi_align.md.
 CHUNK_BINS = 392
@@ -37,14 +41,7 @@ def _chunk_bins() -> int:
 
 def normalize_output_size(output_size: Any) -> tuple[int, int]:
     """``int`` or ``(PH, PW)`` -> ``(PH, PW)``, both positive Python ints."""
-    if isinstance(output_size, (int, np.integer)) and not isinstance(output_size, bool):
-        size = (int(output_size), int(output_size))
-    elif isinstance(output_size, (tuple, list)) and len(output_size) == 2 and all(
-        isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in output_size
-    ):
-        size = (int(output_size[0]), int(output_size[1]))
-    else:
-        raise TypeError(f"output_size must be an int or a pair of ints, got {output_size!r}")
+    size = as_pair(output_size, "output_size")
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
     return size
@@ -116,21 +113,6 @@ def batch_index_and_validity(name: str, rois: jax.Array, batch: int,
     valid = (column >= 0) & (column < batch)
     index = jnp.where(valid, column, 0).astype(jnp.int32)
     return jnp.clip(index, 0, max(batch - 1, 0)), valid
-
-
-def rounded(product: jax.Array) -> jax.Array:
-    """``product`` rounded to its dtype before a later add uses it.
-
-    XLA's CPU and GPU compilers contract ``a * b + c`` into a fused multiply-add, which rounds once
-    where the reference kernels round twice; at the ``y <= H`` validity edge that last bit decides
-    whether a sample counts.  The select is an identity the compilers cannot fuse through.
-    """
-    return jnp.where(jnp.isnan(product), jnp.asarray(jnp.nan, product.dtype), product)
-
-
-def compute_dtype(dtype: Any) -> Any:
-    """float32 for every half type (accumulate in float32); float64 stays float64."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def sample_grid(roi_extent: jax.Array, bins: int, sampling_ratio: int) -> jax.Array:

@@ -84,9 +84,7 @@ class ASPP(nn.Module):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ASPP: dropout must be in [0, 1), got {self.dropout}")
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> Array:
-        self._check_config()
+    def _check_input(self, x: Array) -> None:
         check_nhwc(x, self.in_channels, "ASPP")
         height, width = x.shape[1], x.shape[2]
         if self.pool_kernel_size is not None:
@@ -96,77 +94,64 @@ class ASPP(nn.Module):
                     "ASPP: `pool_kernel_size` must be divisible by the shape of inputs. "
                     f"Input size: {(height, width)} `pool_kernel_size`: {tuple(self.pool_kernel_size)}"
                 )
-        use_bias = self.norm == ""
-        conv_inits = dict(kernel_init=c2_xavier_kernel_init, bias_init=nn.initializers.zeros)
-        branches = [
-            Conv2d(
-                self.in_channels,
-                self.out_channels,
-                kernel_size=1,
-                bias=use_bias,
-                norm=self.norm,
-                activation=self.activation,
-                name="convs_0",
-                **conv_inits,
-            )(x, train=train)
-        ]
+
+    def _conv(self, in_channels: int, name: str, kernel_size: int = 1, dilation: int = 1,
+              pooled: bool = False) -> Conv2d:
+        """One of ASPP's convs: caffe2 Xavier kernels, zero biases, a bias only without a norm.
+        The pooled branch's 1x1 conv has a bias and no norm: detectron2 drops it because the map
+        is 1x1 (TF had BN)."""
+        return Conv2d(
+            in_channels,
+            self.out_channels,
+            kernel_size=kernel_size,
+            padding=dilation if kernel_size > 1 else 0,
+            dilation=dilation,
+            bias=pooled or self.norm == "",
+            norm=None if pooled else self.norm,
+            activation=self.activation,
+            name=name,
+            kernel_init=c2_xavier_kernel_init,
+            bias_init=nn.initializers.zeros,
+        )
+
+    def _dilated_branch(self, index: int, dilation: int) -> nn.Module:
+        """Branch ``index`` (1..3): a 3x3 conv with ``dilation``, depthwise separable on request."""
+        if not self.use_depthwise_separable_conv:
+            return self._conv(self.in_channels, f"convs_{index}", kernel_size=3, dilation=dilation)
+        return DepthwiseSeparableConv2d(
+            self.in_channels,
+            self.out_channels,
+            kernel_size=3,
+            padding=dilation,
+            dilation=dilation,
+            norm1=self.norm,
+            activation1=self.activation,
+            norm2=self.norm,
+            activation2=self.activation,
+            name=f"convs_{index}",
+        )
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        self._check_config()
+        self._check_input(x)
+        height, width = x.shape[1], x.shape[2]
+        branches = [self._conv(self.in_channels, "convs_0")(x, train=train)]
         for index, dilation in enumerate(self.dilations, start=1):
-            if self.use_depthwise_separable_conv:
-                branch = DepthwiseSeparableConv2d(
-                    self.in_channels,
-                    self.out_channels,
-                    kernel_size=3,
-                    padding=dilation,
-                    dilation=dilation,
-                    norm1=self.norm,
-                    activation1=self.activation,
-                    norm2=self.norm,
-                    activation2=self.activation,
-                    name=f"convs_{index}",
-                )
-            else:
-                branch = Conv2d(
-                    self.in_channels,
-                    self.out_channels,
-                    kernel_size=3,
-                    padding=dilation,
-                    dilation=dilation,
-                    bias=use_bias,
-                    norm=self.norm,
-                    activation=self.activation,
-                    name=f"convs_{index}",
-                    **conv_inits,
-                )
-            branches.append(branch(x, train=train))
+            branches.append(self._dilated_branch(index, dilation)(x, train=train))
 
         if self.pool_kernel_size is None:
             pooled = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2), keepdims=True)
             pooled = pooled.astype(x.dtype)
         else:
-            pooled = avg_pool2d(x, (kh, kw))
-        # No norm on the pooled branch: detectron2 drops it because the map is 1x1 (TF had BN).
-        pooled = Conv2d(
-            self.in_channels,
-            self.out_channels,
-            kernel_size=1,
-            bias=True,
-            activation=self.activation,
-            name=f"convs_{len(self.dilations) + 1}_1",
-            **conv_inits,
-        )(pooled, train=train)
+            pooled = avg_pool2d(x, tuple(int(k) for k in self.pool_kernel_size))
+        pooled = self._conv(self.in_channels, f"convs_{len(self.dilations) + 1}_1", pooled=True)(
+            pooled, train=train
+        )
         branches.append(interpolate(pooled, size=(height, width), mode="bilinear", align_corners=False))
 
         y = jnp.concatenate(branches, axis=-1)
-        y = Conv2d(
-            5 * self.out_channels,
-            self.out_channels,
-            kernel_size=1,
-            bias=use_bias,
-            norm=self.norm,
-            activation=self.activation,
-            name="project",
-            **conv_inits,
-        )(y, train=train)
+        y = self._conv(5 * self.out_channels, "project")(y, train=train)
         if self.dropout > 0:
             y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
         return y

@@ -41,6 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detlayers._numerics import accumulation_dtype as _compute_dtype
+from detlayers._sharding import varying_axes as _varying_axes
+
 Array = jax.Array
 
 __all__ = [
@@ -64,11 +67,6 @@ STATS_MODES = ("", "N")
 
 # --------------------------------------------------------------------------------------------
 # pure functions
-
-
-def _compute_dtype(dtype: Any) -> Any:
-    """float32 for float16/bfloat16/float32 inputs, float64 for float64 (x64 mode)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _check_input(x: Array, num_features: int, layer: str) -> None:
@@ -367,15 +365,6 @@ def _train_normalize(
         scale, bias = (_as_varying_like(p, x, axis_name) for p in (scale, bias))
     y, stats = _train_normalize_vjp(x, scale, bias, mask, axis_name, eps, stats_mode)
     return y, jax.lax.stop_gradient(stats)
-
-
-def _varying_axes(a: Array) -> frozenset:
-    """The manual (shard_map) mesh axes ``a`` varies over; empty outside shard_map."""
-    aval = jax.typeof(a)
-    vma = getattr(aval, "vma", None)  # older JAX spelling
-    if vma is None:
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-    return frozenset(vma or ())
 
 
 def _as_varying_like(param: Array | None, x: Array, axis_name: Any) -> Array | None:

@@ -101,28 +101,21 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        x = Conv2d(
-            self.in_channels,
-            self.in_channels,
-            kernel_size=self.kernel_size,
-            padding=self.padding,
-            dilation=self.dilation,
+        x = _msra_conv(
+            self.in_channels, self.in_channels, self.norm1, self.activation1, "depthwise",
+            kernel_size=self.kernel_size, padding=self.padding, dilation=self.dilation,
             groups=self.in_channels,
-            bias=not self.norm1,
-            norm=self.norm1,
-            activation=self.activation1,
-            kernel_init=c2_msra_kernel_init,
-            bias_init=nn.initializers.zeros,
-            name="depthwise",
         )(x, train=train)
-        return Conv2d(
-            self.in_channels,
-            self.out_channels,
+        return _msra_conv(
+            self.in_channels, self.out_channels, self.norm2, self.activation2, "pointwise",
             kernel_size=1,
-            bias=not self.norm2,
-            norm=self.norm2,
-            activation=self.activation2,
-            kernel_init=c2_msra_kernel_init,
-            bias_init=nn.initializers.zeros,
-            name="pointwise",
         )(x, train=train)
+
+
+def _msra_conv(in_channels: int, out_channels: int, norm: Any,
+               activation: Callable[[Array], Array] | None, name: str, **conv_args: Any) -> Conv2d:
+    """A ``Conv2d`` with caffe2 MSRA kernels and zero biases, with a bias only without ``norm``."""
+    return Conv2d(
+        in_channels, out_channels, bias=not norm, norm=norm, activation=activation,
+        kernel_init=c2_msra_kernel_init, bias_init=nn.initializers.zeros, name=name, **conv_args,
+    )

@@ -48,7 +48,8 @@ from jax import lax
 
 from detlayers._checks import IntOrPair, check_groups
 from detlayers._checks import as_pair as _pair
-from detlayers.wrappers import _make_norm
+from detlayers._conv_norm import make_norm as _make_norm
+from detlayers._roi_sampling import gather_rows as _gather
 
 __all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
 
@@ -162,10 +163,6 @@ def _sampling_plan(
     return _SamplingPlan(tuple(neighbours), inside)
 
 
-def _gather(image_rows: jax.Array, index: jax.Array) -> jax.Array:
-    return image_rows.at[index].get(mode="promise_in_bounds")
-
-
 def _columns(image_rows: jax.Array, plan: _SamplingPlan, mask: jax.Array | None) -> jax.Array:
     """Bilinear im2col: ``[R, Wo, K * dg, C/dg]`` float32 (``mask`` ``[R, Wo, dg, K]`` or None)."""
     scale = None
@@ -184,20 +181,24 @@ def _columns(image_rows: jax.Array, plan: _SamplingPlan, mask: jax.Array | None)
     return columns
 
 
-def _deform_conv_impl(
-    input: jax.Array,
-    offset: jax.Array,
-    mask: jax.Array | None,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    stride: IntOrPair,
-    padding: IntOrPair,
-    dilation: IntOrPair,
-    groups: int,
-    deformable_groups: int,
-    max_column_elements: int | None,
-    fn_name: str,
-) -> jax.Array:
+class _DeformArgs(NamedTuple):
+    """A deformable convolution's checked arguments and its output size."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    deformable_groups: int
+    out_hw: tuple[int, int]
+
+
+def _check_deform_args(
+    fn_name: str, input: jax.Array, offset: jax.Array, mask: jax.Array | None, kernel: jax.Array,
+    bias: jax.Array | None, stride: IntOrPair, padding: IntOrPair, dilation: IntOrPair,
+    groups: int, deformable_groups: int,
+) -> _DeformArgs:
+    """Normalizes the int-or-pair arguments and raises ``TypeError``/``ValueError`` (naming
+    ``fn_name``, the argument and the shapes) for anything ``_deform_conv_impl`` cannot run."""
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
@@ -262,6 +263,30 @@ def _deform_conv_impl(
     for array, name in ((input, "input"), (offset, "offset"), (kernel, "kernel"), (mask, "mask")):
         if array is not None and not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"{fn_name}: {name} must be floating point, got {array.dtype}")
+    return _DeformArgs(stride, padding, dilation, groups, dg, (ho, wo))
+
+
+def _deform_conv_impl(
+    input: jax.Array,
+    offset: jax.Array,
+    mask: jax.Array | None,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    stride: IntOrPair,
+    padding: IntOrPair,
+    dilation: IntOrPair,
+    groups: int,
+    deformable_groups: int,
+    max_column_elements: int | None,
+    fn_name: str,
+) -> jax.Array:
+    stride, padding, dilation, groups, dg, (ho, wo) = _check_deform_args(
+        fn_name, input, offset, mask, kernel, bias, stride, padding, dilation, groups,
+        deformable_groups,
+    )
+    n, h, w, c = input.shape
+    kh, kw, c_per_group, o = kernel.shape
+    taps = kh * kw
     out_dtype = input.dtype
     if n == 0:
         return jnp.zeros((0, ho, wo, o), out_dtype)
@@ -301,31 +326,36 @@ def _deform_conv_impl(
     per_row = wo * taps * c
     rows_per_chunk = max(1, min(total_rows, int(limit) // per_row))
     flat_row = jnp.arange(total_rows, dtype=jnp.int32)
-    if rows_per_chunk >= total_rows:
-        out = block(
-            image_rows, grouped_kernel, offset_rows, mask_rows, flat_row // ho, flat_row % ho
-        )
-    else:
-        chunks = -(-total_rows // rows_per_chunk)
-        padded = chunks * rows_per_chunk
-        pad = padded - total_rows
-
-        def chunked(a):
-            a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-            return a.reshape(chunks, rows_per_chunk, *a.shape[1:])
-
-        # Padded rows read image 0 row 0 with zero offsets; their outputs are dropped.
-        # A None mask is an empty pytree: lax.map hands it to every block unchanged.
-        mask_chunks = None if mask_rows is None else chunked(mask_rows)
-        out = lax.map(
-            lambda args: block(image_rows, grouped_kernel, *args),
-            (chunked(offset_rows), mask_chunks, chunked(flat_row // ho), chunked(flat_row % ho)),
-        )
-        out = out.reshape(padded, wo, o)[:total_rows]
+    # Padded rows read image 0 row 0 with zero offsets; their outputs are dropped.
+    out = _map_row_chunks(
+        lambda *rows: block(image_rows, grouped_kernel, *rows),
+        (offset_rows, mask_rows, flat_row // ho, flat_row % ho), total_rows, rows_per_chunk,
+    )
     out = out.reshape(n, ho, wo, o)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(out_dtype)
+
+
+def _map_row_chunks(
+    fn: Callable[..., jax.Array], row_args: tuple, total_rows: int, rows_per_chunk: int
+) -> jax.Array:
+    """``fn(*row_args)``, whose arguments and result have ``total_rows`` rows on axis 0, evaluated
+    ``rows_per_chunk`` rows at a time under ``lax.map`` when that is fewer than all; the last chunk
+    is zero-padded and the padded rows' outputs dropped. ``None`` arguments pass through."""
+    if rows_per_chunk >= total_rows:
+        return fn(*row_args)
+    chunks = -(-total_rows // rows_per_chunk)
+    padded = chunks * rows_per_chunk
+    pad = padded - total_rows
+
+    def chunked(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(chunks, rows_per_chunk, *a.shape[1:])
+
+    # A None argument is an empty pytree: lax.map hands it to every call unchanged.
+    out = lax.map(lambda args: fn(*args), tuple(None if a is None else chunked(a) for a in row_args))
+    return out.reshape(padded, *out.shape[2:])[:total_rows]
 
 
 def deform_conv(

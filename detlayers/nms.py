@@ -85,6 +85,8 @@ from jax import lax
 
 from detlayers import _ffi
 from detlayers._checks import f32_at_or_below
+from detlayers._numerics import round_product as _round_product
+from detlayers._sharding import varying_axes as _varying_axes
 
 Array = jax.Array
 
@@ -473,13 +475,6 @@ def _axis_iou(first: Array, second: Array) -> Array:
     return inter / ((area1[:, None] + area2[None, :]) - inter)
 
 
-def _round_product(product: Array) -> Array:
-    """The float32-rounded product, kept from being fused into a later add as an FMA (which
-    XLA's CPU/GPU compilers may do, rounding once where torchvision rounds twice): the select is
-    an identity the compiler cannot see through."""
-    return jnp.where(jnp.isnan(product), jnp.float32(jnp.nan), product)
-
-
 ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
 ROTATED_SMALL_PAIR_BATCH = 64  # the step's batch when few pairs are left
 
@@ -560,14 +555,6 @@ def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array
 
 def _axis_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     return mask & (_axis_iou(first, second) > threshold)
-
-
-def _varying_axes(x) -> set:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-    if manual is not None:
-        return set(manual.varying)
-    return set(getattr(aval, "vma", ()))  # older jax
 
 
 def _varying_like(tree, *refs: Array):

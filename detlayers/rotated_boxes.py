@@ -30,6 +30,7 @@ from jax import lax
 
 from detlayers._checks import f32_at_or_above as _f32_at_or_above
 from detlayers._checks import f32_at_or_below as _f32_at_or_below
+from detlayers._numerics import round_product as _rounded
 
 Array = jax.Array
 
@@ -97,17 +98,6 @@ def _as_boxes(boxes: Array, name: str, rank: int) -> Array:
 # --------------------------------------------------------------------------------------------
 # geometry
 # --------------------------------------------------------------------------------------------
-def _rounded(product: Array) -> Array:
-    """``product``, but rounded to float32 before any later add or subtract uses it.
-
-    XLA's CPU and GPU backends contract ``a * b + c`` into a fused multiply-add, which rounds once
-    instead of twice and so differs from detectron2 (and from ``rotated_iou.h``) in the last bit,
-    enough to flip its tolerance tests in degenerate cases. A select on the product is an identity
-    here (NaN stays NaN) that the compilers cannot fuse through.
-    """
-    return jnp.where(jnp.isnan(product), np.float32(np.nan), product)
-
-
 def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
     """``a + b = s + e`` exactly (Knuth)."""
     s = a + b

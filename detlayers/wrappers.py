@@ -29,6 +29,8 @@ from detlayers._checks import as_pair as _pair
 from detlayers._checks import check_floating as _check_floating
 from detlayers._checks import check_groups as _check_groups
 from detlayers._checks import check_nhwc as _check_nhwc
+from detlayers._conv_norm import make_norm as _make_norm
+from detlayers._numerics import operand_dtype
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -72,10 +74,13 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return torch_default_kernel_init(fan_in)
 
 
-def _compute_dtype(x: Array) -> Any:
-    """Operand dtype of a layer: the input's. Parameters are cast to it (so bf16 inputs use bf16
-    operands, as ``torch.autocast`` does) while products accumulate in float32."""
-    return x.dtype
+def _check_kernel_in_channels(x: Array, kernel: Array, groups: int, fn_name: str) -> None:
+    """``ValueError`` unless ``x``'s channels equal the kernel's in-channels times ``groups``."""
+    if x.shape[-1] != kernel.shape[2] * groups:
+        raise ValueError(
+            f"{fn_name}: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
+            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ def _nhwc_conv(
 ) -> Array:
     """``lax.conv_general_dilated`` NHWC x HWIO with this module's dtype rule: operands in the input
     dtype, products and bias accumulated in float32, result in the input dtype."""
-    dtype = _compute_dtype(x)
+    dtype = operand_dtype(x)
     y = jax.lax.conv_general_dilated(
         x,
         kernel.astype(dtype),
@@ -163,11 +168,7 @@ def conv2d(
     if x.ndim != 4:
         raise ValueError(f"conv2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
     _check_positive_groups(groups, "conv2d")
-    if x.shape[-1] != kernel.shape[2] * groups:
-        raise ValueError(
-            f"conv2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
-            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
-        )
+    _check_kernel_in_channels(x, kernel, groups, "conv2d")
     if kernel.shape[3] % groups:
         raise ValueError(f"conv2d: out channels {kernel.shape[3]} not divisible by groups={groups}")
     kh, kw = kernel.shape[:2]
@@ -286,18 +287,6 @@ def _conv_params(layer: nn.Module, x: Array, *, fan_in_channels: int) -> tuple[A
     return kernel, bias
 
 
-def _make_norm(norm: Any, channels: int) -> nn.Module | None:
-    """Builds the ``norm`` submodule inside a compact method (so Flax names it ``norm``)."""
-    if norm is None or (isinstance(norm, str) and norm == ""):
-        return None
-    if isinstance(norm, nn.Module):
-        # An unbound module given as a field is adopted by the parent under the field name.
-        return norm
-    from detlayers.batch_norm import get_norm  # imported lazily: norm-free convs don't need it
-
-    return get_norm(norm, channels, name="norm")
-
-
 # --------------------------------------------------------------------------------------------
 # ConvTranspose2d
 # --------------------------------------------------------------------------------------------
@@ -331,11 +320,7 @@ def conv_transpose2d(
     if kernel.ndim != 4:
         raise ValueError(f"conv_transpose2d: kernel must be [kh, kw, in/groups, out], got shape {kernel.shape}")
     _check_positive_groups(groups, "conv_transpose2d")
-    if x.shape[-1] != kernel.shape[2] * groups:
-        raise ValueError(
-            f"conv_transpose2d: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
-            f"{kernel.shape[2]} x groups {groups} (kernel shape {kernel.shape})"
-        )
+    _check_kernel_in_channels(x, kernel, groups, "conv_transpose2d")
     kh, kw = kernel.shape[:2]
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
@@ -472,7 +457,7 @@ class Linear(nn.Module):
             (self.in_features, self.out_features),
             self.param_dtype,
         )
-        dtype = _compute_dtype(x)
+        dtype = operand_dtype(x)
         y = jnp.matmul(x, kernel.astype(dtype), precision=self.precision, preferred_element_type=jnp.float32)
         if self.bias:
             bias = self.param(

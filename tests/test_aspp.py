@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 import detlayers as L
+from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 CASES = ["bn_global", "nonorm_pool", "bn_separable"]
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "wrappers.npz") as data:
-        return {k: data[k] for k in data.files if k.startswith("aspp/")}
+def fx():
+    return load_fixture("wrappers.npz", prefix="aspp/")
 
 
 def build(fx, name, **overrides):

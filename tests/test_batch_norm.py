@@ -29,23 +29,14 @@ from detlayers.batch_norm import (
     get_norm,
     update_running_stats,
 )
+from helpers import assert_close, load_fixture
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    with np.load(fixtures_dir / "norms.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def assert_close(actual, expected, rtol=RTOL):
-    """Relative error <= rtol, measured against the largest reference magnitude."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+def ref():
+    return load_fixture("norms.npz")
 
 
 def torch_params(ref, prefix):

@@ -16,14 +16,14 @@ import pytest
 
 import detlayers as L
 from detlayers.freeze import frozen_class, masked_optimizer, trainable_mask
+from helpers import load_fixture, mse_train_step
 
 RTOL = ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "wrappers.npz") as data:
-        return {k: data[k] for k in data.files if k.startswith("dsc/")}
+def fx():
+    return load_fixture("wrappers.npz", prefix="dsc/")
 
 
 def test_depthwise_separable_conv_matches_detectron2_in_eval_and_train(fx):
@@ -141,15 +141,7 @@ def test_masked_optimizer_trains_the_model_and_leaves_frozen_block_unchanged():
     tx = masked_optimizer(optax.adamw(0.02, weight_decay=0.1), mask)
     opt_state = tx.init(params)
 
-    @jax.jit
-    def step(params, stats, opt_state):
-        def loss_fn(p):
-            y, upd = net.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-            return jnp.mean((y - target) ** 2), upd["batch_stats"]
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, loss
+    step = mse_train_step(net, x, target, tx)
 
     new_params, new_stats, state, first = params, stats, opt_state, None
     for _ in range(40):

@@ -30,6 +30,7 @@ from detlayers.deform_conv import (
     modulated_deform_conv,
     output_size,
 )
+from helpers import load_fixture
 
 FIXTURE = "deform_conv.npz"
 CONFIG_NAMES = [
@@ -67,9 +68,8 @@ def _v1_value_and_grads(x, offset, kernel, grad_out, **static):
 
 
 @pytest.fixture(scope="module")
-def fixture_data(fixtures_dir):
-    with np.load(fixtures_dir / FIXTURE) as data:
-        return {key: data[key] for key in data.files}
+def fixture_data():
+    return load_fixture(FIXTURE)
 
 
 def _case(data, name):

@@ -1,10 +1,10 @@
 """The demo as a multi-process job: same losses whatever the process split, and exact resume.
 
 Runs (all tiny: 48x48 images, one image per device per step, no evaluation; every run goes through
-:func:`detlayers.launch.launch` or a bounded subprocess, so children are reaped on failure):
+:func:`detlayers.distributed.launch.launch` or a bounded subprocess, so children are reaped on failure):
 
 - ``single``: 1 process x 2 devices, uninterrupted;
-- ``multi``:  2 processes x 1 device (``python -m detlayers.launch``), uninterrupted;
+- ``multi``:  2 processes x 1 device (``python -m detlayers.distributed.launch``), uninterrupted;
 - ``killed``: like ``multi``, SIGKILLed (every process) once its second checkpoint is complete;
 - ``resumed``: ``killed`` continued with ``--resume``.
 
@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pytest
 
-from detlayers.launch import launch
+from detlayers.distributed.launch import launch
 
 STEPS, EVERY = 8, 2
 DEMO = [sys.executable, "-m", "detlayers.demo", "--steps", str(STEPS), "--batch-size", "1",
@@ -136,7 +136,7 @@ def test_run_killed_after_second_checkpoint_resumes_to_identical_parameters(runs
     out = runs["multi"].parent / "killed"
     ck = out / "ck"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "detlayers.launch", "-n", "2", "--devices-per-process", "1",
+        [sys.executable, "-m", "detlayers.distributed.launch", "-n", "2", "--devices-per-process", "1",
          "--timeout", str(RUN_TIMEOUT), "--", *_demo(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)
@@ -209,7 +209,7 @@ def test_resume_from_corrupt_checkpoint_fails_naming_it(runs, tmp_path):
 
 def test_resume_with_other_run_settings_fails_naming_the_checkpoint(runs, tmp_path):
     # (a checkpoint whose arrays do not fit the model is refused by TrainCheckpointer itself,
-    # see tests/test_checkpointing.py; the demo's model has no size flag to provoke it here)
+    # see tests/test_train_checkpoints.py; the demo's model has no size flag to provoke it here)
     ck = runs["single"] / "ck"
     newest = ck / str(max(_complete_steps(ck)))
     for extra in (["--lr", "0.1"], ["--image-size", "56"]):

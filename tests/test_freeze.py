@@ -18,14 +18,14 @@ import pytest
 
 import detlayers as L
 from detlayers.freeze import masked_optimizer, prefix_trainable_mask
+from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def aspp_case(fixtures_dir):
-    with np.load(fixtures_dir / "wrappers.npz") as data:
-        fx = {k: data[k] for k in data.files if k.startswith("aspp/bn_separable/")}
+def aspp_case():
+    fx = load_fixture("wrappers.npz", prefix="aspp/bn_separable/")
     cfg = json.loads(str(fx["aspp/bn_separable/config"]))
     module = L.ASPP(
         cfg["in_channels"], cfg["out_channels"], cfg["dilations"], norm="BN", activation=jax.nn.relu,

@@ -13,23 +13,19 @@ import numpy as np
 import pytest
 
 from detlayers.losses import ciou_loss, diou_loss
+import helpers
+from helpers import load_fixture
 
 LOSSES = {"diou": diou_loss, "ciou": ciou_loss}
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    with np.load(fixtures_dir / "losses.npz") as data:
-        return {k: data[k] for k in data.files}
+def ref():
+    return load_fixture("losses.npz")
 
 
 def assert_close(actual, expected, rtol=1e-5):
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    finite = expected[np.isfinite(expected)]
-    scale = max(float(np.max(np.abs(finite), initial=0.0)), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, equal_nan=True)
+    helpers.assert_close(actual, expected, rtol=rtol, nan_ok=True)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from detlayers import mask_ops
 from detlayers.mask_ops import paste_masks_in_image
+from helpers import load_fixture
 
 # Each pixel whose threshold decision differs from detectron2 must hold a value this close to the
 # threshold (a few float32 ulps at 0.5 -- the summation order is the only difference).
@@ -42,9 +43,8 @@ def paste(masks, boxes, image_shape, threshold=0.5, crop_to_box_extent=True):
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    with np.load(fixtures_dir / "mask_ops.npz") as data:
-        return {k: data[k] for k in data.files}
+def ref():
+    return load_fixture("mask_ops.npz")
 
 
 def _unpack(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from detlayers.launch import launch
+from detlayers.distributed.launch import launch
+from helpers import load_npz
 
 HERE = pathlib.Path(__file__).parent
 EPS, MOMENTUM = 1e-5, 0.1
@@ -50,7 +51,7 @@ def sync_bn_run(tmp_path_factory):
     code = launch([sys.executable, str(HERE / "multiprocess" / "sync_bn_worker.py"), str(out)],
                   2, devices_per_process=2, timeout=240, sink=log)
     assert code == 0, f"multi-process run failed ({code}):\n{log.getvalue()}"
-    return dict(np.load(out))
+    return load_npz(out)
 
 
 @pytest.mark.parametrize("mapping", ["pmap", "shard_map"])

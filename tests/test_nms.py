@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec as P
 
 import detlayers as L
+from helpers import load_npz
 
 nms_module = importlib.import_module("detlayers.nms")
 ffi_module = importlib.import_module("detlayers._ffi")
@@ -52,9 +53,9 @@ def f32_threshold(thr: float) -> np.float32:
 
 
 def load_cases(path: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
-    data = np.load(path)
+    data = load_npz(path)
     cases: dict[str, dict[str, np.ndarray]] = {}
-    for key in data.files:
+    for key in data:
         name, field = key.split("__")
         cases.setdefault(name, {})[field] = data[key]
     return cases

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import detlayers as L
 from detlayers import _roi_sampling
+from helpers import bilinear_interpolate, load_npz
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "sampling_ratio", "aligned"))
@@ -43,25 +44,6 @@ def reference_roi_align(features, rois, output_size, scale, sampling_ratio, alig
     ph_count, pw_count = output_size
     out = np.zeros((len(rois), ph_count, pw_count, channels))
 
-    def interpolate(image, y, x):
-        if y < -1.0 or y > height or x < -1.0 or x > width:
-            return np.zeros(channels)
-        y, x = max(y, 0.0), max(x, 0.0)
-        y0, x0 = int(math.floor(y)), int(math.floor(x))
-        if y0 >= height - 1:
-            y0 = y1 = height - 1
-            y = float(y0)
-        else:
-            y1 = y0 + 1
-        if x0 >= width - 1:
-            x0 = x1 = width - 1
-            x = float(x0)
-        else:
-            x1 = x0 + 1
-        ly, lx = y - y0, x - x0
-        return ((1 - ly) * (1 - lx) * image[y0, x0] + (1 - ly) * lx * image[y0, x1]
-                + ly * (1 - lx) * image[y1, x0] + ly * lx * image[y1, x1])
-
     for r, (b, x1, y1, x2, y2) in enumerate(np.asarray(rois, np.float64)):
         shift = 0.5 if aligned else 0.0
         sx, sy = x1 * scale - shift, y1 * scale - shift
@@ -78,17 +60,17 @@ def reference_roi_align(features, rois, output_size, scale, sampling_ratio, alig
                     y = sy + p * bh + (iy + 0.5) * bh / gh
                     for ix in range(gw):
                         x = sx + q * bw + (ix + 0.5) * bw / gw
-                        acc += interpolate(features[int(b)], y, x)
+                        acc += bilinear_interpolate(features[int(b)], y, x)
                 out[r, p, q] = acc / max(gh * gw, 1)
     return out
 
 
 def _load_cases(fixtures_dir):
-    data = np.load(fixtures_dir / "roi_align.npz")
+    data = load_npz(fixtures_dir / "roi_align.npz")
     cases = []
     for i in range(int(data["num_cases"])):
         prefix = f"c{i:03d}_"
-        cases.append({k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)})
+        cases.append({k[len(prefix):]: data[k] for k in data if k.startswith(prefix)})
     return data, cases
 
 

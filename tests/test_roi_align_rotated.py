@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detlayers as L
+from helpers import bilinear_interpolate, load_npz
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "sampling_ratio"))
@@ -41,20 +42,6 @@ def reference_roi_align_rotated(features, rois, output_size, scale, sampling_rat
     ph_count, pw_count = output_size
     out = np.zeros((len(rois), ph_count, pw_count, channels))
 
-    def interpolate(image, y, x):
-        if y < -1.0 or y > height or x < -1.0 or x > width:
-            return np.zeros(channels)
-        y, x = max(y, 0.0), max(x, 0.0)
-        y0, x0 = int(math.floor(y)), int(math.floor(x))
-        y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
-        if y0 >= height - 1:
-            y0, y = height - 1, float(height - 1)
-        if x0 >= width - 1:
-            x0, x = width - 1, float(width - 1)
-        ly, lx = y - y0, x - x0
-        return ((1 - ly) * (1 - lx) * image[y0, x0] + (1 - ly) * lx * image[y0, x1]
-                + ly * (1 - lx) * image[y1, x0] + ly * lx * image[y1, x1])
-
     for r, (b, xc, yc, w, h, angle) in enumerate(np.asarray(rois, np.float64)):
         xc, yc, w, h = xc * scale - 0.5, yc * scale - 0.5, w * scale, h * scale
         t = angle * math.pi / 180.0
@@ -69,7 +56,7 @@ def reference_roi_align_rotated(features, rois, output_size, scale, sampling_rat
                     yy = -h / 2 + p * bh + (iy + 0.5) * bh / gh
                     for ix in range(gw):
                         xx = -w / 2 + q * bw + (ix + 0.5) * bw / gw
-                        acc += interpolate(features[int(b)], yy * cos - xx * sin + yc,
+                        acc += bilinear_interpolate(features[int(b)], yy * cos - xx * sin + yc,
                                            yy * sin + xx * cos + xc)
                 out[r, p, q] = acc / max(gh * gw, 1)
     return out
@@ -78,10 +65,10 @@ def reference_roi_align_rotated(features, rois, output_size, scale, sampling_rat
 def test_roi_align_rotated_matches_detectron2_forward_and_feature_gradient(fixtures_dir):
     """Fixture configs: sampling 0/1/2 x 7x7, 3x5 x scales 1, 1/2; angles in [-180, 180], the
     multiples of 90, zero-size, tiny, huge and outside boxes."""
-    data = np.load(fixtures_dir / "roi_align_rotated.npz")
+    data = load_npz(fixtures_dir / "roi_align_rotated.npz")
     assert int(data["num_cases"]) == 12
     for i in range(int(data["num_cases"])):
-        case = {k[5:]: data[k] for k in data.files if k.startswith(f"c{i:03d}_")}
+        case = {k[5:]: data[k] for k in data if k.startswith(f"c{i:03d}_")}
         ratio, ph, pw, scale = case["config"]
         out, grad = _forward_and_grad(
             jnp.asarray(case["input"]), jnp.asarray(case["rois"]), jnp.asarray(case["upstream"]),

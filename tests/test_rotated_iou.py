@@ -34,6 +34,7 @@ from detlayers.rotated_boxes import (
     rotated_iou_one_to_many,
     rotated_iou_paired,
 )
+from helpers import load_npz
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEADER_DIR = REPO / "custom_calls"
@@ -61,8 +62,8 @@ def small_iou(boxes1, boxes2) -> np.ndarray:
 # detectron2 fixtures
 # --------------------------------------------------------------------------------------------
 def _load_cases(fixtures_dir: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    data = np.load(fixtures_dir / "rotated_iou.npz")
-    names = sorted({key.split("/")[0] for key in data.files})
+    data = load_npz(fixtures_dir / "rotated_iou.npz")
+    names = sorted({key.split("/")[0] for key in data})
     return {n: (data[f"{n}/boxes1"], data[f"{n}/boxes2"], data[f"{n}/iou"]) for n in names}
 
 

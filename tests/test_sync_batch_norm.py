@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from detlayers.batch_norm import BatchNorm2d, NaiveSyncBatchNorm, SyncBatchNorm, get_norm
+from helpers import assert_close, load_fixture
 
 C = 4
 # layout name -> (devices, real examples per device, padded per-device batch or None for no mask)
@@ -54,17 +55,8 @@ KINDS = {
 
 
 @pytest.fixture(scope="module")
-def ref(fixtures_dir):
-    with np.load(fixtures_dir / "norms_sync.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def assert_close(actual, expected, rtol=1e-5):
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+def ref():
+    return load_fixture("norms_sync.npz")
 
 
 def deal(array, counts, batch):

@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 import detlayers as L
 from detlayers.wrappers import conv2d, conv_transpose2d
+from helpers import load_fixture, mse_train_step
 
 RTOL = ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "wrappers.npz") as data:
-        return {k: data[k] for k in data.files}
+def fx():
+    return load_fixture("wrappers.npz")
 
 
 def config(fx, prefix):
@@ -211,15 +211,7 @@ def test_conv2d_with_bn_trains_on_toy_regression():
     params, stats = variables["params"], variables["batch_stats"]
     opt_state = tx.init(params)
 
-    @jax.jit
-    def step(params, stats, opt_state):
-        def loss_fn(p):
-            y, upd = conv.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-            return jnp.mean((y - target) ** 2), upd["batch_stats"]
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state, loss
+    step = mse_train_step(conv, x, target, tx)
 
     losses = []
     for _ in range(40):

@@ -82,12 +82,8 @@ def cases(platform: str) -> list[Case]:
     """The deform_conv rows for ``platform`` (``"cpu"`` or ``"gpu"``): modulated_deform_conv
     forward and forward+backward with deformable groups 1 and 4, sizes as in the module docstring;
     ``torch`` is None when torch/torchvision (or CUDA, on ``"gpu"``) is unavailable."""
-    if platform == "cpu":
-        n, c, h, w = 2, 256, 64, 64
-        torch_device = "cpu"
-    else:
-        n, c, h, w = 8, 256, 100, 152
-        torch_device = "cuda"
+    n, c, h, w = (2, 256, 64, 64) if platform == "cpu" else (8, 256, 100, 152)
+    torch_device = "cpu" if platform == "cpu" else "cuda"
     device = jax.devices()[0]
     out: list[Case] = []
     for dg in (1, 4):

@@ -115,12 +115,8 @@ def cases(platform: str) -> list[Case]:
     (plain and with a 3/4 mask) and a single-device BatchNorm2d step, all against PyTorch's
     BatchNorm2d train step; N is rounded up to a multiple of the device count."""
     n_dev = len(jax.local_devices())
-    if platform == "cpu":
-        n, c, h, w = 8, 256, 64, 64
-        torch_device = "cpu"
-    else:
-        n, c, h, w = 32, 256, 100, 152
-        torch_device = "cuda"
+    n, c, h, w = (8, 256, 64, 64) if platform == "cpu" else (32, 256, 100, 152)
+    torch_device = "cpu" if platform == "cpu" else "cuda"
     n = -(-n // n_dev) * n_dev  # the global batch splits evenly over the devices
     p = _problem(n, c, h, w)
     try:

@@ -49,10 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (then tqdm need not be installed)")
     from detlayers import distributed
-    from detlayers.demo import resume
+    from detlayers.demo import run_records
 
     distributed.add_arguments(parser)
-    resume.add_arguments(parser)
+    run_records.add_arguments(parser)
     return parser.parse_args(argv)
 
 

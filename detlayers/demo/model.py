@@ -273,13 +273,21 @@ class ShapesDetector(nn.Module):
     def losses(self, batch: dict[str, jax.Array], rng: jax.Array,
                train: bool = True) -> dict[str, jax.Array]:
         """Per-device losses of a batch (``image``, ``boxes``, ``classes``, ``masks``, ``valid``)."""
-        cfg = self.config
-        images, gt_boxes, gt_valid = batch["image"], batch["boxes"], batch["valid"]
-        gt_classes = batch["classes"]
-        b, g = gt_valid.shape
-        features = self.backbone(images, train=train)
+        features = self.backbone(batch["image"], train=train)
         objectness, log_distances = self.proposal_head(features)
+        loss_objectness, loss_dense_box = self._dense_losses(batch, objectness, log_distances)
+        proposals, proposal_valid = self._proposals(objectness, log_distances)
+        loss_cls, loss_box, jittered = self._roi_losses(features, batch, rng, proposals,
+                                                        proposal_valid)
+        loss_mask = self._mask_loss(features, batch, jittered[:, 0])
+        return dict(objectness=loss_objectness, dense_box=loss_dense_box, cls=loss_cls,
+                    box=loss_box, mask=loss_mask)
 
+    def _dense_losses(self, batch: dict[str, jax.Array], objectness: jax.Array,
+                      log_distances: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Objectness and box-side losses of the dense (proposal) head."""
+        cfg = self.config
+        gt_boxes, gt_valid = batch["boxes"], batch["valid"]
         # dense head targets (FCOS centre sampling): cells inside a box, within 1.5 cells of its
         # centre.  Boxes never overlap in this data, so a cell belongs to at most one box.
         centres = self._cell_centres()
@@ -298,9 +306,17 @@ class ShapesDetector(nn.Module):
         num_pos = jnp.maximum(positive.sum(), 1.0)
         loss_objectness = optax.sigmoid_binary_cross_entropy(objectness, positive).mean()
         loss_dense_box = (jnp.abs(log_distances - side_targets).sum(-1) * positive).sum() / num_pos
+        return loss_objectness, loss_dense_box
 
+    def _roi_losses(self, features: jax.Array, batch: dict[str, jax.Array], rng: jax.Array,
+                    proposals: jax.Array, proposal_valid: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Classification and box losses of the second stage, and the jittered ground-truth
+        boxes ``[B, gt_jitters, G, 4]`` (the mask head trains on the first jitter)."""
+        cfg = self.config
+        gt_boxes, gt_valid, gt_classes = batch["boxes"], batch["valid"], batch["classes"]
+        b, g = gt_valid.shape
         # second-stage ROIs: proposals + ground truth + jittered ground truth
-        proposals, proposal_valid = self._proposals(objectness, log_distances)
         wh = jnp.concatenate([gt_boxes[..., 2:] - gt_boxes[..., :2]] * 2, axis=-1)
         noise = jax.random.uniform(rng, (b, cfg.gt_jitters, g, 4), minval=-0.15, maxval=0.15)
         jittered = clip_boxes(gt_boxes[:, None] + noise * wh[:, None], cfg.image_size)
@@ -321,9 +337,14 @@ class ShapesDetector(nn.Module):
         delta_targets = encode_deltas(rois, matched_boxes)
         loss_box = ((jnp.abs(deltas - delta_targets).sum(-1) * foreground).sum()
                     / jnp.maximum(roi_valid.sum(), 1.0))
+        return loss_cls, loss_box, jittered
 
-        # mask head on the jittered ground-truth boxes; targets cut from the GT bitmaps
-        mask_rois = jittered[:, 0]                                                   # [B, G, 4]
+    def _mask_loss(self, features: jax.Array, batch: dict[str, jax.Array],
+                   mask_rois: jax.Array) -> jax.Array:
+        """Mask loss on ``mask_rois`` ``[B, G, 4]`` (jittered ground-truth boxes); targets cut
+        from the ground-truth bitmaps."""
+        gt_valid = batch["valid"]
+        b, g = gt_valid.shape
         mask_logits = self.mask_head(
             self.mask_pooler(features, rois_with_batch_index(mask_rois)))            # [B*G, 28, 28]
         bitmaps = batch["masks"].reshape(b * g, *batch["masks"].shape[2:], 1).astype(jnp.float32)
@@ -332,10 +353,7 @@ class ShapesDetector(nn.Module):
             bitmaps, jnp.concatenate([own, mask_rois.reshape(-1, 4)], axis=-1))[..., 0] >= 0.5
         mask_bce = optax.sigmoid_binary_cross_entropy(mask_logits, mask_targets).mean((1, 2))
         mask_weight = gt_valid.reshape(-1)
-        loss_mask = (mask_bce * mask_weight).sum() / jnp.maximum(mask_weight.sum(), 1.0)
-
-        return dict(objectness=loss_objectness, dense_box=loss_dense_box, cls=loss_cls,
-                    box=loss_box, mask=loss_mask)
+        return (mask_bce * mask_weight).sum() / jnp.maximum(mask_weight.sum(), 1.0)
 
     # -- inference -----------------------------------------------------------------------------
     def predict(self, images: jax.Array) -> dict[str, jax.Array]:

@@ -25,7 +25,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
     import jax
 
     from detlayers import distributed
-    from detlayers.demo import resume as records
+    from detlayers.demo import run_records as records
     from detlayers.demo.evaluate import coco_ap
     from detlayers.demo.model import DetectorConfig, ShapesDetector
     from detlayers.demo.train import TrainConfig, detect, make_mesh, train

@@ -1,6 +1,6 @@
 """One process of the multi-process sync-BN check (started by tests/test_multiprocess.py).
 
-Joins the runtime from the DETLAYERS_* environment that ``detlayers.launch`` sets, builds the
+Joins the runtime from the DETLAYERS_* environment that ``detlayers.distributed.launch`` sets, builds the
 same global batch in every process from a seed, keeps only its own devices' rows, runs one
 training step of NaiveSyncBatchNorm under ``pmap`` and under ``shard_map`` over a global Mesh,
 gathers the global outputs/gradients/statistics, and process 0 writes them to ``argv[1]``.

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from detlayers.demo.checkpointing import CheckpointError, TrainCheckpointer
+from detlayers.demo.train_checkpoints import CheckpointError, TrainCheckpointer
 
 
 def _state(seed=0, width=4):

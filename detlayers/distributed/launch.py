@@ -1,6 +1,6 @@
 """Start N local JAX processes that join one ``jax.distributed`` runtime, and fail fast.
 
-``python -m detlayers.launch -n 2 [--devices-per-process K] -- python -m detlayers.demo --steps 50``
+``python -m detlayers.distributed.launch -n 2 [--devices-per-process K] -- python -m detlayers.demo --steps 50``
 
 Each child gets the coordinator address of a free loopback port and its process index through
 the environment (``DETLAYERS_COORDINATOR``, ``DETLAYERS_NUM_PROCESSES``, ``DETLAYERS_PROCESS_ID``),
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         own, command = argv[:split], argv[split + 1:]
     else:
         own, command = argv, []
-    parser = argparse.ArgumentParser(prog="python -m detlayers.launch", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m detlayers.distributed.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--num-processes", type=int, required=True)
     parser.add_argument("--devices-per-process", type=int, default=None,

@@ -10,7 +10,7 @@ Sources of the settings, first match wins:
 
 1. explicit arguments (the demo's ``--coordinator HOST:PORT --num-processes N --process-id I``);
 2. ``DETLAYERS_COORDINATOR`` / ``DETLAYERS_NUM_PROCESSES`` / ``DETLAYERS_PROCESS_ID`` (set by
-   ``python -m detlayers.launch``);
+   ``python -m detlayers.distributed.launch``);
 3. a cluster JAX detects by itself (SLURM, Open MPI, Kubernetes/GKE, TPU pods...):
    ``jax.distributed.initialize()`` with no arguments, when ``auto=True``;
 4. otherwise a single process: nothing to initialize.

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import detlayers as L
-from detlayers.checkpoint import flax_name_to_torch, read_state_dict
+from detlayers.torch_weights import flax_name_to_torch, read_state_dict
+from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 
@@ -59,9 +60,8 @@ class TinyNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def fx(fixtures_dir):
-    with np.load(fixtures_dir / "checkpoint_tiny.npz") as data:
-        return {k: data[k] for k in data.files}
+def fx():
+    return load_fixture("checkpoint_tiny.npz")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 Kept apart from the training loop (:mod:`detlayers.demo.train`), which only offers an
 ``on_step(state, metrics)`` hook and accepts a starting :class:`detlayers.demo.train.TrainState`.
 
-What a checkpoint holds (see :class:`detlayers.demo.checkpointing.TrainCheckpointer`): the arrays
+What a checkpoint holds (see :class:`detlayers.demo.train_checkpoints.TrainCheckpointer`): the arrays
 ``params``, ``batch_stats``, ``opt_state`` and ``rng`` (the base key's raw data), and the JSON
 ``meta`` ``{"step", "data_position", "config"}``.  ``config`` records what makes two runs the same
 run (seed, image size, devices, global batch, learning rate, steps); resuming with another
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from detlayers.demo.checkpointing import CheckpointError, TrainCheckpointer
+from detlayers.demo.train_checkpoints import CheckpointError, TrainCheckpointer
 
 
 def positive_int(text: str) -> int:
@@ -96,7 +96,7 @@ def restore_state(ckpt: TrainCheckpointer, model, train_config, mesh, config: di
 
     The expected tree, shapes and dtypes come from a fresh state (traced, not computed); arrays
     come back replicated over ``mesh``, as the training step keeps them.  Raises
-    :class:`detlayers.demo.checkpointing.CheckpointError` naming the checkpoint when it cannot be
+    :class:`detlayers.demo.train_checkpoints.CheckpointError` naming the checkpoint when it cannot be
     read, does not fit the model, or was written by a run with another configuration.
     """
     import jax
