@@ -216,7 +216,7 @@ def test_training_without_tqdm_installed_when_progress_is_off():
         sys.modules["tqdm.auto"] = None
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh
-        import detlayers.demo.__main__, detlayers.demo.run, detlayers.demo.resume
+        import detlayers.demo.__main__, detlayers.demo.run, detlayers.demo.run_records
         from detlayers.demo import data as shapes, train as t
 
         def fake_factory(model, optimizer, mesh):

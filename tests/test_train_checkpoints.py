@@ -130,7 +130,7 @@ def test_nan_loss_stops_training_and_leaves_the_last_good_checkpoint(tmp_path, m
     from jax.sharding import Mesh
 
     from detlayers.demo import data as shapes
-    from detlayers.demo import resume
+    from detlayers.demo import run_records
     from detlayers.demo import train as train_module
 
     def fake_step_factory(model, optimizer, mesh):
@@ -144,7 +144,7 @@ def test_nan_loss_stops_training_and_leaves_the_last_good_checkpoint(tmp_path, m
     mesh = Mesh(np.asarray(jax.devices()[:1]), (train_module.AXIS,))
     start = train_module.TrainState({"w": jnp.zeros(2)}, {}, {}, jax.random.key(0))
     ckpt = TrainCheckpointer(tmp_path, every=1)
-    on_step = resume.make_on_step(ckpt, {"run": 1}, None, True)
+    on_step = run_records.make_on_step(ckpt, {"run": 1}, None, True)
     config = train_module.TrainConfig(steps=6, batch_per_device=1)
     with pytest.raises(train_module.NonFiniteLossError, match=r"step 3: the loss is not finite.*--resume"):
         train_module.train(None, shapes.ShapesConfig(), config, mesh, start,

@@ -24,7 +24,7 @@ def _cpu_cores() -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from detlayers.demo.model import DetectorConfig  # no JAX work at import
-    from detlayers.demo.resume import positive_int
+    from detlayers.demo.run_records import positive_int
     from detlayers.demo.train import TrainConfig
 
     t = TrainConfig()

@@ -278,7 +278,7 @@ def load_detectron2_weights(model: GeneralizedRCNN, weights: Any) -> dict:
     ``num_batches_tracked``. Any missing, unexpected or mis-shaped key raises ONE ``ValueError``
     listing all of them (:func:`detlayers.load_torch_state_dict`).
     """
-    from detlayers.checkpoint import load_torch_state_dict, read_state_dict
+    from detlayers.torch_weights import load_torch_state_dict, read_state_dict
 
     state = read_state_dict(weights)
     state = {
