@@ -29,6 +29,10 @@ MASK_PROB_MARGIN = 1e-4
 # Instances whose score lies this close to the score threshold or to the score of the last of
 # the top-k are left out of the comparison: float32 differences may move them across the cut.
 SCORE_CUT_MARGIN = 1e-3
+# Scores agree within 1e-4 for all but a few instances; the largest difference seen is 1.08e-4
+# (coffee, 256 and 320): float32 accumulation order through 50 conv layers (FPN relative error
+# ~4e-5) amplified by the fixture's output layers, which are rescaled x3.8 to spread the scores.
+SCORE_ATOL = 2e-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def _compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int) ->
             if first is ref:
                 np.testing.assert_allclose(second["pred_boxes"][j], first["pred_boxes"][i], atol=1e-2, rtol=0,
                                            err_msg=f"box of instance {i}")
-                np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=1e-4, rtol=0,
+                np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=SCORE_ATOL, rtol=0,
                                            err_msg=f"score of instance {i}")
                 a, b = first["pred_masks"][i], second["pred_masks"][j]
                 if "ambiguous" in second:
