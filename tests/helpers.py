@@ -6,6 +6,8 @@
 * ``assert_close``: relative closeness measured against the largest reference magnitude.
 * ``bilinear_interpolate``: the float64 bilinear sample of ROIAlign (plain and rotated).
 * ``mse_train_step``: a jitted training step of a module with batch statistics.
+* ``shapely_iou_matrix`` / ``expected_rotated_keep``: the float64 rotated IoU and the rotated NMS
+  result the spec requires (detectron2's where its IoU is sound).
 """
 
 from __future__ import annotations
@@ -85,3 +87,40 @@ def mse_train_step(module, x, target, tx: optax.GradientTransformation):
         return optax.apply_updates(params, updates), stats, opt_state, loss
 
     return step
+
+
+def shapely_iou_matrix(boxes: np.ndarray) -> np.ndarray:
+    """float64 IoU of every pair of rotated boxes (shapely polygons; 0 for areas below 1e-14)."""
+    import shapely
+
+    b = boxes.astype(np.float64)
+    t = np.deg2rad(b[:, 4])
+    u = np.stack([np.cos(t), -np.sin(t)], -1) * (b[:, 2:3] / 2)
+    v = np.stack([np.sin(t), np.cos(t)], -1) * (b[:, 3:4] / 2)
+    c = b[:, :2]
+    polygons = shapely.polygons(np.stack([c + u + v, c + u - v, c - u - v, c - u + v], 1))
+    inter = shapely.area(shapely.intersection(polygons[:, None], polygons[None, :]))
+    area = b[:, 2] * b[:, 3]
+    iou = inter / (area[:, None] + area[None, :] - inter)
+    degenerate = (area[:, None] < 1e-14) | (area[None, :] < 1e-14)
+    return np.where(degenerate, 0.0, iou)
+
+
+def expected_rotated_keep(case, j) -> np.ndarray:
+    """What nms_rotated must return: detectron2's keep, except that where detectron2's IoU is
+    unsound (off the exact IoU by more than SOUND_TOLERANCE) the exact IoU decides. Cases that
+    store detectron2's pairwise IoUs (``iou``) are re-derived by a greedy NMS on the spec's IoU."""
+    if "iou" not in case:
+        return case[f"keep{j}"]
+    from detlayers.rotated_boxes import SOUND_TOLERANCE
+
+    detectron2 = case["iou"].astype(np.float64)
+    exact = shapely_iou_matrix(case["boxes"])
+    iou = np.where(np.abs(detectron2 - exact) <= SOUND_TOLERANCE, np.clip(detectron2, 0, 1), exact)
+    thr = float(case["thresholds"][j])
+    scores, idxs = case["scores"], case.get("idxs")
+    kept: list[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        if not any(iou[k, i] > thr and (idxs is None or idxs[k] == idxs[i]) for k in kept):
+            kept.append(int(i))
+    return np.array(kept, np.int64)

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec as P
 
 import detlayers as L
+from helpers import expected_rotated_keep, shapely_iou_matrix as _shapely_iou_matrix
 from helpers import load_npz
 
 nms_module = importlib.import_module("detlayers.nms")
@@ -131,43 +132,6 @@ def test_batched_nms_matches_per_class_torchvision(backend, name, j):
     case = AXIS[name]
     got = run_case("batched_nms", backend, case, j, bucket(len(case["boxes"])))
     np.testing.assert_array_equal(got, case[f"keep{j}"])
-
-
-def _shapely_iou_matrix(boxes: np.ndarray) -> np.ndarray:
-    """float64 IoU of every pair of rotated boxes (shapely polygons; 0 for areas below 1e-14)."""
-    import shapely
-
-    b = boxes.astype(np.float64)
-    t = np.deg2rad(b[:, 4])
-    u = np.stack([np.cos(t), -np.sin(t)], -1) * (b[:, 2:3] / 2)
-    v = np.stack([np.sin(t), np.cos(t)], -1) * (b[:, 3:4] / 2)
-    c = b[:, :2]
-    polygons = shapely.polygons(np.stack([c + u + v, c + u - v, c - u - v, c - u + v], 1))
-    inter = shapely.area(shapely.intersection(polygons[:, None], polygons[None, :]))
-    area = b[:, 2] * b[:, 3]
-    iou = inter / (area[:, None] + area[None, :] - inter)
-    degenerate = (area[:, None] < 1e-14) | (area[None, :] < 1e-14)
-    return np.where(degenerate, 0.0, iou)
-
-
-def expected_rotated_keep(case, j) -> np.ndarray:
-    """What nms_rotated must return: detectron2's keep, except that where detectron2's IoU is
-    unsound (off the exact IoU by more than SOUND_TOLERANCE) the exact IoU decides. Cases that
-    store detectron2's pairwise IoUs (``iou``) are re-derived by a greedy NMS on the spec's IoU."""
-    if "iou" not in case:
-        return case[f"keep{j}"]
-    from detlayers.rotated_boxes import SOUND_TOLERANCE
-
-    detectron2 = case["iou"].astype(np.float64)
-    exact = _shapely_iou_matrix(case["boxes"])
-    iou = np.where(np.abs(detectron2 - exact) <= SOUND_TOLERANCE, np.clip(detectron2, 0, 1), exact)
-    thr = float(case["thresholds"][j])
-    scores, idxs = case["scores"], case.get("idxs")
-    kept: list[int] = []
-    for i in np.argsort(-scores, kind="stable"):
-        if not any(iou[k, i] > thr and (idxs is None or idxs[k] == idxs[i]) for k in kept):
-            kept.append(int(i))
-    return np.array(kept, np.int64)
 
 
 def test_rotated_fixtures_differ_from_detectron2_only_where_its_iou_is_unsound():
