@@ -288,10 +288,11 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
     ``conv_transpose2d`` in ``detlayers.wrappers``); linear ``[out, in]`` -> ``[in, out]``; vectors
     unchanged. ``num_batches_tracked`` is ignored.
 
-    A :class:`detlayers.FrozenBatchNorm2d` whose ``running_mean``/``running_var`` are absent
-    (detectron2's version-1 format, e.g. ImageNet backbones converted from Caffe2, which keep only
-    ``weight`` and ``bias``) gets mean 0 and var 1, as detectron2's ``_load_from_state_dict`` fills
-    them; they are not reported missing.
+    A :class:`detlayers.FrozenBatchNorm2d` whose ``running_mean`` and ``running_var`` are both
+    absent (detectron2's version-1 format, e.g. ImageNet backbones converted from Caffe2, which keep
+    only ``weight`` and ``bias``) gets mean 0 and var 1, as detectron2's ``_load_from_state_dict``
+    fills them. Where only one of the two is absent the checkpoint is not of that format (a
+    state dict carries no version here), so the absent one is reported missing.
 
     Raises:
       ValueError: listing every missing key (a Flax variable with no entry), unexpected key (an
@@ -325,7 +326,9 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
             used[key] = flax_path
             expected = tuple(value.shape)
             if key not in weights:
-                if _is_frozen_bn_stat(collection, name, modules.get(path)):
+                module_prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+                version_1 = not any(module_prefix + stat in weights for stat in ("running_mean", "running_var"))
+                if version_1 and _is_frozen_bn_stat(collection, name, modules.get(path)):
                     # detectron2's FrozenBatchNorm2d version-1 checkpoints (ImageNet backbones
                     # converted from Caffe2) carry only weight and bias; detectron2 fills
                     # running_mean with zeros and running_var with ones (not 1 - eps)

@@ -339,6 +339,13 @@ def test_frozen_bn_version_1_checkpoint_fills_mean_0_and_var_1_like_detectron2(p
     deconv, logits = _apply(variables, jnp.asarray(fx["x"]))
     np.testing.assert_allclose(deconv, fx["v1_deconv_eval"], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(logits, fx["v1_logits_eval"], rtol=RTOL, atol=ATOL)
+    # a frozen BN that lost only one statistic is a damaged checkpoint, not version 1
+    with open(pkl_path, "rb") as f:
+        damaged = dict(pickle.load(f)["model"])
+    stem_var = next(k for k in frozen if k.endswith("running_var"))
+    del damaged[stem_var]
+    with pytest.raises(ValueError, match=r"missing keys:\n  " + re.escape(stem_var)):
+        L.load_torch_state_dict(TinyNet(), damaged, fx["x"])
     # a BatchNorm2d (not frozen) without its statistics is still reported missing
     del sd["res2.0.conv1.norm.running_mean"]
     with pytest.raises(ValueError, match=r"missing keys:\n  res2\.0\.conv1\.norm\.running_mean"):
