@@ -264,6 +264,14 @@ def _build_cpu_library(root: pathlib.Path) -> None:
         shutil.copy2(lib, root / "detlayers" / "_lib" / lib.name)
 
 
+def _first_failure(output: str) -> str:
+    """pytest's first ``FAILED``/``ERROR`` summary line: which test killed the mutant."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line
+    return ""
+
+
 def _run_tests(root: pathlib.Path, mutant: Mutant, jobs: int, timeout: float) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "pytest", *mutant.tests, "-x", "-q", "-p", "no:cacheprovider",
            "-o", "addopts=", "-n", str(jobs)]
@@ -280,7 +288,8 @@ def _run_tests(root: pathlib.Path, mutant: Mutant, jobs: int, timeout: float) ->
         return "survived", seconds
     if proc.returncode == 5:
         return "error (no tests selected)", seconds
-    return "killed", seconds
+    failure = _first_failure(proc.stdout)
+    return "killed" + (f" by {failure}" if failure else ""), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             if m.rebuilds_library:
                 shutil.copytree(saved_lib, scratch / "detlayers" / "_lib", dirs_exist_ok=True)
         results.append((m, outcome))
-        print(f"{outcome:26s} {m.name:40s} ({seconds:.0f} s)", flush=True)
+        verdict, _, detail = outcome.partition(" by ")
+        print(f"{verdict:26s} {m.name:40s} ({seconds:.0f} s){'  ' + detail[:160] if detail else ''}", flush=True)
 
     run = [r for r in results if not r[1].startswith("error")]
     killed = sum(r[1].startswith("killed") for r in run)
