@@ -206,9 +206,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("rotiou-cpp-sound-tolerance-x10", "custom_calls/rotated_iou.h",
            "constexpr float kSoundTolerance = 1e-4f;", "constexpr float kSoundTolerance = 1e-3f;",
            ROT_IOU + NMS, "rotated or sound or exact"),
-    Mutant("rotiou-exact-area-signed", "detlayers/rotated_boxes.py",
-           "inter = jnp.minimum(jnp.abs(((terms[0] + terms[1]) + terms[2]) + terms[3]),",
-           "inter = jnp.minimum(((terms[0] + terms[1]) + terms[2]) + terms[3],", ROT_IOU),
+    Mutant("rotiou-exact-band-drops-above", "detlayers/rotated_boxes.py",
+           "height = _rounded(inside * mean_inside) + _rounded(above * (half_h + half_h))",
+           "height = _rounded(inside * mean_inside)", ROT_IOU),
     # ---- weights and checkpoints ------------------------------------------------------------------
     Mutant("weights-unpickler-admits-any-global", "detlayers/torch_weights.py",
            '        raise _RefusedGlobal(f"{module}.{name}")\n',
