@@ -12,8 +12,10 @@ How it works. The working tree (tracked and untracked, non-ignored files, plus t
 ``detlayers/_lib``) is copied to a scratch directory. Each mutant replaces one exact piece of text
 in one file of that copy, runs its test selection there (``pytest -x``; ``PYTHONPATH`` is the copy),
 and restores the file. A mutant is *killed* when the selection fails or times out, and *survives*
-when it passes. Mutants of C++ sources (``custom_calls/``) rebuild the CPU library into the copy's
-``build/`` with CMake first and restore the unmutated library after. The score is killed / run.
+when it passes. Mutants of the CPU library's C++ sources (``CPU_LIBRARY_SOURCES``) rebuild it into
+the copy's ``build/`` with CMake first (``DETLAYERS_CUDA=OFF``) and restore the unmutated library
+after; mutants of the CUDA-only sources (``nms_cuda.cu``, ``nms_bitmask.h``) are judged by the host
+CUDA simulator test, which compiles them itself. The score is killed / run.
 
 A mutant whose text is no longer in its file is reported as ``stale`` (the code moved on: update
 the list). Keep mutants *non-equivalent*: each must change an output some input can reach.
@@ -33,6 +35,11 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CPP_SUFFIXES = (".cc", ".h", ".cu")
+# Sources of the CPU custom-call library (CMake target detlayers_cpu); a mutant of one of them
+# rebuilds it. nms_cuda.cu and nms_bitmask.h are only compiled by the CUDA build and by the host
+# CUDA simulator test (tests/test_cuda_simulation.py builds them itself with g++).
+CPU_LIBRARY_SOURCES = ("custom_calls/nms_cpu.cc", "custom_calls/nms_box_iou.h",
+                       "custom_calls/nms_ffi_shapes.h", "custom_calls/rotated_iou.h")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,10 @@ class Mutant:
     def is_cpp(self) -> bool:
         return self.path.endswith(CPP_SUFFIXES)
 
+    @property
+    def rebuilds_library(self) -> bool:
+        return self.path in CPU_LIBRARY_SOURCES
+
 
 NMS = ("tests/test_nms.py",)
 NMS_VALUES = "matches or agree or partial_last or threshold or max_output"
@@ -58,6 +69,7 @@ ROI = ("tests/test_roi_align.py",)
 ROI_ROT = ("tests/test_roi_align_rotated.py",)
 BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
+CUDA_SIM = ("tests/test_cuda_simulation.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -77,12 +89,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("nms-xla-ignore-classes", "detlayers/nms.py",
            "            mask &= first_cls[:, None] == second_cls[None, :]\n",
            "            mask &= True\n", NMS, NMS_VALUES),
-    Mutant("nms-xla-rotated-reach-half-side", "detlayers/nms.py",
-           "radius = 0.5 * jnp.sqrt(w * w + h * h)", "radius = 0.5 * jnp.maximum(w, h)",
-           NMS + ("tests/test_rotated_iou.py",), "rotated"),
+    Mutant("nms-xla-rotated-reach-half-side", "detlayers/rotated_boxes.py",
+           "radius = np.float32(0.5) * jnp.sqrt(_rounded(w * w) + _rounded(h * h))",
+           "radius = np.float32(0.5) * jnp.maximum(w, h)", NMS + ROT_IOU, "rotated"),
     Mutant("nms-nan-score-ranks-first", "detlayers/nms.py",
-           "rank_key = -jnp.where(jnp.isnan(scores), -jnp.inf, scores)",
-           "rank_key = -jnp.where(jnp.isnan(scores), jnp.inf, scores)", NMS, "nan or matches"),
+           "bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(scores), -jnp.inf, scores), jnp.int32)",
+           "bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(scores), jnp.inf, scores), jnp.int32)",
+           NMS, "nan or matches"),
     Mutant("nms-threshold-rounds-up", "detlayers/nms.py",
            "return jnp.asarray(f32_at_or_below(as_double), jnp.float32)",
            "return jnp.asarray(np.float32(as_double), jnp.float32)", NMS, "threshold"),
@@ -95,23 +108,26 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("nms-int64-traced-ids-wrap", "detlayers/nms.py",
            "    ranks = jnp.searchsorted(jnp.sort(idxs), idxs, side=\"left\", method=\"sort\")\n",
            "    ranks = idxs\n", NMS, "int64"),
-    # ---- NMS: C++ kernel and the CUDA algorithm (emulated on the host) --------------------------
+    # ---- NMS: C++ kernel, and the CUDA kernels run on the host CUDA simulator -------------------
     Mutant("nms-cpp-threshold-ge", "custom_calls/nms_cpu.cc",
            "hit |= static_cast<int>(iou > threshold);", "hit |= static_cast<int>(iou >= threshold);",
            NMS, NMS_VALUES),
     Mutant("nms-cpp-rotated-threshold-ge", "custom_calls/nms_cpu.cc",
-           "suppressed = rotated_box_iou<float>(a, b) > threshold;",
-           "suppressed = rotated_box_iou<float>(a, b) >= threshold;", NMS, "rotated and matches"),
-    Mutant("nms-cpp-rotated-reach-half-side", "custom_calls/nms_cpu.cc",
-           "const double radius = 0.5 * std::sqrt(w * w + h * h);",
-           "const double radius = 0.5 * std::max(w, h);", NMS, "rotated"),
+           ": rotated_box_iou<float>(a, b) > threshold;",
+           ": rotated_box_iou<float>(a, b) >= threshold;", NMS, "rotated and matches"),
+    Mutant("nms-cpp-rotated-reach-half-side", "custom_calls/rotated_iou.h",
+           "const float radius = 0.5f * sqrtf(rounded_product(w, w) + rounded_product(h, h));",
+           "const float radius = 0.5f * (w > h ? w : h);", NMS + ROT_IOU, "rotated"),
     Mutant("nms-cuda-bitmask-threshold-ge", "custom_calls/nms_bitmask.h",
            "if (IoU::iou(box, col_boxes + j * kBoxDim) > threshold) bits |= Word{1} << j;",
            "if (IoU::iou(box, col_boxes + j * kBoxDim) >= threshold) bits |= Word{1} << j;",
-           NMS, "emulated"),
+           CUDA_SIM, "match"),
+    Mutant("nms-cuda-missing-syncthreads", "custom_calls/nms_cuda.cu",
+           "  __syncthreads();\n  if (t >= row_size) return;\n", "  if (t >= row_size) return;\n",
+           CUDA_SIM),
     Mutant("nms-iou-union-order", "custom_calls/nms_box_iou.h",
            "return inter / (area_a + area_b - inter);", "return inter / (area_a + (area_b - inter));",
-           NMS, "emulated or grid"),
+           NMS + CUDA_SIM, "matches or match or grid"),
     # ---- paste_masks_in_image: the windowed (tiled) path -------------------------------------
     Mutant("paste-swap-row-col-tile", "detlayers/mask_ops.py",
            "row_tile, col_tile = local // tiles_x[n], local % tiles_x[n]",
@@ -149,23 +165,32 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("roi-bilinear-at-end", "detlayers/_roi_sampling.py",
            "at_end = low >= length - 1", "at_end = low >= length", ROI),
     Mutant("roi-adaptive-grid-floor", "detlayers/_roi_sampling.py",
-           "return jnp.ceil(roi_extent / bins).astype(jnp.int32)",
-           "return jnp.floor(roi_extent / bins).astype(jnp.int32)", ROI),
+           "grid = jnp.ceil(roi_extent / bins)", "grid = jnp.floor(roi_extent / bins)", ROI),
+    Mutant("roi-max-adaptive-grid-one-short", "detlayers/_roi_sampling.py",
+           "jnp.clip(grid, 0, MAX_ADAPTIVE_GRID)", "jnp.clip(grid, 0, MAX_ADAPTIVE_GRID - 1)", ROI),
     Mutant("roi-min-size-not-aligned", "detlayers/roi_align.py",
            "        roi_w = jnp.maximum(roi_w, 1.0)\n", "        roi_w = jnp.maximum(roi_w, 0.0)\n", ROI),
     Mutant("roi-aligned-offset", "detlayers/roi_align.py",
            "offset = jnp.asarray(0.5 if aligned else 0.0, dtype)",
            "offset = jnp.asarray(0.5 if aligned else 0.5, dtype)", ROI),
     Mutant("roi-batch-index-clamp", "detlayers/_roi_sampling.py",
-           "valid = (index >= 0) & (index < batch)", "valid = (index >= 0) & (index <= batch)",
+           "valid = (column >= 0) & (column < batch)", "valid = (column >= 0) & (column <= batch)",
            ROI + ROI_ROT, "batch or index"),
     Mutant("roi-invalid-rows-not-zeroed", "detlayers/_roi_sampling.py",
            "return jnp.where(live[:, None, None, None], out, 0.0), residuals",
            "return out, residuals", ROI + ROI_ROT, "batch or index"),
     # ---- batch norm ----------------------------------------------------------------------------
     Mutant("bn-biased-running-var", "detlayers/batch_norm.py",
-           "unbiased = (var * (count / jnp.maximum(count - 1.0, 1.0))).astype(running_var.dtype)",
-           "unbiased = var.astype(running_var.dtype)", BN),
+           "var = var * (count / jnp.maximum(count - 1.0, 1.0))", "var = var * (count / jnp.maximum(count, 1.0))",
+           BN),
+    Mutant("bn-naive-unbiased-running-var", "detlayers/batch_norm.py",
+           "            unbiased_running_var=False,\n", "            unbiased_running_var=True,\n", BN),
+    Mutant("bn-equal-device-weights-only-unmasked", "detlayers/batch_norm.py",
+           'if axis_name is not None and stats_mode == "":',
+           'if axis_name is not None and stats_mode == "" and mask is None:', BN),
+    Mutant("bn-equal-device-weights-by-count", "detlayers/batch_norm.py",
+           "jnp.concatenate([local_mean * has_real, jnp.stack([has_real, count])])",
+           "jnp.concatenate([total, jnp.stack([count, count])])", BN),
     Mutant("bn-update-when-empty", "detlayers/batch_norm.py",
            "step = jnp.where(count > 0, momentum, 0.0).astype(running_mean.dtype)",
            "step = jnp.asarray(momentum).astype(running_mean.dtype)", BN),
@@ -175,7 +200,27 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("bn-count-unmasked", "detlayers/batch_norm.py",
            "count = jnp.sum(mask.astype(dtype)) * per_row",
            "count = jnp.asarray(x.shape[0] * per_row, dtype)", BN),
-    # ---- losses, rotated IoU -------------------------------------------------------------------
+    # ---- rotated IoU: detectron2's value where sound, else the exact one --------------------------
+    Mutant("rotiou-sound-tolerance-x10", "detlayers/rotated_boxes.py",
+           "SOUND_TOLERANCE = 1e-4\n", "SOUND_TOLERANCE = 1e-3\n", ROT_IOU + NMS, "rotated or sound or exact"),
+    Mutant("rotiou-cpp-sound-tolerance-x10", "custom_calls/rotated_iou.h",
+           "constexpr float kSoundTolerance = 1e-4f;", "constexpr float kSoundTolerance = 1e-3f;",
+           ROT_IOU + NMS, "rotated or sound or exact"),
+    Mutant("rotiou-exact-band-drops-above", "detlayers/rotated_boxes.py",
+           "height = _rounded(inside * mean_inside) + _rounded(above * (half_h + half_h))",
+           "height = _rounded(inside * mean_inside)", ROT_IOU),
+    # ---- weights and checkpoints ------------------------------------------------------------------
+    Mutant("weights-unpickler-admits-any-global", "detlayers/torch_weights.py",
+           '        raise _RefusedGlobal(f"{module}.{name}")\n',
+           "        return super().find_class(module, name)\n", ("tests/test_torch_weights.py",)),
+    Mutant("ckpt-digests-not-checked", "detlayers/demo/train_checkpoints.py",
+           "        _check_digests(restored.state, meta.pop(DIGESTS_KEY, None), path)\n",
+           "        meta.pop(DIGESTS_KEY, None)\n", ("tests/test_train_checkpoints.py",)),
+    # ---- Mask R-CNN (slow: minutes) -----------------------------------------------------------------
+    Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads.py",
+           "x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)", "x = x.reshape(x.shape[0], -1)",
+           ("tests/test_mask_rcnn.py",)),
+    # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",
            ("tests/test_losses.py",)),
@@ -206,12 +251,20 @@ def _build_cpu_library(root: pathlib.Path) -> None:
     """CMake build of the CPU custom-call library of ``root`` into ``root/detlayers/_lib``."""
     build = root / "build" / "mutants"
     subprocess.run(["cmake", "-S", str(root), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+                    "-DCMAKE_BUILD_TYPE=Release", "-DDETLAYERS_CUDA=OFF"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "detlayers_cpu"], check=True,
                    capture_output=True)
     (root / "detlayers" / "_lib").mkdir(parents=True, exist_ok=True)
     for lib in build.glob("libdetlayers_*.so"):
         shutil.copy2(lib, root / "detlayers" / "_lib" / lib.name)
+
+
+def _first_failure(output: str) -> str:
+    """pytest's first ``FAILED``/``ERROR`` summary line: which test killed the mutant."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line
+    return ""
 
 
 def _run_tests(root: pathlib.Path, mutant: Mutant, jobs: int, timeout: float) -> tuple[str, float]:
@@ -230,7 +283,8 @@ def _run_tests(root: pathlib.Path, mutant: Mutant, jobs: int, timeout: float) ->
         return "survived", seconds
     if proc.returncode == 5:
         return "error (no tests selected)", seconds
-    return "killed", seconds
+    failure = _first_failure(proc.stdout)
+    return "killed" + (f" by {failure}" if failure else ""), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scratch copy: {scratch}", flush=True)
     _copy_tree(scratch)
     saved_lib = scratch / "build" / "unmutated_lib"
-    if any(m.is_cpp for m in mutants):
+    if any(m.rebuilds_library for m in mutants):
         if not (scratch / "detlayers" / "_lib").is_dir():
             _build_cpu_library(scratch)
         shutil.copytree(scratch / "detlayers" / "_lib", saved_lib, dirs_exist_ok=True)
@@ -271,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         original = target.read_text()
         target.write_text(original.replace(m.old, m.new, 1))
         try:
-            if m.is_cpp:
+            if m.rebuilds_library:
                 try:
                     _build_cpu_library(scratch)
                 except subprocess.CalledProcessError:
@@ -282,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                 outcome, seconds = _run_tests(scratch, m, args.jobs, args.timeout)
         finally:
             target.write_text(original)
-            if m.is_cpp:
+            if m.rebuilds_library:
                 shutil.copytree(saved_lib, scratch / "detlayers" / "_lib", dirs_exist_ok=True)
         results.append((m, outcome))
-        print(f"{outcome:26s} {m.name:40s} ({seconds:.0f} s)", flush=True)
+        verdict, _, detail = outcome.partition(" by ")
+        print(f"{verdict:26s} {m.name:40s} ({seconds:.0f} s){'  ' + detail[:160] if detail else ''}", flush=True)
 
     run = [r for r in results if not r[1].startswith("error")]
     killed = sum(r[1].startswith("killed") for r in run)
