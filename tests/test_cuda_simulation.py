@@ -114,6 +114,14 @@ def fixture_cases() -> list[dict]:
                              classes=None if idxs is None else idxs[order].astype(np.int32),
                              threshold=f32_at_or_below(float(threshold)), k=k, expected=expected[:k])
                     )  # fmt: skip
+    # torchvision's float32 union order, (a + b) - inter: this pair's IoU rounds differently with
+    # a + (b - inter), and torchvision suppresses box 1 at the lower threshold only (test_nms has
+    # the same pair on the C++ and XLA paths).
+    pair = np.array([[75.77288818359375, 49.742271423339844, 102.70918273925781, 89.24577331542969],
+                     [74.06600189208984, 54.431941986083984, 109.91200256347656, 101.10286712646484]], np.float32)
+    for threshold, expected in ((0.5211813449859619, [0]), (0.5211814045906067, [0, 1])):
+        cases.append(dict(name=f"union-order:t{threshold}", boxes=pair, order=np.arange(2), classes=None,
+                          threshold=f32_at_or_below(threshold), k=2, expected=np.array(expected)))
     return cases
 
 

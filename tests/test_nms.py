@@ -860,3 +860,16 @@ def test_pure_xla_rotated_nms_on_thousands_of_boxes_finishes_in_bounded_time():
     assert out.returncode == 0, out.stderr
     xla_count, auto_count, same = out.stdout.split()
     assert int(xla_count) == int(auto_count) > 1000 and same == "True"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_iou_union_is_rounded_in_torchvisions_order(backend):
+    # float32 (a + b) - inter and a + (b - inter) differ in the last bit for this pair; torchvision
+    # (torchvision.ops.nms, 0.29.1) suppresses box 1 at the lower threshold and keeps it at the
+    # higher one, which only the (a + b) - inter order reproduces.
+    boxes = np.array([[75.77288818359375, 49.742271423339844, 102.70918273925781, 89.24577331542969],
+                      [74.06600189208984, 54.431941986083984, 109.91200256347656, 101.10286712646484]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    for threshold, expected in ((0.5211813449859619, [0]), (0.5211814045906067, [0, 1])):
+        result = nms_module.nms(boxes, scores, threshold, backend=backend)
+        np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), expected)
