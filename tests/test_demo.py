@@ -140,8 +140,11 @@ def test_readme_python_examples_run():
     blocks = _readme_python_blocks()
     assert len(blocks) >= 2
     for block in blocks:
+        code = compile(block, "README.md", "exec")
+        if block.startswith("# needs your checkpoint"):
+            continue  # a user's files: compiled (so it stays valid Python), not run
         namespace: dict = {}
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+        exec(code, namespace)  # noqa: S102 - our own README
     # the API tour's claims, checked on its own variables
     tour: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), tour)  # noqa: S102
