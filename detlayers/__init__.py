@@ -9,10 +9,11 @@ one op family never pays for another's import.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from detlayers._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -73,13 +74,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'detlayers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"detlayers.{module_name}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 class _Package(types.ModuleType):
@@ -98,10 +93,6 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
 
 
 if TYPE_CHECKING:  # static tools see the real definitions

@@ -92,6 +92,35 @@ def check_inputs(name: str, features: Any, rois: Any, roi_cols: int) -> tuple[ja
     return features, rois
 
 
+def check_arguments(name: str, features: Any, rois: Any, roi_cols: int, output_size: Any,
+                    sampling_ratio: Any, spatial_scale: Any
+                    ) -> tuple[np.ndarray | None, jax.Array, jax.Array, tuple[int, int], int, Any]:
+    """The argument checks of both ROIAlign flavours, in order.
+
+    Returns ``(concrete_rois, features, rois, (pooled_h, pooled_w), sampling_ratio, scale)``;
+    ``concrete_rois`` is the ROIs' value when known at trace time (see :func:`concrete_value`).
+    """
+    concrete_rois = concrete_value(rois)
+    features, rois = check_inputs(name, features, rois, roi_cols)
+    pooled = normalize_output_size(output_size)
+    sampling_ratio = check_sampling_ratio(sampling_ratio)
+    scale = check_spatial_scale(spatial_scale)
+    return concrete_rois, features, rois, pooled, sampling_ratio, scale
+
+
+def empty_output(name: str, features: jax.Array, num_rois: int,
+                 pooled: tuple[int, int]) -> jax.Array | None:
+    """Zeros ``[R, PH, PW, C]`` when there is nothing to pool (no ROIs or no channels), else None;
+    raises ``ValueError`` for an empty batch or feature map with ROIs to pool from it.
+    """
+    batch, height, width, channels = features.shape
+    if num_rois == 0 or channels == 0:
+        return jnp.zeros((num_rois, *pooled, channels), features.dtype)
+    if batch == 0 or height == 0 or width == 0:
+        raise ValueError(f"{name}: input has an empty batch or map, shape {features.shape}")
+    return None
+
+
 def batch_index_and_validity(name: str, rois: jax.Array, batch: int,
                              concrete: np.ndarray | None) -> tuple[jax.Array, jax.Array]:
     """Batch index column as int32 (clamped into range) plus a mask of ROIs whose index names an

@@ -48,7 +48,7 @@ from jax import lax
 
 from detlayers._checks import IntOrPair, check_groups
 from detlayers._checks import as_pair as _pair
-from detlayers._conv_norm import make_norm as _make_norm
+from detlayers._conv_norm import norm_then_activation
 from detlayers._roi_sampling import gather_rows as _gather
 
 __all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
@@ -462,12 +462,8 @@ class _DeformConvBase(nn.Module):
         return kernel, bias
 
     def _finish(self, y: jax.Array, train: bool) -> jax.Array:
-        norm = _make_norm(self.norm, self.out_channels)
-        if norm is not None:
-            y = norm(y, train=train)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return norm_then_activation(y, self.norm, self.out_channels, self.activation, train,
+                                    type(self).__name__)
 
 
 class DeformConv(_DeformConvBase):

@@ -64,20 +64,17 @@ def roi_align(
     (also a constant closed over by a jitted function); when traced it cannot be checked and such
     a ROI pools to zeros.
     """
-    concrete_rois = rs.concrete_value(rois)
-    features, rois = rs.check_inputs("roi_align", input, rois, 5)
-    pooled_h, pooled_w = rs.normalize_output_size(output_size)
-    sampling_ratio = rs.check_sampling_ratio(sampling_ratio)
-    scale = rs.check_spatial_scale(spatial_scale)
+    concrete_rois, features, rois, (pooled_h, pooled_w), sampling_ratio, scale = (
+        rs.check_arguments("roi_align", input, rois, 5, output_size, sampling_ratio,
+                           spatial_scale))
     if not isinstance(aligned, (bool, int)) or isinstance(aligned, jax.core.Tracer):
         raise TypeError(f"aligned must be a Python bool, got {aligned!r}")
+    empty = rs.empty_output("roi_align", features, rois.shape[0], (pooled_h, pooled_w))
+    if empty is not None:
+        return empty
     batch, height, width, channels = features.shape
     num_rois = rois.shape[0]
     out_dtype = features.dtype
-    if num_rois == 0 or channels == 0:
-        return jnp.zeros((num_rois, pooled_h, pooled_w, channels), out_dtype)
-    if batch == 0 or height == 0 or width == 0:
-        raise ValueError(f"roi_align: input has an empty batch or map, shape {features.shape}")
 
     dtype = rs.compute_dtype(out_dtype)
     boxes = lax.stop_gradient(rois).astype(dtype)

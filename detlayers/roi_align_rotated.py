@@ -59,20 +59,14 @@ def roi_align_rotated(
     checked and pool to zeros.  Likewise a batch index outside ``[0, N)`` (or NaN) raises when
     concrete and pools to zeros when traced.
     """
-    concrete_rois = rs.concrete_value(rois)
-    features, rois = rs.check_inputs("roi_align_rotated", input, rois, 6)
-    pooled_h, pooled_w = rs.normalize_output_size(output_size)
-    sampling_ratio = rs.check_sampling_ratio(sampling_ratio)
-    scale = rs.check_spatial_scale(spatial_scale)
+    concrete_rois, features, rois, (pooled_h, pooled_w), sampling_ratio, scale = (
+        rs.check_arguments("roi_align_rotated", input, rois, 6, output_size, sampling_ratio,
+                           spatial_scale))
+    empty = rs.empty_output("roi_align_rotated", features, rois.shape[0], (pooled_h, pooled_w))
+    if empty is not None:
+        return empty
     batch, height, width, channels = features.shape
-    num_rois = rois.shape[0]
     out_dtype = features.dtype
-    if num_rois == 0 or channels == 0:
-        return jnp.zeros((num_rois, pooled_h, pooled_w, channels), out_dtype)
-    if batch == 0 or height == 0 or width == 0:
-        raise ValueError(
-            f"roi_align_rotated: input has an empty batch or map, shape {features.shape}"
-        )
     if concrete_rois is not None:
         negative = (concrete_rois[:, 3:5] < 0).any(-1)
         if negative.any():

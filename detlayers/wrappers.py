@@ -29,7 +29,7 @@ from detlayers._checks import as_pair as _pair
 from detlayers._checks import check_floating as _check_floating
 from detlayers._checks import check_groups as _check_groups
 from detlayers._checks import check_nhwc as _check_nhwc
-from detlayers._conv_norm import make_norm as _make_norm
+from detlayers._conv_norm import norm_then_activation
 from detlayers._numerics import operand_dtype
 
 Array = jax.Array
@@ -241,14 +241,8 @@ class Conv2d(nn.Module):
         y = conv2d(
             x, kernel, bias, self.stride, self.padding, self.dilation, self.groups, precision=self.precision
         )
-        norm = _make_norm(self.norm, self.out_channels)
-        if mask is not None and norm is None:
-            raise ValueError("Conv2d: `mask` is forwarded to the norm, but this Conv2d has no norm")
-        if norm is not None:
-            y = norm(y, train=train) if mask is None else norm(y, train=train, mask=mask)
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
+        return norm_then_activation(y, self.norm, self.out_channels, self.activation, train, "Conv2d",
+                                    mask)
 
 
 def _check_positive_groups(groups: Any, layer: str) -> None:

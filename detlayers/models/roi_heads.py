@@ -83,6 +83,19 @@ def multilevel_roi_align(
     return jnp.where(flat_valid[:, None, None, None], pooled, 0.0)
 
 
+def _conv3x3_relu_stack(
+    x: Array, channels: int, num_conv: int, conv_dim: int, norm: str, prefix: str
+) -> tuple[Array, int]:
+    """``num_conv`` 3x3 ``Conv2d`` + ReLU layers named ``{prefix}1``, ``{prefix}2``, ... (submodules
+    of the calling compact method; biased only without a norm, as in detectron2's heads).
+    Returns the output and its channel count."""
+    for k in range(num_conv):
+        x = Conv2d(channels, conv_dim, 3, padding=1, bias=not norm, norm=norm or None,
+                   activation=jax.nn.relu, name=f"{prefix}{k + 1}")(x)
+        channels = conv_dim
+    return x, channels
+
+
 class FastRCNNConvFCHead(nn.Module):
     """``conv{k}`` 3x3 + ReLU, then flatten and ``fc{k}`` + ReLU.
 
@@ -100,11 +113,7 @@ class FastRCNNConvFCHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels = self.input_channels
-        for k in range(self.num_conv):
-            x = Conv2d(channels, self.conv_dim, 3, padding=1, bias=not self.norm, norm=self.norm or None,
-                       activation=jax.nn.relu, name=f"conv{k + 1}")(x)
-            channels = self.conv_dim
+        x, _ = _conv3x3_relu_stack(x, self.input_channels, self.num_conv, self.conv_dim, self.norm, "conv")
         if self.num_fc:
             x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
             features = x.shape[-1]
@@ -191,11 +200,8 @@ class MaskRCNNConvUpsampleHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        channels = self.input_channels
-        for k in range(self.num_conv):
-            x = Conv2d(channels, self.conv_dim, 3, padding=1, bias=not self.norm, norm=self.norm or None,
-                       activation=jax.nn.relu, name=f"mask_fcn{k + 1}")(x)
-            channels = self.conv_dim
+        x, channels = _conv3x3_relu_stack(x, self.input_channels, self.num_conv, self.conv_dim, self.norm,
+                                          "mask_fcn")
         x = jax.nn.relu(ConvTranspose2d(channels, self.conv_dim, 2, stride=2, name="deconv")(x))
         out = 1 if self.cls_agnostic else self.num_classes
         return Conv2d(self.conv_dim, out, 1, name="predictor")(x)
