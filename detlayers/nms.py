@@ -184,12 +184,8 @@ def _check_backend(backend: str) -> str:
 # public functions
 # --------------------------------------------------------------------------------------------
 def nms(
-    boxes: Array,
-    scores: Array,
-    iou_threshold: float | Array,
-    *,
-    max_output_size: int | None = None,
-    backend: str | None = None,
+    boxes: Array, scores: Array, iou_threshold: float | Array,
+    *, max_output_size: int | None = None, backend: str | None = None,
 ) -> NMSResult:
     """Greedy NMS of axis-aligned boxes (``torchvision.ops.nms``).
 
@@ -208,13 +204,8 @@ def nms(
 
 
 def batched_nms(
-    boxes: Array,
-    scores: Array,
-    idxs: Array,
-    iou_threshold: float | Array,
-    *,
-    max_output_size: int | None = None,
-    backend: str | None = None,
+    boxes: Array, scores: Array, idxs: Array, iou_threshold: float | Array,
+    *, max_output_size: int | None = None, backend: str | None = None,
 ) -> NMSResult:
     """Per-class NMS (``torchvision.ops.batched_nms``): boxes with different ``idxs[N]`` (integer
     class ids of any integer dtype, compared exactly) never suppress each other. Exact per class:
@@ -228,12 +219,8 @@ def batched_nms(
 
 
 def nms_rotated(
-    boxes: Array,
-    scores: Array,
-    iou_threshold: float | Array,
-    *,
-    max_output_size: int | None = None,
-    backend: str | None = None,
+    boxes: Array, scores: Array, iou_threshold: float | Array,
+    *, max_output_size: int | None = None, backend: str | None = None,
 ) -> NMSResult:
     """Greedy NMS of rotated boxes ``[N, 5]`` ``(xc, yc, w, h, angle_degrees)``
     (``detectron2.layers.nms_rotated``), with detectron2's exact rotated IoU. Otherwise as
@@ -242,13 +229,8 @@ def nms_rotated(
 
 
 def batched_nms_rotated(
-    boxes: Array,
-    scores: Array,
-    idxs: Array,
-    iou_threshold: float | Array,
-    *,
-    max_output_size: int | None = None,
-    backend: str | None = None,
+    boxes: Array, scores: Array, idxs: Array, iou_threshold: float | Array,
+    *, max_output_size: int | None = None, backend: str | None = None,
 ) -> NMSResult:
     """Per-class rotated NMS (``detectron2.layers.batched_nms_rotated``), exact per class (no
     coordinate offsets; class ids as in :func:`batched_nms`). Otherwise as :func:`nms_rotated`."""
