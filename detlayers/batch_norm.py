@@ -633,12 +633,8 @@ class NaiveSyncBatchNorm(_BatchNormBase):
     ``running += momentum * (batch - running)`` with the *biased* batch variance (not PyTorch's
     unbiased one; :class:`SyncBatchNorm` has ``torch.nn.SyncBatchNorm``'s rule).
 
-    Axis rule: the statistics are reduced over ``axis_name`` when it is bound (``pmap`` /
-    ``shard_map`` / named ``vmap``); outside any mapped axis the layer uses local statistics, like
-    detectron2 with world size 1; inside mapped axes that do not include ``axis_name`` a training
-    call raises ``ValueError`` naming the bound axes and ``axis_name`` (never silently local).
-    ``axis_name=None`` always means per-device statistics. ``train=False`` uses the local running
-    statistics (no communication).
+    Axis rule: :class:`SyncBatchNorm`'s (outside any mapped axis the statistics are local, like
+    detectron2 with world size 1).
     """
 
     num_features: int
