@@ -13,63 +13,44 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from detlayers._lazy import lazy_exports
+from detlayers._lazy import exports_by_name, lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it (one op family a file).
-_EXPORTS: dict[str, str] = {
+# submodule -> the public names it defines (one op family a file).
+_NAMES_BY_MODULE: dict[str, tuple[str, ...]] = {
     # box and suppression ops
-    "NMSResult": "nms",
-    "nms": "nms",
-    "batched_nms": "nms",
-    "nms_rotated": "nms",
-    "batched_nms_rotated": "nms",
-    "pairwise_iou_rotated": "rotated_boxes",
+    "nms": ("NMSResult", "nms", "batched_nms", "nms_rotated", "batched_nms_rotated"),
+    "rotated_boxes": ("pairwise_iou_rotated",),
     # ROI pooling
-    "roi_align": "roi_align",
-    "ROIAlign": "roi_align",
-    "roi_align_rotated": "roi_align_rotated",
-    "ROIAlignRotated": "roi_align_rotated",
+    "roi_align": ("roi_align", "ROIAlign"),
+    "roi_align_rotated": ("roi_align_rotated", "ROIAlignRotated"),
     # deformable convolution
-    "deform_conv": "deform_conv",
-    "modulated_deform_conv": "deform_conv",
-    "DeformConv": "deform_conv",
-    "ModulatedDeformConv": "deform_conv",
+    "deform_conv": ("deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"),
     # masks
-    "paste_masks_in_image": "mask_ops",
+    "mask_ops": ("paste_masks_in_image",),
     # normalization
-    "BatchNorm2d": "batch_norm",
-    "FrozenBatchNorm2d": "batch_norm",
-    "NaiveSyncBatchNorm": "batch_norm",
-    "SyncBatchNorm": "batch_norm",
-    "get_norm": "batch_norm",
-    "GroupNorm": "batch_norm",
-    "LayerNorm": "batch_norm",
-    "CycleBatchNormList": "batch_norm",
-    "convert_frozen_batchnorm": "freeze",
-    "frozen_class": "freeze",
-    "trainable_mask": "freeze",
-    "prefix_trainable_mask": "freeze",
-    "masked_optimizer": "freeze",
+    "batch_norm": (
+        "BatchNorm2d", "FrozenBatchNorm2d", "NaiveSyncBatchNorm", "SyncBatchNorm", "get_norm", "GroupNorm",
+        "LayerNorm", "CycleBatchNormList",
+    ),
+    "freeze": (
+        "convert_frozen_batchnorm", "frozen_class", "trainable_mask", "prefix_trainable_mask", "masked_optimizer",
+    ),
     # wrappers and blocks
-    "ShapeSpec": "shape_spec",
-    "Conv2d": "wrappers",
-    "ConvTranspose2d": "wrappers",
-    "Linear": "wrappers",
-    "cat": "wrappers",
-    "interpolate": "wrappers",
-    "nonzero_tuple": "wrappers",
-    "shapes_to_tensor": "wrappers",
-    "cross_entropy": "wrappers",
-    "CNNBlockBase": "blocks",
-    "DepthwiseSeparableConv2d": "blocks",
-    "ASPP": "aspp",
-    "diou_loss": "losses",
-    "ciou_loss": "losses",
+    "shape_spec": ("ShapeSpec",),
+    "wrappers": (
+        "Conv2d", "ConvTranspose2d", "Linear", "cat", "interpolate", "nonzero_tuple", "shapes_to_tensor",
+        "cross_entropy",
+    ),
+    "blocks": ("CNNBlockBase", "DepthwiseSeparableConv2d"),
+    "aspp": ("ASPP",),
+    "losses": ("diou_loss", "ciou_loss"),
     # checkpoints
-    "load_torch_state_dict": "torch_weights",
+    "torch_weights": ("load_torch_state_dict",),
 }
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = exports_by_name(_NAMES_BY_MODULE)
 
 __all__ = sorted(_EXPORTS)
 
@@ -97,25 +78,12 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # static tools see the real definitions
     from detlayers.aspp import ASPP
-    from detlayers.batch_norm import (
-        BatchNorm2d,
-        CycleBatchNormList,
-        FrozenBatchNorm2d,
-        GroupNorm,
-        LayerNorm,
-        NaiveSyncBatchNorm,
-        SyncBatchNorm,
-        get_norm,
-    )
+    from detlayers.batch_norm import BatchNorm2d, CycleBatchNormList, FrozenBatchNorm2d, GroupNorm, LayerNorm
+    from detlayers.batch_norm import NaiveSyncBatchNorm, SyncBatchNorm, get_norm
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
     from detlayers.torch_weights import load_torch_state_dict
-    from detlayers.freeze import (
-        convert_frozen_batchnorm,
-        frozen_class,
-        masked_optimizer,
-        prefix_trainable_mask,
-        trainable_mask,
-    )
+    from detlayers.freeze import convert_frozen_batchnorm, frozen_class, masked_optimizer, prefix_trainable_mask
+    from detlayers.freeze import trainable_mask
     from detlayers.deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
     from detlayers.losses import ciou_loss, diou_loss
     from detlayers.mask_ops import paste_masks_in_image
@@ -124,13 +92,5 @@ if TYPE_CHECKING:  # static tools see the real definitions
     from detlayers.roi_align_rotated import ROIAlignRotated, roi_align_rotated
     from detlayers.rotated_boxes import pairwise_iou_rotated
     from detlayers.shape_spec import ShapeSpec
-    from detlayers.wrappers import (
-        Conv2d,
-        ConvTranspose2d,
-        Linear,
-        cat,
-        cross_entropy,
-        interpolate,
-        nonzero_tuple,
-        shapes_to_tensor,
-    )
+    from detlayers.wrappers import Conv2d, ConvTranspose2d, Linear, cat, cross_entropy, interpolate, nonzero_tuple
+    from detlayers.wrappers import shapes_to_tensor

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+
+def exports_by_name(names_by_module: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{public name: submodule}`` from ``{submodule: public names}``; a name listed twice is an error."""
+    exports: dict[str, str] = {}
+    for module_name, names in names_by_module.items():
+        for name in names:
+            if name in exports:
+                raise ValueError(f"{name!r} is exported by both {exports[name]!r} and {module_name!r}")
+            exports[name] = module_name
+    return exports
 
 
 def lazy_exports(

@@ -8,22 +8,16 @@
 
 from __future__ import annotations
 
-from detlayers._lazy import lazy_exports
+from detlayers._lazy import exports_by_name, lazy_exports
 
-_EXPORTS = {
-    "Config": "config",
-    "mask_rcnn_R_50_FPN_3x_config": "config",
-    "mask_rcnn_R_101_FPN_3x_config": "config",
-    "GeneralizedRCNN": "mask_rcnn",
-    "build_model": "mask_rcnn",
-    "Predictor": "mask_rcnn",
-    "load_detectron2_weights": "mask_rcnn",
-    "preprocess_image": "mask_rcnn",
-    "batch_images": "mask_rcnn",
-    "resize_shortest_edge_shape": "mask_rcnn",
-    "export_predictor": "export",
-    "load_exported": "export",
-}
+_EXPORTS = exports_by_name({
+    "config": ("Config", "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config"),
+    "mask_rcnn": (
+        "GeneralizedRCNN", "build_model", "Predictor", "load_detectron2_weights", "preprocess_image", "batch_images",
+        "resize_shortest_edge_shape",
+    ),
+    "export": ("export_predictor", "load_exported"),
+})
 
 __all__ = sorted(_EXPORTS)
 
