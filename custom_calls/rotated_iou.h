@@ -43,21 +43,13 @@ struct Vec2 {
 // differ from detectron2's CPU op (and from our CPU kernel) in the last bit, enough to flip its
 // tolerance tests in degenerate cases; the _rn intrinsics are never contracted. On the host, build
 // with -ffp-contract=off (GCC contracts by default when the target has FMA instructions).
-DETLAYERS_HOST_DEVICE inline float rounded_product(float a, float b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+DETLAYERS_HOST_DEVICE inline float rounded_product(float a, float b) { return __fmul_rn(a, b); }
+DETLAYERS_HOST_DEVICE inline double rounded_product(double a, double b) { return __dmul_rn(a, b); }
 #else
-  return a * b;
+DETLAYERS_HOST_DEVICE inline float rounded_product(float a, float b) { return a * b; }
+DETLAYERS_HOST_DEVICE inline double rounded_product(double a, double b) { return a * b; }
 #endif
-}
-
-DETLAYERS_HOST_DEVICE inline double rounded_product(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 template <typename T>
 DETLAYERS_HOST_DEVICE inline Vec2<T> make_vec(T x, T y) {

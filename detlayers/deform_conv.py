@@ -359,16 +359,10 @@ def _map_row_chunks(
 
 
 def deform_conv(
-    input: jax.Array,
-    offset: jax.Array,
-    kernel: jax.Array,
-    stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    deformable_groups: int = 1,
-    *,
-    max_column_elements: int | None = None,
+    input: jax.Array, offset: jax.Array, kernel: jax.Array,
+    stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+    groups: int = 1, deformable_groups: int = 1,
+    *, max_column_elements: int | None = None,
 ) -> jax.Array:
     """Deformable convolution v1 (no mask, no bias), NHWC.
 
@@ -396,18 +390,10 @@ def deform_conv(
 
 
 def modulated_deform_conv(
-    input: jax.Array,
-    offset: jax.Array,
-    mask: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None = None,
-    stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    deformable_groups: int = 1,
-    *,
-    max_column_elements: int | None = None,
+    input: jax.Array, offset: jax.Array, mask: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+    stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+    groups: int = 1, deformable_groups: int = 1,
+    *, max_column_elements: int | None = None,
 ) -> jax.Array:
     """Modulated deformable convolution (DCNv2), NHWC.
 

@@ -74,8 +74,16 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return torch_default_kernel_init(fan_in)
 
 
-def _check_kernel_in_channels(x: Array, kernel: Array, groups: int, fn_name: str) -> None:
-    """``ValueError`` unless ``x``'s channels equal the kernel's in-channels times ``groups``."""
+def _check_conv_operands(x: Array, kernel: Array, groups: int, fn_name: str) -> None:
+    """Checks of the functional (transposed) convolutions: floating NHWC ``x``, a rank-4 kernel
+    ``[kh, kw, in/groups, out]``, a positive ``groups``, and ``x``'s channels equal to the kernel's
+    in-channels times ``groups``."""
+    _check_floating(x, "x")
+    if x.ndim != 4:
+        raise ValueError(f"{fn_name}: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
+    if kernel.ndim != 4:
+        raise ValueError(f"{fn_name}: kernel must be HWIO [kh, kw, in/groups, out], got shape {kernel.shape}")
+    _check_positive_groups(groups, fn_name)
     if x.shape[-1] != kernel.shape[2] * groups:
         raise ValueError(
             f"{fn_name}: input channels {x.shape[-1]} (shape {x.shape}) != kernel in-channels "
@@ -142,15 +150,9 @@ def _nhwc_conv(
 
 
 def conv2d(
-    x: Array,
-    kernel: Array,
-    bias: Array | None = None,
-    stride: IntOrPair = 1,
-    padding: IntOrPair | str = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    *,
-    precision: Any = None,
+    x: Array, kernel: Array, bias: Array | None = None,
+    stride: IntOrPair = 1, padding: IntOrPair | str = 0, dilation: IntOrPair = 1, groups: int = 1,
+    *, precision: Any = None,
 ) -> Array:
     """``torch.nn.functional.conv2d`` in NHWC/HWIO.
 
@@ -162,13 +164,7 @@ def conv2d(
       ``[N, Ho, Wo, C_out]`` with ``Ho = floor((H + 2*ph - dh*(kh-1) - 1) / sh) + 1`` (PyTorch's rule),
       in ``x.dtype``; products accumulate in float32.
     """
-    _check_floating(x, "x")
-    if kernel.ndim != 4:
-        raise ValueError(f"conv2d: kernel must be HWIO [kh, kw, in/groups, out], got shape {kernel.shape}")
-    if x.ndim != 4:
-        raise ValueError(f"conv2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
-    _check_positive_groups(groups, "conv2d")
-    _check_kernel_in_channels(x, kernel, groups, "conv2d")
+    _check_conv_operands(x, kernel, groups, "conv2d")
     if kernel.shape[3] % groups:
         raise ValueError(f"conv2d: out channels {kernel.shape[3]} not divisible by groups={groups}")
     kh, kw = kernel.shape[:2]
@@ -285,16 +281,10 @@ def _conv_params(layer: nn.Module, x: Array, *, fan_in_channels: int) -> tuple[A
 # ConvTranspose2d
 # --------------------------------------------------------------------------------------------
 def conv_transpose2d(
-    x: Array,
-    kernel: Array,
-    bias: Array | None = None,
-    stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
-    output_padding: IntOrPair = 0,
-    groups: int = 1,
+    x: Array, kernel: Array, bias: Array | None = None,
+    stride: IntOrPair = 1, padding: IntOrPair = 0, output_padding: IntOrPair = 0, groups: int = 1,
     dilation: IntOrPair = 1,
-    *,
-    precision: Any = None,
+    *, precision: Any = None,
 ) -> Array:
     """``torch.nn.functional.conv_transpose2d`` in NHWC.
 
@@ -308,13 +298,7 @@ def conv_transpose2d(
     Returns:
       ``[N, Ho, Wo, C_out]`` with ``Ho = (H-1)*sh - 2*ph + dh*(kh-1) + oph + 1``.
     """
-    _check_floating(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"conv_transpose2d: input must be NHWC [N, H, W, C] (rank 4), got shape {x.shape}")
-    if kernel.ndim != 4:
-        raise ValueError(f"conv_transpose2d: kernel must be [kh, kw, in/groups, out], got shape {kernel.shape}")
-    _check_positive_groups(groups, "conv_transpose2d")
-    _check_kernel_in_channels(x, kernel, groups, "conv_transpose2d")
+    _check_conv_operands(x, kernel, groups, "conv_transpose2d")
     kh, kw = kernel.shape[:2]
     sh, sw = _pair(stride, "stride")
     ph, pw = _pair(padding, "padding")
