@@ -1,5 +1,6 @@
-"""The optional ``norm`` submodule of the conv layers (private), shared by ``Conv2d`` and the
-deformable convolutions."""
+"""What the conv layers share (private): their leading PyTorch arguments (``Conv2d``,
+``ConvTranspose2d`` and the deformable convolutions) and the optional ``norm`` submodule (``Conv2d``
+and the deformable convolutions)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+
+from detlayers._checks import IntOrPair
+
+
+class ConvGeometry(nn.Module):
+    """The fields every conv layer starts with, in PyTorch's positional order (``nn.Conv2d``,
+    ``nn.ConvTranspose2d``, detectron2's ``DeformConv``): ``in_channels, out_channels, kernel_size,
+    stride=1, padding=0``. A layer adds its own fields after these (or redeclares one to widen its
+    type, keeping its position)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: IntOrPair
+    stride: IntOrPair = 1
+    padding: IntOrPair = 0
 
 
 def make_norm(norm: Any, channels: int) -> nn.Module | None:

@@ -48,6 +48,7 @@ from jax import lax
 
 from detlayers._checks import IntOrPair, check_groups
 from detlayers._checks import as_pair as _pair
+from detlayers._conv_norm import ConvGeometry as _ConvGeometry
 from detlayers._conv_norm import norm_then_activation
 from detlayers._roi_sampling import gather_rows as _gather
 
@@ -412,12 +413,7 @@ def _kernel_init() -> Callable[..., jax.Array]:
     return nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 
 
-class _DeformConvBase(nn.Module):
-    in_channels: int
-    out_channels: int
-    kernel_size: IntOrPair
-    stride: IntOrPair = 1
-    padding: IntOrPair = 0
+class _DeformConvBase(_ConvGeometry):
     dilation: IntOrPair = 1
     groups: int = 1
     deformable_groups: int = 1

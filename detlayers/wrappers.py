@@ -29,6 +29,7 @@ from detlayers._checks import as_pair as _pair
 from detlayers._checks import check_floating as _check_floating
 from detlayers._checks import check_groups as _check_groups
 from detlayers._checks import check_nhwc as _check_nhwc
+from detlayers._conv_norm import ConvGeometry as _ConvGeometry
 from detlayers._conv_norm import norm_then_activation
 from detlayers._numerics import operand_dtype
 
@@ -187,7 +188,7 @@ def conv2d(
     )
 
 
-class Conv2d(nn.Module):
+class Conv2d(_ConvGeometry):
     """``detectron2.layers.Conv2d``: convolution, then ``norm``, then ``activation``; NHWC.
 
     Attributes (PyTorch's ``nn.Conv2d`` arguments plus detectron2's two extras):
@@ -216,11 +217,7 @@ class Conv2d(nn.Module):
     per-device batch) when given, for :class:`detlayers.NaiveSyncBatchNorm`.
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: IntOrPair
-    stride: IntOrPair = 1
-    padding: IntOrPair | str = 0
+    padding: IntOrPair | str = 0  # also "valid" / "same"
     dilation: IntOrPair = 1
     groups: int = 1
     bias: bool = True
@@ -329,7 +326,7 @@ def conv_transpose2d(
     )
 
 
-class ConvTranspose2d(nn.Module):
+class ConvTranspose2d(_ConvGeometry):
     """``torch.nn.ConvTranspose2d`` (detectron2 re-exports it) in NHWC.
 
     Attributes: PyTorch's arguments (``kernel_size``, ``stride``, ``padding``, ``output_padding``,
@@ -347,11 +344,6 @@ class ConvTranspose2d(nn.Module):
     (``output_padding=0``) and that plus ``stride - 1``; it overrides ``output_padding``.
     """
 
-    in_channels: int
-    out_channels: int
-    kernel_size: IntOrPair
-    stride: IntOrPair = 1
-    padding: IntOrPair = 0
     output_padding: IntOrPair = 0
     groups: int = 1
     bias: bool = True
