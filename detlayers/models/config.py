@@ -82,29 +82,33 @@ class ROIHeadsConfig:
 
 
 @_frozen
-class ROIBoxHeadConfig:
-    NAME: str = "FastRCNNConvFCHead"
-    NUM_FC: int = 2
-    FC_DIM: int = 1024
+class _ROIHeadConfig:
+    """The keys detectron2 gives both ROI heads (a conv stack and its ROI pooler), with the
+    defaults it gives both; each head's node overrides what its config changes."""
+
+    NAME: str = ""
     NUM_CONV: int = 0
-    CONV_DIM: int = 256
-    NORM: str = ""
-    POOLER_RESOLUTION: int = 7
-    POOLER_SAMPLING_RATIO: int = 0
-    POOLER_TYPE: str = "ROIAlignV2"
-    BBOX_REG_WEIGHTS: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-    CLS_AGNOSTIC_BBOX_REG: bool = False
-
-
-@_frozen
-class ROIMaskHeadConfig:
-    NAME: str = "MaskRCNNConvUpsampleHead"
-    NUM_CONV: int = 4
     CONV_DIM: int = 256
     NORM: str = ""
     POOLER_RESOLUTION: int = 14
     POOLER_SAMPLING_RATIO: int = 0
     POOLER_TYPE: str = "ROIAlignV2"
+
+
+@_frozen
+class ROIBoxHeadConfig(_ROIHeadConfig):
+    NAME: str = "FastRCNNConvFCHead"
+    POOLER_RESOLUTION: int = 7
+    NUM_FC: int = 2
+    FC_DIM: int = 1024
+    BBOX_REG_WEIGHTS: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    CLS_AGNOSTIC_BBOX_REG: bool = False
+
+
+@_frozen
+class ROIMaskHeadConfig(_ROIHeadConfig):
+    NAME: str = "MaskRCNNConvUpsampleHead"
+    NUM_CONV: int = 4
     CLS_AGNOSTIC_MASK: bool = False
 
 

@@ -110,21 +110,7 @@ class GeneralizedRCNN(nn.Module):
             nms_thresh=cfg.RPN.NMS_THRESH, pre_nms_topk=cfg.RPN.PRE_NMS_TOPK_TEST,
             post_nms_topk=cfg.RPN.POST_NMS_TOPK_TEST, min_box_size=cfg.RPN.MIN_SIZE,
         )
-        box, mask = cfg.ROI_BOX_HEAD, cfg.ROI_MASK_HEAD
-        self.roi_heads = StandardROIHeads(
-            in_channels=cfg.FPN.OUT_CHANNELS,
-            strides=tuple(2 ** int(name[1:]) for name in cfg.ROI_HEADS.IN_FEATURES),
-            num_classes=cfg.ROI_HEADS.NUM_CLASSES,
-            box_pooler_resolution=box.POOLER_RESOLUTION, box_pooler_sampling_ratio=box.POOLER_SAMPLING_RATIO,
-            box_pooler_aligned=box.POOLER_TYPE == "ROIAlignV2", box_num_conv=box.NUM_CONV,
-            box_conv_dim=box.CONV_DIM, box_num_fc=box.NUM_FC, box_fc_dim=box.FC_DIM, box_norm=box.NORM,
-            bbox_reg_weights=box.BBOX_REG_WEIGHTS, cls_agnostic_bbox_reg=box.CLS_AGNOSTIC_BBOX_REG,
-            score_thresh=cfg.ROI_HEADS.SCORE_THRESH_TEST, nms_thresh=cfg.ROI_HEADS.NMS_THRESH_TEST,
-            detections_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE, mask_on=cfg.MASK_ON,
-            mask_pooler_resolution=mask.POOLER_RESOLUTION, mask_pooler_sampling_ratio=mask.POOLER_SAMPLING_RATIO,
-            mask_pooler_aligned=mask.POOLER_TYPE == "ROIAlignV2", mask_num_conv=mask.NUM_CONV,
-            mask_conv_dim=mask.CONV_DIM, mask_norm=mask.NORM, cls_agnostic_mask=mask.CLS_AGNOSTIC_MASK,
-        )
+        self.roi_heads = StandardROIHeads(self.cfg)
 
     def __call__(
         self,

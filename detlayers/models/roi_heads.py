@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detlayers.models import box_ops
+from detlayers.models.config import Config, ROIBoxHeadConfig, ROIMaskHeadConfig
 from detlayers.nms import batched_nms
 from detlayers.roi_align import roi_align
 from detlayers.wrappers import Conv2d, ConvTranspose2d, Linear
@@ -84,42 +85,38 @@ def multilevel_roi_align(
 
 
 def _conv3x3_relu_stack(
-    x: Array, channels: int, num_conv: int, conv_dim: int, norm: str, prefix: str
+    x: Array, channels: int, head: ROIBoxHeadConfig | ROIMaskHeadConfig, prefix: str
 ) -> tuple[Array, int]:
-    """``num_conv`` 3x3 ``Conv2d`` + ReLU layers named ``{prefix}1``, ``{prefix}2``, ... (submodules
-    of the calling compact method; biased only without a norm, as in detectron2's heads).
-    Returns the output and its channel count."""
-    for k in range(num_conv):
-        x = Conv2d(channels, conv_dim, 3, padding=1, bias=not norm, norm=norm or None,
+    """A head's ``NUM_CONV`` 3x3 ``Conv2d`` (``CONV_DIM`` wide, ``NORM``) + ReLU layers named
+    ``{prefix}1``, ``{prefix}2``, ... (submodules of the calling compact method; biased only without
+    a norm, as in detectron2's heads). Returns the output and its channel count."""
+    for k in range(head.NUM_CONV):
+        x = Conv2d(channels, head.CONV_DIM, 3, padding=1, bias=not head.NORM, norm=head.NORM or None,
                    activation=jax.nn.relu, name=f"{prefix}{k + 1}")(x)
-        channels = conv_dim
+        channels = head.CONV_DIM
     return x, channels
 
 
 class FastRCNNConvFCHead(nn.Module):
-    """``conv{k}`` 3x3 + ReLU, then flatten and ``fc{k}`` + ReLU.
+    """``conv{k}`` 3x3 + ReLU, then flatten and ``fc{k}`` + ReLU, sized by ``cfg``
+    (``MODEL.ROI_BOX_HEAD``: ``NUM_CONV``, ``CONV_DIM``, ``NORM``, ``NUM_FC``, ``FC_DIM``).
 
     detectron2 flattens NCHW ``[C, S, S]``; the NHWC input is transposed first so that ``fc1``
     takes detectron2's weight unchanged.
     """
 
     input_channels: int
-    input_size: int
-    num_conv: int = 0
-    conv_dim: int = 256
-    num_fc: int = 2
-    fc_dim: int = 1024
-    norm: str = ""
+    cfg: ROIBoxHeadConfig = ROIBoxHeadConfig()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x, _ = _conv3x3_relu_stack(x, self.input_channels, self.num_conv, self.conv_dim, self.norm, "conv")
-        if self.num_fc:
+        x, _ = _conv3x3_relu_stack(x, self.input_channels, self.cfg, "conv")
+        if self.cfg.NUM_FC:
             x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
             features = x.shape[-1]
-            for k in range(self.num_fc):
-                x = jax.nn.relu(Linear(features, self.fc_dim, name=f"fc{k + 1}")(x))
-                features = self.fc_dim
+            for k in range(self.cfg.NUM_FC):
+                x = jax.nn.relu(Linear(features, self.cfg.FC_DIM, name=f"fc{k + 1}")(x))
+                features = self.cfg.FC_DIM
         return x
 
 
@@ -189,22 +186,20 @@ def fast_rcnn_inference(
 
 class MaskRCNNConvUpsampleHead(nn.Module):
     """``mask_fcn{1..}`` 3x3 + ReLU, ``deconv`` 2x2/2 + ReLU, ``predictor`` 1x1: mask logits
-    ``[M, 2S, 2S, num_classes]`` (one channel when class agnostic)."""
+    ``[M, 2S, 2S, num_classes]`` (one channel when class agnostic), sized by ``cfg``
+    (``MODEL.ROI_MASK_HEAD``: ``NUM_CONV``, ``CONV_DIM``, ``NORM``, ``CLS_AGNOSTIC_MASK``)."""
 
     input_channels: int
     num_classes: int
-    num_conv: int = 4
-    conv_dim: int = 256
-    norm: str = ""
-    cls_agnostic: bool = False
+    cfg: ROIMaskHeadConfig = ROIMaskHeadConfig()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x, channels = _conv3x3_relu_stack(x, self.input_channels, self.num_conv, self.conv_dim, self.norm,
-                                          "mask_fcn")
-        x = jax.nn.relu(ConvTranspose2d(channels, self.conv_dim, 2, stride=2, name="deconv")(x))
-        out = 1 if self.cls_agnostic else self.num_classes
-        return Conv2d(self.conv_dim, out, 1, name="predictor")(x)
+        x, channels = _conv3x3_relu_stack(x, self.input_channels, self.cfg, "mask_fcn")
+        dim = self.cfg.CONV_DIM
+        x = jax.nn.relu(ConvTranspose2d(channels, dim, 2, stride=2, name="deconv")(x))
+        out = 1 if self.cfg.CLS_AGNOSTIC_MASK else self.num_classes
+        return Conv2d(dim, out, 1, name="predictor")(x)
 
 
 def mask_rcnn_inference(mask_logits: Array, classes: Array) -> Array:
@@ -265,75 +260,59 @@ def _mask_probs_of_valid_slots(
 
 
 class StandardROIHeads(nn.Module):
-    """Box head (``box_head``, ``box_predictor``) and, with ``mask_on``, ``mask_head``.
+    """Box head (``box_head``, ``box_predictor``) and, with ``MODEL.MASK_ON``, ``mask_head``.
+
+    Configured by ``cfg``: ``MODEL.ROI_HEADS`` (classes, test thresholds, ``IN_FEATURES`` -> pooler
+    strides), ``MODEL.ROI_BOX_HEAD`` and ``MODEL.ROI_MASK_HEAD`` (heads and their poolers),
+    ``MODEL.FPN.OUT_CHANNELS`` (input channels) and ``TEST.DETECTIONS_PER_IMAGE``.
 
     ``__call__(features, proposals [N, R, 4], proposal_valid [N, R], image_hw int32[N, 2])`` returns
     ``boxes [N, D, 4]``, ``scores [N, D]``, ``classes [N, D]``, ``valid [N, D]`` and, with masks,
     ``mask_probs [N, D, M, M]`` (sigmoid of the predicted class's mask, detectron2's ``pred_masks``).
     """
 
-    in_channels: int
-    strides: Sequence[int]
-    num_classes: int = 80
-    box_pooler_resolution: int = 7
-    box_pooler_sampling_ratio: int = 0
-    box_pooler_aligned: bool = True
-    box_num_conv: int = 0
-    box_conv_dim: int = 256
-    box_num_fc: int = 2
-    box_fc_dim: int = 1024
-    box_norm: str = ""
-    bbox_reg_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0)
-    cls_agnostic_bbox_reg: bool = False
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_image: int = 100
-    mask_on: bool = True
-    mask_pooler_resolution: int = 14
-    mask_pooler_sampling_ratio: int = 0
-    mask_pooler_aligned: bool = True
-    mask_num_conv: int = 4
-    mask_conv_dim: int = 256
-    mask_norm: str = ""
-    cls_agnostic_mask: bool = False
+    cfg: Config
 
     @nn.compact
     def __call__(
         self, features: Sequence[Array], proposals: Array, proposal_valid: Array, image_hw: Array
     ) -> dict[str, Array]:
+        model = self.cfg.MODEL
+        heads, box, mask = model.ROI_HEADS, model.ROI_BOX_HEAD, model.ROI_MASK_HEAD
+        strides = tuple(2 ** int(name[1:]) for name in heads.IN_FEATURES)
         n, r = proposals.shape[:2]
-        pooled = multilevel_roi_align(
-            features, proposals, proposal_valid, self.box_pooler_resolution, self.strides,
-            self.box_pooler_sampling_ratio, self.box_pooler_aligned,
-        )
-        x = FastRCNNConvFCHead(
-            self.in_channels, self.box_pooler_resolution, self.box_num_conv, self.box_conv_dim,
-            self.box_num_fc, self.box_fc_dim, self.box_norm, name="box_head",
-        )(pooled)
+        pooled = _pool_for_head(features, proposals, proposal_valid, strides, box)
+        x = FastRCNNConvFCHead(model.FPN.OUT_CHANNELS, box, name="box_head")(pooled)
         logits, deltas = FastRCNNOutputLayers(
-            x.reshape(x.shape[0], -1).shape[-1], self.num_classes, self.cls_agnostic_bbox_reg, name="box_predictor"
+            x.reshape(x.shape[0], -1).shape[-1], heads.NUM_CLASSES, box.CLS_AGNOSTIC_BBOX_REG, name="box_predictor"
         )(x)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(n, r, -1)
         decoded = box_ops.apply_deltas(
-            deltas.reshape(n, r, -1), proposals, self.bbox_reg_weights
+            deltas.reshape(n, r, -1), proposals, box.BBOX_REG_WEIGHTS
         )
         boxes, scores, classes, valid = fast_rcnn_inference(
-            decoded, probs, image_hw, proposal_valid, score_thresh=self.score_thresh,
-            nms_thresh=self.nms_thresh, topk_per_image=self.detections_per_image,
+            decoded, probs, image_hw, proposal_valid, score_thresh=heads.SCORE_THRESH_TEST,
+            nms_thresh=heads.NMS_THRESH_TEST, topk_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE,
         )
         out = {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid}
-        if self.mask_on:
+        if model.MASK_ON:
             d = boxes.shape[1]
-            mask_features = multilevel_roi_align(
-                features, boxes, valid, self.mask_pooler_resolution, self.strides,
-                self.mask_pooler_sampling_ratio, self.mask_pooler_aligned,
-            )
-            head = MaskRCNNConvUpsampleHead(
-                self.in_channels, self.num_classes, self.mask_num_conv, self.mask_conv_dim, self.mask_norm,
-                self.cls_agnostic_mask, name="mask_head",
-            )
+            mask_features = _pool_for_head(features, boxes, valid, strides, mask)
+            head = MaskRCNNConvUpsampleHead(model.FPN.OUT_CHANNELS, heads.NUM_CLASSES, mask, name="mask_head")
             out["mask_probs"] = _mask_probs_of_valid_slots(
                 head, mask_features.reshape(n, d, *mask_features.shape[1:]), classes, valid,
                 initializing=self.is_initializing(),
             )
         return out
+
+
+def _pool_for_head(
+    features: Sequence[Array], boxes: Array, valid: Array, strides: Sequence[int],
+    head: ROIBoxHeadConfig | ROIMaskHeadConfig,
+) -> Array:
+    """:func:`multilevel_roi_align` with a head's pooler keys (``POOLER_RESOLUTION``,
+    ``POOLER_SAMPLING_RATIO``; ``POOLER_TYPE`` ``"ROIAlignV2"`` is aligned, ``"ROIAlign"`` not)."""
+    return multilevel_roi_align(
+        features, boxes, valid, head.POOLER_RESOLUTION, strides, head.POOLER_SAMPLING_RATIO,
+        head.POOLER_TYPE == "ROIAlignV2",
+    )
