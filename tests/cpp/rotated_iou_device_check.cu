@@ -6,10 +6,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "box_files.h"
 #include "rotated_iou.h"
 
 template <typename T>
@@ -19,17 +19,6 @@ __global__ void pairwise_rotated_iou_kernel(const T* boxes1, long n, const T* bo
   if (k < n * m) {
     ious[k] = detlayers::rotated_box_iou<T>(boxes1 + 5 * (k / m), boxes2 + 5 * (k % m));
   }
-}
-
-template <typename T>
-static bool read_rows(const char* path, long rows, std::vector<T>* values) {
-  values->resize(static_cast<size_t>(rows) * 5);
-  if (rows == 0) return true;
-  FILE* f = std::fopen(path, "rb");
-  if (!f) return false;
-  const size_t got = std::fread(values->data(), sizeof(T), values->size(), f);
-  std::fclose(f);
-  return got == values->size();
 }
 
 #define CHECK_CUDA(call)                                                      \
@@ -43,35 +32,25 @@ static bool read_rows(const char* path, long rows, std::vector<T>* values) {
 
 template <typename T>
 static int run(char** argv) {
-  const long n = std::atol(argv[3]);
-  const long m = std::atol(argv[5]);
-  std::vector<T> boxes1, boxes2;
-  if (!read_rows(argv[2], n, &boxes1) || !read_rows(argv[4], m, &boxes2)) {
-    std::fprintf(stderr, "cannot read box files\n");
-    return 2;
-  }
-  std::vector<T> ious(static_cast<size_t>(n) * m);
-  if (!ious.empty()) {
+  return run_pairwise<T>(argv, [](const std::vector<T>& boxes1, long n, const std::vector<T>& boxes2, long m,
+                                  std::vector<T>* ious) {
+    if (ious->empty()) return 0;
     T *d1 = nullptr, *d2 = nullptr, *dout = nullptr;
     CHECK_CUDA(cudaMalloc(&d1, boxes1.size() * sizeof(T)));
     CHECK_CUDA(cudaMalloc(&d2, boxes2.size() * sizeof(T)));
-    CHECK_CUDA(cudaMalloc(&dout, ious.size() * sizeof(T)));
+    CHECK_CUDA(cudaMalloc(&dout, ious->size() * sizeof(T)));
     CHECK_CUDA(cudaMemcpy(d1, boxes1.data(), boxes1.size() * sizeof(T), cudaMemcpyHostToDevice));
     CHECK_CUDA(cudaMemcpy(d2, boxes2.data(), boxes2.size() * sizeof(T), cudaMemcpyHostToDevice));
     const int threads = 128;
     const long blocks = (n * m + threads - 1) / threads;
     pairwise_rotated_iou_kernel<T><<<blocks, threads>>>(d1, n, d2, m, dout);
     CHECK_CUDA(cudaGetLastError());
-    CHECK_CUDA(cudaMemcpy(ious.data(), dout, ious.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(ious->data(), dout, ious->size() * sizeof(T), cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaFree(d1));
     CHECK_CUDA(cudaFree(d2));
     CHECK_CUDA(cudaFree(dout));
-  }
-  FILE* f = std::fopen(argv[6], "wb");
-  if (!f) return 3;
-  std::fwrite(ious.data(), sizeof(T), ious.size(), f);
-  std::fclose(f);
-  return 0;
+    return 0;
+  });
 }
 
 int main(int argc, char** argv) {
