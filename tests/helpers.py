@@ -4,7 +4,9 @@
 * ``load_fixture`` / ``load_npz``: a committed ``.npz`` read into a dict of arrays (the file is
   closed before returning).
 * ``assert_close``: relative closeness measured against the largest reference magnitude.
-* ``bilinear_interpolate``: the float64 bilinear sample of ROIAlign (plain and rotated).
+* ``bilinear_interpolate``: the float64 bilinear sample of ROIAlign (plain and rotated);
+  ``roi_bins_reference``: the bins of one ROI, each the mean of its grid of such samples;
+  ``axis_bin_weights``: the same along one axis as a ``[bins, length]`` matrix (vectorized).
 * ``mse_train_step``: a jitted training step of a module with batch statistics.
 * ``shapely_iou_matrix`` / ``expected_rotated_keep``: the float64 rotated IoU and the rotated NMS
   result the spec requires (detectron2's where its IoU is sound).
@@ -70,6 +72,53 @@ def bilinear_interpolate(image: np.ndarray, y: float, x: float) -> np.ndarray:
     ly, lx = y - y0, x - x0
     return ((1 - ly) * (1 - lx) * image[y0, x0] + (1 - ly) * lx * image[y0, x1]
             + ly * (1 - lx) * image[y1, x0] + ly * lx * image[y1, x1])
+
+
+def roi_bins_reference(image: np.ndarray, output_size, start, size, sampling_ratio: int,
+                       to_image=None) -> np.ndarray:
+    """float64 ROIAlign bins ``[ph, pw, C]`` of one ROI of ``image`` ``[H, W, C]``, from the
+    published algorithm: the ROI spans ``size = (h, w)`` from ``start = (y0, x0)`` in its own frame;
+    bin ``(p, q)`` averages the bilinear samples at the centres of a ``gh x gw`` grid of cells
+    (``sampling_ratio`` per axis, or ``ceil(h / ph)`` / ``ceil(w / pw)`` when it is ``<= 0``).
+    ``to_image(y, x)`` maps a point of the ROI frame to image coordinates (default: identity)."""
+    ph_count, pw_count = output_size
+    y0, x0 = start
+    h, w = size
+    bh, bw = h / ph_count, w / pw_count
+    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(h / ph_count)
+    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(w / pw_count)
+    out = np.zeros((ph_count, pw_count, image.shape[-1]))
+    for p in range(ph_count):
+        for q in range(pw_count):
+            acc = np.zeros(image.shape[-1])
+            for iy in range(gh):
+                y = y0 + p * bh + (iy + 0.5) * bh / gh
+                for ix in range(gw):
+                    x = x0 + q * bw + (ix + 0.5) * bw / gw
+                    acc += bilinear_interpolate(image, *(to_image(y, x) if to_image else (y, x)))
+            out[p, q] = acc / max(gh * gw, 1)
+    return out
+
+
+def axis_bin_weights(start: float, extent: float, bins: int, count: int, length: int) -> np.ndarray:
+    """float64 ``[bins, length]`` weights of ROIAlign along one axis: bin ``i`` averages ``count``
+    bilinear samples at the cell centres of ``[start + i*extent/bins, start + (i+1)*extent/bins)``
+    (zero outside ``[-1, length]``, clamped at 0 and at the last index). An axis-aligned ROI pools
+    to ``einsum("ph,qw,hwc->pqc", wy, wx, image)``."""
+    size = extent / bins
+    y = start + np.arange(bins)[:, None] * size + (np.arange(count)[None, :] + 0.5) * size / count
+    valid = (y >= -1) & (y <= length)
+    y = np.maximum(y, 0)
+    low = np.floor(y).astype(int)
+    at_end = low >= length - 1
+    low = np.minimum(low, length - 1)
+    high = np.where(at_end, low, low + 1)
+    frac = np.where(at_end, 0.0, y - low)
+    out = np.zeros((bins, length))
+    rows = np.repeat(np.arange(bins)[:, None], count, 1)
+    np.add.at(out, (rows, low), np.where(valid, 1 - frac, 0))
+    np.add.at(out, (rows, high), np.where(valid, frac, 0))
+    return out / count
 
 
 def mse_train_step(module, x, target, tx: optax.GradientTransformation):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import detlayers as L
 from detlayers import _roi_sampling
-from helpers import bilinear_interpolate, load_npz
+from helpers import axis_bin_weights, load_npz, roi_bins_reference
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "sampling_ratio", "aligned"))
@@ -40,28 +40,14 @@ def _forward(features, rois, scale, *, output_size, sampling_ratio, aligned):
 def reference_roi_align(features, rois, output_size, scale, sampling_ratio, aligned):
     """float64 NumPy ROIAlign, sample by sample, written from the published algorithm."""
     features = np.asarray(features, np.float64)
-    _, height, width, channels = features.shape
-    ph_count, pw_count = output_size
-    out = np.zeros((len(rois), ph_count, pw_count, channels))
-
+    out = np.zeros((len(rois), *output_size, features.shape[-1]))
     for r, (b, x1, y1, x2, y2) in enumerate(np.asarray(rois, np.float64)):
         shift = 0.5 if aligned else 0.0
         sx, sy = x1 * scale - shift, y1 * scale - shift
         rw, rh = x2 * scale - shift - sx, y2 * scale - shift - sy
         if not aligned:
             rw, rh = max(rw, 1.0), max(rh, 1.0)
-        bh, bw = rh / ph_count, rw / pw_count
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / ph_count)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pw_count)
-        for p in range(ph_count):
-            for q in range(pw_count):
-                acc = np.zeros(channels)
-                for iy in range(gh):
-                    y = sy + p * bh + (iy + 0.5) * bh / gh
-                    for ix in range(gw):
-                        x = sx + q * bw + (ix + 0.5) * bw / gw
-                        acc += bilinear_interpolate(features[int(b)], y, x)
-                out[r, p, q] = acc / max(gh * gw, 1)
+        out[r] = roi_bins_reference(features[int(b)], output_size, (sy, sx), (rh, rw), sampling_ratio)
     return out
 
 
@@ -390,21 +376,7 @@ def separable_reference(features, roi, output_size, scale, aligned, grid):
 
     def weights(start, end, bins, count, length):
         extent = end - start if aligned else max(end - start, 1.0)
-        size = extent / bins
-        y = (start + np.arange(bins)[:, None] * size
-             + (np.arange(count)[None, :] + 0.5) * size / count)
-        valid = (y >= -1) & (y <= length)
-        y = np.maximum(y, 0)
-        low = np.floor(y).astype(int)
-        at_end = low >= length - 1
-        low = np.minimum(low, length - 1)
-        high = np.where(at_end, low, low + 1)
-        frac = np.where(at_end, 0.0, y - low)
-        out = np.zeros((bins, length))
-        rows = np.repeat(np.arange(bins)[:, None], count, 1)
-        np.add.at(out, (rows, low), np.where(valid, 1 - frac, 0))
-        np.add.at(out, (rows, high), np.where(valid, frac, 0))
-        return out / count
+        return axis_bin_weights(start, extent, bins, count, length)
 
     wy = weights(y1 * scale - shift, y2 * scale - shift, output_size[0], grid[0], height)
     wx = weights(x1 * scale - shift, x2 * scale - shift, output_size[1], grid[1], width)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detlayers as L
-from helpers import bilinear_interpolate, load_npz
+from helpers import axis_bin_weights, load_npz, roi_bins_reference
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "sampling_ratio"))
@@ -38,27 +38,18 @@ def _forward(features, rois, scale, *, output_size, sampling_ratio):
 def reference_roi_align_rotated(features, rois, output_size, scale, sampling_ratio):
     """float64 NumPy rotated ROIAlign, sample by sample, from the published algorithm."""
     features = np.asarray(features, np.float64)
-    _, height, width, channels = features.shape
-    ph_count, pw_count = output_size
-    out = np.zeros((len(rois), ph_count, pw_count, channels))
-
+    out = np.zeros((len(rois), *output_size, features.shape[-1]))
     for r, (b, xc, yc, w, h, angle) in enumerate(np.asarray(rois, np.float64)):
         xc, yc, w, h = xc * scale - 0.5, yc * scale - 0.5, w * scale, h * scale
         t = angle * math.pi / 180.0
         cos, sin = math.cos(t), math.sin(t)
-        bh, bw = h / ph_count, w / pw_count
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(h / ph_count)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(w / pw_count)
-        for p in range(ph_count):
-            for q in range(pw_count):
-                acc = np.zeros(channels)
-                for iy in range(gh):
-                    yy = -h / 2 + p * bh + (iy + 0.5) * bh / gh
-                    for ix in range(gw):
-                        xx = -w / 2 + q * bw + (ix + 0.5) * bw / gw
-                        acc += bilinear_interpolate(features[int(b)], yy * cos - xx * sin + yc,
-                                           yy * sin + xx * cos + xc)
-                out[r, p, q] = acc / max(gh * gw, 1)
+
+        def to_image(yy, xx):  # the ROI frame is centred on the box and turned by its angle
+            return yy * cos - xx * sin + yc, yy * sin + xx * cos + xc
+
+        out[r] = roi_bins_reference(
+            features[int(b)], output_size, (-h / 2, -w / 2), (h, w), sampling_ratio, to_image
+        )
     return out
 
 
@@ -277,24 +268,9 @@ def test_roi_align_rotated_adaptive_grid_is_clamped_at_its_bound():
     out = np.asarray(_forward(jnp.asarray(features), jnp.asarray(roi), 1.0, output_size=(2, 3),
                               sampling_ratio=0))[0]
 
-    def weights(start, extent, bins, count, length):
-        size = extent / bins
-        y = start + np.arange(bins)[:, None] * size + (np.arange(count)[None, :] + 0.5) * size / count
-        valid = (y >= -1) & (y <= length)
-        y = np.maximum(y, 0)
-        low = np.minimum(np.floor(y).astype(int), length - 1)
-        at_end = np.floor(y) >= length - 1
-        high = np.where(at_end, low, low + 1)
-        frac = np.where(at_end, 0.0, y - low)
-        w = np.zeros((bins, length))
-        rows = np.repeat(np.arange(bins)[:, None], count, 1)
-        np.add.at(w, (rows, low), np.where(valid, 1 - frac, 0))
-        np.add.at(w, (rows, high), np.where(valid, frac, 0))
-        return w / count
-
     def expected(grid_w):
-        wy = weights(4.0 - 2.5, 5.0, 2, 3, 8)
-        wx = weights(300.0 - 900.0, 1800.0, 3, grid_w, 9)
+        wy = axis_bin_weights(4.0 - 2.5, 5.0, 2, 3, 8)
+        wx = axis_bin_weights(300.0 - 900.0, 1800.0, 3, grid_w, 9)
         return np.einsum("ph,qw,hwc->pqc", wy, wx, features[0].astype(np.float64))
 
     np.testing.assert_allclose(out, expected(bound), atol=1e-6)
