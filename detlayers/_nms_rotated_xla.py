@@ -119,6 +119,9 @@ def greedy_rotated_xla(
     ``threshold`` float32 ``[]``); returns kept positions int32 ``[max_kept]`` (``-1`` past the
     count) and their count. See the module docstring for the algorithm."""
     refs = (boxes, threshold) if classes is None else (boxes, classes, threshold)
+    # Under shard_map, everything the loops combine varies like the boxes (vmap of a switch
+    # inside shard_map cannot insert that cast for a closed-over invariant value itself).
+    threshold = varying_like(threshold, *refs)
     n = boxes.shape[0]
     tile = min(tile, n)
     num_tiles = -(-n // tile)
@@ -129,7 +132,7 @@ def greedy_rotated_xla(
     pairs_per_step = tile * tile
     capacity = -(-max_kept // tile) * tile  # kept-box buffers, read in chunks of `tile`
     cells = grid_cells * grid_cells
-    lane = jnp.arange(tile, dtype=jnp.int32)
+    lane = varying_like(jnp.arange(tile, dtype=jnp.int32), *refs)
     earlier = lane[:, None] < lane[None, :]
 
     # --- which boxes the grid holds, and the grid ------------------------------------------
@@ -185,12 +188,11 @@ def greedy_rotated_xla(
         second = jnp.broadcast_to(lane[None, :], (tile, tile)).reshape(-1)
         return first, second, (mask & ~apart & may).reshape(-1), (mask & apart & (np.float32(0) > threshold)).reshape(-1)
 
-    def other_pairs(chunk, other, count_other, tile_state):
-        other_boxes, other_cls = other
-        chunk_boxes = lax.dynamic_slice_in_dim(other_boxes, chunk * tile, tile)
-        chunk_cls = None if classes is None else lax.dynamic_slice_in_dim(other_cls, chunk * tile, tile)
+    def other_pairs(chunk, kept_other, count_other, tile_state):
+        chunk_pos = lax.dynamic_slice_in_dim(kept_other, chunk * tile, tile)
+        chunk_cls = None if classes is None else classes[chunk_pos]
         live = (chunk * tile + lane) < count_other
-        return dense_pairs(chunk_boxes, _bound_terms(chunk_boxes), chunk_cls, live[:, None], tile_state)
+        return dense_pairs(boxes[chunk_pos], terms[chunk_pos], chunk_cls, live[:, None], tile_state)
 
     def self_pairs(cur, tile_state):
         cur_terms, cur_cls, suppressed, _, _ = tile_state
@@ -214,7 +216,7 @@ def greedy_rotated_xla(
 
     # --- one tile ------------------------------------------------------------------------------
     def tile_step(state):
-        t, count, positions, grid, other, count_other = state
+        t, count, positions, grid, kept_other, count_other = state
         start = t * tile
         cur = lax.dynamic_slice_in_dim(boxes, start, tile)
         cur_terms = lax.dynamic_slice_in_dim(terms, start, tile)
@@ -251,10 +253,10 @@ def greedy_rotated_xla(
             phase = jnp.where(k < grid_steps, 0, jnp.where(k < grid_steps + other_steps, 1, 2))
             first, second, pending, direct = lax.switch(
                 phase,
-                (
-                    lambda: grid_pairs(k, tile_state),
-                    lambda: other_pairs(k - grid_steps, other, count_other, tile_state),
-                    lambda: self_pairs(cur, tile_state),
+                (  # (under shard_map the branches must agree on what varies)
+                    lambda: varying_like(grid_pairs(k, tile_state), *refs),
+                    lambda: varying_like(other_pairs(k - grid_steps, kept_other, count_other, tile_state), *refs),
+                    lambda: varying_like(self_pairs(cur, tile_state), *refs),
                 ),
             )
             hit = exact_hits(first, second, pending, cur) | direct
@@ -278,7 +280,7 @@ def greedy_rotated_xla(
         positions = positions.at[slot].set(start + lane, mode="drop")
         count = jnp.minimum(count + keep.sum(dtype=jnp.int32), max_kept)
         return t + 1, count, positions, _add_to_grid(grid, keep & cur_in_grid, cur_cell, start), \
-            *_add_to_other(other, count_other, keep & ~cur_in_grid, cur, cur_cls)
+            *_add_to_other(kept_other, count_other, keep & ~cur_in_grid, start)
 
     def _add_to_grid(grid, added, added_cell, start):
         """Inserts the tile's kept grid boxes, keeping the buffer ordered cell by cell."""
@@ -296,21 +298,17 @@ def greedy_rotated_xla(
         buffer = buffer.at[new_slot].set(start + lane, mode="drop")
         return buffer, new_per_cell
 
-    def _add_to_other(other, count_other, added, cur, cur_cls):
-        other_boxes, other_cls = other
+    def _add_to_other(kept_other, count_other, added, start):
         slot = count_other + jnp.cumsum(added, dtype=jnp.int32) - 1
-        slot = jnp.where(added, slot, capacity)
-        other_boxes = other_boxes.at[slot].set(cur, mode="drop")
-        if classes is not None:
-            other_cls = other_cls.at[slot].set(cur_cls, mode="drop")
-        return (other_boxes, other_cls), jnp.minimum(count_other + added.sum(dtype=jnp.int32), capacity)
+        kept_other = kept_other.at[jnp.where(added, slot, capacity)].set(start + lane, mode="drop")
+        return kept_other, jnp.minimum(count_other + added.sum(dtype=jnp.int32), capacity)
 
     init = (
         jnp.int32(0),
         jnp.int32(0),
         jnp.full((max_kept,), -1, jnp.int32),
         (jnp.zeros((capacity,), jnp.int32), jnp.zeros((cells,), jnp.int32)),
-        (jnp.zeros((capacity, 5), jnp.float32), jnp.zeros((capacity if classes is not None else 0,), jnp.int32)),
+        jnp.zeros((capacity,), jnp.int32),
         jnp.int32(0),
     )
     _, count, positions, _, _, _ = lax.while_loop(

@@ -118,3 +118,25 @@ def test_stops_at_max_kept():
     np.testing.assert_array_equal(
         _run(16, 4, boxes, classes, 0.3, max_kept), _greedy_reference(boxes, classes, 0.3, max_kept)
     )
+
+
+def test_vmap_inside_shard_map_gives_each_image_its_own_result():
+    # The public function on the pure-XLA path, batched by vmap (the loops' switch and gathers
+    # are batched) inside shard_map (loop carries must vary like the inputs).
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from detlayers.nms import batched_nms_rotated
+
+    images = [_problem(20 + k, ("clustered", "hostile")[k % 2], 2) for k in range(4)]
+    boxes = np.stack([b for b, _ in images])
+    classes = np.stack([c for _, c in images])
+    scores = np.stack([np.random.default_rng(k).permutation(N).astype(np.float32) for k in range(4)])
+    per_image = jax.vmap(lambda b, s, c: batched_nms_rotated(b, s, c, 0.3, backend="xla").indices)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("i",))
+    sharded = jax.jit(jax.shard_map(per_image, mesh=mesh, in_specs=(P("i"),) * 3, out_specs=P("i")))
+    got = np.asarray(sharded(boxes, scores, classes))
+    for k in range(4):
+        order = np.argsort(-scores[k], kind="stable")
+        kept = order[_greedy_reference(boxes[k][order], classes[k][order], 0.3, N)]
+        np.testing.assert_array_equal(got[k, : len(kept)], kept)
+        assert np.all(got[k, len(kept):] == -1)
