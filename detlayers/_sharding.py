@@ -12,3 +12,23 @@ def varying_axes(x: jax.Array) -> frozenset:
     if manual is not None:
         return frozenset(manual.varying)
     return frozenset(getattr(aval, "vma", ()) or ())  # older jax
+
+
+def varying_like(tree, *refs: jax.Array):
+    """Marks the arrays of ``tree`` as varying over the ``shard_map`` axes that ``refs`` vary over.
+
+    Loop-carry initial values built from constants are not, and ``while_loop`` under
+    ``shard_map(check_vma=True)`` needs the carry types to match the body's output; likewise the
+    outputs of a custom call, which do not say how they vary.
+    """
+    axes: set = set()
+    for ref in refs:
+        axes |= varying_axes(ref)
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = axes - varying_axes(x)
+        return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)

@@ -54,10 +54,11 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
   scratch would exceed it is processed in sequential chunks of images.
 * Everywhere else (TPU, or when no library was built): a pure-XLA version that walks the sorted
   boxes in tiles of 256 inside a ``while_loop``, comparing each tile only with the boxes kept so
-  far (memory ``O(N + tile^2)``, no ``N x N`` matrix; work ``O(N * kept)``). For rotated boxes the
-  polygon IoU is evaluated only for pairs whose bounding discs meet
-  (:func:`detlayers.rotated_boxes.rotated_reach`, the rule every backend uses): other pairs have
-  IoU exactly 0.
+  far (memory ``O(N + tile^2)``, no ``N x N`` matrix). Axis-aligned: every kept box, ``O(N *
+  kept)`` work. Rotated: kept boxes are held in a spatial grid, so a tile meets only the kept
+  boxes near it, and the polygon IoU is evaluated only for pairs whose bounding discs meet
+  (:func:`detlayers.rotated_boxes.rotated_reach`, the rule every backend uses; other pairs have
+  IoU exactly 0) and whose IoU bound can exceed the threshold (docs/design/rotated_iou.md).
 
 The pure-XLA path can be forced anywhere, as a reference or for debugging: pass ``backend="xla"``,
 call :func:`set_backend` ``("xla")``, or set the environment variable ``DETLAYERS_NMS_BACKEND=xla``
@@ -86,7 +87,8 @@ from jax import lax
 from detlayers import _ffi
 from detlayers._checks import f32_at_or_below
 from detlayers._numerics import round_product as _round_product
-from detlayers._sharding import varying_axes as _varying_axes
+from detlayers._nms_rotated_xla import greedy_rotated_xla
+from detlayers._sharding import varying_like as _varying_like
 
 Array = jax.Array
 
@@ -335,7 +337,10 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     args.append(threshold)
 
     target = "detlayers_" + name
-    kernel_xla = functools.partial(_greedy_xla, max_kept=k, rotated=rotated, has_classes=idxs is not None)
+    if rotated:
+        kernel_xla = functools.partial(_greedy_rotated_xla, max_kept=k, has_classes=idxs is not None)
+    else:
+        kernel_xla = functools.partial(_greedy_xla, max_kept=k, has_classes=idxs is not None)
     branches: dict[str, Callable] = {}
     if backend == "auto":
         if _ffi.has_target("cpu", target):
@@ -457,106 +462,16 @@ def _axis_iou(first: Array, second: Array) -> Array:
     return inter / ((area1[:, None] + area2[None, :]) - inter)
 
 
-ROTATED_PAIR_BATCH = 1024  # exact rotated IoUs evaluated per step of the pure-XLA path
-ROTATED_SMALL_PAIR_BATCH = 64  # the step's batch when few pairs are left
-
-
-def _rotated_iou_may_exceed(first: Array, second: Array, threshold: Array) -> Array:
-    """``[P, Q]``: False only where the IoU certainly does not exceed ``threshold``.
-
-    The intersection is at most the smaller area and the overlap of the boxes' axis-aligned
-    bounding boxes; the IoU bound that follows is inflated by a margin far above the float32
-    error of the IoU (``SOUND_TOLERANCE``, rounding, and the ``eps * aspect ratio`` error of thin
-    boxes), so culled pairs are ones every backend's exact evaluation would not suppress either.
-    """
-    from detlayers.rotated_boxes import SOUND_TOLERANCE, _cos_sin_degrees
-
-    def extents(b):
-        cos, sin = _cos_sin_degrees(b[:, 4], truncated=False)
-        w, h = jnp.abs(b[:, 2]), jnp.abs(b[:, 3])
-        half_x = 0.5 * (jnp.abs(w * cos) + jnp.abs(h * sin))
-        half_y = 0.5 * (jnp.abs(w * sin) + jnp.abs(h * cos))
-        aspect = jnp.maximum(w, h) / jnp.minimum(w, h)  # inf or NaN for a zero side
-        return b[:, 0], b[:, 1], half_x, half_y, w * h, aspect
-
-    x1, y1, hx1, hy1, area1, aspect1 = (v[:, None] for v in extents(first))
-    x2, y2, hx2, hy2, area2, aspect2 = (v[None, :] for v in extents(second))
-    overlap_x = jnp.minimum(x1 + hx1, x2 + hx2) - jnp.maximum(x1 - hx1, x2 - hx2)
-    overlap_y = jnp.minimum(y1 + hy1, y2 + hy2) - jnp.maximum(y1 - hy1, y2 - hy2)
-    overlap = jnp.maximum(overlap_x, 0.0) * jnp.maximum(overlap_y, 0.0)
-    most = jnp.minimum(overlap, jnp.minimum(area1, area2)) * np.float32(1.001)
-    bound = most / (area1 + area2 - most)
-    margin = np.float32(2e-3 + SOUND_TOLERANCE) + np.float32(1e-5) * (aspect1 + aspect2)
-    return ~(bound < threshold - margin)  # NaN anywhere: keep the pair
-
-
-def _rotated_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
-    """``mask & (IoU(first[p], second[q]) > threshold)`` for rotated boxes, ``[P, Q]``.
-
-    The exact (expensive) IoU is evaluated only for masked pairs whose bounding discs meet, in
-    batches of ``ROTATED_PAIR_BATCH`` pairs. Pairs whose discs cannot meet have IoU 0, which
-    exceeds only a negative threshold (detectron2's rule, as in the C++ and CUDA kernels).
-    """
-    from detlayers.rotated_boxes import rotated_discs_apart, rotated_iou_paired, rotated_reach
-
-    reach1, reach2 = rotated_reach(first), rotated_reach(second)
-    apart = rotated_discs_apart(
-        first[:, None, 0], first[:, None, 1], reach1[:, None],
-        second[None, :, 0], second[None, :, 1], reach2[None, :],
-    )
-    pending = (mask & ~apart & _rotated_iou_may_exceed(first, second, threshold)).astype(jnp.uint8)
-    hit = (mask & apart & (np.float32(0) > threshold)).astype(jnp.uint8)
-    batch = min(ROTATED_PAIR_BATCH, mask.size)
-
-    def evaluate(size, pending, hit):
-        rows, cols = jnp.nonzero(pending, size=size, fill_value=0)
-        real = jnp.arange(size) < pending.sum()
-        over = rotated_iou_paired(first[rows], second[cols]) > threshold
-        hit = hit.at[rows, cols].max((real & over).astype(jnp.uint8))
-        pending = pending.at[rows, cols].min((~real).astype(jnp.uint8))
-        return pending, hit
-
-    small = min(ROTATED_SMALL_PAIR_BATCH, batch)
-
-    def step(state):
-        # Most passes leave only a few pairs: a small batch then avoids paying for a full one.
-        pending, hit = state
-        return lax.cond(
-            pending.sum() <= small,
-            functools.partial(evaluate, small),
-            functools.partial(evaluate, batch),
-            pending,
-            hit,
-        )
-
-    _, hit = lax.while_loop(
-        lambda s: s[0].any(), step, _varying_like((pending, hit), first, second, mask, threshold)
-    )
-    return hit.astype(bool)
-
-
 def _axis_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
     return mask & (_axis_iou(first, second) > threshold)
 
 
-def _varying_like(tree, *refs: Array):
-    """Marks loop-carry initial values as varying over the same ``shard_map`` axes as ``refs``
-    (constants are not, and ``while_loop`` under ``shard_map(check_vma=True)`` needs the carry
-    types to match the body's output)."""
-    axes: set = set()
-    for ref in refs:
-        axes |= _varying_axes(ref)
-    if not axes:
-        return tree
-
-    def cast(x):
-        missing = axes - _varying_axes(x)
-        return lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
+def _greedy_rotated_xla(*args: Array, max_kept: int, has_classes: bool) -> tuple[Array, Array]:
+    boxes, classes, threshold = args if has_classes else (args[0], None, args[1])
+    return greedy_rotated_xla(boxes, classes, threshold, max_kept=max_kept, tile=XLA_TILE)
 
 
-def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -> tuple[Array, Array]:
+def _greedy_xla(*args: Array, max_kept: int, has_classes: bool) -> tuple[Array, Array]:
     """Greedy NMS over score-sorted boxes; returns kept positions ``[max_kept]`` and their count.
 
     Tiles of ``T`` boxes are visited in order. A tile's box survives the boxes kept in earlier
@@ -569,7 +484,6 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
         boxes, classes, threshold = args
     else:
         (boxes, threshold), classes = args, None
-    pair_overlaps = _rotated_overlaps if rotated else _axis_overlaps
     n, box_dim = boxes.shape
     tile = min(XLA_TILE, n)
     num_tiles = -(-n // tile)
@@ -584,7 +498,7 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
     def overlaps(first, first_cls, second, second_cls, mask):
         if classes is not None:
             mask &= first_cls[:, None] == second_cls[None, :]
-        return pair_overlaps(first, second, mask, threshold)
+        return _axis_overlaps(first, second, mask, threshold)
 
     def tile_step(state):
         t, count, positions, kept_boxes, kept_cls = state
@@ -593,8 +507,7 @@ def _greedy_xla(*args: Array, max_kept: int, rotated: bool, has_classes: bool) -
         cur_cls = None if classes is None else lax.dynamic_slice_in_dim(classes, start, tile)
 
         # Passes 0 .. num_chunks-1 test the tile against chunks of the kept boxes; the last pass
-        # tests the tile against itself (earlier boxes only). One loop, so the (for rotated boxes
-        # large) IoU computation appears once in the program.
+        # tests the tile against itself (earlier boxes only).
         num_chunks = (count + tile - 1) // tile
 
         def pass_step(pass_state):

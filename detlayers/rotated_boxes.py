@@ -353,7 +353,7 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
     second = jnp.where(has_second, jnp.argmax(distinct, axis=0), 0)
     hull_x = jnp.where(slots == 1, jnp.take_along_axis(rel_x, second[None], axis=0), 0)
     hull_y = jnp.where(slots == 1, jnp.take_along_axis(rel_y, second[None], axis=0), 0)
-    size = jnp.full(count.shape, 2, jnp.int32)
+    size = jnp.full_like(count, 2, jnp.int32)  # (varies like count under shard_map)
 
     def at(a: Array, index: Array) -> Array:
         return jnp.take_along_axis(a, jnp.maximum(index, 0)[None], axis=0)[0]
@@ -390,7 +390,7 @@ def _hull_area(xs: Array, ys: Array, valid: Array) -> Array:
         0,
         terms.shape[0],
         lambda i, acc: acc + _column(terms, i),
-        jnp.zeros(count.shape, jnp.float32),
+        jnp.zeros_like(count, jnp.float32),
     )
     return jnp.where(count > 2, twice_area / np.float32(2), 0)
 

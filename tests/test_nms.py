@@ -606,6 +606,7 @@ def test_cpp_and_pure_xla_rotated_agree_at_small_thresholds(seed, threshold, cla
 def test_rotated_culling_bound_never_drops_a_pair_that_exceeds_the_threshold():
     # The pure-XLA path skips pairs whose IoU bound (areas, bounding-box overlap) is below the
     # threshold: the bound must hold for every pair, thin and tiny boxes included.
+    from detlayers._nms_rotated_xla import rotated_iou_may_exceed
     from detlayers.rotated_boxes import pairwise_iou_rotated
 
     rng = np.random.default_rng(8)
@@ -616,7 +617,7 @@ def test_rotated_culling_bound_never_drops_a_pair_that_exceeds_the_threshold():
     iou = np.asarray(jax.jit(pairwise_iou_rotated)(boxes, boxes))
     checked = 0
     for thr in (0.01, 0.05, 0.2, 0.5, 0.8, 0.95):
-        may = np.asarray(jax.jit(nms_module._rotated_iou_may_exceed)(boxes, boxes, jnp.float32(thr)))
+        may = np.asarray(jax.jit(rotated_iou_may_exceed)(boxes, boxes, jnp.float32(thr)))
         assert not np.any(~may & (iou > thr)), thr
         checked += int(np.sum(~may & (iou > 0)))
         assert np.mean(~may) > 0.3  # it culls

@@ -37,12 +37,16 @@ class Case:
       name: what is timed, with its sizes, e.g. ``"nms N=5000 iou=0.5"``.
       ours: runs our op once and returns its outputs (JAX arrays; the runner blocks on them).
       torch: runs the PyTorch counterpart once (the runner synchronizes CUDA), or None.
+      warmup, min_repeats: calls before timing and timed calls at least (fewer for cases that
+        take minutes, e.g. NMS over 200k boxes on a CPU).
     """
 
     family: str
     name: str
     ours: Callable[[], Any]
     torch: Callable[[], Any] | None = None
+    warmup: int = 2
+    min_repeats: int = 5
 
 
 def _block(out: Any) -> None:

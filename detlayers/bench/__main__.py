@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for case in cases:
             try:
-                ours_s = time_callable(case.ours, _block, min_seconds=args.min_seconds)
+                repeats = dict(warmup=case.warmup, min_repeats=case.min_repeats, min_seconds=args.min_seconds)
+                ours_s = time_callable(case.ours, _block, **repeats)
                 torch_s = None
                 if case.torch is not None:
-                    torch_s = time_callable(case.torch, lambda _: _torch_sync(),
-                                            min_seconds=args.min_seconds)
+                    torch_s = time_callable(case.torch, lambda _: _torch_sync(), **repeats)
             except Exception as exc:
                 failed = True
                 print(f"{case.name:<60} failed: {type(exc).__name__}: {exc}", file=table)
