@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from detlayers._nms_tiles import pad_to_tiles
 from detlayers._sharding import varying_like
 from detlayers.rotated_boxes import (
     SOUND_TOLERANCE,
@@ -123,14 +124,9 @@ def greedy_rotated_xla(
     # inside shard_map cannot insert that cast for a closed-over invariant value itself).
     threshold = varying_like(threshold, *refs)
     n = boxes.shape[0]
-    tile = min(tile, n)
-    num_tiles = -(-n // tile)
+    boxes, classes, tile, num_tiles, capacity = pad_to_tiles(boxes, classes, tile, max_kept)
     padded = num_tiles * tile
-    boxes = jnp.pad(boxes, ((0, padded - n), (0, 0)))
-    if classes is not None:
-        classes = jnp.pad(classes, (0, padded - n))
     pairs_per_step = tile * tile
-    capacity = -(-max_kept // tile) * tile  # kept-box buffers, read in chunks of `tile`
     cells = grid_cells * grid_cells
     lane = varying_like(jnp.arange(tile, dtype=jnp.int32), *refs)
     earlier = lane[:, None] < lane[None, :]

@@ -88,6 +88,7 @@ from detlayers import _ffi
 from detlayers._checks import f32_at_or_below
 from detlayers._numerics import round_product as _round_product
 from detlayers._nms_rotated_xla import greedy_rotated_xla
+from detlayers._nms_tiles import pad_to_tiles
 from detlayers._sharding import varying_like as _varying_like
 
 Array = jax.Array
@@ -485,13 +486,7 @@ def _greedy_xla(*args: Array, max_kept: int, has_classes: bool) -> tuple[Array, 
     else:
         (boxes, threshold), classes = args, None
     n, box_dim = boxes.shape
-    tile = min(XLA_TILE, n)
-    num_tiles = -(-n // tile)
-    padded = num_tiles * tile
-    boxes = jnp.pad(boxes, ((0, padded - n), (0, 0)))
-    if classes is not None:
-        classes = jnp.pad(classes, (0, padded - n))
-    capacity = -(-max_kept // tile) * tile  # kept-box buffer, read in chunks of `tile`
+    boxes, classes, tile, num_tiles, capacity = pad_to_tiles(boxes, classes, XLA_TILE, max_kept)
     lane = jnp.arange(tile, dtype=jnp.int32)
     earlier = lane[:, None] < lane[None, :]
 

@@ -70,13 +70,14 @@ ROI_ROT = ("tests/test_roi_align_rotated.py",)
 BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
+ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
     Mutant("nms-xla-threshold-ge", "detlayers/nms.py",
            "return mask & (_axis_iou(first, second) > threshold)",
            "return mask & (_axis_iou(first, second) >= threshold)", NMS, NMS_VALUES),
-    Mutant("nms-xla-drop-partial-last-tile", "detlayers/nms.py",
+    Mutant("nms-xla-drop-partial-last-tile", "detlayers/_nms_tiles.py",
            "    num_tiles = -(-n // tile)\n", "    num_tiles = n // tile\n", NMS, NMS_VALUES),
     Mutant("nms-xla-tile-start-off-by-one", "detlayers/nms.py",
            "candidate = ((start + lane) < n) & ~suppressed",
@@ -92,6 +93,26 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("nms-xla-rotated-reach-half-side", "detlayers/rotated_boxes.py",
            "radius = np.float32(0.5) * jnp.sqrt(_rounded(w * w) + _rounded(h * h))",
            "radius = np.float32(0.5) * jnp.maximum(w, h)", NMS + ROT_IOU, "rotated"),
+    # ---- NMS: pure-XLA rotated path (spatial grid of kept boxes) ------------------------------
+    Mutant("nms-xla-rotated-query-without-cut", "detlayers/_nms_rotated_xla.py",
+           "half = cur_terms[:, _REACH] + r_cut", "half = cur_terms[:, _REACH]", ROT_XLA),
+    Mutant("nms-xla-rotated-rows-exclusive", "detlayers/_nms_rotated_xla.py",
+           "(row <= y1[:, None])", "(row < y1[:, None])", ROT_XLA),
+    Mutant("nms-xla-rotated-columns-one-cell", "detlayers/_nms_rotated_xla.py",
+           "cell_end[row * grid_cells + x1[:, None]]", "cell_end[row * grid_cells + x0[:, None]]", ROT_XLA),
+    Mutant("nms-xla-rotated-large-boxes-in-grid", "detlayers/_nms_rotated_xla.py",
+           "in_grid = finite & (terms[:, _REACH] <= r_cut)", "in_grid = finite", ROT_XLA),
+    Mutant("nms-xla-rotated-grid-steps-floor", "detlayers/_nms_rotated_xla.py",
+           "grid_steps = -(-segments[2][-1] // pairs_per_step)", "grid_steps = segments[2][-1] // pairs_per_step",
+           ROT_XLA),
+    Mutant("nms-xla-rotated-segment-offset", "detlayers/_nms_rotated_xla.py",
+           "p - (seg_end[seg] - seg_len[seg])", "p - (seg_end[seg] - seg_len[seg]) + 1", ROT_XLA),
+    Mutant("nms-xla-rotated-grid-insert-not-shifted", "detlayers/_nms_rotated_xla.py",
+           "slot + shift[old_cell]", "slot", ROT_XLA),
+    Mutant("nms-xla-rotated-grid-insert-rank", "detlayers/_nms_rotated_xla.py",
+           "same_cell_before = (earlier & (added_cell", "same_cell_before = ((added_cell", ROT_XLA),
+    Mutant("nms-xla-rotated-negative-threshold-grid", "detlayers/_nms_rotated_xla.py",
+           "(threshold >= 0) & (num_finite > 0)", "(num_finite > 0)", ROT_XLA),
     Mutant("nms-nan-score-ranks-first", "detlayers/nms.py",
            "bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(scores), -jnp.inf, scores), jnp.int32)",
            "bits = lax.bitcast_convert_type(jnp.where(jnp.isnan(scores), jnp.inf, scores), jnp.int32)",
