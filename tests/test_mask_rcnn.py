@@ -29,13 +29,12 @@ MASK_PROB_MARGIN = 1e-4
 # Instances whose score lies this close to the score threshold or to the score of the last of
 # the top-k are left out of the comparison: float32 differences may move them across the cut.
 SCORE_CUT_MARGIN = 1e-3
-# Scores agree within 1e-4 for all but a few instances; the largest difference seen is 1.08e-4
-# (coffee, 256 and 320): float32 accumulation order through 50 conv layers (FPN relative error
-# ~4e-5) amplified by the fixture's output layers, which are rescaled x3.8 to spread the scores.
-SCORE_ATOL = 2e-4
-# Boxes likewise agree within 1e-2 px for all but a few instances (worst seen 1.1e-2 px, coffee):
-# the fixture's box regression layer is rescaled x11.7, which scales the same float32 noise.
-BOX_ATOL = 2e-2
+# Scores agree within 1e-4 and boxes within 1e-2 px on every compared instance; the largest
+# differences seen are 5.6e-5 (coffee 320) and 4.1e-3 px (coffee 256): float32 accumulation order
+# through 50 conv layers (FPN relative error ~4e-5), amplified by the fixture's rescaled output
+# layers, whose targets (tools/fixtures/make_mask_rcnn.py) keep it near half these bounds.
+SCORE_ATOL = 1e-4
+BOX_ATOL = 1e-2
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,11 +300,13 @@ def _compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int) ->
                                            err_msg=f"score of instance {i}")
                 a, b = first["pred_masks"][i], second["pred_masks"][j]
                 if "ambiguous" in second:
-                    # Pixels that float32 rounding of the probability may flip, and pixels that flip
-                    # when our mask is pasted into detectron2's box instead of ours (the boxes agree
-                    # within the tolerance above, which moves the edge of a tiny mask by a pixel).
+                    # Pixels that float32 rounding of the probability may flip (pasted into our box
+                    # or into detectron2's), and pixels that flip when our mask is pasted into
+                    # detectron2's box instead of ours (the boxes agree within the tolerance above,
+                    # which moves the edge of a tiny mask by a pixel).
                     at_ref_box = second["paste_at"](j, first["pred_boxes"][i])
-                    certain = ~(second["ambiguous"][j] | ((at_ref_box >= 0.5) != b))
+                    flips = (at_ref_box >= 0.5) != b
+                    certain = ~(second["ambiguous"][j] | (np.abs(at_ref_box - 0.5) < MASK_PROB_MARGIN) | flips)
                     assert (np.logical_or(a, b) & certain).sum() >= 0.5 * np.logical_or(a, b).sum()
                     a, b = a & certain, b & certain
                 union = np.logical_or(a, b).sum()

@@ -31,8 +31,8 @@ class score sits near 1/81 and every mask probability near 0.5. ``calibration=``
 measurements detectron2 itself made on a photograph: every ``running_mean``/``running_var``
 becomes the per-channel mean and variance of that FrozenBN's input, and the five output layers
 (RPN objectness and deltas, ``cls_score``, ``bbox_pred``, mask ``predictor``) are multiplied by
-the factor that gives their outputs a chosen standard deviation (2, 0.5, 3, 1 and 3). Then the
-features are well scaled, the detection scores spread out and the masks are crisp.
+the factor that gives their outputs a chosen standard deviation (2, 0.3, 1.4, 0.5 and 3). Then
+the features are well scaled, the detection scores spread out and the masks are crisp.
 ``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds these for ``seed=0``, written by
 ``tools/fixtures/make_mask_rcnn.py``.
 
