@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from detlayers._nms_tiles import pad_to_tiles
+from detlayers._nms_tiles import greedy_within_tile, pad_to_tiles
 from detlayers._sharding import varying_like
 from detlayers.rotated_boxes import (
     SOUND_TOLERANCE,
@@ -155,9 +155,6 @@ def greedy_rotated_xla(
     cell_y = functools.partial(_cell_coordinate, origin=y_lo, cell_size=size_y, cells=grid_cells)
     cell = cell_y(terms[:, _Y], upper=False) * grid_cells + cell_x(terms[:, _X], upper=False)
 
-    def same_class(first_cls, second_cls):
-        return True if classes is None else first_cls == second_cls
-
     # --- the pairs of one step: (first boxes [M, 5], second lane [M], pending [M], direct [M]) --
     def grid_pairs(step, tile_state):
         cur_terms, cur_cls, suppressed, grid, segments = tile_state
@@ -224,8 +221,8 @@ def greedy_rotated_xla(
         # Each candidate's square of cells, as one contiguous segment of the kept grid boxes
         # per cell row.
         kept_in_grid, kept_per_cell = grid
-        cell_end = jnp.cumsum(kept_per_cell)
-        cell_start = cell_end - kept_per_cell
+        cell_start = _exclusive_cumsum(kept_per_cell)
+        cell_end = cell_start + kept_per_cell
         # A grid box overlaps the candidate only if its centre lies within the sum of the
         # reaches, at most `half`, on each axis. No margin is needed: float rounding is monotone
         # and a centre is a float, so a centre inside [x - half, x + half] falls in a cell inside
@@ -263,14 +260,7 @@ def greedy_rotated_xla(
 
         init = varying_like((jnp.int32(0), ~live, jnp.zeros((tile, tile), bool)), *refs)
         _, suppressed, inner = lax.while_loop(lambda s: s[0] <= grid_steps + other_steps, pass_step, init)
-        candidate = live & ~suppressed
-
-        def fixed_point_step(fp_state):
-            keep, _ = fp_state
-            new_keep = candidate & ~(keep[:, None] & inner).any(axis=0)
-            return new_keep, (new_keep != keep).any()
-
-        keep, _ = lax.while_loop(lambda s: s[1], fixed_point_step, varying_like((candidate, jnp.bool_(True)), *refs))
+        keep = greedy_within_tile(live & ~suppressed, inner, *refs)
         slot = count + jnp.cumsum(keep, dtype=jnp.int32) - 1
         slot = jnp.where(keep & (slot < max_kept), slot, max_kept)  # out of range: dropped
         positions = positions.at[slot].set(start + lane, mode="drop")

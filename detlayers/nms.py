@@ -88,7 +88,7 @@ from detlayers import _ffi
 from detlayers._checks import f32_at_or_below
 from detlayers._numerics import round_product as _round_product
 from detlayers._nms_rotated_xla import greedy_rotated_xla
-from detlayers._nms_tiles import pad_to_tiles
+from detlayers._nms_tiles import greedy_within_tile, pad_to_tiles
 from detlayers._sharding import varying_like as _varying_like
 
 Array = jax.Array
@@ -529,15 +529,7 @@ def _greedy_xla(*args: Array, max_kept: int, has_classes: bool) -> tuple[Array, 
             _varying_like((jnp.int32(0), jnp.zeros((tile,), bool), jnp.zeros((tile, tile), bool)), *args),
         )
         candidate = ((start + lane) < n) & ~suppressed
-
-        def fixed_point_step(fp_state):
-            keep, _ = fp_state
-            new_keep = candidate & ~(keep[:, None] & inner).any(axis=0)
-            return new_keep, (new_keep != keep).any()
-
-        keep, _ = lax.while_loop(
-            lambda s: s[1], fixed_point_step, _varying_like((candidate, jnp.bool_(True)), *args)
-        )
+        keep = greedy_within_tile(candidate, inner, *args)
         slot = count + jnp.cumsum(keep, dtype=jnp.int32) - 1
         slot = jnp.where(keep & (slot < max_kept), slot, capacity)  # out of range: dropped
         positions = positions.at[slot].set(start + lane, mode="drop")
