@@ -78,13 +78,25 @@ sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # static tools see the real definitions
     from detlayers.aspp import ASPP
-    from detlayers.batch_norm import BatchNorm2d, CycleBatchNormList, FrozenBatchNorm2d, GroupNorm, LayerNorm
-    from detlayers.batch_norm import NaiveSyncBatchNorm, SyncBatchNorm, get_norm
+    from detlayers.batch_norm import (
+        BatchNorm2d,
+        CycleBatchNormList,
+        FrozenBatchNorm2d,
+        GroupNorm,
+        LayerNorm,
+        NaiveSyncBatchNorm,
+        SyncBatchNorm,
+        get_norm,
+    )
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
-    from detlayers.torch_weights import load_torch_state_dict
-    from detlayers.freeze import convert_frozen_batchnorm, frozen_class, masked_optimizer, prefix_trainable_mask
-    from detlayers.freeze import trainable_mask
     from detlayers.deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
+    from detlayers.freeze import (
+        convert_frozen_batchnorm,
+        frozen_class,
+        masked_optimizer,
+        prefix_trainable_mask,
+        trainable_mask,
+    )
     from detlayers.losses import ciou_loss, diou_loss
     from detlayers.mask_ops import paste_masks_in_image
     from detlayers.nms import NMSResult, batched_nms, batched_nms_rotated, nms, nms_rotated
@@ -92,5 +104,14 @@ if TYPE_CHECKING:  # static tools see the real definitions
     from detlayers.roi_align_rotated import ROIAlignRotated, roi_align_rotated
     from detlayers.rotated_boxes import pairwise_iou_rotated
     from detlayers.shape_spec import ShapeSpec
-    from detlayers.wrappers import Conv2d, ConvTranspose2d, Linear, cat, cross_entropy, interpolate, nonzero_tuple
-    from detlayers.wrappers import shapes_to_tensor
+    from detlayers.torch_weights import load_torch_state_dict
+    from detlayers.wrappers import (
+        Conv2d,
+        ConvTranspose2d,
+        Linear,
+        cat,
+        cross_entropy,
+        interpolate,
+        nonzero_tuple,
+        shapes_to_tensor,
+    )

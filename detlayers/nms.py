@@ -86,9 +86,9 @@ from jax import lax
 
 from detlayers import _ffi
 from detlayers._checks import f32_at_or_below
-from detlayers._numerics import round_product as _round_product
 from detlayers._nms_rotated_xla import greedy_rotated_xla
 from detlayers._nms_tiles import greedy_within_tile, pad_to_tiles
+from detlayers._numerics import round_product as _round_product
 from detlayers._sharding import varying_like as _varying_like
 
 Array = jax.Array

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_fixture
 
 import detlayers as L
-from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 CASES = ["bn_global", "nonorm_pool", "bn_separable"]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, load_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,6 @@ from detlayers.batch_norm import (
     get_norm,
     update_running_stats,
 )
-from helpers import assert_close, load_fixture
 
 RTOL = 1e-5
 

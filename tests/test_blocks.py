@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import load_fixture, mse_train_step
 
 import detlayers as L
 from detlayers.freeze import frozen_class, masked_optimizer, trainable_mask
-from helpers import load_fixture, mse_train_step
 
 RTOL = ATOL = 1e-5
 

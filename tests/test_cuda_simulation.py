@@ -33,9 +33,9 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import expected_rotated_keep
 
 from detlayers._checks import f32_at_or_below
-from helpers import expected_rotated_keep
 
 nms = importlib.import_module("detlayers.nms")  # the module (detlayers.nms is also the function)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import load_fixture
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,6 @@ from detlayers.deform_conv import (
     modulated_deform_conv,
     output_size,
 )
-from helpers import load_fixture
 
 FIXTURE = "deform_conv.npz"
 CONFIG_NAMES = [

@@ -172,8 +172,7 @@ def test_train_step_synchronizes_batch_norm_statistics_over_devices():
     """One data-parallel step on 2 devices: the stem's running statistics are those of the whole
     global batch (NaiveSyncBatchNorm), not an average of per-device statistics."""
     from detlayers.demo.model import DetectorConfig, ShapesDetector
-    from detlayers.demo.train import (TrainConfig, init_state, make_mesh, make_optimizer,
-                                      make_train_step, shard_batch)
+    from detlayers.demo.train import TrainConfig, init_state, make_mesh, make_optimizer, make_train_step, shard_batch
 
     model = ShapesDetector(DetectorConfig())
     optimizer = make_optimizer(TrainConfig(steps=10))

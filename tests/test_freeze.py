@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import load_fixture
 
 import detlayers as L
 from detlayers.freeze import masked_optimizer, prefix_trainable_mask
-from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 

@@ -7,14 +7,14 @@ functions run in float64 on the stored float32 boxes), values and gradients.
 from __future__ import annotations
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_fixture
 
 from detlayers.losses import ciou_loss, diou_loss
-import helpers
-from helpers import load_fixture
 
 LOSSES = {"diou": diou_loss, "ciou": ciou_loss}
 

@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detlayers import mask_ops
 from detlayers.mask_ops import paste_masks_in_image
-from helpers import load_fixture
 
 # Each pixel whose threshold decision differs from detectron2 must hold a value this close to the
 # threshold (a few float32 ulps at 0.5 -- the summation order is the only difference).

@@ -450,9 +450,9 @@ def test_checkpoint_errors_list_every_bad_key(state_dict):
 
 def test_state_dict_names_are_detectron2s(state_dict):
     from detlayers._module_trace import trace_init
-    from detlayers.torch_weights import _torch_key
     from detlayers.models import build_model, mask_rcnn_R_50_FPN_3x_config
     from detlayers.models.mask_rcnn import _example_inputs
+    from detlayers.torch_weights import _torch_key
 
     shapes, modules = trace_init(build_model(mask_rcnn_R_50_FPN_3x_config()), _example_inputs(), {})
     names = set()

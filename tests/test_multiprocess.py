@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import load_npz
 
 from detlayers.distributed.launch import launch
-from helpers import load_npz
 
 HERE = pathlib.Path(__file__).parent
 EPS, MOMENTUM = 1e-5, 0.1

@@ -18,9 +18,9 @@ same fixtures (tests/test_cuda_simulation.py).
 from __future__ import annotations
 
 import ctypes
-import os
 import functools
 import importlib
+import os
 import pathlib
 import shutil
 import subprocess
@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import expected_rotated_keep, load_npz
+from helpers import shapely_iou_matrix as _shapely_iou_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import detlayers as L
-from helpers import expected_rotated_keep, shapely_iou_matrix as _shapely_iou_matrix
-from helpers import load_npz
 
 nms_module = importlib.import_module("detlayers.nms")
 ffi_module = importlib.import_module("detlayers._ffi")

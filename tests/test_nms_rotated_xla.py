@@ -124,7 +124,8 @@ def test_stops_at_max_kept():
 def test_vmap_inside_shard_map_gives_each_image_its_own_result():
     # The public function on the pure-XLA path, batched by vmap (the loops' switch and gathers
     # are batched) inside shard_map (loop carries must vary like the inputs).
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     from detlayers.nms import batched_nms_rotated
 

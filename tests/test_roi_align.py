@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import pathlib
 import subprocess
@@ -16,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import axis_bin_weights, load_npz, roi_bins_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detlayers as L
 from detlayers import _roi_sampling
-from helpers import axis_bin_weights, load_npz, roi_bins_reference
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "sampling_ratio", "aligned"))

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import axis_bin_weights, load_npz, roi_bins_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detlayers as L
-from helpers import axis_bin_weights, load_npz, roi_bins_reference
 
 
 @functools.partial(jax.jit, static_argnames=("output_size", "sampling_ratio"))

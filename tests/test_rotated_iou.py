@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import shapely
+from helpers import load_npz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,6 @@ from detlayers.rotated_boxes import (
     rotated_iou_one_to_many,
     rotated_iou_paired,
 )
-from helpers import load_npz
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HEADER_DIR = REPO / "custom_calls"

@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close, load_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from detlayers.batch_norm import BatchNorm2d, NaiveSyncBatchNorm, SyncBatchNorm, get_norm
-from helpers import assert_close, load_fixture
 
 C = 4
 # layout name -> (devices, real examples per device, padded per-device batch or None for no mask)
@@ -96,7 +96,7 @@ def biased_running_var(ref, momentum=0.1):
     return (1 - momentum) + momentum * ref["x"].astype(np.float64).var(axis=(0, 1, 2))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pmapped_step(kind, masked):
     module = KINDS[kind]()
 
@@ -109,7 +109,7 @@ def pmapped_step(kind, masked):
     return jax.pmap(step, axis_name="batch", in_axes=(None, None, 0, 0, 0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shard_mapped_step(kind, masked, devices):
     module = KINDS[kind]()
     mesh = Mesh(np.asarray(jax.devices()[:devices]), ("batch",))

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_fixture
 
 import detlayers as L
 from detlayers.torch_weights import flax_name_to_torch, read_state_dict
-from helpers import load_fixture
 
 RTOL = ATOL = 1e-5
 

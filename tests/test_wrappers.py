@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import load_fixture, mse_train_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import detlayers as L
 from detlayers.wrappers import conv2d, conv_transpose2d
-from helpers import load_fixture, mse_train_step
 
 RTOL = ATOL = 1e-5
 

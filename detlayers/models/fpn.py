@@ -11,7 +11,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax import lax
 
 from detlayers.models.resnet import ResNet
 from detlayers.wrappers import Conv2d, interpolate

@@ -10,8 +10,6 @@ original size, mask pasting).
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 

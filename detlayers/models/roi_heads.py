@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from detlayers.models import box_ops
 from detlayers.models.config import Config, ROIBoxHeadConfig, ROIMaskHeadConfig

@@ -17,7 +17,8 @@ info = distributed.initialize()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from detlayers.batch_norm import NaiveSyncBatchNorm, SyncBatchNorm  # noqa: E402
 
