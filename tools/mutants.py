@@ -241,7 +241,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "        _check_digests(restored.state, meta.pop(DIGESTS_KEY, None), path)\n",
            "        meta.pop(DIGESTS_KEY, None)\n", ("tests/test_train_checkpoints.py",)),
     # ---- Mask R-CNN (slow: minutes) -----------------------------------------------------------------
-    Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads.py",
+    Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads/box_head.py",
            "x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)", "x = x.reshape(x.shape[0], -1)",
            ("tests/test_mask_rcnn.py",)),
     # ---- losses ------------------------------------------------------------------------------------
