@@ -71,6 +71,7 @@ BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
+LAYOUT = ("tests/test_models_layout.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -244,6 +245,21 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads/box_head.py",
            "x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)", "x = x.reshape(x.shape[0], -1)",
            ("tests/test_mask_rcnn.py",)),
+    # ---- detlayers.models parts (fast: no R50 compile) ----------------------------------------------
+    Mutant("models-p6p7-p7-without-relu", "detlayers/models/backbone/fpn.py",
+           "name=\"p7\")(jax.nn.relu(p6))", "name=\"p7\")(p6)", LAYOUT, "top_block"),
+    Mutant("models-top-block-reads-p5-not-c5", "detlayers/models/backbone/fpn.py",
+           "top_input = features[source]", "top_input = results[f\"p{top}\"]", LAYOUT, "top_block"),
+    Mutant("models-resnet-dilated-res5-stride-32", "detlayers/models/backbone/resnet.py",
+           "if not (stage == 5 and self.res5_dilation == 2) and stage > 2:", "if stage > 2:", LAYOUT,
+           "resnet_from_config"),
+    Mutant("models-rpn-pre-nms-topk-from-post", "detlayers/models/proposal_generator/rpn.py",
+           "pre_nms_topk=rpn.PRE_NMS_TOPK_TEST", "pre_nms_topk=rpn.POST_NMS_TOPK_TEST", LAYOUT, "rpn_and_anchor"),
+    Mutant("models-get-deltas-dw-over-height", "detlayers/models/box_regression.py",
+           "ww * jnp.log(tgt_w / src_w)", "ww * jnp.log(tgt_w / src_h)", LAYOUT, "get_deltas"),
+    Mutant("models-roi-pooler-scales-of-every-level", "detlayers/models/roi_heads/roi_heads.py",
+           "1.0 / input_shape[name].stride for name in in_features",
+           "1.0 / input_shape[name].stride for name in input_shape", LAYOUT, "roi_heads_from_config"),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

@@ -75,8 +75,8 @@ class StandardROIHeads(nn.Module):
 
     Fields: the box branch ``box_in_features`` (feature maps pooled), ``box_pooler``
     (:class:`detlayers.models.poolers.ROIPooler`), ``box_head``, ``box_predictor``
-    (:class:`FastRCNNOutputLayers`); the mask branch ``mask_in_features``, ``mask_pooler``,
-    ``mask_head`` (None: no masks).
+    (:class:`detlayers.models.roi_heads.fast_rcnn.FastRCNNOutputLayers`); the mask branch
+    ``mask_in_features``, ``mask_pooler``, ``mask_head`` (None: no masks).
 
     ``__call__(features {name: [N, Hi, Wi, C]}, proposals [N, R, 4], proposal_valid [N, R],
     image_hw int32[N, 2])`` returns ``boxes [N, D, 4]``, ``scores [N, D]``, ``classes [N, D]``,
