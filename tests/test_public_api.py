@@ -77,6 +77,7 @@ def test_unknown_attribute_raises_attribute_error():
 
 def test_importing_a_submodule_does_not_shadow_its_function():
     import detlayers.deform_conv  # noqa: F401
+    import detlayers.interpolate  # noqa: F401
     import detlayers.nms  # noqa: F401
     import detlayers.roi_align  # noqa: F401
     from detlayers.nms import nms as nms_function
@@ -84,3 +85,4 @@ def test_importing_a_submodule_does_not_shadow_its_function():
     assert L.nms is nms_function
     assert callable(L.roi_align) and L.roi_align.__name__ == "roi_align"
     assert L.deform_conv.__name__ == "deform_conv"
+    assert callable(L.interpolate) and L.interpolate.__name__ == "interpolate"
