@@ -49,6 +49,10 @@ SPEC_PARAMETERS = {
                         "output_padding", "groups", "bias", "dilation"],
     "Linear": ["in_features", "out_features", "bias"],
     "BatchNorm2d": ["num_features", "eps", "momentum", "affine", "track_running_stats"],
+    # detectron2's NaiveSyncBatchNorm subclasses torch's BatchNorm2d (and so does SyncBatchNorm):
+    # the same positional arguments, extras keyword-only
+    "NaiveSyncBatchNorm": ["num_features", "eps", "momentum", "affine", "track_running_stats"],
+    "SyncBatchNorm": ["num_features", "eps", "momentum", "affine", "track_running_stats"],
     "FrozenBatchNorm2d": ["num_features", "eps"],
     "ASPP": ["in_channels", "out_channels", "dilations", "norm", "activation", "pool_kernel_size",
              "dropout", "use_depthwise_separable_conv"],
