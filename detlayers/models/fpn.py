@@ -12,8 +12,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from detlayers.interpolate import interpolate
 from detlayers.models.resnet import ResNet
-from detlayers.wrappers import Conv2d, interpolate
+from detlayers.wrappers import Conv2d
 
 Array = jax.Array
 
