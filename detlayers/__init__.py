@@ -39,13 +39,11 @@ _NAMES_BY_MODULE: dict[str, tuple[str, ...]] = {
     ),
     # wrappers and blocks
     "shape_spec": ("ShapeSpec",),
-    "wrappers": (
-        "Conv2d", "ConvTranspose2d", "Linear", "cat", "interpolate", "nonzero_tuple", "shapes_to_tensor",
-        "cross_entropy",
-    ),
+    "wrappers": ("Conv2d", "ConvTranspose2d", "Linear", "cat", "nonzero_tuple", "shapes_to_tensor"),
+    "interpolate": ("interpolate",),
     "blocks": ("CNNBlockBase", "DepthwiseSeparableConv2d"),
     "aspp": ("ASPP",),
-    "losses": ("diou_loss", "ciou_loss"),
+    "losses": ("diou_loss", "ciou_loss", "cross_entropy"),
     # checkpoints
     "torch_weights": ("load_torch_state_dict",),
 }
@@ -97,7 +95,8 @@ if TYPE_CHECKING:  # static tools see the real definitions
         prefix_trainable_mask,
         trainable_mask,
     )
-    from detlayers.losses import ciou_loss, diou_loss
+    from detlayers.interpolate import interpolate
+    from detlayers.losses import ciou_loss, cross_entropy, diou_loss
     from detlayers.mask_ops import paste_masks_in_image
     from detlayers.nms import NMSResult, batched_nms, batched_nms_rotated, nms, nms_rotated
     from detlayers.roi_align import ROIAlign, roi_align
@@ -110,8 +109,6 @@ if TYPE_CHECKING:  # static tools see the real definitions
         ConvTranspose2d,
         Linear,
         cat,
-        cross_entropy,
-        interpolate,
         nonzero_tuple,
         shapes_to_tensor,
     )

@@ -1,4 +1,4 @@
-"""``shard_map`` helpers shared by the layer modules (private)."""
+"""``shard_map`` and mapped-axis helpers shared by the layer modules (private)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def varying_like(tree, *refs: jax.Array):
         return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
+
+
+def axis_is_bound(axis_name) -> bool:
+    """Whether ``axis_name`` (a name or tuple of names; None: False) names mapped axes (``pmap``,
+    ``shard_map``, named ``vmap``) bound at this point of the trace.
+
+    JAX raises ``NameError("unbound axis name: ...")`` for collectives over an unknown axis; asking
+    for its size is the cheapest such query and costs nothing at run time.
+    """
+    if axis_name is None:
+        return False
+    try:
+        jax.lax.axis_size(axis_name)
+    except NameError:
+        return False
+    return True

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from detlayers._checks import check_nhwc
 from detlayers.blocks import DepthwiseSeparableConv2d, c2_xavier_kernel_init
-from detlayers.wrappers import Conv2d, interpolate
+from detlayers.interpolate import interpolate
+from detlayers.wrappers import Conv2d
 
 Array = jax.Array
 

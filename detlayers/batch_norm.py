@@ -22,6 +22,10 @@ Every layer takes ``x`` with channels on the last axis: ``[N, H, W, C]`` for ima
 ``__call__`` takes ``train: bool = False``.  Statistics are accumulated in float32 (or float64 when
 the input is float64), and the output has the input's dtype, so bfloat16 / float16 inputs are fine.
 
+The batch norms take PyTorch's positional arguments ``(num_features, eps, momentum, affine,
+track_running_stats)``; their extras (``stats_mode``, ``axis_name``) are keyword-only, as
+detectron2's ``NaiveSyncBatchNorm(*args, stats_mode="", **kwargs)`` has them.
+
 Variables follow Flax names: ``params/{scale, bias}`` and ``batch_stats/{mean, var}`` (float32).
 Running statistics change only when ``train=True`` *and* the ``batch_stats`` collection is mutable
 (``module.apply(v, x, train=True, mutable=["batch_stats"])``) and never during ``init``.
@@ -40,19 +44,35 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.linen import kw_only_dataclasses
 
+from detlayers._jax_internals import bound_axis_names as _bound_axis_names
+from detlayers._norm_math import (
+    STATS_MODES,
+    BatchMoments,
+    RunningStats,
+    batch_moments,
+    channel_layer_norm,
+    group_norm,
+    normalize,
+    train_normalize,
+    update_running_stats,
+)
 from detlayers._numerics import accumulation_dtype as _compute_dtype
-from detlayers._sharding import varying_axes as _varying_axes
+from detlayers._sharding import axis_is_bound as _axis_is_bound
 
 Array = jax.Array
 
 __all__ = [
+    "BatchMoments",
     "BatchNorm2d",
     "CycleBatchNormList",
     "FrozenBatchNorm2d",
     "GroupNorm",
     "LayerNorm",
     "NaiveSyncBatchNorm",
+    "RunningStats",
     "SyncBatchNorm",
     "batch_moments",
     "channel_layer_norm",
@@ -62,11 +82,20 @@ __all__ = [
     "update_running_stats",
 ]
 
-STATS_MODES = ("", "N")
-
 
 # --------------------------------------------------------------------------------------------
-# pure functions
+# argument checks and the sync axis
+
+
+def _keyword_only(default: Any) -> Any:
+    """A module field that can only be passed by keyword.
+
+    Flax's dataclass transform keeps its own ``parent``/``name`` fields positional (moved last), so
+    the standard ``dataclasses.field(kw_only=True)`` would let a fourth extra positional argument
+    land in ``parent``; Flax's ``kw_only_dataclasses.field`` makes its ``__init__`` raise
+    ``TypeError`` for a positional argument past the non-keyword-only fields instead.
+    """
+    return kw_only_dataclasses.field(default=default, kw_only=True)
 
 
 def _check_input(x: Array, num_features: int, layer: str) -> None:
@@ -95,35 +124,6 @@ def _check_mask(mask: Array, x: Array, layer: str) -> None:
         raise TypeError(f"{layer}: mask must be a bool array, got dtype {jnp.result_type(mask)}")
 
 
-def _bound_axis_names() -> tuple[Any, ...]:
-    """The mapped axis names (pmap, shard_map, named vmap) bound at this point of the trace.
-
-    Read from JAX's axis environment; an empty tuple outside any mapped axis (or if this JAX does
-    not expose its axis environment, in which case the unbound-axis check is skipped).
-    """
-    try:
-        from jax._src import core as jax_core
-
-        return tuple(jax_core.get_axis_env().axis_sizes)
-    except (ImportError, AttributeError):  # pragma: no cover - depends on JAX internals
-        return ()
-
-
-def _axis_is_bound(axis_name: Any) -> bool:
-    """Whether ``axis_name`` (a name or tuple of names) names mapped axes at this trace.
-
-    JAX raises ``NameError("unbound axis name: ...")`` for collectives over an unknown axis; asking
-    for its size is the cheapest such query and costs nothing at run time.
-    """
-    if axis_name is None:
-        return False
-    try:
-        jax.lax.axis_size(axis_name)
-    except NameError:
-        return False
-    return True
-
-
 def _sync_axis(axis_name: Any, layer: str) -> Any:
     """The axis to reduce training statistics over: ``axis_name`` when it is bound, None (local
     statistics, world size 1) when no mapped axis is bound at all or ``axis_name`` is None.
@@ -135,7 +135,7 @@ def _sync_axis(axis_name: Any, layer: str) -> Any:
         return None
     if _axis_is_bound(axis_name):
         return axis_name
-    bound = _bound_axis_names()
+    bound = _bound_axis_names()  # None: this JAX cannot list them (the check is skipped)
     if bound:
         raise ValueError(
             f"{layer}: training inside mapped axes {bound} (pmap / shard_map / named vmap) that do "
@@ -144,314 +144,6 @@ def _sync_axis(axis_name: Any, layer: str) -> Any:
             f"statistics"
         )
     return None
-
-
-def _masked_sum(a: Array, mask: Array | None) -> Array:
-    """Per-channel sum of ``a`` ``[B, ..., C]`` over every axis but the last, over the rows where
-    ``mask`` ``bool[B]`` is True (all rows when None).
-
-    Each row is first summed on its own (``[B, C]``) and the row sums are then *selected* with
-    ``where``, so a padded row holding NaN/inf contributes nothing (``0 * NaN`` would be NaN), and
-    no ``[B, ..., C]`` temporary is built for the selection.
-    """
-    if mask is None:
-        return jnp.sum(a, axis=tuple(range(a.ndim - 1)))
-    row_sums = jnp.sum(a, axis=tuple(range(1, a.ndim - 1))) if a.ndim > 2 else a
-    return jnp.sum(jnp.where(mask[:, None], row_sums, jnp.zeros((), a.dtype)), axis=0)
-
-
-def _moments(
-    x: Array, mask: Array | None, axis_name: Any, stats_mode: str
-) -> tuple[Array, Array, Array, Array, Array]:
-    """``(mean, var, count, grad_count, centred)``: the statistics of :func:`batch_moments`, the
-    per-device count that the closed-form backward divides by, and ``x - mean`` in float32."""
-    dtype = _compute_dtype(x.dtype)
-    xf = x.astype(dtype)
-    per_row = 1
-    for d in x.shape[1:-1]:
-        per_row *= d
-    if mask is None:
-        count = jnp.asarray(x.shape[0] * per_row, dtype)
-    else:
-        count = jnp.sum(mask.astype(dtype)) * per_row
-    # no gradient flows through the counts (integers in disguise)
-    count = jax.lax.stop_gradient(count)
-    total = _masked_sum(xf, mask)
-
-    if axis_name is not None and stats_mode == "":
-        # detectron2's stats_mode="": every device's mean and mean of squares weigh the same.
-        # var = avg_d(E_d[x^2]) - mean^2 is evaluated as avg_d(var_d + (mean_d - mean)^2), the same
-        # number without the cancellation of E[x^2] - E[x]^2.
-        has_real = (count > 0).astype(dtype)
-        local_mean = total / jnp.maximum(count, 1.0)
-        local_centred = xf - local_mean
-        local_var = _masked_sum(local_centred * local_centred, mask) / jnp.maximum(count, 1.0)
-        packed = jax.lax.psum(
-            jnp.concatenate([local_mean * has_real, jnp.stack([has_real, count])]), axis_name
-        )
-        devices = jax.lax.stop_gradient(packed[-2])
-        global_count = jax.lax.stop_gradient(packed[-1])
-        mean = packed[:-2] / jnp.maximum(devices, 1.0)
-        spread = local_mean - mean
-        var = jax.lax.psum(has_real * (local_var + spread * spread), axis_name) / jnp.maximum(
-            devices, 1.0
-        )
-        # d mean / d x = 1 / (devices * local count) for this device's real elements
-        return mean, var, global_count, devices * count, xf - mean
-
-    if axis_name is not None:
-        # one collective for the sums and the count
-        packed = jax.lax.psum(jnp.concatenate([total, count[None]]), axis_name)
-        total, count = packed[:-1], jax.lax.stop_gradient(packed[-1])
-    safe_count = jnp.maximum(count, 1.0)
-    mean = total / safe_count
-    centred = xf - mean
-    sq_total = _masked_sum(centred * centred, mask)
-    if axis_name is not None:
-        sq_total = jax.lax.psum(sq_total, axis_name)
-    var = sq_total / safe_count
-    return mean, var, count, count, centred
-
-
-def batch_moments(
-    x: Array,
-    *,
-    mask: Array | None = None,
-    axis_name: Any = None,
-    stats_mode: str = "N",
-) -> tuple[Array, Array, Array]:
-    """Per-channel mean and biased variance over every axis but the last, in float32.
-
-    Args:
-      x: ``[B, ..., C]`` (NHWC images: ``[N, H, W, C]``), any floating dtype.
-      mask: optional ``bool[B]``; rows where it is False contribute nothing (their values may be
-        anything, finite or not: each row is summed on its own and the padded rows' sums are
-        dropped by selection, never multiplied by 0). Differentiating w.r.t. ``x`` needs finite
-        padded rows (their zero cotangent meets their values in the chain rule).
-      axis_name: optional named mapped axis (``pmap`` / ``shard_map`` / named ``vmap``) to reduce
-        the statistics over.
-      stats_mode: how devices are combined over ``axis_name`` (detectron2's
-        ``NaiveSyncBatchNorm`` modes). ``"N"``: the sums are ``psum``-ed, so every device gets the
-        exact statistics of all real examples on all devices (each element weighted once).
-        ``""``: each device's mean and mean of squares (over its real elements) are averaged with
-        equal weight, ``var = avg(E_d[x^2]) - avg(E_d[x])^2``; devices without a real element are
-        left out of the average (detectron2 asserts there are none). Without ``axis_name`` both
-        are the local statistics.
-
-    Returns:
-      ``(mean[C], var[C], count[])``: ``count`` is the number of (real) elements per channel on all
-      devices, as float32. With ``count == 0`` mean and var are 0 (not NaN).
-
-    Two passes (mean, then centred squares) rather than ``E[x^2] - E[x]^2``: the second costs one
-    more ``C``-sized reduction but avoids cancellation when ``|mean| >> std``.
-    """
-    if stats_mode not in STATS_MODES:
-        raise ValueError(f"batch_moments: stats_mode must be one of {STATS_MODES}, got {stats_mode!r}")
-    mean, var, count, _, _ = _moments(x, mask, axis_name, stats_mode)
-    return mean, var, count
-
-
-def normalize(
-    x: Array,
-    mean: Array,
-    var: Array,
-    scale: Array | None,
-    bias: Array | None,
-    eps: float,
-) -> Array:
-    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last (channel) axis.
-
-    ``mean``, ``var``, ``scale``, ``bias`` are ``[C]``; ``scale``/``bias`` may be None (no affine).
-    Computed in float32 (float64 for float64 input) and returned in ``x.dtype``.
-    """
-    dtype = _compute_dtype(x.dtype)
-    inv = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))
-    if scale is not None:
-        inv = inv * scale.astype(dtype)
-    y = (x.astype(dtype) - mean.astype(dtype)) * inv
-    if bias is not None:
-        y = y + bias.astype(dtype)
-    return y.astype(x.dtype)
-
-
-def _train_forward(x, scale, bias, mask, axis_name, eps, stats_mode):
-    # centred is the same buffer the statistics were computed from (count-weighted mode), so XLA
-    # keeps one [B, ..., C] buffer for the statistics, the output and the backward pass
-    mean, var, count, grad_count, centred = _moments(x, mask, axis_name, stats_mode)
-    dtype = _compute_dtype(x.dtype)
-    inv_std = jax.lax.rsqrt(var + jnp.asarray(eps, dtype))
-    factor = inv_std if scale is None else inv_std * scale.astype(dtype)
-    y = centred * factor
-    if bias is not None:
-        y = y + bias.astype(dtype)
-    return y.astype(x.dtype), (mean, var, count), (x, scale, bias, mask, centred, inv_std, grad_count)
-
-
-def _train_normalize_fwd(x, scale, bias, mask, axis_name, eps, stats_mode):
-    y, stats, residuals = _train_forward(x, scale, bias, mask, axis_name, eps, stats_mode)
-    return (y, stats), residuals
-
-
-def _train_normalize_bwd(axis_name, eps, stats_mode, residuals, cotangents):
-    """Closed-form batch-norm backward; the cotangents of the statistics are ignored (the caller
-    only feeds ``stop_gradient``-ed statistics to the running averages).
-
-    With ``xhat = (x - mean) * inv_std``, ``gs = g * scale`` and ``n`` the global real count, real
-    rows get ``dx = inv_std * (gs - sum(gs)/n - xhat * sum(gs * xhat)/n)``. The sums run over
-    *every* row on every device (``psum``, the transpose of the forward ``psum``): padded rows'
-    outputs depend on the statistics too, so their cotangents enter the real rows' gradients;
-    padded rows themselves do not enter the statistics, so theirs is the direct path
-    ``dx = gs * inv_std``. ``scale`` and ``bias`` get the local sums of ``g * xhat`` and ``g``.
-    All of this is exactly what autodiff of the forward gives.
-
-    With equal device weights (``stats_mode=""`` over an axis) the statistics' derivative w.r.t.
-    one of this device's real elements is ``1 / (devices * local count)`` instead of ``1 / n``:
-    the same formula with ``n`` replaced by that per-device count (the ``count`` residual).
-    """
-    del eps, stats_mode
-    x, scale, bias, mask, centred, inv_std, count = residuals
-    dtype = _compute_dtype(x.dtype)
-    g = cotangents[0].astype(dtype)
-    # sums of g * centred, scaled by inv_std afterwards: no xhat temporary
-    reduce_axes = tuple(range(x.ndim - 1))
-    sum_g = jnp.sum(g, axis=reduce_axes)
-    sum_gx = jnp.sum(g * centred, axis=reduce_axes) * inv_std
-    global_sums = jnp.stack([sum_g, sum_gx])
-    if axis_name is not None:
-        global_sums = jax.lax.psum(global_sums, axis_name)
-    mean_g, mean_gx = global_sums / jnp.maximum(count, 1.0)
-    factor = inv_std if scale is None else inv_std * scale.astype(dtype)
-    correction = mean_g + centred * (inv_std * mean_gx)
-    if mask is not None:
-        rows = jnp.reshape(mask, (mask.shape[0],) + (1,) * (x.ndim - 1))
-        correction = jnp.where(rows, correction, jnp.zeros((), dtype))
-    dx = (g - correction) * factor
-    d_scale = None if scale is None else sum_gx.astype(scale.dtype)
-    d_bias = None if bias is None else sum_g.astype(bias.dtype)
-    return dx.astype(x.dtype), d_scale, d_bias, None
-
-
-def _train_normalize_primal(x, scale, bias, mask, axis_name, eps, stats_mode):
-    return _train_forward(x, scale, bias, mask, axis_name, eps, stats_mode)[:2]
-
-
-_train_normalize_vjp = jax.custom_vjp(_train_normalize_primal, nondiff_argnums=(4, 5, 6))
-_train_normalize_vjp.defvjp(_train_normalize_fwd, _train_normalize_bwd)
-
-
-def _train_normalize(
-    x: Array,
-    scale: Array | None,
-    bias: Array | None,
-    mask: Array | None,
-    axis_name: Any,
-    eps: float,
-    stats_mode: str = "N",
-) -> tuple[Array, tuple[Array, Array, Array]]:
-    """Training-mode batch norm: ``(y, (mean, var, count))`` with ``y`` as
-    ``normalize(x, mean, var, scale, bias, eps)`` and the statistics of :func:`batch_moments`
-    (with ``stats_mode``).
-
-    Same values as composing those two functions, but the gradient w.r.t. ``x``, ``scale`` and
-    ``bias`` is the closed-form batch-norm backward (two passes over ``x`` and the cotangent)
-    instead of autodiff through the two-pass statistics. No gradient flows through the returned
-    statistics (they only feed the running averages).
-    """
-    if axis_name is not None:
-        # Under shard_map, replicated (device-invariant) scale/bias used with a device-varying x
-        # are implicitly cast to varying by autodiff-able code; a custom VJP must see that cast
-        # explicitly so its per-device parameter cotangents are summed over the axis (the cast's
-        # transpose), as plain autodiff would do.
-        scale, bias = (_as_varying_like(p, x, axis_name) for p in (scale, bias))
-    y, stats = _train_normalize_vjp(x, scale, bias, mask, axis_name, eps, stats_mode)
-    return y, jax.lax.stop_gradient(stats)
-
-
-def _as_varying_like(param: Array | None, x: Array, axis_name: Any) -> Array | None:
-    """``param`` cast to vary over ``axis_name`` when ``x`` does and it does not (shard_map)."""
-    if param is None:
-        return None
-    x_vma, p_vma = _varying_axes(x), _varying_axes(param)
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    missing = tuple(n for n in names if n in x_vma and n not in p_vma)
-    if not missing:
-        return param
-    return jax.lax.pcast(param, missing, to="varying")
-
-
-def update_running_stats(
-    running_mean: Array,
-    running_var: Array,
-    mean: Array,
-    var: Array,
-    count: Array,
-    momentum: float,
-    *,
-    unbiased: bool = True,
-) -> tuple[Array, Array]:
-    """PyTorch's update ``r += momentum * (batch - r)``, with the unbiased variance by default.
-
-    ``var`` is the biased batch variance over ``count`` elements; with ``unbiased=True`` (PyTorch's
-    ``BatchNorm2d`` / ``SyncBatchNorm``) the running variance receives ``var * count / (count -
-    1)``, with ``unbiased=False`` (detectron2's ``NaiveSyncBatchNorm``) ``var`` itself. With
-    ``count == 0`` nothing changes (as detectron2's ``stats_mode="N"`` does for an empty global
-    batch); with ``count == 1`` (where PyTorch raises) the factor is taken as 1. Gradients never
-    flow into running statistics.
-    """
-    mean = jax.lax.stop_gradient(mean).astype(running_mean.dtype)
-    var = jax.lax.stop_gradient(var)
-    count = jax.lax.stop_gradient(count).astype(var.dtype)
-    if unbiased:
-        var = var * (count / jnp.maximum(count - 1.0, 1.0))
-    running_var_target = var.astype(running_var.dtype)
-    step = jnp.where(count > 0, momentum, 0.0).astype(running_mean.dtype)
-    return running_mean + step * (mean - running_mean), running_var + step * (
-        running_var_target - running_var
-    )
-
-
-def group_norm(
-    x: Array,
-    num_groups: int,
-    scale: Array | None,
-    bias: Array | None,
-    eps: float = 1e-5,
-) -> Array:
-    """``torch.nn.functional.group_norm`` for channels-last input ``[N, ..., C]``.
-
-    Channels are split into ``num_groups`` contiguous groups (channel ``c`` is in group
-    ``c // (C // num_groups)``, as in PyTorch); each (example, group) is normalized over its
-    channels and all positions with the biased variance, then ``scale``/``bias`` ``[C]`` apply.
-    """
-    n, c = x.shape[0], x.shape[-1]
-    dtype = _compute_dtype(x.dtype)
-    xf = x.astype(dtype)
-    grouped = jnp.reshape(xf, (n, -1, num_groups, c // num_groups))
-    axes = (1, 3)
-    mean = jnp.mean(grouped, axis=axes, keepdims=True)
-    centred = grouped - mean
-    var = jnp.mean(centred * centred, axis=axes, keepdims=True)
-    y = jnp.reshape(centred * jax.lax.rsqrt(var + jnp.asarray(eps, dtype)), xf.shape)
-    if scale is not None:
-        y = y * scale.astype(dtype)
-    if bias is not None:
-        y = y + bias.astype(dtype)
-    return y.astype(x.dtype)
-
-
-def channel_layer_norm(x: Array, scale: Array, bias: Array, eps: float = 1e-6) -> Array:
-    """detectron2's ``LayerNorm``: normalize over the channel (last) axis at every position.
-
-    Biased variance, ``(x - u) / sqrt(s + eps) * scale + bias`` with ``scale``/``bias`` ``[C]``.
-    """
-    dtype = _compute_dtype(x.dtype)
-    xf = x.astype(dtype)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    centred = xf - mean
-    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(var + jnp.asarray(eps, dtype))
-    y = y * scale.astype(dtype) + bias.astype(dtype)
-    return y.astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,11 +159,18 @@ def _affine_params(module: nn.Module, channels: int) -> tuple[Array, Array]:
 
 
 class _BatchNormBase(nn.Module):
-    """Shared variables and train/eval logic of BatchNorm2d and NaiveSyncBatchNorm.
+    """Fields and train/eval logic shared by :class:`BatchNorm2d`, :class:`SyncBatchNorm` and
+    :class:`NaiveSyncBatchNorm`.
 
-    Subclasses declare the fields ``num_features``, ``eps``, ``momentum``, ``affine`` and
-    ``track_running_stats`` (each in its own positional order, PyTorch's / detectron2's).
+    The positional fields are PyTorch's ``BatchNorm2d`` arguments, in its order (detectron2's
+    ``NaiveSyncBatchNorm`` subclasses it and keeps them); subclasses add keyword-only ones.
     """
+
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
 
     def _forward(
         self,
@@ -484,42 +183,50 @@ class _BatchNormBase(nn.Module):
         stats_mode: str = "N",
         unbiased_running_var: bool = True,
     ) -> Array:
-        # axis_name is the layer's sync axis, possibly unbound: resolved (or refused) by
-        # _sync_axis only when batch statistics are used
+        """Normalize ``x`` ``[B, ..., C]``: running statistics in eval, batch statistics (reduced
+        over ``axis_name`` with ``stats_mode``, real rows per ``mask``) in training or without
+        running statistics; updates them when ``batch_stats`` is mutable. Call inside a compact
+        method. ``axis_name`` is the layer's sync axis, possibly unbound: resolved (or refused) by
+        ``_sync_axis`` only when batch statistics are used."""
+        if self.momentum is None:
+            raise ValueError(f"{layer}: momentum=None (cumulative average) is not supported")
+        for field in ("affine", "track_running_stats"):
+            value = getattr(self, field)
+            if not isinstance(value, (bool, np.bool_)):
+                # e.g. an extra passed in a PyTorch argument's place
+                raise TypeError(
+                    f"{layer}: {field} must be a bool, got {value!r}; the positional arguments are "
+                    f"PyTorch's (num_features, eps, momentum, affine, track_running_stats), and "
+                    f"extras such as stats_mode and axis_name are keyword-only"
+                )
         num_features, eps = self.num_features, self.eps
         _check_input(x, num_features, layer)
         scale, bias = _affine_params(self, num_features) if self.affine else (None, None)
-        running = None
         if self.track_running_stats:
-            running_mean = self.variable(
-                "batch_stats", "mean", lambda: jnp.zeros((num_features,), jnp.float32)
-            )
-            running_var = self.variable(
-                "batch_stats", "var", lambda: jnp.ones((num_features,), jnp.float32)
-            )
-            running = (running_mean, running_var)
-
-        if running is not None and not train:
-            return normalize(x, running[0].value, running[1].value, scale, bias, eps)
+            running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((num_features,), jnp.float32))
+            running_var = self.variable("batch_stats", "var", lambda: jnp.ones((num_features,), jnp.float32))
+            if not train:
+                return normalize(x, running_mean.value, running_var.value, scale, bias, eps)
 
         axis_name = _sync_axis(axis_name, layer)
         if x.size == 0:
             # empty batch: nothing to normalize and no statistics to learn from
             return x
-        y, (mean, var, count) = _train_normalize(x, scale, bias, mask, axis_name, eps, stats_mode)
+        out = train_normalize(x, scale, bias, mask, axis_name, eps, stats_mode)
         # (train is True here whenever running statistics exist: eval returned above)
-        if running is not None and self.is_mutable_collection("batch_stats") and not self.is_initializing():
-            new_mean, new_var = update_running_stats(
-                running[0].value, running[1].value, mean, var, count, self.momentum,
-                unbiased=unbiased_running_var,
+        if self.track_running_stats and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+            updated = update_running_stats(
+                running_mean.value, running_var.value, out.moments.mean, out.moments.var, out.moments.count,
+                self.momentum, unbiased=unbiased_running_var,
             )
-            running[0].value = new_mean
-            running[1].value = new_var
-        return y
+            running_mean.value = updated.mean
+            running_var.value = updated.var
+        return out.y
 
 
 class BatchNorm2d(_BatchNormBase):
-    """``torch.nn.BatchNorm2d`` (detectron2's ``layers.BatchNorm2d``) for channels-last input.
+    """``torch.nn.BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True)`` (detectron2's ``layers.BatchNorm2d``) for channels-last input.
 
     ``__call__(x, train=False)`` with ``x`` ``[N, H, W, C]`` (or any ``[N, ..., C]``), returns the
     same shape and dtype.
@@ -542,16 +249,8 @@ class BatchNorm2d(_BatchNormBase):
     ``jvp``/``jacfwd`` through a training step does not.
     """
 
-    num_features: int
-    eps: float = 1e-5
-    momentum: float = 0.1
-    affine: bool = True
-    track_running_stats: bool = True
-
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        if self.momentum is None:
-            raise ValueError("BatchNorm2d: momentum=None (cumulative average) is not supported")
         uses_batch = train or not self.track_running_stats
         if uses_batch and x.ndim >= 2 and x.size // max(x.shape[-1], 1) == 1:
             raise ValueError(
@@ -562,8 +261,9 @@ class BatchNorm2d(_BatchNormBase):
 
 
 class SyncBatchNorm(_BatchNormBase):
-    """``torch.nn.SyncBatchNorm`` (what detectron2's ``get_norm("SyncBN")`` / ``"nnSyncBN"`` build)
-    over a named device axis.
+    """``torch.nn.SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, *, axis_name="batch")`` (what detectron2's ``get_norm("SyncBN")`` /
+    ``"nnSyncBN"`` build) over a named device axis.
 
     ``__call__(x, train=False, *, mask=None)``; ``x`` is the per-device ``[B, H, W, C]`` block and
     ``mask`` an optional ``bool[B]`` marking its real examples (SPMD shards share one shape, so a
@@ -579,20 +279,15 @@ class SyncBatchNorm(_BatchNormBase):
     differentiating. The training gradient is a closed-form batch-norm backward (a ``custom_vjp``
     with autodiff's values): reverse mode works, forward mode through a training step does not.
 
-    Axis rule: the statistics are reduced over ``axis_name`` when it is bound (``pmap`` /
-    ``shard_map`` / named ``vmap``); outside any mapped axis the layer uses local statistics, like
-    PyTorch with world size 1; inside mapped axes that do not include ``axis_name`` a training
-    call raises ``ValueError`` naming the bound axes and ``axis_name`` (never silently local).
-    ``axis_name=None`` always means per-device statistics. ``train=False`` uses the local running
-    statistics (no communication).
+    Axis rule: the statistics are reduced over ``axis_name`` (keyword-only; PyTorch's
+    ``process_group``) when it is bound (``pmap`` / ``shard_map`` / named ``vmap``); outside any
+    mapped axis the layer uses local statistics, like PyTorch with world size 1; inside mapped axes
+    that do not include ``axis_name`` a training call raises ``ValueError`` naming the bound axes
+    and ``axis_name`` (never silently local). ``axis_name=None`` always means per-device
+    statistics. ``train=False`` uses the local running statistics (no communication).
     """
 
-    num_features: int
-    eps: float = 1e-5
-    momentum: float = 0.1
-    affine: bool = True
-    track_running_stats: bool = True
-    axis_name: Any = "batch"
+    axis_name: Any = _keyword_only("batch")
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, *, mask: Array | None = None) -> Array:
@@ -603,7 +298,13 @@ class SyncBatchNorm(_BatchNormBase):
 
 
 class NaiveSyncBatchNorm(_BatchNormBase):
-    """detectron2's ``NaiveSyncBatchNorm`` over a named device axis, with its numbers.
+    """detectron2's ``NaiveSyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, *, stats_mode="", axis_name="batch")`` over a named device axis,
+    with its numbers.
+
+    The positional arguments are ``torch.nn.BatchNorm2d``'s (detectron2's layer subclasses it);
+    ``stats_mode`` and ``axis_name`` are keyword-only (passing them positionally raises
+    ``TypeError``).
 
     ``__call__(x, train=False, *, mask=None)``; ``x`` is the per-device ``[B, H, W, C]`` block and
     ``mask`` an optional ``bool[B]`` marking its real examples (SPMD shards share one shape, so a
@@ -637,13 +338,8 @@ class NaiveSyncBatchNorm(_BatchNormBase):
     detectron2 with world size 1).
     """
 
-    num_features: int
-    eps: float = 1e-5
-    momentum: float = 0.1
-    stats_mode: str = ""
-    axis_name: Any = "batch"
-    affine: bool = True
-    track_running_stats: bool = True
+    stats_mode: str = _keyword_only("")
+    axis_name: Any = _keyword_only("batch")
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, *, mask: Array | None = None) -> Array:

@@ -1,7 +1,10 @@
-"""Box regression losses of ``detectron2.layers.losses``: Distance-IoU and Complete-IoU.
+"""Losses of ``detectron2.layers``: the box regression losses Distance-IoU and Complete-IoU
+(``detectron2.layers.losses``) and the classification loss ``cross_entropy``
+(``detectron2.layers.wrappers``).
 
-Zheng et al., "Distance-IoU Loss: Faster and Better Learning for Bounding Box Regression"
-(https://arxiv.org/abs/1911.08287). Boxes are ``(x1, y1, x2, y2)`` on the last axis.
+DIoU/CIoU: Zheng et al., "Distance-IoU Loss: Faster and Better Learning for Bounding Box
+Regression" (https://arxiv.org/abs/1911.08287). Boxes are ``(x1, y1, x2, y2)`` on the last axis.
+``cross_entropy`` takes logits with the class axis last (NHWC for dense predictions).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 Array = jax.Array
 
-__all__ = ["ciou_loss", "diou_loss"]
+__all__ = ["ciou_loss", "cross_entropy", "diou_loss"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -119,3 +122,50 @@ def ciou_loss(boxes1: Array, boxes2: Array, reduction: str = "none", eps: float 
     v = (4.0 / math.pi**2) * (jnp.arctan(w_gt / h_gt) - jnp.arctan(w_pred / h_pred)) ** 2
     alpha = jax.lax.stop_gradient(v / (1.0 - iou + v + eps))
     return _reduce(1.0 - iou + centre_penalty + alpha * v, reduction, out_dtype)
+
+
+def cross_entropy(
+    input: Array,
+    target: Array,
+    *,
+    reduction: str = "mean",
+    weight: Array | None = None,
+    ignore_index: int = -100,
+) -> Array:
+    """``torch.nn.functional.cross_entropy`` with integer targets, class axis **last**.
+
+    Args:
+      input: logits ``[..., C]`` (``[N, C]`` or NHWC ``[N, H, W, C]``).
+      target: int class indices of shape ``input.shape[:-1]``; ``ignore_index`` entries are skipped.
+      reduction: ``"none"`` (per-element loss, 0 at ignored entries), ``"sum"`` or ``"mean"``
+        (sum divided by the summed ``weight`` of the non-ignored targets, like PyTorch).
+      weight: optional per-class weights ``[C]``.
+    Returns:
+      the loss in float32 (or ``input.dtype`` if wider). As in detectron2's wrapper, an empty
+      ``target`` with ``reduction="mean"`` gives 0 (connected to ``input`` for gradients) instead of
+      NaN.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if input.ndim < 1 or tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"cross_entropy: target shape {target.shape} must equal input shape {input.shape} without "
+            "its last (class) axis"
+        )
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(f"cross_entropy: target must hold integer class indices, got dtype {target.dtype}")
+    if target.size == 0 and reduction == "mean":
+        return input.sum() * 0.0
+    logits = input.astype(jnp.promote_types(input.dtype, jnp.float32))
+    valid = target != ignore_index
+    safe_target = jnp.where(valid, target, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, safe_target[..., None], axis=-1)[..., 0]
+    w = jnp.ones_like(picked) if weight is None else jnp.asarray(weight, logits.dtype)[safe_target]
+    w = jnp.where(valid, w, 0.0)
+    losses = -picked * w
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / w.sum()

@@ -26,7 +26,9 @@ from detlayers.batch_norm import (
     GroupNorm,
     LayerNorm,
     NaiveSyncBatchNorm,
+    RunningStats,
     SyncBatchNorm,
+    batch_moments,
     get_norm,
     update_running_stats,
 )
@@ -182,13 +184,56 @@ def test_update_running_stats_moves_only_when_the_real_count_is_positive(unbiase
     mean, var = jnp.array([4.0, 5.0]), jnp.array([6.0, 7.0])
     kept = update_running_stats(running_mean, running_var, mean, var, jnp.float32(0), 0.1,
                                 unbiased=unbiased)
-    chex.assert_trees_all_equal(kept, (running_mean, running_var))
-    moved_mean, moved_var = update_running_stats(running_mean, running_var, mean, var,
-                                                 jnp.float32(4), 0.1, unbiased=unbiased)
+    chex.assert_trees_all_equal(kept, RunningStats(running_mean, running_var))
+    moved = update_running_stats(running_mean, running_var, mean, var, jnp.float32(4), 0.1,
+                                 unbiased=unbiased)
     factor = 4 / 3 if unbiased else 1.0
-    np.testing.assert_allclose(moved_mean, [0.9 * 0.5 + 0.4, 0.9 * -1.0 + 0.5], rtol=1e-6)
-    np.testing.assert_allclose(moved_var, [0.9 * 2.0 + 0.6 * factor, 0.9 * 3.0 + 0.7 * factor],
+    np.testing.assert_allclose(moved.mean, [0.9 * 0.5 + 0.4, 0.9 * -1.0 + 0.5], rtol=1e-6)
+    np.testing.assert_allclose(moved.var, [0.9 * 2.0 + 0.6 * factor, 0.9 * 3.0 + 0.7 * factor],
                                rtol=1e-6)
+
+
+def test_batch_moments_names_its_statistics_and_leaves_out_masked_rows():
+    x = np.random.default_rng(7).standard_normal((5, 3, 2, 4)) * 3 + 2
+    x[3:] = np.nan  # padded rows: must not reach the statistics
+    moments = batch_moments(jnp.asarray(x, jnp.float32), mask=jnp.array([True, True, True, False, False]))
+    np.testing.assert_allclose(moments.mean, x[:3].mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(moments.var, x[:3].var(axis=(0, 1, 2)), rtol=1e-5)
+    assert float(moments.count) == 3 * 3 * 2
+
+
+@pytest.mark.parametrize("layer", [BatchNorm2d, SyncBatchNorm, NaiveSyncBatchNorm])
+def test_batch_norms_take_pytorch_positional_arguments(layer):
+    """``(num_features, eps, momentum, affine, track_running_stats)`` positionally, in the order of
+    ``torch.nn.BatchNorm2d`` and of detectron2's ``NaiveSyncBatchNorm`` (a BatchNorm2d subclass)."""
+    x = np.random.default_rng(5).standard_normal((3, 2, 2, 8)).astype(np.float32) * 2 + 1
+    module = layer(8, 0.5, 0.25, False)  # eps=0.5, momentum=0.25, affine=False
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    assert "params" not in variables and set(variables["batch_stats"]) == {"mean", "var"}
+    # eval with fresh statistics (mean 0, var 1): x / sqrt(1 + eps)
+    np.testing.assert_allclose(module.apply(variables, jnp.asarray(x)), x / np.sqrt(1.5), rtol=1e-6)
+    _, updates = module.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.25 * x.astype(np.float64).mean((0, 1, 2)),
+                               rtol=1e-5)
+    no_running = layer(8, 1e-5, 0.1, True, False)
+    assert set(no_running.init(jax.random.PRNGKey(0), jnp.asarray(x))) == {"params"}
+
+
+def test_naive_sync_batch_norm_extras_are_keyword_only():
+    """detectron2: ``NaiveSyncBatchNorm(num_features, eps, momentum, affine, track_running_stats,
+    *, stats_mode="")``: its fourth positional argument is ``affine``, and the extras are never
+    positional."""
+    x = jnp.ones((2, 2, 2, 8))
+    assert "params" not in NaiveSyncBatchNorm(8, 1e-5, 0.1, False).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(TypeError, match="positional"):
+        NaiveSyncBatchNorm(8, 1e-5, 0.1, True, True, "N")
+    with pytest.raises(TypeError, match="positional"):
+        SyncBatchNorm(8, 1e-5, 0.1, True, True, "data")
+    # stats_mode where affine goes (this layer's old order) is refused, not taken as affine=True
+    with pytest.raises(TypeError, match=r"NaiveSyncBatchNorm: affine must be a bool, got 'N'.*keyword-only"):
+        NaiveSyncBatchNorm(8, 1e-5, 0.1, "N").init(jax.random.PRNGKey(0), x)
+    module = NaiveSyncBatchNorm(8, stats_mode="N", axis_name="data")
+    assert (module.stats_mode, module.axis_name, module.affine) == ("N", "data", True)
 
 
 @pytest.mark.parametrize(

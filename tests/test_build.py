@@ -1,4 +1,4 @@
-"""The installed package carries the custom-call libraries its build machine could compile."""
+"""The build compiles exactly the custom-call sources it names, and the installed package carries them."""
 
 import pathlib
 import shutil
@@ -7,6 +7,8 @@ import subprocess
 import pytest
 
 from detlayers import _ffi
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
@@ -17,19 +19,42 @@ def test_cpu_custom_calls_are_built_and_registered_when_a_compiler_exists():
         assert _ffi.has_target("cpu", target), target
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+def _configure(source: pathlib.Path, build: pathlib.Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["cmake", "-S", str(source), "-B", str(build), "-G", "Unix Makefiles", *options],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not on PATH")
-def test_cmake_cuda_option_is_checked_and_sources_are_explicit(tmp_path):
+def test_cmake_refuses_an_unknown_cuda_option(tmp_path):
     # DETLAYERS_CUDA=AUTO|ON|OFF: anything else stops the configuration before any compiler check.
-    result = subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DDETLAYERS_CUDA=maybe"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = _configure(ROOT, tmp_path, "-DDETLAYERS_CUDA=maybe")
     assert result.returncode != 0
     assert "DETLAYERS_CUDA must be AUTO, ON or OFF, got 'MAYBE'" in result.stderr
-    # Every source is named (a stray file is never compiled in), and the simulator is test-only.
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    assert "GLOB" not in cmake
-    assert "nms_cuda_simulator EXCLUDE_FROM_ALL" in cmake
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("make") is None, reason="cmake/make not on PATH")
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler")
+def test_default_build_compiles_only_the_named_sources(tmp_path):
+    # A copy of the build inputs with a stray source beside the real ones: the default target must compile
+    # the CPU library from nms_cpu.cc alone (no globbing picks up the stray file) and must not build the
+    # test-only CUDA simulator.
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(ROOT / "CMakeLists.txt", source)
+    shutil.copytree(ROOT / "custom_calls", source / "custom_calls")
+    shutil.copytree(ROOT / "tests" / "cpp", source / "tests" / "cpp")
+    (source / "custom_calls" / "stray_kernel.cc").write_text("#error a stray source was compiled\n")
+    build = tmp_path / "build"
+    configured = _configure(source, build, "-DDETLAYERS_CUDA=OFF")
+    assert configured.returncode == 0, configured.stderr
+    dry_run = subprocess.run(["make", "-n", "-C", str(build)], capture_output=True, text=True, timeout=120)
+    assert dry_run.returncode == 0, dry_run.stderr
+    compiled = {pathlib.Path(word).name for line in dry_run.stdout.splitlines() if " -c " in line
+                for word in line.split() if word.endswith((".cc", ".cu", ".cpp"))}
+    assert compiled == {"nms_cpu.cc"}
+    assert "nms_cuda_simulator" not in dry_run.stdout
+    # The simulator is still a target one can ask for by name.
+    targets = subprocess.run(["make", "-C", str(build), "help"], capture_output=True, text=True, timeout=60)
+    assert "nms_cuda_simulator" in targets.stdout

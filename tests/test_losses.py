@@ -1,7 +1,9 @@
-"""diou_loss / ciou_loss against detectron2.layers.losses.
+"""diou_loss / ciou_loss against detectron2.layers.losses, cross_entropy against detectron2's wrapper.
 
-Reference: ``tests/fixtures/losses.npz`` from ``tools/fixtures/make_losses.py`` (detectron2's own
-functions run in float64 on the stored float32 boxes), values and gradients.
+References: ``tests/fixtures/losses.npz`` from ``tools/fixtures/make_losses.py`` (detectron2's own
+box losses run in float64 on the stored float32 boxes), values and gradients; the ``xent/*``
+entries of ``tests/fixtures/wrappers.npz`` from ``tools/fixtures/make_wrappers.py``
+(``detectron2.layers.cross_entropy``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import load_fixture
 
-from detlayers.losses import ciou_loss, diou_loss
+from detlayers.losses import ciou_loss, cross_entropy, diou_loss
 
 LOSSES = {"diou": diou_loss, "ciou": ciou_loss}
 
@@ -102,3 +104,38 @@ def test_loss_rejects_bad_arguments(name):
         fn(jnp.array([[3.0, 0.0, 2.0, 2.0]]), box)
     with pytest.raises(ValueError, match="y1 larger than y2"):
         fn(jnp.array([[0.0, 3.0, 2.0, 2.0]]), box)
+
+
+# ------------------------------------------------------------------------------ cross_entropy
+@pytest.fixture(scope="module")
+def xent():
+    return load_fixture("wrappers.npz", prefix="xent/")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_cross_entropy_matches_detectron2(xent, reduction):
+    logits, target = xent["xent/logits"], xent["xent/target"]
+    np.testing.assert_allclose(
+        cross_entropy(logits, target, reduction=reduction), xent[f"xent/{reduction}"], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        cross_entropy(logits, target, reduction=reduction, weight=xent["xent/weight"]),
+        xent[f"xent/weighted_{reduction}"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_cross_entropy_nhwc_segmentation_with_ignore_index(xent):
+    loss = cross_entropy(xent["xent/seg_logits"], xent["xent/seg_target"], ignore_index=255)
+    np.testing.assert_allclose(loss, xent["xent/seg_mean"], rtol=1e-5, atol=1e-5)
+
+
+def test_cross_entropy_empty_target_is_zero_with_zero_gradient(xent):
+    assert float(xent["xent/empty_mean"]) == 0.0
+    logits = jnp.zeros((0, 5))
+    loss, grad = jax.value_and_grad(lambda z: cross_entropy(z, jnp.zeros((0,), jnp.int32)))(logits)
+    assert float(loss) == 0.0
+    chex.assert_shape(grad, (0, 5))
+    with pytest.raises(ValueError, match="target shape"):
+        cross_entropy(jnp.zeros((3, 5)), jnp.zeros((4,), jnp.int32))

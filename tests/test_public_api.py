@@ -49,6 +49,10 @@ SPEC_PARAMETERS = {
                         "output_padding", "groups", "bias", "dilation"],
     "Linear": ["in_features", "out_features", "bias"],
     "BatchNorm2d": ["num_features", "eps", "momentum", "affine", "track_running_stats"],
+    # detectron2's NaiveSyncBatchNorm subclasses torch's BatchNorm2d (and so does SyncBatchNorm):
+    # the same positional arguments, extras keyword-only
+    "NaiveSyncBatchNorm": ["num_features", "eps", "momentum", "affine", "track_running_stats"],
+    "SyncBatchNorm": ["num_features", "eps", "momentum", "affine", "track_running_stats"],
     "FrozenBatchNorm2d": ["num_features", "eps"],
     "ASPP": ["in_channels", "out_channels", "dilations", "norm", "activation", "pool_kernel_size",
              "dropout", "use_depthwise_separable_conv"],
@@ -77,6 +81,7 @@ def test_unknown_attribute_raises_attribute_error():
 
 def test_importing_a_submodule_does_not_shadow_its_function():
     import detlayers.deform_conv  # noqa: F401
+    import detlayers.interpolate  # noqa: F401
     import detlayers.nms  # noqa: F401
     import detlayers.roi_align  # noqa: F401
     from detlayers.nms import nms as nms_function
@@ -84,3 +89,4 @@ def test_importing_a_submodule_does_not_shadow_its_function():
     assert L.nms is nms_function
     assert callable(L.roi_align) and L.roi_align.__name__ == "roi_align"
     assert L.deform_conv.__name__ == "deform_conv"
+    assert callable(L.interpolate) and L.interpolate.__name__ == "interpolate"

@@ -1,12 +1,13 @@
 """Mutation run: inject small, realistic bugs one at a time and check that a test catches each.
 
-Not part of CI (each mutant runs a test selection; the full list takes an hour or more on a small
-machine). Run it from anywhere with the Python environment the tests use:
+The runs are not part of CI (each mutant runs a test selection; the full list takes an hour or more on a
+small machine); ``--check`` is: CI fails when a mutant no longer applies to the code it mutates.
+Run it from anywhere with the Python environment the tests use:
 
     python tools/mutants.py                        # every mutant
     python tools/mutants.py --list                 # names only
     python tools/mutants.py --only paste --jobs 2  # mutants whose name contains "paste"
-    python tools/mutants.py --check                # each mutant's text occurs exactly once
+    python tools/mutants.py --check                # each mutant still applies and selects a test (CI)
 
 How it works. The working tree (tracked and untracked, non-ignored files, plus the built library in
 ``detlayers/_lib``) is copied to a scratch directory. Each mutant replaces one exact piece of text
@@ -205,26 +206,37 @@ MUTANTS: tuple[Mutant, ...] = (
            "return jnp.where(live[:, None, None, None], out, 0.0), residuals",
            "return out, residuals", ROI + ROI_ROT, "batch or index"),
     # ---- batch norm ----------------------------------------------------------------------------
-    Mutant("bn-biased-running-var", "detlayers/batch_norm.py",
+    Mutant("bn-biased-running-var", "detlayers/_norm_math.py",
            "var = var * (count / jnp.maximum(count - 1.0, 1.0))", "var = var * (count / jnp.maximum(count, 1.0))",
            BN),
     Mutant("bn-naive-unbiased-running-var", "detlayers/batch_norm.py",
            "            unbiased_running_var=False,\n", "            unbiased_running_var=True,\n", BN),
-    Mutant("bn-equal-device-weights-only-unmasked", "detlayers/batch_norm.py",
+    Mutant("bn-equal-device-weights-only-unmasked", "detlayers/_norm_math.py",
            'if axis_name is not None and stats_mode == "":',
            'if axis_name is not None and stats_mode == "" and mask is None:', BN),
-    Mutant("bn-equal-device-weights-by-count", "detlayers/batch_norm.py",
+    Mutant("bn-equal-device-weights-by-count", "detlayers/_norm_math.py",
            "jnp.concatenate([local_mean * has_real, jnp.stack([has_real, count])])",
            "jnp.concatenate([total, jnp.stack([count, count])])", BN),
-    Mutant("bn-update-when-empty", "detlayers/batch_norm.py",
+    Mutant("bn-update-when-empty", "detlayers/_norm_math.py",
            "step = jnp.where(count > 0, momentum, 0.0).astype(running_mean.dtype)",
            "step = jnp.asarray(momentum).astype(running_mean.dtype)", BN),
-    Mutant("bn-eps-dropped", "detlayers/batch_norm.py",
+    Mutant("bn-eps-dropped", "detlayers/_norm_math.py",
            "inv = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(eps, dtype))",
            "inv = jax.lax.rsqrt(var.astype(dtype))", BN),
-    Mutant("bn-count-unmasked", "detlayers/batch_norm.py",
+    Mutant("bn-count-unmasked", "detlayers/_norm_math.py",
            "count = jnp.sum(mask.astype(dtype)) * per_row",
            "count = jnp.asarray(x.shape[0] * per_row, dtype)", BN),
+    Mutant("bn-backward-global-count-with-equal-device-weights", "detlayers/_norm_math.py",
+           "BatchMoments(mean, var, global_count), devices * count, xf - mean)",
+           "BatchMoments(mean, var, global_count), global_count, xf - mean)", BN, "equally"),
+    Mutant("bn-naive-stats-mode-positional", "detlayers/batch_norm.py",
+           '    stats_mode: str = _keyword_only("")\n', '    stats_mode: str = ""\n', BN, "keyword_only"),
+    Mutant("bn-affine-type-unchecked", "detlayers/batch_norm.py",
+           "            if not isinstance(value, (bool, np.bool_)):",
+           "            if value is None:", BN, "keyword_only"),
+    Mutant("jax-internals-no-bound-axes", "detlayers/_jax_internals.py",
+           "    return tuple(sizes)\n", "    return ()\n",
+           ("tests/test_jax_internals.py", "tests/test_sync_batch_norm.py"), "bound_axis or other_mapped_axes"),
     # ---- rotated IoU: detectron2's value where sound, else the exact one --------------------------
     Mutant("rotiou-sound-tolerance-x10", "detlayers/rotated_boxes.py",
            "SOUND_TOLERANCE = 1e-4\n", "SOUND_TOLERANCE = 1e-3\n", ROT_IOU + NMS, "rotated or sound or exact"),
@@ -327,6 +339,51 @@ def _run_tests(root: pathlib.Path, mutant: Mutant, jobs: int, timeout: float) ->
     return "killed" + (f" by {failure}" if failure else ""), seconds
 
 
+def _static_problem(mutant: Mutant) -> str:
+    """Why ``mutant`` can no longer run as written ("" when it can): its file or test files are gone, or
+    its text does not occur exactly once."""
+    path = REPO / mutant.path
+    if not path.is_file():
+        return f"{mutant.path} does not exist"
+    missing = [t for t in mutant.tests if not (REPO / t.split("::")[0]).exists()]
+    if missing:
+        return f"test file(s) {missing} do not exist"
+    count = path.read_text().count(mutant.old)
+    return "" if count == 1 else f"its text occurs {count} times in {mutant.path}"
+
+
+def _selection_problems(mutants: list[Mutant]) -> dict[str, str]:
+    """Mutants whose tests and ``-k`` selection collect no test (a run would only report an error).
+
+    Collects every mutant's test files once (``pytest --collect-only``) and evaluates each ``-k``
+    expression with pytest's own expression parser, matching a name case-insensitively against the
+    parts of a test's node id (file, class, function with its parameters), as ``-k`` does.
+    """
+    files = sorted({t.split("::")[0] for m in mutants for t in m.tests if (REPO / t.split("::")[0]).exists()})
+    if not files:
+        return {}
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-o", "addopts=", *files], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    node_ids = [line.strip() for line in proc.stdout.splitlines() if "::" in line]
+    if proc.returncode != 0 or not node_ids:
+        return {m.name: f"collecting its tests failed: {proc.stdout[-400:]}{proc.stderr[-400:]}" for m in mutants}
+    from _pytest.mark.expression import Expression  # pytest's -k grammar (and, or, not, parentheses)
+
+    def selected(node_id: str, tests: tuple[str, ...], select: str | None) -> bool:
+        if not any(node_id == t or node_id.startswith(t + "::") for t in tests):
+            return False
+        if select is None:
+            return True
+        parts = [pathlib.Path(node_id.split("::")[0]).name, *node_id.split("::")[1:]]
+        return Expression.compile(select).evaluate(lambda name: any(name.lower() in p.lower() for p in parts))
+
+    return {m.name: f"no test is selected by {list(m.tests)} -k {m.select!r}" for m in mutants
+            if not any(selected(n, m.tests, m.select) for n in node_ids)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="run mutants whose name contains one of these")
@@ -342,12 +399,20 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             print(f"{m.name:40s} {m.path}  [{' '.join(m.tests)}{' -k ' + repr(m.select) if m.select else ''}]")
         return 0
-    stale = [m for m in mutants if (REPO / m.path).read_text().count(m.old) != 1]
-    for m in stale:
-        print(f"stale: {m.name}: its text occurs {(REPO / m.path).read_text().count(m.old)} times in {m.path}")
+    problems = {m.name: _static_problem(m) for m in mutants}
     if args.check:
+        problems.update({name: problem for name, problem in _selection_problems(mutants).items()
+                         if not problems.get(name)})
+    stale = [m for m in mutants if problems[m.name]]
+    for m in stale:
+        print(f"stale: {m.name}: {problems[m.name]}")
+    if args.check:
+        names = [m.name for m in MUTANTS]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        for name in duplicates:
+            print(f"duplicate mutant name: {name}")
         print(f"{len(mutants) - len(stale)} of {len(mutants)} mutants apply")
-        return 1 if stale else 0
+        return 1 if stale or duplicates else 0
     mutants = [m for m in mutants if m not in stale]
 
     scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="detlayers-mutants-"))

@@ -16,10 +16,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from detlayers.interpolate import interpolate
 from detlayers.models.backbone.resnet import build_resnet_backbone
 from detlayers.models.registry import BACKBONE_REGISTRY
 from detlayers.shape_spec import ShapeSpec
-from detlayers.wrappers import Conv2d, interpolate
+from detlayers.wrappers import Conv2d
 
 Array = jax.Array
 
