@@ -67,12 +67,13 @@ def _yaml_values() -> dict:
         "MODEL.ANCHOR_GENERATOR.SIZES": ((32,), (64,), (128,), (256,), (512,)),
         "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": ((0.5, 1.0, 2.0),),
         "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
+        "MODEL.PROPOSAL_GENERATOR.NAME": "RPN",
+        "MODEL.PROPOSAL_GENERATOR.MIN_SIZE": 0,
         "MODEL.RPN.IN_FEATURES": ("p2", "p3", "p4", "p5", "p6"),
         "MODEL.RPN.PRE_NMS_TOPK_TEST": 1000,
         "MODEL.RPN.POST_NMS_TOPK_TEST": 1000,
         "MODEL.RPN.NMS_THRESH": 0.7,
         "MODEL.RPN.BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0, 1.0),
-        "MODEL.RPN.MIN_SIZE": 0.0,
         "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
         "MODEL.ROI_HEADS.NUM_CLASSES": 80,
         "MODEL.ROI_HEADS.IN_FEATURES": ("p2", "p3", "p4", "p5"),
@@ -113,7 +114,8 @@ def test_config_against_detectron2_when_installed():
     detectron2_config = pytest.importorskip("detectron2.config")
     import detectron2
 
-    yaml = pathlib.Path(detectron2.__file__).parents[1] / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_3x.yaml"
+    configs = pathlib.Path(detectron2.__file__).parents[1] / "configs"
+    yaml = configs / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_3x.yaml"
     if not yaml.is_file():
         pytest.skip("detectron2's configs/ folder is not next to the package")
     from detlayers.models import mask_rcnn_R_50_FPN_3x_config
@@ -164,10 +166,12 @@ def test_resize_shortest_edge_shape_is_detectron2s():
 def test_models_import_is_lazy():
     code = (
         "import sys, detlayers, detlayers.models\n"
-        "assert 'detlayers.models.mask_rcnn' not in sys.modules, sorted(sys.modules)\n"
+        "assert 'detlayers.models.meta_arch.rcnn' not in sys.modules, sorted(sys.modules)\n"
         "assert 'flax' not in sys.modules\n"
         "detlayers.models.mask_rcnn_R_50_FPN_3x_config\n"
-        "assert 'detlayers.models.mask_rcnn' not in sys.modules\n"
+        "detlayers.models.META_ARCH_REGISTRY\n"
+        "assert 'detlayers.models.meta_arch.rcnn' not in sys.modules\n"
+        "assert 'flax' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
@@ -177,9 +181,9 @@ def test_models_import_is_lazy():
 
 
 def test_cell_anchors_match_the_float64_formula():
-    from detlayers.models.box_ops import cell_anchors, grid_anchors
+    from detlayers.models.anchor_generator import generate_cell_anchors, grid_anchors
 
-    base = cell_anchors((32,), (0.5, 1.0, 2.0))
+    base = generate_cell_anchors((32,), (0.5, 1.0, 2.0))
     w = np.sqrt(32.0**2 / np.array([0.5, 1.0, 2.0]))
     h = np.array([0.5, 1.0, 2.0]) * w
     np.testing.assert_array_equal(base, np.stack([-w / 2, -h / 2, w / 2, h / 2], 1).astype(np.float32))
@@ -192,17 +196,18 @@ def test_cell_anchors_match_the_float64_formula():
 def test_apply_deltas_clamps_like_detectron2():
     import jax.numpy as jnp
 
-    from detlayers.models.box_ops import DEFAULT_SCALE_CLAMP, apply_deltas
+    from detlayers.models.box_regression import DEFAULT_SCALE_CLAMP, Box2BoxTransform
 
     boxes = np.array([[10.0, 20.0, 50.0, 40.0]], np.float32)
     deltas = np.array([[1.0, -2.0, 10.0, -0.5]], np.float32)
-    out = np.asarray(apply_deltas(jnp.asarray(deltas), jnp.asarray(boxes), (10.0, 10.0, 5.0, 5.0)))
+    out = np.asarray(Box2BoxTransform((10.0, 10.0, 5.0, 5.0)).apply_deltas(jnp.asarray(deltas), jnp.asarray(boxes)))
     b, d = boxes.astype(np.float64)[0], deltas.astype(np.float64)[0] / [10, 10, 5, 5]
     w, h = b[2] - b[0], b[3] - b[1]
     cx, cy = b[0] + 0.5 * w + d[0] * w, b[1] + 0.5 * h + d[1] * h
     pw, ph = np.exp(min(d[2], DEFAULT_SCALE_CLAMP)) * w, np.exp(min(d[3], DEFAULT_SCALE_CLAMP)) * h
     np.testing.assert_allclose(out[0], [cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2], rtol=1e-6)
-    big = np.asarray(apply_deltas(jnp.asarray([[0.0, 0.0, 100.0, 0.0]]), jnp.asarray(boxes), (1, 1, 1, 1)))
+    big = np.asarray(Box2BoxTransform((1, 1, 1, 1)).apply_deltas(jnp.asarray([[0.0, 0.0, 100.0, 0.0]]),
+                                                                jnp.asarray(boxes)))
     np.testing.assert_allclose(big[0, 2] - big[0, 0], 40.0 * 1000 / 16, rtol=1e-5)
 
 
@@ -451,10 +456,10 @@ def test_checkpoint_errors_list_every_bad_key(state_dict):
 def test_state_dict_names_are_detectron2s(state_dict):
     from detlayers._module_trace import trace_init
     from detlayers.models import build_model, mask_rcnn_R_50_FPN_3x_config
-    from detlayers.models.mask_rcnn import _example_inputs
+    from detlayers.models.checkpoint import example_inputs
     from detlayers.torch_weights import _torch_key
 
-    shapes, modules = trace_init(build_model(mask_rcnn_R_50_FPN_3x_config()), _example_inputs(), {})
+    shapes, modules = trace_init(build_model(mask_rcnn_R_50_FPN_3x_config()), example_inputs(), {})
     names = set()
     for path, _ in jax.tree_util.tree_flatten_with_path({k: shapes[k] for k in ("params", "batch_stats")})[0]:
         keys = [p.key for p in path]
@@ -466,7 +471,7 @@ def test_state_dict_names_are_detectron2s(state_dict):
 def test_freeze_at_stops_gradients_of_the_frozen_stages(norm):
     import jax.numpy as jnp
 
-    from detlayers.models.resnet import ResNet
+    from detlayers.models.backbone.resnet import ResNet
 
     net = ResNet(depth=18, norm=norm, stem_out_channels=32, res2_out_channels=32, freeze_at=2,
                  out_features=("res2", "res3"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import roi_bins_reference
 
-from detlayers.models.roi_heads import assign_boxes_to_levels, multilevel_roi_align
+from detlayers.models.poolers import assign_boxes_to_levels, multilevel_roi_align
 
 STRIDES = (4, 8, 16, 32)  # P2..P5
 IMAGE_HW = (448, 512)  # multiples of 32, as detectron2 pads: level maps 112x128 ... 14x16
@@ -70,6 +70,7 @@ def test_pooled_bins_match_roi_align_on_the_assigned_unpadded_level(sampling_rat
             level, stride = levels[n, r], STRIDES[levels[n, r]]
             x1, y1, x2_, y2_ = boxes[n, r].astype(np.float64) / stride
             expected = roi_bins_reference(
-                features[level][n].astype(np.float64), (5, 5), (y1 - 0.5, x1 - 0.5), (y2_ - y1, x2_ - x1), sampling_ratio
+                features[level][n].astype(np.float64), (5, 5), (y1 - 0.5, x1 - 0.5), (y2_ - y1, x2_ - x1),
+                sampling_ratio,
             )
             np.testing.assert_allclose(pooled[n, r], expected, atol=2e-5, rtol=0, err_msg=f"image {n} box {r}")

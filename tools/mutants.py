@@ -1,7 +1,8 @@
 """Mutation run: inject small, realistic bugs one at a time and check that a test catches each.
 
 The runs are not part of CI (each mutant runs a test selection; the full list takes an hour or more on a
-small machine); ``--check`` is: CI fails when a mutant no longer applies to the code it mutates. Run it from anywhere with the Python environment the tests use:
+small machine); ``--check`` is: CI fails when a mutant no longer applies to the code it mutates.
+Run it from anywhere with the Python environment the tests use:
 
     python tools/mutants.py                        # every mutant
     python tools/mutants.py --list                 # names only
@@ -71,6 +72,7 @@ BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
+LAYOUT = ("tests/test_models_layout.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -252,9 +254,24 @@ MUTANTS: tuple[Mutant, ...] = (
            "        _check_digests(restored.state, meta.pop(DIGESTS_KEY, None), path)\n",
            "        meta.pop(DIGESTS_KEY, None)\n", ("tests/test_train_checkpoints.py",)),
     # ---- Mask R-CNN (slow: minutes) -----------------------------------------------------------------
-    Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads.py",
+    Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads/box_head.py",
            "x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)", "x = x.reshape(x.shape[0], -1)",
            ("tests/test_mask_rcnn.py",)),
+    # ---- detlayers.models parts (fast: no R50 compile) ----------------------------------------------
+    Mutant("models-p6p7-p7-without-relu", "detlayers/models/backbone/fpn.py",
+           "name=\"p7\")(jax.nn.relu(p6))", "name=\"p7\")(p6)", LAYOUT, "top_block"),
+    Mutant("models-top-block-reads-p5-not-c5", "detlayers/models/backbone/fpn.py",
+           "top_input = features[source]", "top_input = results[f\"p{top}\"]", LAYOUT, "top_block"),
+    Mutant("models-resnet-dilated-res5-stride-32", "detlayers/models/backbone/resnet.py",
+           "if not (stage == 5 and self.res5_dilation == 2) and stage > 2:", "if stage > 2:", LAYOUT,
+           "resnet_from_config"),
+    Mutant("models-rpn-pre-nms-topk-from-post", "detlayers/models/proposal_generator/rpn.py",
+           "pre_nms_topk=rpn.PRE_NMS_TOPK_TEST", "pre_nms_topk=rpn.POST_NMS_TOPK_TEST", LAYOUT, "rpn_and_anchor"),
+    Mutant("models-get-deltas-dw-over-height", "detlayers/models/box_regression.py",
+           "ww * jnp.log(tgt_w / src_w)", "ww * jnp.log(tgt_w / src_h)", LAYOUT, "get_deltas"),
+    Mutant("models-roi-pooler-scales-of-every-level", "detlayers/models/roi_heads/roi_heads.py",
+           "1.0 / input_shape[name].stride for name in in_features",
+           "1.0 / input_shape[name].stride for name in input_shape", LAYOUT, "roi_heads_from_config"),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

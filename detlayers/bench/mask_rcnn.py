@@ -239,9 +239,10 @@ def _replay(records: list[_Recorded]) -> Callable[[], Any]:
 
 
 def _op_cases(weights: dict[str, np.ndarray], image: np.ndarray) -> list[Case]:
-    records: list[_Recorded] = []
-    import detlayers.models.mask_rcnn  # noqa: F401  (load the model's modules before patching them)
+    from detlayers.models.registry import load_builtin_parts
 
+    load_builtin_parts()  # load the model's modules before patching them
+    records: list[_Recorded] = []
     with _recording(records):
         _our_predictor(weights)(image)  # traced and run with the recording wrappers
     cases = []

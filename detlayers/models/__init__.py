@@ -1,5 +1,11 @@
 """Reference detectron2 architectures built from detlayers layers (imported lazily).
 
+Laid out as detectron2's ``modeling/``: ``backbone/`` (ResNet, FPN), ``proposal_generator/``
+(RPN), ``roi_heads/`` (StandardROIHeads and its box and mask heads), ``meta_arch/``
+(GeneralizedRCNN, ``build_model``), ``poolers``, ``anchor_generator``, ``box_regression``,
+``postprocessing``, ``checkpoint`` and ``predictor``; parts are looked up by detectron2's
+registered names in the registries of :mod:`detlayers.models.registry`.
+
 ``from detlayers.models import mask_rcnn_R_50_FPN_3x_config, Predictor`` ::
 
     predictor = Predictor(mask_rcnn_R_50_FPN_3x_config(), "model_final_f10217.pkl")
@@ -12,11 +18,16 @@ from detlayers._lazy import exports_by_name, lazy_exports
 
 _EXPORTS = exports_by_name({
     "config": ("Config", "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config"),
-    "mask_rcnn": (
-        "GeneralizedRCNN", "build_model", "Predictor", "load_detectron2_weights", "preprocess_image", "batch_images",
-        "resize_shortest_edge_shape",
-    ),
+    "meta_arch.rcnn": ("GeneralizedRCNN",),
+    "meta_arch.build": ("build_model",),
+    "checkpoint": ("load_detectron2_weights",),
+    "predictor": ("Predictor", "preprocess_image", "batch_images", "resize_shortest_edge_shape"),
     "export": ("export_predictor", "load_exported"),
+    "registry": (
+        "META_ARCH_REGISTRY", "BACKBONE_REGISTRY", "PROPOSAL_GENERATOR_REGISTRY", "ANCHOR_GENERATOR_REGISTRY",
+        "RPN_HEAD_REGISTRY", "ROI_HEADS_REGISTRY", "ROI_BOX_HEAD_REGISTRY", "ROI_MASK_HEAD_REGISTRY",
+        "SEM_SEG_HEADS_REGISTRY",
+    ),
 })
 
 __all__ = sorted(_EXPORTS)

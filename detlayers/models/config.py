@@ -61,6 +61,12 @@ class AnchorGeneratorConfig:
 
 
 @_frozen
+class ProposalGeneratorConfig:
+    NAME: str = "RPN"
+    MIN_SIZE: float = 0.0
+
+
+@_frozen
 class RPNConfig:
     HEAD_NAME: str = "StandardRPNHead"
     IN_FEATURES: tuple[str, ...] = ("p2", "p3", "p4", "p5", "p6")
@@ -68,7 +74,6 @@ class RPNConfig:
     PRE_NMS_TOPK_TEST: int = 1000
     POST_NMS_TOPK_TEST: int = 1000
     NMS_THRESH: float = 0.7
-    MIN_SIZE: float = 0.0
     CONV_DIMS: tuple[int, ...] = (-1,)
 
 
@@ -123,6 +128,7 @@ class ModelConfig:
     RESNETS: ResNetsConfig = ResNetsConfig()
     FPN: FPNConfig = FPNConfig()
     ANCHOR_GENERATOR: AnchorGeneratorConfig = AnchorGeneratorConfig()
+    PROPOSAL_GENERATOR: ProposalGeneratorConfig = ProposalGeneratorConfig()
     RPN: RPNConfig = RPNConfig()
     ROI_HEADS: ROIHeadsConfig = ROIHeadsConfig()
     ROI_BOX_HEAD: ROIBoxHeadConfig = ROIBoxHeadConfig()

@@ -41,7 +41,7 @@ def export_predictor(
     Args:
       predictor: a :class:`detlayers.models.Predictor`.
       batch_size, padded_hw: the shape of ``images`` (``float32[batch, Hp, Wp, 3]``, Hp and Wp
-        multiples of 32), as :meth:`detlayers.models.mask_rcnn.Predictor.inputs` makes them.
+        multiples of 32), as :meth:`detlayers.models.predictor.Predictor.inputs` makes them.
       canvas_hw: the static mask canvas (the largest original image size), or None for no masks.
       with_weights: bake the variables into the artifact (call it as ``exp.call(images,
         image_hw, output_hw)``); False exports ``exp.call(variables, images, image_hw, output_hw)``.
@@ -49,7 +49,7 @@ def export_predictor(
       platforms: lowering platforms (default: the current backend), e.g. ``("cpu", "cuda")``.
 
     Returns the :class:`jax.export.Exported`; ``.serialize()`` gives the bytes to ship. The
-    outputs are :class:`detlayers.models.mask_rcnn.GeneralizedRCNN`'s dict (static shapes, ``num_instances``
+    outputs are :class:`detlayers.models.meta_arch.rcnn.GeneralizedRCNN`'s dict (static shapes, ``num_instances``
     valid slots first).
     """
     import importlib

@@ -123,7 +123,8 @@ def _entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
 
     mask_head = "roi_heads.mask_head"
     for k in range(1, _MASK_NUM_CONV + 1):
-        yield f"{mask_head}.mask_fcn{k}.weight", (_MASK_CONV_DIM, _FPN_OUT if k == 1 else _MASK_CONV_DIM, 3, 3), ("msra",)
+        in_channels = _FPN_OUT if k == 1 else _MASK_CONV_DIM
+        yield f"{mask_head}.mask_fcn{k}.weight", (_MASK_CONV_DIM, in_channels, 3, 3), ("msra",)
         yield f"{mask_head}.mask_fcn{k}.bias", (_MASK_CONV_DIM,), ("const", 0.0)
     # ConvTranspose2d weight layout: [in_channels, out_channels, kh, kw].
     yield f"{mask_head}.deconv.weight", (_MASK_CONV_DIM, _MASK_CONV_DIM, 2, 2), ("msra",)

@@ -7,7 +7,8 @@ order (decreasing objectness).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,12 +16,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from detlayers.models import box_ops
+from detlayers.models._boxes import clip_boxes, nonempty
+from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator
+from detlayers.models.box_regression import Box2BoxTransform
+from detlayers.models.registry import PROPOSAL_GENERATOR_REGISTRY, RPN_HEAD_REGISTRY, build_from_registry
 from detlayers.nms import batched_nms
+from detlayers.shape_spec import ShapeSpec
 from detlayers.wrappers import Conv2d
 
 Array = jax.Array
 
+__all__ = ["StandardRPNHead", "RPN", "find_top_rpn_proposals", "build_rpn_head"]
+
+
+@RPN_HEAD_REGISTRY.register()
 
 class StandardRPNHead(nn.Module):
     """``conv`` 3x3 + ReLU shared by all levels, then 1x1 ``objectness_logits`` (A channels) and
@@ -30,6 +39,21 @@ class StandardRPNHead(nn.Module):
     in_channels: int
     num_anchors: int
     box_dim: int = 4
+
+    @classmethod
+    def from_config(cls, cfg: Any, input_shape: Sequence[ShapeSpec]) -> StandardRPNHead:
+        """Input channels from ``input_shape`` (equal on every level), anchors per location from
+        the anchor generator (equal on every level); ``MODEL.RPN.CONV_DIMS`` must be ``[-1]``."""
+        if tuple(cfg.MODEL.RPN.CONV_DIMS) != (-1,):
+            raise ValueError("StandardRPNHead: MODEL.RPN.CONV_DIMS must be [-1] (one conv of the input width)")
+        channels = {s.channels for s in input_shape}
+        if len(channels) != 1:
+            raise ValueError(f"StandardRPNHead: every input level must have the same channels, got {channels}")
+        num_anchors = set(build_anchor_generator(cfg, input_shape).num_anchors)
+        if len(num_anchors) != 1:
+            raise ValueError("StandardRPNHead: every level must have the same number of anchors "
+                             "(MODEL.ANCHOR_GENERATOR.SIZES x ASPECT_RATIOS)")
+        return cls(in_channels=channels.pop(), num_anchors=num_anchors.pop())
 
     @nn.compact
     def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
@@ -51,7 +75,7 @@ def find_top_rpn_proposals(
     logits: Sequence[Array],
     image_hw: Array,
     *,
-    box_reg_weights: Sequence[float],
+    box2box_transform: Box2BoxTransform,
     nms_thresh: float,
     pre_nms_topk: int,
     post_nms_topk: int,
@@ -60,7 +84,7 @@ def find_top_rpn_proposals(
     """detectron2's ``find_top_rpn_proposals`` (inference), batched with static shapes.
 
     Args:
-      anchors: per level ``float32[Hi*Wi*A, 4]`` (:func:`detlayers.models.box_ops.grid_anchors`).
+      anchors: per level ``float32[Hi*Wi*A, 4]`` (:class:`detlayers.models.anchor_generator.DefaultAnchorGenerator`).
       deltas: per level ``[N, Hi*Wi*A, 4]``; logits: per level ``[N, Hi*Wi*A]``.
       image_hw: ``int32[N, 2]`` image sizes before padding (boxes are clipped to them).
 
@@ -76,7 +100,7 @@ def find_top_rpn_proposals(
         scores_i, index = lax.top_k(logits_i.astype(jnp.float32), k)
         picked_deltas = jnp.take_along_axis(deltas_i.astype(jnp.float32), index[..., None], axis=1)
         picked_anchors = jnp.take(jnp.asarray(anchors_i), index, axis=0)
-        top_boxes.append(box_ops.apply_deltas(picked_deltas, picked_anchors, box_reg_weights))
+        top_boxes.append(box2box_transform.apply_deltas(picked_deltas, picked_anchors))
         top_logits.append(scores_i)
         level_ids.append(np.full((k,), level, np.int32))
     boxes = jnp.concatenate(top_boxes, axis=1)
@@ -86,8 +110,8 @@ def find_top_rpn_proposals(
 
     def per_image(boxes_n: Array, scores_n: Array, hw: Array) -> tuple[Array, Array, Array]:
         finite = jnp.all(jnp.isfinite(boxes_n), axis=1) & jnp.isfinite(scores_n)
-        boxes_n = box_ops.clip_boxes(boxes_n, hw[0], hw[1])
-        keep = finite & box_ops.nonempty(boxes_n, min_box_size)
+        boxes_n = clip_boxes(boxes_n, hw[0], hw[1])
+        keep = finite & nonempty(boxes_n, min_box_size)
         # Dropped candidates become empty boxes ranked last: they can neither suppress nor
         # precede a kept one, so the kept prefix is detectron2's.
         masked_scores = jnp.where(keep, scores_n, -jnp.inf)
@@ -102,47 +126,58 @@ def find_top_rpn_proposals(
     return jax.vmap(per_image)(boxes, scores, image_hw)
 
 
+@PROPOSAL_GENERATOR_REGISTRY.register()
 class RPN(nn.Module):
-    """detectron2's ``RPN`` at inference: head (``rpn_head``), anchors, proposal selection.
+    """detectron2's ``RPN`` at inference: ``rpn_head``, anchors, proposal selection.
 
-    ``__call__(features: list of [N, Hi, Wi, C] (p2..p6), image_hw int32[N, 2])`` returns
+    Fields: ``in_features`` (the feature maps used, e.g. ``("p2", ..., "p6")``), ``rpn_head``
+    (a Flax module: features -> per-level logits and deltas), ``anchor_generator``,
+    ``box2box_transform``, and the test-time selection: ``pre_nms_topk`` (per level),
+    ``post_nms_topk`` (per image), ``nms_thresh``, ``min_box_size``.
+
+    ``__call__(features {name: [N, Hi, Wi, C]}, image_hw int32[N, 2])`` returns
     ``(boxes [N, P, 4], logits [N, P], valid [N, P])`` (see :func:`find_top_rpn_proposals`).
     """
 
-    in_channels: int
-    strides: Sequence[int]
-    anchor_sizes: Sequence[Sequence[float]]
-    aspect_ratios: Sequence[Sequence[float]]
-    anchor_offset: float = 0.0
-    box_reg_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
-    nms_thresh: float = 0.7
+    in_features: Sequence[str]
+    rpn_head: nn.Module
+    anchor_generator: DefaultAnchorGenerator
+    box2box_transform: Box2BoxTransform
     pre_nms_topk: int = 1000
     post_nms_topk: int = 1000
+    nms_thresh: float = 0.7
     min_box_size: float = 0.0
 
-    def _per_level(self, values: Sequence, name: str) -> list:
-        values = list(values)
-        if len(values) == 1:
-            values = values * len(self.strides)
-        if len(values) != len(self.strides):
-            raise ValueError(f"RPN: {name} needs 1 or {len(self.strides)} entries, got {len(values)}")
-        return values
+    @classmethod
+    def from_config(cls, cfg: Any, input_shape: Mapping[str, ShapeSpec]) -> RPN:
+        """``MODEL.RPN.*`` (test-time top-k and NMS), ``MODEL.PROPOSAL_GENERATOR.MIN_SIZE``, the head
+        ``MODEL.RPN.HEAD_NAME`` and the anchor generator, over ``MODEL.RPN.IN_FEATURES``."""
+        rpn = cfg.MODEL.RPN
+        in_features = tuple(rpn.IN_FEATURES)
+        missing = [name for name in in_features if name not in input_shape]
+        if missing:
+            raise ValueError(f"RPN: MODEL.RPN.IN_FEATURES {missing} are not backbone outputs {list(input_shape)}")
+        shapes = [input_shape[name] for name in in_features]
+        return cls(
+            in_features=in_features, rpn_head=build_rpn_head(cfg, shapes),
+            anchor_generator=build_anchor_generator(cfg, shapes),
+            box2box_transform=Box2BoxTransform(weights=tuple(rpn.BBOX_REG_WEIGHTS)),
+            pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST, nms_thresh=rpn.NMS_THRESH,
+            min_box_size=float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE),
+        )
 
     @nn.compact
-    def __call__(self, features: Sequence[Array], image_hw: Array) -> tuple[Array, Array, Array]:
-        sizes = self._per_level(self.anchor_sizes, "ANCHOR_GENERATOR.SIZES")
-        ratios = self._per_level(self.aspect_ratios, "ANCHOR_GENERATOR.ASPECT_RATIOS")
-        num_anchors = {len(s) * len(r) for s, r in zip(sizes, ratios)}
-        if len(num_anchors) != 1:
-            raise ValueError("RPN: every level must have the same number of anchors (StandardRPNHead)")
-        head = StandardRPNHead(self.in_channels, num_anchors.pop(), name="rpn_head")
-        logits, deltas = head(features)
-        anchors = [
-            box_ops.grid_anchors((int(f.shape[1]), int(f.shape[2])), stride, s, r, self.anchor_offset)
-            for f, stride, s, r in zip(features, self.strides, sizes, ratios)
-        ]
+    def __call__(self, features: Mapping[str, Array], image_hw: Array) -> tuple[Array, Array, Array]:
+        maps = [features[name] for name in self.in_features]
+        logits, deltas = self.rpn_head(maps)
+        anchors = self.anchor_generator([(int(f.shape[1]), int(f.shape[2])) for f in maps])
         return find_top_rpn_proposals(
             anchors, deltas, logits, image_hw,
-            box_reg_weights=self.box_reg_weights, nms_thresh=self.nms_thresh,
+            box2box_transform=self.box2box_transform, nms_thresh=self.nms_thresh,
             pre_nms_topk=self.pre_nms_topk, post_nms_topk=self.post_nms_topk, min_box_size=self.min_box_size,
         )
+
+
+def build_rpn_head(cfg: Any, input_shape: Sequence[ShapeSpec]) -> nn.Module:
+    """The RPN head ``MODEL.RPN.HEAD_NAME`` names (detectron2's ``build_rpn_head``)."""
+    return build_from_registry(RPN_HEAD_REGISTRY, cfg.MODEL.RPN.HEAD_NAME, cfg, input_shape)

@@ -8,13 +8,18 @@ state dict one to one: ``stem.conv1`` (+ ``.norm``), ``res2_0.conv1`` <-> ``res2
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax import lax
 
+from detlayers.models.registry import BACKBONE_REGISTRY
+from detlayers.shape_spec import ShapeSpec
 from detlayers.wrappers import Conv2d
+
+__all__ = ["BasicStem", "BottleneckBlock", "BasicBlock", "ResNet", "build_resnet_backbone"]
 
 Array = jax.Array
 
@@ -99,12 +104,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """detectron2's ``build_resnet_backbone``: ``stem`` then stages ``res2`` ... ``res5``.
+    """detectron2's ResNet (``build_resnet_backbone``): ``stem`` then stages ``res2`` ... ``res5``.
 
-    ``__call__(x [N, H, W, 3]) -> {"res2": [N, H/4, W/4, C2], ..., "res5": ...}`` (the stages in
-    ``out_features``). ``freeze_at`` stops gradients as detectron2's ``freeze()`` does: 1 freezes
-    the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}`` (``lax.stop_gradient`` on their
-    outputs; their parameters then get zero gradients).
+    ``__call__(x [N, H, W, in_channels]) -> {"res2": [N, H/4, W/4, C2], ..., "res5": ...}`` (the
+    stages in ``out_features``; :meth:`output_shape` gives their channels and strides). Depth 18/34
+    builds ``BasicBlock`` stages, 50/101/152 ``BottleneckBlock`` stages of ``num_groups x
+    width_per_group`` bottleneck channels. ``freeze_at`` stops gradients as detectron2's
+    ``freeze()`` does: 1 freezes the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}``
+    (``lax.stop_gradient`` on their outputs; their parameters then get zero gradients).
     """
 
     depth: int = 50
@@ -117,6 +124,41 @@ class ResNet(nn.Module):
     res5_dilation: int = 1
     freeze_at: int = 0
     out_features: Sequence[str] = ("res2", "res3", "res4", "res5")
+    in_channels: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: Any, input_shape: ShapeSpec | None = None) -> ResNet:
+        """``MODEL.RESNETS.*`` and ``MODEL.BACKBONE.FREEZE_AT``; ``input_shape.channels`` (default
+        ``len(MODEL.PIXEL_MEAN)``) is the input's channel count."""
+        resnets = cfg.MODEL.RESNETS
+        if any(resnets.DEFORM_ON_PER_STAGE):
+            raise ValueError("ResNet: MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported (all False)")
+        if resnets.DEPTH not in _BLOCKS_PER_STAGE:
+            raise ValueError(f"ResNet: MODEL.RESNETS.DEPTH must be one of {sorted(_BLOCKS_PER_STAGE)}, "
+                             f"got {resnets.DEPTH}")
+        if resnets.RES5_DILATION not in (1, 2):
+            raise ValueError(f"ResNet: MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {resnets.RES5_DILATION}")
+        in_channels = len(cfg.MODEL.PIXEL_MEAN) if input_shape is None else input_shape.channels
+        return cls(
+            depth=resnets.DEPTH, norm=resnets.NORM, num_groups=resnets.NUM_GROUPS,
+            width_per_group=resnets.WIDTH_PER_GROUP, stem_out_channels=resnets.STEM_OUT_CHANNELS,
+            res2_out_channels=resnets.RES2_OUT_CHANNELS, stride_in_1x1=resnets.STRIDE_IN_1X1,
+            res5_dilation=resnets.RES5_DILATION, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+            out_features=tuple(resnets.OUT_FEATURES), in_channels=in_channels,
+        )
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """``{name: ShapeSpec(channels, stride)}`` of the outputs (detectron2's ``output_shape()``)."""
+        shapes = {"stem": ShapeSpec(channels=self.stem_out_channels, stride=4)}
+        stride = 4
+        for stage in range(2, 6):
+            if not (stage == 5 and self.res5_dilation == 2) and stage > 2:
+                stride *= 2
+            shapes[f"res{stage}"] = ShapeSpec(channels=self.res2_out_channels * 2 ** (stage - 2), stride=stride)
+        unknown = [name for name in self.out_features if name not in shapes]
+        if unknown:
+            raise ValueError(f"ResNet: out_features {unknown} are not among {list(shapes)}")
+        return {name: shapes[name] for name in self.out_features}
 
     @nn.compact
     def __call__(self, x: Array) -> dict[str, Array]:
@@ -124,10 +166,10 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {self.depth}")
         if self.res5_dilation not in (1, 2):
             raise ValueError(f"ResNet: res5_dilation must be 1 or 2, got {self.res5_dilation}")
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"ResNet: input must be NHWC [N, H, W, 3], got shape {x.shape}")
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"ResNet: input must be NHWC [N, H, W, {self.in_channels}], got shape {x.shape}")
         outputs = {}
-        x = BasicStem(3, self.stem_out_channels, self.norm, name="stem")(x)
+        x = BasicStem(self.in_channels, self.stem_out_channels, self.norm, name="stem")(x)
         if self.freeze_at >= 1:
             x = lax.stop_gradient(x)
         if "stem" in self.out_features:
@@ -160,3 +202,9 @@ class ResNet(nn.Module):
             out_channels *= 2
             bottleneck *= 2
         return outputs
+
+
+@BACKBONE_REGISTRY.register()
+def build_resnet_backbone(cfg: Any, input_shape: ShapeSpec | None = None) -> ResNet:
+    """detectron2's ``build_resnet_backbone``: :meth:`ResNet.from_config`."""
+    return ResNet.from_config(cfg, input_shape)
