@@ -11,7 +11,10 @@ from __future__ import annotations
 from detlayers._lazy import exports_by_name, lazy_exports
 
 _EXPORTS = exports_by_name({
-    "config": ("Config", "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config"),
+    "config": (
+        "CfgNode", "Config", "get_cfg", "add_deeplab_config", "mask_rcnn_R_50_FPN_3x_config",
+        "mask_rcnn_R_101_FPN_3x_config",
+    ),
     "mask_rcnn": (
         "GeneralizedRCNN", "build_model", "Predictor", "load_detectron2_weights", "preprocess_image", "batch_images",
         "resize_shortest_edge_shape",

@@ -84,7 +84,8 @@ class GeneralizedRCNN(nn.Module):
                 raise ValueError(f"GeneralizedRCNN: {key} {value!r} is not supported (only {allowed!r})")
         if tuple(cfg.RPN.CONV_DIMS) != (-1,):
             raise ValueError("GeneralizedRCNN: MODEL.RPN.CONV_DIMS must be [-1] (one conv of the input width)")
-        for key, pooler in (("ROI_BOX_HEAD", cfg.ROI_BOX_HEAD.POOLER_TYPE), ("ROI_MASK_HEAD", cfg.ROI_MASK_HEAD.POOLER_TYPE)):
+        for key in ("ROI_BOX_HEAD", "ROI_MASK_HEAD"):
+            pooler = cfg[key].POOLER_TYPE
             if pooler not in ("ROIAlignV2", "ROIAlign"):
                 raise ValueError(f"GeneralizedRCNN: MODEL.{key}.POOLER_TYPE {pooler!r} is not supported")
         resnet = dict(
@@ -106,7 +107,7 @@ class GeneralizedRCNN(nn.Module):
             anchor_sizes=cfg.ANCHOR_GENERATOR.SIZES, aspect_ratios=cfg.ANCHOR_GENERATOR.ASPECT_RATIOS,
             anchor_offset=cfg.ANCHOR_GENERATOR.OFFSET, box_reg_weights=cfg.RPN.BBOX_REG_WEIGHTS,
             nms_thresh=cfg.RPN.NMS_THRESH, pre_nms_topk=cfg.RPN.PRE_NMS_TOPK_TEST,
-            post_nms_topk=cfg.RPN.POST_NMS_TOPK_TEST, min_box_size=cfg.RPN.MIN_SIZE,
+            post_nms_topk=cfg.RPN.POST_NMS_TOPK_TEST, min_box_size=cfg.PROPOSAL_GENERATOR.MIN_SIZE,
         )
         self.roi_heads = StandardROIHeads(self.cfg)
 
@@ -180,8 +181,11 @@ def postprocess(
 def build_model(cfg: Config) -> GeneralizedRCNN:
     """The unbound Flax module for ``cfg`` (detectron2's ``build_model``, inference only)."""
     if not isinstance(cfg, Config):
-        raise TypeError(f"build_model: cfg must be a detlayers.models.Config, got {type(cfg).__name__}")
-    return GeneralizedRCNN(cfg)
+        raise TypeError(f"build_model: cfg must be a detlayers.models.CfgNode, got {type(cfg).__name__}")
+    # The module keeps a frozen copy: hashable (jit caches key on it) and safe from later edits of cfg.
+    frozen = cfg.clone()
+    frozen.freeze()
+    return GeneralizedRCNN(frozen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,8 +301,8 @@ class Predictor:
     """
 
     def __init__(self, cfg: Config, weights: Any) -> None:
-        self.cfg = cfg
         self.model = build_model(cfg)
+        self.cfg = self.model.cfg  # frozen copy: later edits of the caller's cfg do not reach the predictor
         if isinstance(weights, Mapping) and "params" in weights and isinstance(weights["params"], Mapping):
             self.variables = dict(weights)
         else:
