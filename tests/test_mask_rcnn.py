@@ -9,7 +9,6 @@ which the tests regenerate; neither torch nor detectron2 is needed here.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import pickle
 import subprocess
@@ -41,115 +40,24 @@ BOX_ATOL = 1e-2
 # config
 
 
-def _yaml_values() -> dict:
-    """COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml over Base-RCNN-FPN.yaml and
-    detectron2's defaults.py, for the inference keys the config covers (written out by hand)."""
-    return {
-        "MODEL.META_ARCHITECTURE": "GeneralizedRCNN",
-        "MODEL.MASK_ON": True,
-        "MODEL.PIXEL_MEAN": (103.530, 116.280, 123.675),
-        "MODEL.PIXEL_STD": (1.0, 1.0, 1.0),
-        "MODEL.BACKBONE.NAME": "build_resnet_fpn_backbone",
-        "MODEL.BACKBONE.FREEZE_AT": 2,
-        "MODEL.RESNETS.DEPTH": 50,
-        "MODEL.RESNETS.OUT_FEATURES": ("res2", "res3", "res4", "res5"),
-        "MODEL.RESNETS.NUM_GROUPS": 1,
-        "MODEL.RESNETS.NORM": "FrozenBN",
-        "MODEL.RESNETS.WIDTH_PER_GROUP": 64,
-        "MODEL.RESNETS.STRIDE_IN_1X1": True,
-        "MODEL.RESNETS.RES5_DILATION": 1,
-        "MODEL.RESNETS.RES2_OUT_CHANNELS": 256,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
-        "MODEL.FPN.IN_FEATURES": ("res2", "res3", "res4", "res5"),
-        "MODEL.FPN.OUT_CHANNELS": 256,
-        "MODEL.FPN.NORM": "",
-        "MODEL.FPN.FUSE_TYPE": "sum",
-        "MODEL.ANCHOR_GENERATOR.SIZES": ((32,), (64,), (128,), (256,), (512,)),
-        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": ((0.5, 1.0, 2.0),),
-        "MODEL.ANCHOR_GENERATOR.OFFSET": 0.0,
-        "MODEL.PROPOSAL_GENERATOR.NAME": "RPN",
-        "MODEL.PROPOSAL_GENERATOR.MIN_SIZE": 0,
-        "MODEL.RPN.IN_FEATURES": ("p2", "p3", "p4", "p5", "p6"),
-        "MODEL.RPN.PRE_NMS_TOPK_TEST": 1000,
-        "MODEL.RPN.POST_NMS_TOPK_TEST": 1000,
-        "MODEL.RPN.NMS_THRESH": 0.7,
-        "MODEL.RPN.BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0, 1.0),
-        "MODEL.ROI_HEADS.NAME": "StandardROIHeads",
-        "MODEL.ROI_HEADS.NUM_CLASSES": 80,
-        "MODEL.ROI_HEADS.IN_FEATURES": ("p2", "p3", "p4", "p5"),
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.05,
-        "MODEL.ROI_HEADS.NMS_THRESH_TEST": 0.5,
-        "MODEL.ROI_BOX_HEAD.NAME": "FastRCNNConvFCHead",
-        "MODEL.ROI_BOX_HEAD.NUM_FC": 2,
-        "MODEL.ROI_BOX_HEAD.FC_DIM": 1024,
-        "MODEL.ROI_BOX_HEAD.NUM_CONV": 0,
-        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": 7,
-        "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": 0,
-        "MODEL.ROI_BOX_HEAD.POOLER_TYPE": "ROIAlignV2",
-        "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS": (10.0, 10.0, 5.0, 5.0),
-        "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": False,
-        "MODEL.ROI_MASK_HEAD.NAME": "MaskRCNNConvUpsampleHead",
-        "MODEL.ROI_MASK_HEAD.NUM_CONV": 4,
-        "MODEL.ROI_MASK_HEAD.CONV_DIM": 256,
-        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION": 14,
-        "MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO": 0,
-        "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "ROIAlignV2",
-        "MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK": False,
-        "INPUT.MIN_SIZE_TEST": 800,
-        "INPUT.MAX_SIZE_TEST": 1333,
-        "INPUT.FORMAT": "BGR",
-        "TEST.DETECTIONS_PER_IMAGE": 100,
-    }
-
-
-def test_config_equals_the_yaml():
-    from detlayers.models import mask_rcnn_R_50_FPN_3x_config
-
-    flat = mask_rcnn_R_50_FPN_3x_config().to_dict()
-    mismatched = {k: (flat.get(k), v) for k, v in _yaml_values().items() if flat.get(k) != v}
-    assert not mismatched
-
-
-def test_config_against_detectron2_when_installed():
-    detectron2_config = pytest.importorskip("detectron2.config")
-    import detectron2
-
-    configs = pathlib.Path(detectron2.__file__).parents[1] / "configs"
-    yaml = configs / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_3x.yaml"
-    if not yaml.is_file():
-        pytest.skip("detectron2's configs/ folder is not next to the package")
-    from detlayers.models import mask_rcnn_R_50_FPN_3x_config
-
-    d2 = detectron2_config.get_cfg()
-    d2.merge_from_file(str(yaml))
-    for key, value in mask_rcnn_R_50_FPN_3x_config().to_dict().items():
-        node = d2
-        for part in key.split("."):
-            node = node[part]
-        expected = node
-        if isinstance(value, tuple):
-            expected = tuple(tuple(x) if isinstance(x, list) else x for x in node)
-        assert value == expected, key
-
-
-def test_merge_from_list_returns_a_new_config():
-    from detlayers.models import mask_rcnn_R_50_FPN_3x_config
+def test_model_and_predictor_do_not_follow_later_edits_of_the_config():
+    """Modules take plain fields copied out of the config, and Predictor keeps a frozen clone: the
+    caller's config stays mutable and its later edits reach neither."""
+    from detlayers.models import build_model, mask_rcnn_R_50_FPN_3x_config
+    from detlayers.models.predictor import Predictor
 
     cfg = mask_rcnn_R_50_FPN_3x_config()
-    new = cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 256, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.5",
-                               "MODEL.ANCHOR_GENERATOR.SIZES", [[16], [32], [64], [128], [256]]])
-    assert cfg.INPUT.MIN_SIZE_TEST == 800 and new.INPUT.MIN_SIZE_TEST == 256
-    assert new.MODEL.ROI_HEADS.SCORE_THRESH_TEST == 0.5
-    assert new.MODEL.ANCHOR_GENERATOR.SIZES == ((16,), (32,), (64,), (128,), (256,))
-    assert hash(new) != hash(cfg)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.INPUT.MIN_SIZE_TEST = 1  # type: ignore[misc]
-    with pytest.raises(KeyError, match="ROI_HEAD"):
-        cfg.merge_from_list(["MODEL.ROI_HEAD.SCORE_THRESH_TEST", 0.1])
-    with pytest.raises(ValueError, match="MIN_SIZE_TEST needs an int"):
-        cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 2.5])
-    with pytest.raises(ValueError, match="odd-length"):
-        cfg.merge_from_list(["INPUT.MIN_SIZE_TEST"])
+    model = build_model(cfg)
+    assert model.roi_heads.box_predictor.num_classes == 80
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    assert model.roi_heads.box_predictor.num_classes == 80
+    assert hash(model) == hash(build_model(mask_rcnn_R_50_FPN_3x_config()))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 80
+    predictor = Predictor.__new__(Predictor)
+    Predictor.__init__(predictor, cfg, {"params": {}, "batch_stats": {}})
+    assert predictor.cfg == cfg and predictor.cfg is not cfg and predictor.cfg.is_frozen() and not cfg.is_frozen()
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    assert predictor.cfg.INPUT.MIN_SIZE_TEST == 800
 
 
 def test_resize_shortest_edge_shape_is_detectron2s():
@@ -242,9 +150,8 @@ def _predictor(variables, min_size: int, max_size: int = 1333):
 
     key = (min_size, max_size)
     if key not in _PREDICTORS:
-        cfg = mask_rcnn_R_50_FPN_3x_config().merge_from_list(
-            ["INPUT.MIN_SIZE_TEST", min_size, "INPUT.MAX_SIZE_TEST", max_size]
-        )
+        cfg = mask_rcnn_R_50_FPN_3x_config()
+        cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", min_size, "INPUT.MAX_SIZE_TEST", max_size])
         _PREDICTORS[key] = Predictor(cfg, variables)
     return _PREDICTORS[key]
 

@@ -21,12 +21,14 @@ REPO = pathlib.Path(__file__).parents[1]
 def tiny_config():
     from detlayers.models import mask_rcnn_R_50_FPN_3x_config
 
-    return mask_rcnn_R_50_FPN_3x_config().merge_from_list([
+    cfg = mask_rcnn_R_50_FPN_3x_config()
+    cfg.merge_from_list([
         "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
         "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
         "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.RPN.PRE_NMS_TOPK_TEST", 300, "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
         "TEST.DETECTIONS_PER_IMAGE", 20, "INPUT.MIN_SIZE_TEST", 0,
     ])
+    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,15 @@ REGISTRIES = [
 ]
 
 
+def _merged(cfg, pairs):
+    """A copy of ``cfg`` with ``pairs`` merged in (``merge_from_list`` changes a config in place)."""
+    copy = cfg.clone()
+    copy.merge_from_list(pairs)
+    return copy
+
+
 def _cfg(*pairs):
-    return mask_rcnn_R_50_FPN_3x_config().merge_from_list(list(pairs))
+    return _merged(mask_rcnn_R_50_FPN_3x_config(), list(pairs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def test_fpn_backbones_from_config():
     assert fpn.size_divisibility == 32
     assert fpn.output_shape() == {f"p{k}": ShapeSpec(channels=128, stride=2**k) for k in (3, 4, 5, 6)}
 
-    retina = build_backbone(cfg.merge_from_list(["MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"]))
+    retina = build_backbone(_merged(cfg, ["MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"]))
     assert isinstance(retina.top_block, LastLevelP6P7)
     assert (retina.top_block.in_channels, retina.top_block.out_channels, retina.top_block.in_feature) == (
         512, 128, "res5")
@@ -186,7 +193,7 @@ def test_rpn_and_anchor_generator_from_config():
     assert anchors.aspect_ratios == ((1.0, 2.0), (1.0, 2.0))  # one entry broadcast to every level
     assert (anchors.strides, anchors.offset, anchors.num_anchors) == ((8, 16), 0.5, [4, 4])
     with pytest.raises(ValueError, match="same number of anchors"):
-        build_proposal_generator(cfg.merge_from_list(["MODEL.ANCHOR_GENERATOR.SIZES", [[16], [48, 64]]]), shapes)
+        build_proposal_generator(_merged(cfg, ["MODEL.ANCHOR_GENERATOR.SIZES", [[16], [48, 64]]]), shapes)
 
 
 def test_roi_heads_from_config():
@@ -233,13 +240,13 @@ def test_roi_heads_from_config():
     assert (mask_head.input_shape, mask_head.num_classes, tuple(mask_head.conv_dims), mask_head.conv_norm) == (
         ShapeSpec(channels=96, height=9, width=9), 1, (48, 48, 48, 48), "BN")
 
-    no_fc = FastRCNNConvFCHead.from_config(cfg.merge_from_list(["MODEL.ROI_BOX_HEAD.NUM_FC", 0]),
+    no_fc = FastRCNNConvFCHead.from_config(_merged(cfg, ["MODEL.ROI_BOX_HEAD.NUM_FC", 0]),
                                            ShapeSpec(channels=96, height=5, width=5))
     assert no_fc.output_shape() == ShapeSpec(channels=64, height=5, width=5)
     class_specific = MaskRCNNConvUpsampleHead.from_config(
-        cfg.merge_from_list(["MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", False]), ShapeSpec(channels=96))
+        _merged(cfg, ["MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK", False]), ShapeSpec(channels=96))
     assert class_specific.num_classes == 7
-    faster = build_roi_heads(cfg.merge_from_list(["MODEL.MASK_ON", False]), shapes)
+    faster = build_roi_heads(_merged(cfg, ["MODEL.MASK_ON", False]), shapes)
     assert faster.mask_head is None and faster.mask_pooler is None and tuple(faster.mask_in_features) == ()
 
 

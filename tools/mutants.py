@@ -73,6 +73,7 @@ ROT_IOU = ("tests/test_rotated_iou.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 LAYOUT = ("tests/test_models_layout.py",)
+CONFIG = ("tests/test_config.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -272,6 +273,42 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("models-roi-pooler-scales-of-every-level", "detlayers/models/roi_heads/roi_heads.py",
            "1.0 / input_shape[name].stride for name in in_features",
            "1.0 / input_shape[name].stride for name in input_shape", LAYOUT, "roi_heads_from_config"),
+    # ---- detectron2 configs -----------------------------------------------------------------------
+    Mutant("config-no-literal-eval", "detlayers/models/config/node.py",
+           "            value = ast.literal_eval(value)", "            return value", CONFIG),
+    Mutant("config-no-list-to-tuple", "detlayers/models/config/node.py",
+           "    if new_type is list and old_type is tuple:\n        return tuple(replacement)",
+           "    if new_type is list and old_type is tuple:\n        return replacement", CONFIG),
+    Mutant("config-int-widens-to-float", "detlayers/models/config/node.py",
+           "    if new_type is old_type or (",
+           "    if new_type is old_type or new_type is int and old_type is float or (", CONFIG),
+    Mutant("config-unknown-key-skipped", "detlayers/models/config/node.py",
+           '        elif not target.is_new_allowed():\n            raise KeyError(',
+
+           "        elif not target.is_new_allowed():\n            continue\n            raise KeyError(", CONFIG),
+    Mutant("config-merge-list-on-copy-only", "detlayers/models/config/node.py",
+           "        _merge_pairs(pairs, self)\n", "\n", CONFIG),
+    Mutant("config-base-replaces-nested-dicts", "detlayers/models/config/node.py",
+           "        if isinstance(value, dict) and key in target:", "        if False:", CONFIG),
+    Mutant("config-base-relative-to-cwd", "detlayers/models/config/node.py",
+           "            base = os.path.join(os.path.dirname(filename), base)", "            pass", CONFIG),
+    Mutant("config-bases-reversed", "detlayers/models/config/node.py",
+           "    for base in bases:", "    for base in reversed(bases):", CONFIG),
+    Mutant("config-freeze-not-recursive", "detlayers/models/config/node.py",
+           "                value._set_frozen(frozen)", "                pass", CONFIG),
+    Mutant("config-default-rpn-pre-nms", "detlayers/models/config/defaults.py",
+           '"PRE_NMS_TOPK_TEST": 6000,', '"PRE_NMS_TOPK_TEST": 1000,', CONFIG),
+    Mutant("config-default-tuple-as-list", "detlayers/models/config/defaults.py",
+           '"MIN_SIZE_TRAIN": (800,),', '"MIN_SIZE_TRAIN": [800],', CONFIG),
+    Mutant("config-deeplab-stem", "detlayers/models/config/deeplab.py",
+           '("MODEL.RESNETS.STEM_TYPE", "deeplab"),', '("MODEL.RESNETS.STEM_TYPE", "basic"),', CONFIG),
+    Mutant("config-zoo-post-nms-train", "detlayers/models/config/zoo.py",
+           '"POST_NMS_TOPK_TRAIN": 1000,', '"POST_NMS_TOPK_TRAIN": 2000,', CONFIG),
+    Mutant("config-eval-div-floors", "detlayers/models/config/yaml_loader.py",
+           "ast.Div: _numbers(operator.truediv),", "ast.Div: _numbers(operator.floordiv),", CONFIG),
+    Mutant("config-eval-names-leak", "detlayers/models/config/yaml_loader.py",
+           '    "int": int, "float": float,', '    "int": int, "float": float, "open": open, "__import__": __import__,',
+           CONFIG),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

@@ -85,9 +85,8 @@ def _weights() -> tuple[dict[str, np.ndarray], bool]:
 def _our_predictor(weights: dict[str, np.ndarray]) -> Any:
     from detlayers.models import Predictor, mask_rcnn_R_50_FPN_3x_config
 
-    cfg = mask_rcnn_R_50_FPN_3x_config().merge_from_list(
-        ["INPUT.MIN_SIZE_TEST", MIN_SIZE, "INPUT.MAX_SIZE_TEST", MAX_SIZE]
-    )
+    cfg = mask_rcnn_R_50_FPN_3x_config()
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", MIN_SIZE, "INPUT.MAX_SIZE_TEST", MAX_SIZE])
     return Predictor(cfg, weights)
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 from detlayers._lazy import exports_by_name, lazy_exports
 
 _EXPORTS = exports_by_name({
-    "config": ("Config", "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config"),
+    "config": (
+        "CfgNode", "Config", "get_cfg", "add_deeplab_config", "mask_rcnn_R_50_FPN_3x_config",
+        "mask_rcnn_R_101_FPN_3x_config",
+    ),
     "meta_arch.rcnn": ("GeneralizedRCNN",),
     "meta_arch.build": ("build_model",),
     "checkpoint": ("load_detectron2_weights",),

@@ -98,8 +98,11 @@ class Predictor:
     """
 
     def __init__(self, cfg: Any, weights: Any) -> None:
-        self.cfg = cfg
-        self.model = build_model(cfg)
+        # A frozen copy: later edits of the caller's cfg do not reach the predictor.
+        self.cfg = cfg.clone() if hasattr(cfg, "clone") else cfg
+        if hasattr(self.cfg, "freeze"):
+            self.cfg.freeze()
+        self.model = build_model(self.cfg)
         if isinstance(weights, Mapping) and "params" in weights and isinstance(weights["params"], Mapping):
             self.variables = dict(weights)
         else:

@@ -1,0 +1,70 @@
+"""detectron2 model-zoo configs as functions (no YAML file needed): the config that
+``get_cfg().merge_from_file("configs/COCO-InstanceSegmentation/mask_rcnn_R_*_FPN_3x.yaml")`` gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from detlayers.models.config.defaults import get_cfg
+from detlayers.models.config.node import CfgNode
+
+__all__ = ["mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config"]
+
+
+def _base_rcnn_fpn() -> dict[str, Any]:
+    """``configs/Base-RCNN-FPN.yaml``: ResNet-FPN on res2-res5, RPN on P2-P6 (1000 proposals a
+    level before NMS and 1000 after at test time), 2-FC box head on 7x7 ROIAlignV2, 4-conv mask
+    head on 14x14, COCO 2017, 16 images a batch."""
+    return {
+        "MODEL": {
+            "META_ARCHITECTURE": "GeneralizedRCNN",
+            "BACKBONE": {"NAME": "build_resnet_fpn_backbone"},
+            "RESNETS": {"OUT_FEATURES": ["res2", "res3", "res4", "res5"]},
+            "FPN": {"IN_FEATURES": ["res2", "res3", "res4", "res5"]},
+            "ANCHOR_GENERATOR": {"SIZES": [[32], [64], [128], [256], [512]], "ASPECT_RATIOS": [[0.5, 1.0, 2.0]]},
+            "RPN": {
+                "IN_FEATURES": ["p2", "p3", "p4", "p5", "p6"],
+                "PRE_NMS_TOPK_TRAIN": 2000,
+                "PRE_NMS_TOPK_TEST": 1000,
+                "POST_NMS_TOPK_TRAIN": 1000,
+                "POST_NMS_TOPK_TEST": 1000,
+            },
+            "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"]},
+            "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7},
+            "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14},
+        },
+        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": (60000, 80000), "MAX_ITER": 90000},
+        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
+        "VERSION": 2,
+    }
+
+
+def _mask_rcnn_fpn_3x(depth: int) -> CfgNode:
+    cfg = get_cfg()
+    cfg.merge_from_other_cfg(CfgNode(_base_rcnn_fpn()))
+    cfg.merge_from_other_cfg(CfgNode({
+        "MODEL": {
+            "WEIGHTS": f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl",
+            "MASK_ON": True,
+            "RESNETS": {"DEPTH": depth},
+        },
+        # The 3x schedule: 270k iterations, steps at 210k and 250k.
+        "SOLVER": {"STEPS": (210000, 250000), "MAX_ITER": 270000},
+    }))
+    return cfg
+
+
+def mask_rcnn_R_50_FPN_3x_config() -> CfgNode:
+    """``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml`` over ``Base-RCNN-FPN.yaml`` on
+    ``get_cfg()``: every key, training ones included; a new mutable config each call.
+
+    At inference: FrozenBN ResNet-50 with ``STRIDE_IN_1X1``, MSRA pixel mean in BGR with std 1,
+    test size 800/1333, score threshold 0.05, NMS 0.5, 100 detections per image.
+    """
+    return _mask_rcnn_fpn_3x(50)
+
+
+def mask_rcnn_R_101_FPN_3x_config() -> CfgNode:
+    """``COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml`` (as the R-50 one, ``DEPTH: 101``)."""
+    return _mask_rcnn_fpn_3x(101)
