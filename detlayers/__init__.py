@@ -22,6 +22,10 @@ _NAMES_BY_MODULE: dict[str, tuple[str, ...]] = {
     # box and suppression ops
     "nms": ("NMSResult", "nms", "batched_nms", "nms_rotated", "batched_nms_rotated"),
     "rotated_boxes": ("pairwise_iou_rotated",),
+    "boxes": (
+        "box_area", "box_iou", "pairwise_intersection", "pairwise_iou", "pairwise_ioa", "clip_boxes", "nonempty",
+        "Box2BoxTransform", "Box2BoxTransformRotated", "rotated_box_area", "clip_rotated_boxes", "nonempty_rotated",
+    ),
     # ROI pooling
     "roi_align": ("roi_align", "ROIAlign"),
     "roi_align_rotated": ("roi_align_rotated", "ROIAlignRotated"),
@@ -87,6 +91,20 @@ if TYPE_CHECKING:  # static tools see the real definitions
         get_norm,
     )
     from detlayers.blocks import CNNBlockBase, DepthwiseSeparableConv2d
+    from detlayers.boxes import (
+        Box2BoxTransform,
+        Box2BoxTransformRotated,
+        box_area,
+        box_iou,
+        clip_boxes,
+        clip_rotated_boxes,
+        nonempty,
+        nonempty_rotated,
+        pairwise_intersection,
+        pairwise_ioa,
+        pairwise_iou,
+        rotated_box_area,
+    )
     from detlayers.deform_conv import DeformConv, ModulatedDeformConv, deform_conv, modulated_deform_conv
     from detlayers.freeze import (
         convert_frozen_batchnorm,

@@ -62,6 +62,17 @@ CASES: dict[str, tuple[Callable, np.ndarray, tuple]] = {
                         ROTATED_ROIS, (FEATURES,)),
     "paste_masks_in_image": (lambda b, m: L.paste_masks_in_image(m, b, (24, 32)), MASK_BOXES,
                              (MASKS,)),
+    "pairwise_iou": (lambda b, other: L.pairwise_iou(b, other), AXIS, (AXIS[::-1].copy(),)),
+    "clip_boxes": (lambda b, hw: L.clip_boxes(b, hw[0], hw[1]), AXIS, (np.float32([20, 25]),)),
+    "Box2BoxTransform.get_deltas": (lambda b, t: L.Box2BoxTransform((10, 10, 5, 5)).get_deltas(b, t),
+                                    AXIS, (AXIS[::-1].copy(),)),
+    "Box2BoxTransform.apply_deltas": (lambda b, d: L.Box2BoxTransform((10, 10, 5, 5)).apply_deltas(d, b),
+                                      AXIS, (RNG.standard_normal((12, 8)).astype(np.float32),)),
+    "Box2BoxTransformRotated.get_deltas": (
+        lambda b, t: L.Box2BoxTransformRotated((10, 10, 5, 5, 1)).get_deltas(b, t), ROTATED,
+        (ROTATED[::-1].copy(),)),
+    "clip_rotated_boxes": (lambda b, hw: L.clip_rotated_boxes(b, hw[0], hw[1]), ROTATED,
+                           (np.float32([20, 25]),)),
     "diou_loss": (lambda b, t: L.diou_loss(b, t), PRED, (TARGET,)),
     "ciou_loss": (lambda b, t: L.ciou_loss(b, t), PRED, (TARGET,)),
 }

@@ -74,6 +74,7 @@ CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 LAYOUT = ("tests/test_models_layout.py",)
 CONFIG = ("tests/test_config.py",)
+BOXES = ("tests/test_boxes.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -268,8 +269,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "resnet_from_config"),
     Mutant("models-rpn-pre-nms-topk-from-post", "detlayers/models/proposal_generator/rpn.py",
            "pre_nms_topk=rpn.PRE_NMS_TOPK_TEST", "pre_nms_topk=rpn.POST_NMS_TOPK_TEST", LAYOUT, "rpn_and_anchor"),
-    Mutant("models-get-deltas-dw-over-height", "detlayers/models/box_regression.py",
-           "ww * jnp.log(tgt_w / src_w)", "ww * jnp.log(tgt_w / src_h)", LAYOUT, "get_deltas"),
+    Mutant("models-get-deltas-dw-over-height", "detlayers/boxes.py",
+           "dw = ww * jnp.log(target_widths / src_widths)", "dw = ww * jnp.log(target_widths / src_heights)",
+           LAYOUT, "get_deltas"),
     Mutant("models-roi-pooler-scales-of-every-level", "detlayers/models/roi_heads/roi_heads.py",
            "1.0 / input_shape[name].stride for name in in_features",
            "1.0 / input_shape[name].stride for name in input_shape", LAYOUT, "roi_heads_from_config"),
@@ -309,6 +311,34 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("config-eval-names-leak", "detlayers/models/config/yaml_loader.py",
            '    "int": int, "float": float,', '    "int": int, "float": float, "open": open, "__import__": __import__,',
            CONFIG),
+    # ---- box arithmetic ------------------------------------------------------------------------------
+    Mutant("boxes-scale-clamp-dropped", "detlayers/boxes.py",
+           "        dw = _clamp_scale(_over(d[..., 2], ww), self.scale_clamp)\n"
+           "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",
+           "        dw = _over(d[..., 2], ww)\n"
+           "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",
+           BOXES, "clamps"),
+    Mutant("boxes-size-weights-swapped", "detlayers/boxes.py",
+           "        wx, wy, ww, wh = self.weights\n        d = deltas",
+           "        wx, wy, wh, ww = self.weights\n        d = deltas", BOXES, "apply_deltas_matches_float64"),
+    Mutant("boxes-nonempty-ge", "detlayers/boxes.py",
+           "return (widths > threshold) & (heights > threshold)",
+           "return (widths >= threshold) & (heights >= threshold)", BOXES, "nonempty"),
+    Mutant("boxes-division-by-reciprocal", "detlayers/boxes.py",
+           "return x / jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), jnp.asarray(divisor, x.dtype))",
+           "return x / divisor", BOXES, "bit_for_bit"),
+    Mutant("boxes-get-deltas-divides-first", "detlayers/boxes.py",
+           "dx = wx * (target_ctr_x - src_ctr_x) / src_widths",
+           "dx = wx * ((target_ctr_x - src_ctr_x) / src_widths)", BOXES, "get_deltas_matches"),
+    Mutant("boxes-rotated-angle-not-wrapped", "detlayers/boxes.py",
+           "pred_angle = _wrap_degrees(_over(da * 180.0, math.pi) + angles)",
+           "pred_angle = _over(da * 180.0, math.pi) + angles", BOXES, "rotated_apply"),
+    Mutant("boxes-iou-no-empty-guard", "detlayers/boxes.py",
+           "return jnp.where(overlaps, intersection / union, 0.0)",
+           "return intersection / _union(b1, b2, intersection)", BOXES, "empty_boxes"),
+    Mutant("boxes-clip-loses-negative-zero", "detlayers/boxes.py",
+           "x = jnp.where(x < low, jnp.asarray(low, x.dtype), x)",
+           "x = jnp.where(x <= low, jnp.asarray(low, x.dtype), x)", BOXES, "clip"),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

@@ -23,18 +23,21 @@ Pieces (every detection layer comes from detlayers):
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import detlayers as L
 from detlayers.demo.data import NUM_CLASSES
 
-BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-SCALE_CLAMP = math.log(1000.0 / 16)  # detectron2's clamp on dw, dh before exp
+# detectron2's ROI box head encoding (weights 10, 10, 5, 5; dw, dh clamped at log(1000 / 16))
+BOX_TRANSFORM = L.Box2BoxTransform(weights=(10.0, 10.0, 5.0, 5.0))
+# stands in for padded and background ROIs when encoding: their targets are masked out of the
+# loss, but get_deltas divides by the source width and padded ROIs are all-zero boxes
+_UNIT_BOX = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,48 +63,8 @@ class DetectorConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# box arithmetic (plain jnp)
+# box helpers (the box arithmetic itself is detlayers.boxes)
 # ---------------------------------------------------------------------------------------------
-def pairwise_iou(a: jax.Array, b: jax.Array) -> jax.Array:
-    """IoU of ``a`` [..., N, 4] against ``b`` [..., M, 4] -> [..., N, M]."""
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = jnp.clip(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / jnp.maximum(area_a[..., :, None] + area_b[..., None, :] - inter, 1e-6)
-
-
-def encode_deltas(src: jax.Array, dst: jax.Array) -> jax.Array:
-    """detectron2 ``Box2BoxTransform.get_deltas``: ``dst`` relative to ``src`` ([..., 4] each)."""
-    wx, wy, ww, wh = BOX_WEIGHTS
-    sw, sh = src[..., 2] - src[..., 0], src[..., 3] - src[..., 1]
-    sx, sy = src[..., 0] + 0.5 * sw, src[..., 1] + 0.5 * sh
-    dw, dh = dst[..., 2] - dst[..., 0], dst[..., 3] - dst[..., 1]
-    dx, dy = dst[..., 0] + 0.5 * dw, dst[..., 1] + 0.5 * dh
-    sw, sh = jnp.maximum(sw, 1e-3), jnp.maximum(sh, 1e-3)
-    return jnp.stack([wx * (dx - sx) / sw, wy * (dy - sy) / sh,
-                      ww * jnp.log(jnp.maximum(dw, 1e-3) / sw),
-                      wh * jnp.log(jnp.maximum(dh, 1e-3) / sh)], axis=-1)
-
-
-def decode_deltas(src: jax.Array, deltas: jax.Array) -> jax.Array:
-    """detectron2 ``Box2BoxTransform.apply_deltas`` (inverse of :func:`encode_deltas`)."""
-    wx, wy, ww, wh = BOX_WEIGHTS
-    sw, sh = src[..., 2] - src[..., 0], src[..., 3] - src[..., 1]
-    sx, sy = src[..., 0] + 0.5 * sw, src[..., 1] + 0.5 * sh
-    cx = deltas[..., 0] / wx * sw + sx
-    cy = deltas[..., 1] / wy * sh + sy
-    w = jnp.exp(jnp.minimum(deltas[..., 2] / ww, SCALE_CLAMP)) * sw
-    h = jnp.exp(jnp.minimum(deltas[..., 3] / wh, SCALE_CLAMP)) * sh
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
-
-
-def clip_boxes(boxes: jax.Array, size: int) -> jax.Array:
-    return jnp.clip(boxes, 0.0, float(size))
-
-
 def rois_with_batch_index(boxes: jax.Array) -> jax.Array:
     """[B, R, 4] boxes -> [B*R, 5] ROI rows ``(b, x1, y1, x2, y2)`` for ROIAlign."""
     b, r = boxes.shape[:2]
@@ -252,7 +215,7 @@ class ShapesDetector(nn.Module):
         centres = self._cell_centres()
         d = jnp.exp(jnp.clip(log_distances, -4.0, 5.0)) * self.config.stride
         boxes = jnp.concatenate([centres - d[..., :2], centres + d[..., 2:]], axis=-1)
-        return clip_boxes(boxes, self.config.image_size)
+        return L.clip_boxes(boxes, self.config.image_size, self.config.image_size)
 
     def _proposals(self, objectness: jax.Array, log_distances: jax.Array):
         """Top-k cells, then ``batched_nms`` grouped by image -> [B, P, 4] boxes, [B, P] valid."""
@@ -319,11 +282,11 @@ class ShapesDetector(nn.Module):
         # second-stage ROIs: proposals + ground truth + jittered ground truth
         wh = jnp.concatenate([gt_boxes[..., 2:] - gt_boxes[..., :2]] * 2, axis=-1)
         noise = jax.random.uniform(rng, (b, cfg.gt_jitters, g, 4), minval=-0.15, maxval=0.15)
-        jittered = clip_boxes(gt_boxes[:, None] + noise * wh[:, None], cfg.image_size)
+        jittered = L.clip_boxes(gt_boxes[:, None] + noise * wh[:, None], cfg.image_size, cfg.image_size)
         rois = jnp.concatenate([proposals, gt_boxes, jittered.reshape(b, -1, 4)], axis=1)
         roi_valid = jnp.concatenate([proposal_valid, gt_valid,
                                      jnp.tile(gt_valid, (1, cfg.gt_jitters))], axis=1)
-        iou = jnp.where(gt_valid[:, None, :], pairwise_iou(rois, gt_boxes), -1.0)   # [B, R, G]
+        iou = jnp.where(gt_valid[:, None, :], L.pairwise_iou(rois, gt_boxes), -1.0)  # [B, R, G]
         match = jnp.argmax(iou, axis=-1)
         foreground = (jnp.max(iou, axis=-1) >= cfg.fg_iou) & roi_valid
         labels = jnp.where(foreground, jnp.take_along_axis(gt_classes, match, axis=1) + 1, 0)
@@ -334,7 +297,9 @@ class ShapesDetector(nn.Module):
         logits, deltas = logits.reshape(b, r, -1), deltas.reshape(b, r, 4)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         loss_cls = (ce * roi_valid).sum() / jnp.maximum(roi_valid.sum(), 1.0)
-        delta_targets = encode_deltas(rois, matched_boxes)
+        encoded = foreground[..., None]
+        delta_targets = BOX_TRANSFORM.get_deltas(jnp.where(encoded, rois, _UNIT_BOX),
+                                                 jnp.where(encoded, matched_boxes, _UNIT_BOX))
         loss_box = ((jnp.abs(deltas - delta_targets).sum(-1) * foreground).sum()
                     / jnp.maximum(roi_valid.sum(), 1.0))
         return loss_cls, loss_box, jittered
@@ -370,7 +335,8 @@ class ShapesDetector(nn.Module):
         p = proposals.shape[1]
         logits, deltas = self.box_head(self.box_pooler(features, rois_with_batch_index(proposals)))
         probs = jax.nn.softmax(logits.reshape(b, p, -1), axis=-1)[..., 1:]          # [B, P, K]
-        boxes = clip_boxes(decode_deltas(proposals, deltas.reshape(b, p, 4)), cfg.image_size)
+        boxes = L.clip_boxes(BOX_TRANSFORM.apply_deltas(deltas.reshape(b, p, 4), proposals),
+                             cfg.image_size, cfg.image_size)
 
         # every (proposal, class) pair is a candidate; NMS within (image, class) groups
         k = NUM_CLASSES

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from detlayers.models._boxes import box_area
+from detlayers.boxes import box_area
 from detlayers.roi_align import roi_align
 
 Array = jax.Array

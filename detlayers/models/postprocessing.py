@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from detlayers.boxes import clip_boxes, nonempty
 from detlayers.mask_ops import paste_masks_in_image
-from detlayers.models._boxes import clip_boxes, nonempty
 
 Array = jax.Array
 

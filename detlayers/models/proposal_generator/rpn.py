@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from detlayers.models._boxes import clip_boxes, nonempty
+from detlayers.boxes import clip_boxes, nonempty
 from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator
 from detlayers.models.box_regression import Box2BoxTransform
 from detlayers.models.registry import PROPOSAL_GENERATOR_REGISTRY, RPN_HEAD_REGISTRY, build_from_registry

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detlayers.models._boxes import clip_boxes
+from detlayers.boxes import clip_boxes
 from detlayers.models.box_regression import Box2BoxTransform
 from detlayers.nms import batched_nms
 from detlayers.shape_spec import ShapeSpec
