@@ -58,7 +58,8 @@ def run_config(args: argparse.Namespace, num_devices: int) -> dict[str, Any]:
 def open_checkpointer(args: argparse.Namespace) -> TrainCheckpointer | None:
     """The run's checkpointer (None without ``--checkpoint-dir``); checks the flags fit together.
 
-    It holds the directory's lock until closed (:meth:`TrainCheckpointer.close`, which
+    It holds the directory's lock until closed
+    (:meth:`detlayers.demo.train_checkpoints.TrainCheckpointer.close`, which
     :func:`finish` calls): a second run on the same directory is refused naming the first.
     A fresh run (no ``--resume``) refuses a directory that already holds checkpoints, so two
     runs never mix their steps in one rotation.
