@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -262,24 +263,70 @@ def freeze_module(module: nn.Module, variables: Mapping) -> tuple[nn.Module, dic
 # --------------------------------------------------------------------------------------------
 # optimiser masks
 # --------------------------------------------------------------------------------------------
-def _mask_from_prefixes(params: Any, frozen_prefixes: Iterable[tuple[str, ...]]) -> Any:
+def _path_names(path: tuple) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def _mask_from_prefixes(params: Any, frozen_prefixes: Iterable[tuple[str, ...]],
+                        matches: Callable[[str, str], bool]) -> Any:
+    """False where the parameter path starts with a prefix (``matches(prefix_part, name)``
+    comparing whole components), True elsewhere."""
     prefixes = [tuple(p) for p in frozen_prefixes]
 
     def trainable(path, _leaf) -> bool:
-        names = tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
-        return not any(names[: len(p)] == p for p in prefixes)
+        names = _path_names(path)
+        return not any(len(names) >= len(p) and all(map(matches, p, names)) for p in prefixes)
 
     return jax.tree_util.tree_map_with_path(trainable, _to_dict(params))
+
+
+def _same_name(part: str, name: str) -> bool:
+    return part == name
+
+
+def _name_or_list_element(part: str, name: str) -> bool:
+    """``name`` is ``part`` or an element of the list ``part`` (Flax names those ``part_0``,
+    ``part_1``, ``part_4_1``: detectron2's ``part.0``, ``part.1``, ``part.4.1``)."""
+    return name == part or (name.startswith(part + "_") and _LIST_SUFFIX.fullmatch(name[len(part):]) is not None)
+
+
+_LIST_SUFFIX = re.compile(r"(?:_\d+)+")
+
+
+def _check_every_prefix_matches(params: Mapping, prefixes: Sequence[tuple[str, ...]]) -> None:
+    """A prefix that matches nothing would silently leave everything trainable: refuse it."""
+    for prefix in prefixes:
+        level: list[Mapping] = [params]
+        for depth, part in enumerate(prefix):
+            found = [node[name] for node in level for name in node
+                     if _name_or_list_element(part, name)]
+            if not found:
+                names = sorted({name for node in level for name in node})
+                where = "/".join(prefix[:depth]) or "the top level"
+                raise ValueError(
+                    f"prefix_trainable_mask: frozen prefix {'/'.join(prefix)!r} matches no parameter: "
+                    f"{where} has no {part!r} (names there: {', '.join(names) or 'none'})")
+            level = [node for node in found if isinstance(node, Mapping)]
+            if depth < len(prefix) - 1 and not level:
+                raise ValueError(f"prefix_trainable_mask: frozen prefix {'/'.join(prefix)!r} goes below a "
+                                 f"parameter ({'/'.join(prefix[:depth + 1])} is an array)")
 
 
 def prefix_trainable_mask(params: Any, frozen_prefixes: Sequence[str | Sequence[str]]) -> Any:
     """Bool tree over ``params``: False under any of ``frozen_prefixes``, True elsewhere.
 
     A prefix is a ``"/"``-separated Flax path (``"backbone/stem"``) or a tuple of names; this is
-    detectron2's ``freeze_at`` expressed on variable paths.
+    detectron2's ``freeze_at`` expressed on variable paths. Each component matches a whole name:
+    ``"res2"`` matches ``res2`` and the elements of a list ``res2`` (Flax names them ``res2_0``,
+    ``res2_1``, ...; detectron2's ``res2.0``, ``res2.1``), never ``res20`` or ``res2a``. So
+    ``["backbone/stem", "backbone/res2"]`` freezes the stem and every block of stage ``res2``, as
+    detectron2's ``FREEZE_AT = 2`` does. A prefix that matches no parameter raises ``ValueError``
+    naming it and the names that are there (it would silently freeze nothing).
     """
     prefixes = [tuple(p.split("/")) if isinstance(p, str) else tuple(p) for p in frozen_prefixes]
-    return _mask_from_prefixes(params, prefixes)
+    tree = _to_dict(params)
+    _check_every_prefix_matches(tree, prefixes)
+    return _mask_from_prefixes(tree, prefixes, _name_or_list_element)
 
 
 def trainable_mask(module: nn.Module, params: Any, *example_args: Any, **example_kwargs: Any) -> Any:
@@ -290,7 +337,7 @@ def trainable_mask(module: nn.Module, params: Any, *example_args: Any, **example
     abstractly (no computation).
     """
     paths = _module_paths_of(module, lambda m: getattr(m, "frozen", False) is True, example_args, example_kwargs)
-    return _mask_from_prefixes(params, paths)
+    return _mask_from_prefixes(params, paths, _same_name)  # exact module scope paths
 
 
 def masked_optimizer(tx: optax.GradientTransformation, trainable: Any) -> optax.GradientTransformation:

@@ -115,15 +115,72 @@ class _WeightsUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(f"persistent id {pid!r}")
 
 
+# Bounds on what a .pkl may describe. The pickle memo lets one object be referenced many times,
+# so a few KB can describe a list holding the same 1000-element list 1000 times, nested again:
+# billions of elements once anything walks or converts it (np.asarray of it allocates them all).
+# Every element of a structure without such sharing costs at least one byte of the file, so a
+# budget of max(file size, 2**20) elements never refuses an honest file; model-zoo files are a
+# dict of a few hundred arrays, nested 2-3 deep.
+MAX_PICKLE_DEPTH = 100
+MIN_PICKLE_ELEMENT_BUDGET = 1 << 20
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _children(container: Any) -> list[Any]:
+    if isinstance(container, dict):
+        return [item for pair in container.items() for item in pair]
+    return list(container)
+
+
+def _check_pickle_expansion(data: Any, path: str, file_size: int) -> None:
+    """Refuses a structure that nests deeper than :data:`MAX_PICKLE_DEPTH`, refers to itself,
+    or expands (shared references counted each time) beyond ``max(file_size, 2**20)`` elements.
+
+    The walk is iterative and visits each container once (a shared one's size is remembered),
+    so it is cheap whatever the structure expands to.
+    """
+    budget = max(file_size, MIN_PICKLE_ELEMENT_BUDGET)
+    sizes: dict[int, int] = {}  # id(container) -> elements it expands to, itself included
+    on_path: set[int] = set()  # containers entered and not finished: the current nesting
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        obj, finished = stack.pop()
+        if not isinstance(obj, _CONTAINERS):
+            continue
+        key = id(obj)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(child), 1) for child in _children(obj))
+            if sizes[key] > budget:
+                raise ValueError(
+                    f"load_torch_state_dict: {path!r} describes more than {budget} nested elements in "
+                    f"{file_size} bytes (one object referenced many times, e.g. a list of the same list, "
+                    "which expands when read); refused: a weights file is a dict of arrays")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ValueError(f"load_torch_state_dict: {path!r} holds a {type(obj).__name__} that contains "
+                             "itself; refused: a weights file is a dict of arrays")
+        on_path.add(key)
+        if len(on_path) > MAX_PICKLE_DEPTH:
+            raise ValueError(f"load_torch_state_dict: {path!r} nests containers more than {MAX_PICKLE_DEPTH} "
+                             "deep; refused: a weights file is a dict of arrays")
+        stack.append((obj, True))
+        stack.extend((child, False) for child in _children(obj)
+                     if isinstance(child, _CONTAINERS) and id(child) not in sizes)
+
+
 def _read_pickle(path: str) -> Any:
-    """A detectron2 model-zoo ``.pkl`` read without running code from it."""
+    """A detectron2 model-zoo ``.pkl`` read without running code from it, and without letting
+    a small file describe an enormous structure (:func:`_check_pickle_expansion`)."""
     expected = "a pickled dict of NumPy arrays (detectron2 model-zoo .pkl)"
     with open(path, "rb") as f:
         raw = f.read()
     if not raw:
         raise ValueError(f"load_torch_state_dict: {path!r} is empty; expected {expected}")
     try:
-        return _WeightsUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        data = _WeightsUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except _RefusedGlobal as err:
         raise ValueError(
             f"load_torch_state_dict: {path!r} refers to {err}, which a weights file does not need; "
@@ -134,6 +191,8 @@ def _read_pickle(path: str) -> Any:
             f"load_torch_state_dict: {path!r} is not {expected} (it may be truncated or "
             f"corrupt): {type(err).__name__}: {err}"
         ) from err
+    _check_pickle_expansion(data, path, len(raw))
+    return data
 
 
 def _read_torch(path: str) -> Any:
@@ -158,9 +217,20 @@ def _unwrap(data: Any, source: str) -> Mapping:
     if not isinstance(data, Mapping):
         raise TypeError(f"load_torch_state_dict: {source} holds a {type(data).__name__}, not a dict of weights")
     for wrapper in ("model", "state_dict"):
-        if wrapper in data and isinstance(data[wrapper], Mapping):
-            return data[wrapper]
+        if wrapper not in data:
+            continue
+        inner = data[wrapper]
+        if isinstance(inner, Mapping):
+            return inner
+        if not _is_array(inner):  # an array is a weight that happens to be named so
+            raise TypeError(
+                f"load_torch_state_dict: {source}[{wrapper!r}] is a {type(inner).__name__}; expected a dict "
+                f"{{parameter name: array}} there (detectron2 checkpoints keep the weights under {wrapper!r})")
     return data
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, jax.Array)) or type(value).__module__.startswith("torch")
 
 
 def read_state_dict(source: Any) -> dict[str, np.ndarray]:
@@ -173,13 +243,17 @@ def read_state_dict(source: Any) -> dict[str, np.ndarray]:
       with a restricted unpickler that builds only dicts, lists, tuples, strings, numbers and
       NumPy arrays/dtypes/scalars (and ``OrderedDict``): a file naming any other global (for
       example ``os.system`` through ``__reduce__``) is refused with a ``ValueError`` naming the
-      file and the global, before anything is called.
+      file and the global, before anything is called. A file whose containers nest more than
+      100 deep, contain themselves, or expand through shared references beyond
+      ``max(file size, 2**20)`` elements (a few-KB "pickle bomb") is refused the same way.
     * ``.pth``/``.pt``: ``torch.load(..., weights_only=True)`` (needs torch), unwrapped the same
       way (detectron2 training checkpoints keep the model under ``"model"``).
 
     An empty, truncated or unreadable file raises ``ValueError`` naming the path and the format
-    expected. Every weight must be a real numeric array (bool, integer or floating); object,
-    string or complex entries raise ``TypeError`` (never coerced to NaN or their real part).
+    expected; a ``"model"``/``"state_dict"`` entry that is not a dict (a list, say) raises
+    ``TypeError`` naming the file and what was expected there. Every weight must be a real
+    numeric array (bool, integer or floating); object, string or complex entries raise
+    ``TypeError`` (never coerced to NaN or their real part).
     torch ``bfloat16`` tensors are widened to float32.
 
     ``num_batches_tracked`` entries are dropped, and a ``module.`` prefix shared by every key

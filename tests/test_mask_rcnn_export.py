@@ -123,7 +123,11 @@ def test_xla_nms_export_needs_only_jax(tiny, tmp_path):
     assert "detlayers_" not in exported.mlir_module()
     got = _run_fresh(
         tmp_path, exported.serialize(), inputs,
-        "exported = jax.export.deserialize(bytearray(open('model.bin', 'rb').read()))\n"
+        # the documented jax-only reading: check the header's SHA-256, deserialize the payload
+        "import hashlib\n"
+        "data = open('model.bin', 'rb').read()\n"
+        "assert data[:16] == b'detlayers-export' and hashlib.sha256(data[60:]).digest() == data[28:60]\n"
+        "exported = jax.export.deserialize(bytearray(data[60:]))\n"
         "assert not any(m.startswith('detlayers') for m in sys.modules)",
     )
     _assert_identical(got, jax.device_get(exported.call(*inputs[:3])))

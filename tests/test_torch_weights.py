@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import re
+import struct
+import time
 
 import chex
 import flax.linen as nn
@@ -50,9 +52,11 @@ class BottleneckBlock(L.CNNBlockBase):
 class TinyNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = jax.nn.relu(L.Conv2d(3, 8, 3, stride=2, padding=1, bias=False, norm="FrozenBN", name="stem")(x, train=train))
+        stem = L.Conv2d(3, 8, 3, stride=2, padding=1, bias=False, norm="FrozenBN", name="stem")
+        x = jax.nn.relu(stem(x, train=train))
         x = BottleneckBlock(8, 16, 1, bottleneck_channels=4, norm="BN", name="res2_0")(x, train=train)
-        x = BottleneckBlock(16, 16, 1, bottleneck_channels=4, num_groups=2, norm="FrozenBN", name="res2_1")(x, train=train)
+        x = BottleneckBlock(16, 16, 1, bottleneck_channels=4, num_groups=2, norm="FrozenBN",
+                            name="res2_1")(x, train=train)
         x = L.ASPP(16, 8, [1, 2, 3], norm="BN", activation=jax.nn.relu, name="aspp")(x, train=train)
         deconv = L.ConvTranspose2d(8, 4, kernel_size=2, stride=2, groups=2, name="deconv")(x)
         logits = L.Linear(8, 3, name="cls")(x.mean(axis=(1, 2)))
@@ -242,7 +246,8 @@ def test_damaged_pkl_names_the_path_and_the_expected_format(tmp_path, pkl_path, 
                "random": np.random.default_rng(0).bytes(4096)}[damage]
     path = tmp_path / f"{damage}.pkl"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=rf"{damage}\.pkl.*pickled dict of NumPy arrays \(detectron2 model-zoo \.pkl\)"):
+    with pytest.raises(ValueError,
+                       match=rf"{damage}\.pkl.*pickled dict of NumPy arrays \(detectron2 model-zoo \.pkl\)"):
         L.load_torch_state_dict(TinyNet(), path, np.zeros((1, 16, 16, 3), np.float32))
 
 
@@ -350,3 +355,76 @@ def test_frozen_bn_version_1_checkpoint_fills_mean_0_and_var_1_like_detectron2(p
     del sd["res2.0.conv1.norm.running_mean"]
     with pytest.raises(ValueError, match=r"missing keys:\n  res2\.0\.conv1\.norm\.running_mean"):
         L.load_torch_state_dict(TinyNet(), sd, fx["x"])
+
+
+# ---------------------------------------------------------------- pickles that describe too much
+def _write_pickle(tmp_path, name: str, payload: bytes):
+    path = tmp_path / name
+    path.write_bytes(payload)
+    return path
+
+
+def test_pkl_whose_model_entry_is_not_a_dict_names_the_file_and_what_was_expected(tmp_path):
+    path = _write_pickle(tmp_path, "listed.pkl", pickle.dumps({"model": [np.zeros(3, np.float32)]}, protocol=2))
+    with pytest.raises(TypeError, match=r"listed\.pkl\['model'\] is a list; expected a dict \{parameter name: array\}"):
+        read_state_dict(path)
+    with pytest.raises(TypeError, match=r"state_dict\['state_dict'\] is a str; expected a dict"):
+        read_state_dict({"state_dict": "weights.pth"})
+    # a weight that happens to be called "model" is still a weight
+    np.testing.assert_array_equal(read_state_dict({"model": np.ones(2)})["model"], np.ones(2))
+
+
+def test_few_kb_pickle_of_shared_nested_lists_is_refused_before_it_expands(tmp_path):
+    row = [0] * 1000
+    block = [row] * 1000  # the same list 1000 times: pickle stores it once, then 1000 memo references
+    payload = pickle.dumps({"model": {"w": [block] * 10}}, protocol=2)
+    assert len(payload) < 5000  # ten million elements once expanded (np.asarray of it: 80 MB)
+    path = _write_pickle(tmp_path, "bomb.pkl", payload)
+    with pytest.raises(ValueError, match=rf"bomb\.pkl' describes more than 1048576 nested elements in {len(payload)} "
+                                         r"bytes \(one object referenced many times"):
+        read_state_dict(path)
+
+
+def test_expansion_check_is_cheap_whatever_the_structure_expands_to():
+    from detlayers.torch_weights import _check_pickle_expansion
+
+    level = [0] * 1000
+    for _ in range(5):  # 10**15 elements, described by a few thousand objects
+        level = [level] * 1000
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="describes more than"):
+        _check_pickle_expansion({"model": {"w": level}}, "bomb.pkl", 4096)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_shared_references_within_the_budget_load(tmp_path):
+    # just under 2**20 elements: 1000 references to one 1000-element row, plus the containers
+    payload = pickle.dumps({"model": {"w": [[1] * 1000] * 1000}}, protocol=2)
+    weights = read_state_dict(_write_pickle(tmp_path, "shared.pkl", payload))
+    np.testing.assert_array_equal(weights["w"], np.ones((1000, 1000)))
+
+
+def _nested_lists_pickle(depth: int) -> bytes:
+    """``{"model": {"w": [[[...]]]}}`` with ``depth`` lists, written opcode by opcode (the pickler
+    itself would recurse that deep): EMPTY_LIST ``depth`` times, then APPEND each into the one below."""
+    def text(s: str) -> bytes:
+        return b"X" + struct.pack("<I", len(s)) + s.encode()  # BINUNICODE
+
+    nested = b"]" * depth + b"a" * (depth - 1)
+    return b"\x80\x02}" + text("model") + b"}" + text("w") + nested + b"ss."
+
+
+def test_deeply_nested_pickle_is_refused(tmp_path):
+    ok = pickle.loads(_nested_lists_pickle(3))
+    assert ok == {"model": {"w": [[[]]]}}  # the crafted opcodes mean what they say
+    path = _write_pickle(tmp_path, "deep.pkl", _nested_lists_pickle(100_000))
+    with pytest.raises(ValueError, match=r"deep\.pkl' nests containers more than 100 deep"):
+        read_state_dict(path)
+
+
+def test_pickle_that_contains_itself_is_refused(tmp_path):
+    loop = []
+    loop.append(loop)
+    path = _write_pickle(tmp_path, "loop.pkl", pickle.dumps({"model": {"w": loop}}, protocol=2))
+    with pytest.raises(ValueError, match=r"loop\.pkl' holds a list that contains itself"):
+        read_state_dict(path)

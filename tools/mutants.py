@@ -75,6 +75,11 @@ ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 LAYOUT = ("tests/test_models_layout.py",)
 CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
+FREEZE = ("tests/test_freeze.py",)
+CKPT = ("tests/test_train_checkpoints.py",)
+WEIGHTS = ("tests/test_torch_weights.py",)
+ARTIFACT = ("tests/test_export_artifact.py",)
+FLAGS = ("tests/test_demo_flags.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -252,9 +257,76 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("weights-unpickler-admits-any-global", "detlayers/torch_weights.py",
            '        raise _RefusedGlobal(f"{module}.{name}")\n',
            "        return super().find_class(module, name)\n", ("tests/test_torch_weights.py",)),
+    Mutant("weights-pickle-expansion-unchecked", "detlayers/torch_weights.py",
+           "    _check_pickle_expansion(data, path, len(raw))\n", "", WEIGHTS, "pickle or nested or itself"),
+    Mutant("weights-pickle-shared-counted-once", "detlayers/torch_weights.py",
+           "sizes[key] = 1 + sum(sizes.get(id(child), 1) for child in _children(obj))",
+           "sizes[key] = 1 + len(_children(obj))", WEIGHTS, "pickle or budget"),
+    Mutant("weights-model-list-taken-as-weights", "detlayers/torch_weights.py",
+           "        if not _is_array(inner):", "        if False:", WEIGHTS, "model_entry"),
     Mutant("ckpt-digests-not-checked", "detlayers/demo/train_checkpoints.py",
-           "        _check_digests(restored.state, meta.pop(DIGESTS_KEY, None), path)\n",
-           "        meta.pop(DIGESTS_KEY, None)\n", ("tests/test_train_checkpoints.py",)),
+           "        _check_digests(restored.state, meta.pop(DIGESTS_KEY), path)\n",
+           "        meta.pop(DIGESTS_KEY, None)\n", CKPT, "flipped or damaged"),
+    Mutant("ckpt-meta-digest-not-checked", "detlayers/demo/train_checkpoints.py",
+           "    if _meta_digest(meta) != recorded:", "    if False:", CKPT, "meta_field or damaged"),
+    Mutant("ckpt-fit-checked-after-orbax-casts", "detlayers/demo/train_checkpoints.py",
+           "        _check_fits(self._stored_arrays(step, path), abstract, path)\n", "", CKPT, "incompatible"),
+    Mutant("ckpt-damaged-newest-not-skipped", "detlayers/demo/train_checkpoints.py",
+           "            except DamagedCheckpointError as err:\n                damaged.append((candidate, err))\n"
+           "                continue\n",
+           "            except DamagedCheckpointError:\n                raise\n", CKPT, "falls_back"),
+    Mutant("ckpt-damaged-step-left-in-rotation", "detlayers/demo/train_checkpoints.py",
+           "                os.rename(self.step_path(step), target)\n", "", CKPT, "falls_back"),
+    Mutant("ckpt-orbax-leftovers-printed", "detlayers/demo/train_checkpoints.py",
+           "        _filter_orbax_leftovers()\n", "", CKPT, "leftovers"),
+    Mutant("ckpt-directory-not-locked", "detlayers/demo/checkpoint_lock.py",
+           "                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n", "                pass\n", CKPT,
+           "second_run or another_process or cli_refuses"),
+    Mutant("ckpt-stale-lock-taken-over-silently", "detlayers/demo/checkpoint_lock.py",
+           "            if previous:\n", "            if False:\n", CKPT, "another_process"),
+    # ---- export artifacts -------------------------------------------------------------------------
+    Mutant("export-digest-not-checked", "detlayers/models/export.py",
+           "    if hashlib.sha256(payload).digest() != digest:", "    if False:", ARTIFACT),
+    Mutant("export-truncation-seen-as-modification", "detlayers/models/export.py",
+           "    if len(payload) < length:", "    if len(payload) < 0:", ARTIFACT),
+    Mutant("export-raw-jax-bytes-not-recognised", "detlayers/models/export.py",
+           "        if _is_raw_jax_export(data):", "        if False:", ARTIFACT),
+    # ---- demo flags --------------------------------------------------------------------------------
+    Mutant("demo-steps-accept-any-int", "detlayers/demo/__main__.py",
+           'parser.add_argument("--steps", type=positive_int,', 'parser.add_argument("--steps", type=int,', FLAGS),
+    Mutant("demo-image-size-minimum-8", "detlayers/demo/arg_types.py",
+           "MIN_IMAGE_SIZE = 48\n", "MIN_IMAGE_SIZE = 8\n", FLAGS),
+    # ---- freeze ------------------------------------------------------------------------------------
+    Mutant("freeze-only-fields-named-norm", "detlayers/freeze.py",
+           'if isinstance(value, str) and "norm" in field_name.lower() and value in BATCH_NORM_NAMES:',
+           'if isinstance(value, str) and field_name == "norm" and value in BATCH_NORM_NAMES:', FREEZE, "any_name"),
+    Mutant("freeze-any-norm-name-becomes-frozen", "detlayers/freeze.py",
+           'if isinstance(value, str) and "norm" in field_name.lower() and value in BATCH_NORM_NAMES:',
+           'if isinstance(value, str) and "norm" in field_name.lower() and value:', FREEZE, "any_name"),
+    Mutant("freeze-module-fields-need-norm-in-name", "detlayers/freeze.py",
+           "    if isinstance(value, nn.Module):\n",
+           '    if isinstance(value, nn.Module) and "norm" in field_name.lower():\n', FREEZE, "any_name or removed_up"),
+    Mutant("freeze-tuple-field-becomes-list", "detlayers/freeze.py",
+           'return type(value)(converted) if not hasattr(value, "_fields") else type(value)(*converted)',
+           "return list(converted)", FREEZE, "any_name"),
+    Mutant("freeze-frozen-bn-converted-again", "detlayers/freeze.py",
+           'if leaves == {"mean", "var"}:', 'if {"mean", "var"} <= leaves:', FREEZE, "any_name"),
+    Mutant("freeze-emptied-parents-kept", "detlayers/freeze.py",
+           "for depth in range(len(path), 0, -1):", "for depth in range(len(path), 1, -1):", FREEZE, "removed_up"),
+    Mutant("freeze-prefix-string-startswith", "detlayers/freeze.py",
+           'return name == part or (name.startswith(part + "_")',
+           'return name.startswith(part) or (name.startswith(part + "_")', FREEZE, "prefix"),
+    Mutant("freeze-prefix-no-list-elements", "detlayers/freeze.py",
+           '_LIST_SUFFIX = re.compile(r"(?:_\\d+)+")', '_LIST_SUFFIX = re.compile(r"(?!)")', FREEZE,
+           "prefix or freeze_at"),
+    Mutant("freeze-prefix-unanchored", "detlayers/freeze.py",
+           "return not any(len(names) >= len(p) and all(map(matches, p, names)) for p in prefixes)",
+           "return not any(any(all(map(matches, p, names[i:])) for i in range(len(names))) for p in prefixes)",
+           FREEZE, "prefix"),
+    Mutant("freeze-unmatched-prefix-silent", "detlayers/freeze.py",
+           "    _check_every_prefix_matches(tree, prefixes)\n", "", FREEZE, "prefix"),
+    Mutant("freeze-frozen-class-not-idempotent", "detlayers/freeze.py",
+           '    if getattr(cls, "_detlayers_frozen_class", False):\n        return cls\n', "", FREEZE, "idempotent"),
     # ---- Mask R-CNN (slow: minutes) -----------------------------------------------------------------
     Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads/box_head.py",
            "x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)", "x = x.reshape(x.shape[0], -1)",

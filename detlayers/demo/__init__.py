@@ -10,5 +10,8 @@ of CPU devices):
 - :mod:`detlayers.demo.train` - the data-parallel ``shard_map`` train step and loop;
 - :mod:`detlayers.demo.evaluate` - box and mask AP with pycocotools;
 - :mod:`detlayers.demo.visualize` - the predictions PNG;
-- :mod:`detlayers.demo.run` - all of it, as run by ``__main__``.
+- :mod:`detlayers.demo.run` - all of it, as run by ``__main__``;
+- :mod:`detlayers.demo.run_records`, :mod:`detlayers.demo.train_checkpoints`,
+  :mod:`detlayers.demo.checkpoint_lock` - checkpoints (one run per directory), resume, records;
+- :mod:`detlayers.demo.arg_types` - range-checked flag types.
 """

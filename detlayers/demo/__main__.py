@@ -23,27 +23,30 @@ def _cpu_cores() -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's flags; a value out of its range is argparse's usage error (exit 2) naming the
+    flag and the range accepted."""
+    from detlayers.demo.arg_types import image_size, non_negative_int, positive_float, positive_int
     from detlayers.demo.model import DetectorConfig  # no JAX work at import
-    from detlayers.demo.run_records import positive_int
     from detlayers.demo.train import TrainConfig
 
     t = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m detlayers.demo", description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=t.steps, help="training steps")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="devices to train on, counted over all processes (default: all; on "
-                             "CPU one forced host device per core, or --devices split evenly over "
-                             "the processes)")
+    parser.add_argument("--steps", type=positive_int, default=t.steps, help="training steps (>= 1)")
+    parser.add_argument("--devices", type=positive_int, default=None,
+                        help="devices to train on (>= 1), counted over all processes (default: all; "
+                             "on CPU one forced host device per core, or --devices split evenly "
+                             "over the processes)")
     parser.add_argument("--batch-size", type=positive_int, default=t.batch_per_device,
-                        help="images per device per step")
-    parser.add_argument("--lr", type=float, default=t.learning_rate, help="peak learning rate")
-    parser.add_argument("--eval-images", type=int, default=160, help="held-out images for AP")
-    parser.add_argument("--show-images", type=int, default=8, help="test images in the PNG")
-    parser.add_argument("--image-size", type=int, default=DetectorConfig.image_size,
-                        help="square image side (a multiple of 8)")
-    parser.add_argument("--seed", type=int, default=t.seed)
+                        help="images per device per step (>= 1)")
+    parser.add_argument("--lr", type=positive_float, default=t.learning_rate, help="peak learning rate (> 0)")
+    parser.add_argument("--eval-images", type=non_negative_int, default=160,
+                        help="held-out images for AP (0: no evaluation)")
+    parser.add_argument("--show-images", type=non_negative_int, default=8, help="test images in the PNG")
+    parser.add_argument("--image-size", type=image_size, default=DetectorConfig.image_size,
+                        help="square image side (a multiple of 8, >= 48)")
+    parser.add_argument("--seed", type=non_negative_int, default=t.seed, help="random seed (>= 0)")
     parser.add_argument("--out", default="demo_out",
                         help="output directory (or a .png path for the picture)")
     parser.add_argument("--no-progress", action="store_true",
@@ -81,12 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from detlayers.demo.run import run_demo
     from detlayers.demo.train import NonFiniteLossError
+    from detlayers.demo.train_checkpoints import CheckpointError
 
     try:
         run_demo(args)
     except NonFiniteLossError as err:  # a diverged run: say so plainly, exit non-zero
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except CheckpointError as err:  # directory in use, unusable checkpoint: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     return 0
 
 

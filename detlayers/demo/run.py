@@ -49,14 +49,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
                                learning_rate=args.lr, seed=args.seed)
     config = records.run_config(args, mesh.size)
     ckpt = records.open_checkpointer(args)
-    state = None
-    if args.resume:
-        state = records.restore_state(ckpt, model, train_config, mesh, config)
-        print(f"resuming from {ckpt.step_path(state.step)}", flush=True)
-    state = train(model, data_config, train_config, mesh, state=state,
-                  progress=not args.no_progress and is_main,
-                  on_step=records.make_on_step(ckpt, config, args.loss_log, is_main))
-    records.finish(ckpt, state, config, args.save_params, is_main)
+    try:
+        state = None
+        if args.resume:
+            state = records.restore_state(ckpt, model, train_config, mesh, config)
+            print(f"resuming from {ckpt.step_path(state.step)}", flush=True)
+        state = train(model, data_config, train_config, mesh, state=state,
+                      progress=not args.no_progress and is_main,
+                      on_step=records.make_on_step(ckpt, config, args.loss_log, is_main))
+        records.finish(ckpt, state, config, args.save_params, is_main)
+    finally:
+        if ckpt is not None:  # also on errors: the directory's lock is released cleanly
+            ckpt.close()
     jax.block_until_ready(state.params)
     train_seconds = time.perf_counter() - start
     if not is_main or args.eval_images == 0:

@@ -24,18 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from detlayers.demo.arg_types import positive_int
 from detlayers.demo.train_checkpoints import CheckpointError, TrainCheckpointer
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (so ``--batch-size 0`` is a usage error, not a crash later)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="save orbax checkpoints here (on a file system every process sees); "
                             "none when left out")
     group.add_argument("--checkpoint-every", type=positive_int, default=100, metavar="K",
-                       help="save every K steps (and always after the last step)")
+                       help="save every K steps, K >= 1 (and always after the last step)")
     group.add_argument("--keep-checkpoints", type=positive_int, default=3,
                        help="how many of the newest complete checkpoints to keep (>= 1; 0 is "
                             "refused: it would delete every checkpoint)")
@@ -68,6 +58,9 @@ def run_config(args: argparse.Namespace, num_devices: int) -> dict[str, Any]:
 def open_checkpointer(args: argparse.Namespace) -> TrainCheckpointer | None:
     """The run's checkpointer (None without ``--checkpoint-dir``); checks the flags fit together.
 
+    It holds the directory's lock until closed
+    (:meth:`detlayers.demo.train_checkpoints.TrainCheckpointer.close`, which
+    :func:`finish` calls): a second run on the same directory is refused naming the first.
     A fresh run (no ``--resume``) refuses a directory that already holds checkpoints, so two
     runs never mix their steps in one rotation.
     """
@@ -75,11 +68,16 @@ def open_checkpointer(args: argparse.Namespace) -> TrainCheckpointer | None:
         if args.resume:
             raise SystemExit("--resume needs --checkpoint-dir")
         return None
+    import jax
+
+    # one lock per run: process 0 holds it for every process of a multi-process run
     ckpt = TrainCheckpointer(args.checkpoint_dir, every=args.checkpoint_every,
-                             keep=args.keep_checkpoints)
+                             keep=args.keep_checkpoints, lock=jax.process_index() == 0)
     if not args.resume and ckpt.latest_step() is not None:
+        newest = ckpt.latest_step()
+        ckpt.close()
         raise CheckpointError(
-            f"{ckpt.directory} already holds checkpoints (newest: step {ckpt.latest_step()}); "
+            f"{ckpt.directory} already holds checkpoints (newest: step {newest}); "
             "pass --resume to continue that run, or choose an empty directory")
     return ckpt
 
@@ -92,7 +90,7 @@ def _tree(state) -> dict[str, Any]:
 
 
 def restore_state(ckpt: TrainCheckpointer, model, train_config, mesh, config: dict[str, Any]):
-    """The newest complete checkpoint as a ``TrainState`` for ``model`` trained with ``train_config``.
+    """The newest intact checkpoint as a ``TrainState`` for ``model`` trained with ``train_config``.
 
     The expected tree, shapes and dtypes come from a fresh state (traced, not computed); arrays
     come back replicated over ``mesh``, as the training step keeps them.  Raises
@@ -109,8 +107,8 @@ def restore_state(ckpt: TrainCheckpointer, model, train_config, mesh, config: di
     replicated = NamedSharding(mesh, PartitionSpec())
     template = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
-    tree, meta = ckpt.restore(template)
-    path = ckpt.step_path(ckpt.latest_step())
+    tree, meta = ckpt.restore(template)  # the newest intact checkpoint (damaged ones set aside)
+    path = ckpt.step_path(ckpt.restored_step)
     saved = meta.get("config")
     if saved != config:
         saved = saved if isinstance(saved, dict) else {}
