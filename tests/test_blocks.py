@@ -33,7 +33,8 @@ def test_depthwise_separable_conv_matches_detectron2_in_eval_and_train(fx):
     sd = {k[len("dsc/sd/"):]: v for k, v in fx.items() if k.startswith("dsc/sd/")}
     variables = L.load_torch_state_dict(module, sd, fx["dsc/x"])
     # the explicit layouts, independent of the loader's name mapping
-    np.testing.assert_array_equal(variables["params"]["depthwise"]["kernel"], sd["depthwise.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(variables["params"]["depthwise"]["kernel"],
+                                  sd["depthwise.weight"].transpose(2, 3, 1, 0))
     chex.assert_shape(variables["params"]["depthwise"]["kernel"], (3, 3, 1, 4))
     y = jax.jit(module.apply)(variables, fx["dsc/x"])
     np.testing.assert_allclose(y, fx["dsc/y_eval"], rtol=RTOL, atol=ATOL)
@@ -41,8 +42,10 @@ def test_depthwise_separable_conv_matches_detectron2_in_eval_and_train(fx):
     y_train, updates = train_apply(variables, fx["dsc/x"])
     np.testing.assert_allclose(y_train, fx["dsc/y_train"], rtol=RTOL, atol=ATOL)
     stats = updates["batch_stats"]
-    np.testing.assert_allclose(stats["depthwise"]["norm"]["mean"], fx["dsc/after/depthwise.norm.running_mean"], rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(stats["pointwise"]["norm"]["var"], fx["dsc/after/pointwise.norm.running_var"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(stats["depthwise"]["norm"]["mean"], fx["dsc/after/depthwise.norm.running_mean"],
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(stats["pointwise"]["norm"]["var"], fx["dsc/after/pointwise.norm.running_var"],
+                               rtol=RTOL, atol=ATOL)
 
 
 def test_depthwise_separable_conv_biases_follow_norms_and_msra_init():

@@ -318,7 +318,10 @@ def _clip(subject: np.ndarray, clipper: np.ndarray) -> np.ndarray:
     out = list(subject)
     for k in range(len(clipper)):
         a, b = clipper[k], clipper[(k + 1) % len(clipper)]
-        side = lambda p: orient * ((b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]))
+
+        def side(p, a=a, b=b):
+            return orient * ((b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]))
+
         pts, out = out, []
         for i in range(len(pts)):
             p, q = pts[i], pts[(i + 1) % len(pts)]

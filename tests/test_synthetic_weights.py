@@ -34,7 +34,8 @@ def calibrated(fixtures_dir):
 
 def test_names_shapes_and_order_are_detectron2s(plain, reference):
     names = [str(n) for n in reference["state_dict_names"]]
-    shapes = [tuple(int(d) for d in s[:n]) for s, n in zip(reference["state_dict_shapes"], reference["state_dict_ndims"])]
+    shapes = [tuple(int(d) for d in s[:n])
+              for s, n in zip(reference["state_dict_shapes"], reference["state_dict_ndims"])]
     assert len(names) == 307
     assert list(plain) == names
     assert [v.shape for v in plain.values()] == shapes
@@ -52,7 +53,8 @@ def test_bit_identical_across_calls_and_pinned_values(plain, calibrated, referen
     for name, values in zip(reference["pinned_names"], reference["pinned_values"]):
         np.testing.assert_array_equal(calibrated[str(name)].reshape(-1)[: values.size], values, err_msg=str(name))
     other = sw.mask_rcnn_r50_fpn_state_dict(seed=1)
-    assert not np.array_equal(other["backbone.bottom_up.stem.conv1.weight"], plain["backbone.bottom_up.stem.conv1.weight"])
+    stem = "backbone.bottom_up.stem.conv1.weight"
+    assert not np.array_equal(other[stem], plain[stem])
 
 
 def _fans(shape):

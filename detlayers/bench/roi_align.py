@@ -84,7 +84,7 @@ def _ours_pair(feature_sets, rois_sets, scales, size, ratio):
     def forward_backward(feats, boxes, upstream):
         outs = []
         for f, b, s, g in zip(feats, boxes, scales, upstream):
-            out, vjp = jax.vjp(lambda x: roi_align(x, b, size, s, ratio, True), f)
+            out, vjp = jax.vjp(lambda x, b=b, s=s: roi_align(x, b, size, s, ratio, True), f)
             outs.append((out, vjp(g)[0]))
         return outs
 

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from detlayers.batch_norm import NaiveSyncBatchNorm, SyncBatchNorm  # noqa: E402
 
@@ -87,10 +87,10 @@ for name, (mode, counts) in CASES.items():
     # shard_map over a global mesh built from jax.devices().
     sharded = NamedSharding(mesh, P("batch"))
 
-    def to_global(a):
+    def to_global(a, sharded=sharded):
         return jax.make_array_from_process_local_data(sharded, a[local], a.shape)
 
-    def per_shard(params, stats, x, mask, cot):
+    def per_shard(params, stats, x, mask, cot, step=step):
         y, g_x, g_p, new_stats = step(params, stats, x[0], mask[0], cot[0])
         return y[None], g_x[None], g_p, new_stats
 
