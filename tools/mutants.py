@@ -418,6 +418,30 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("loss-diagonal-eps", "detlayers/losses.py",
            "diagonal_sq = enclose_w**2 + enclose_h**2 + eps", "diagonal_sq = enclose_w**2 + enclose_h**2",
            ("tests/test_losses.py",)),
+    # ---- solver ------------------------------------------------------------------------------------
+    Mutant("solver-steps-boundary-off-by-one", "detlayers/models/solver.py",
+           "return values[bisect.bisect_right(milestones, iteration)]",
+           "return values[bisect.bisect_left(milestones, iteration)]", ("tests/test_solver.py",), "lr_at_every"),
+    Mutant("solver-warmup-ends-at-schedule-start", "detlayers/models/solver.py",
+           "end = main(0.0) if rescale else main(warmup_length)", "end = main(0.0)",
+           ("tests/test_solver.py",), "lr_at_every"),
+    Mutant("solver-weight-decay-on-norms", "detlayers/models/solver.py",
+           "if is_norm and solver.WEIGHT_DECAY_NORM is not None:", "if False:",
+           ("tests/test_solver.py",), "sgd"),
+    Mutant("solver-bias-decay-before-norm-decay", "detlayers/models/solver.py",
+           "        if path[-1] == \"bias\":\n            lr_factor = solver.BIAS_LR_FACTOR\n"
+           "            if solver.WEIGHT_DECAY_BIAS is not None:",
+           "        if path[-1] == \"bias\":\n            lr_factor = solver.BIAS_LR_FACTOR\n"
+           "            if solver.WEIGHT_DECAY_BIAS is not None and not is_norm:",
+           ("tests/test_solver.py",), "sgd"),
+    Mutant("solver-clip-global-norm", "detlayers/models/solver.py",
+           "norms = jax.tree.map(tensor_norm, updates)",
+           "norms = jax.tree.map(lambda _: optax.global_norm(updates), updates)", ("tests/test_solver.py",), "sgd"),
+    Mutant("solver-clip-always-rescales", "detlayers/models/solver.py",
+           "return (g * jnp.minimum(clip_value / (norm + 1e-6), 1.0)).astype(g.dtype)",
+           "return (g * (clip_value / (norm + 1e-6))).astype(g.dtype)", ("tests/test_solver.py",), "sgd"),
+    Mutant("solver-nesterov-ignored", "detlayers/models/solver.py",
+           "nesterov=bool(solver.NESTEROV)", "nesterov=False", ("tests/test_solver.py",), "sgd"),
 )
 
 
