@@ -442,6 +442,22 @@ MUTANTS: tuple[Mutant, ...] = (
            "return (g * (clip_value / (norm + 1e-6))).astype(g.dtype)", ("tests/test_solver.py",), "sgd"),
     Mutant("solver-nesterov-ignored", "detlayers/models/solver.py",
            "nesterov=bool(solver.NESTEROV)", "nesterov=False", ("tests/test_solver.py",), "sgd"),
+    # ---- weights back to detectron2 ------------------------------------------------------------------
+    Mutant("save-weights-linear-not-transposed", "detlayers/torch_weights.py",
+           "    if value.ndim == 2:  # Linear: [in, out] -> [out, in]\n        return value.T",
+           "    if value.ndim == 2:  # Linear: [in, out] -> [out, in]\n        return value",
+           ("tests/test_torch_weights.py",), "torch_state_dict"),
+    Mutant("save-weights-deconv-groups-swapped", "detlayers/torch_weights.py",
+           "order = (n + 1, n, n + 2) + tuple(range(n))", "order = (n, n + 1, n + 2) + tuple(range(n))",
+           ("tests/test_torch_weights.py",), "torch_state_dict"),
+    Mutant("save-weights-conv-taps-flipped", "detlayers/torch_weights.py",
+           "return value.transpose((n + 1, n) + tuple(range(n)))",
+           "return value.transpose((n + 1, n) + tuple(reversed(range(n))))",
+           ("tests/test_torch_weights.py",), "torch_state_dict"),
+    Mutant("save-weights-frozen-bn-stats-swapped", "detlayers/torch_weights.py",
+           '_STATS_NAMES = {"mean": "running_mean", "var": "running_var", "scale": "weight", "bias": "bias"}',
+           '_STATS_NAMES = {"mean": "running_var", "var": "running_mean", "scale": "weight", "bias": "bias"}',
+           ("tests/test_save_detectron2_weights.py",), "bit_for_bit"),
 )
 
 

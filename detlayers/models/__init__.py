@@ -23,7 +23,7 @@ _EXPORTS = exports_by_name({
     ),
     "meta_arch.rcnn": ("GeneralizedRCNN",),
     "meta_arch.build": ("build_model",),
-    "checkpoint": ("load_detectron2_weights",),
+    "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
     "predictor": ("Predictor", "preprocess_image", "batch_images", "resize_shortest_edge_shape"),
     "export": ("export_predictor", "load_exported"),
     "registry": (
