@@ -114,3 +114,17 @@ def test_three_sgd_steps_equal_detectron2_build_optimizer(case, sgd_arrays):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale, err_msg=f"{case}: {module}/{leaf}")
     # the frozen layer did not move at all
     np.testing.assert_array_equal(params["frozen"]["kernel"], sgd_arrays["init.frozen.weight"])
+
+
+def test_build_optimizer_refuses_bad_solver_keys():
+    params = {"fc": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
+    cfg = get_cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    with pytest.raises(ValueError, match="CLIP_TYPE 'full_model'"):
+        build_optimizer(cfg, params)
+    cfg = get_cfg()
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.NESTEROV = True
+    with pytest.raises(ValueError, match="NESTEROV"):
+        build_optimizer(cfg, params)
