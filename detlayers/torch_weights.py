@@ -17,7 +17,7 @@ import numpy as np
 
 from detlayers._module_trace import trace_init
 
-__all__ = ["load_torch_state_dict", "read_state_dict", "flax_name_to_torch"]
+__all__ = ["load_torch_state_dict", "read_state_dict", "flax_name_to_torch", "torch_state_dict"]
 
 _TRAILING_INDICES = re.compile(r"^(.*?)((?:_\d+)+)$")
 # Leaf names: Flax -> PyTorch, per collection.
@@ -451,3 +451,77 @@ def load_torch_state_dict(module: nn.Module, state_dict: Any, *example_args: Any
             f"load_torch_state_dict: the state dict does not fit {type(module).__name__}:\n" + "\n".join(parts)
         )
     return result
+
+
+def _kernel_to_torch(value: np.ndarray, owner: nn.Module | None) -> np.ndarray:
+    """A Flax kernel in PyTorch's layout: the inverse of :func:`_convert_kernel`."""
+    if value.ndim == 2:  # Linear: [in, out] -> [out, in]
+        return value.T
+    if value.ndim >= 3 and _is_transposed_conv(owner):
+        # [*k, in/groups, out] -> [in, out/groups, *k]
+        n = value.ndim - 2
+        *k, in_per_group, c_out = value.shape
+        groups = int(getattr(owner, "groups", 1) or 1)
+        grouped = value.reshape(*k, in_per_group, groups, c_out // groups)
+        order = (n + 1, n, n + 2) + tuple(range(n))
+        return grouped.transpose(order).reshape(groups * in_per_group, c_out // groups, *k)
+    if value.ndim >= 3:  # Conv: [*k, in/groups, out] -> [out, in/groups, *k]
+        n = value.ndim - 2
+        return value.transpose((n + 1, n) + tuple(range(n)))
+    return value
+
+
+def torch_state_dict(module: nn.Module, variables: Mapping, *example_args: Any, **example_kwargs: Any) -> dict:
+    """The PyTorch / detectron2 state dict of ``module``'s ``variables``: the inverse of
+    :func:`load_torch_state_dict` (same names, kernels transposed back to PyTorch's layouts).
+
+    Args:
+      module: the unbound module the variables belong to.
+      variables: ``{"params": ..., "batch_stats": ...}`` (other collections are ignored).
+      example_args, example_kwargs: inputs ``module.init`` accepts (traced abstractly, to find
+        the module that owns each kernel, e.g. transposed convolutions).
+
+    Returns:
+      ``{dotted PyTorch name: np.ndarray}`` in the order of the variable tree: convolutions
+      ``[out, in/groups, kh, kw]``, transposed convolutions ``[in, out/groups, kh, kw]``, linear
+      ``[out, in]``, norms' ``weight``/``bias``/``running_mean``/``running_var``.
+
+    Raises:
+      ValueError: two variables mapping to one name, or a variable tree that is not ``module``'s
+        (listing the missing and unexpected variable paths).
+    """
+    shapes, modules = trace_init(module, example_args, example_kwargs)
+    shapes = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+    given = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
+    expected_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)}
+    given_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(given)}
+    if expected_paths != given_paths:
+        missing = sorted(expected_paths - given_paths)
+        unexpected = sorted(given_paths - expected_paths)
+        raise ValueError(
+            f"torch_state_dict: the variables are not those of {type(module).__name__}: missing "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected "
+            f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})")
+    out: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+
+    def visit(collection: str, tree: Mapping, path: tuple[str, ...]) -> None:
+        for name, value in tree.items():
+            sub = path + (name,)
+            if isinstance(value, Mapping):
+                visit(collection, value, sub)
+                continue
+            key = _torch_key(collection, sub, modules)
+            flax_path = "/".join((collection,) + sub)
+            if key in origin:
+                raise ValueError(
+                    f"torch_state_dict: Flax variables {origin[key]!r} and {flax_path!r} both map to {key!r}")
+            origin[key] = flax_path
+            array = np.asarray(value)
+            if name == "kernel" and collection == "params":
+                array = _kernel_to_torch(array, modules.get(path))
+            out[key] = np.ascontiguousarray(array)
+
+    for collection, tree in given.items():
+        visit(collection, tree, ())
+    return out

@@ -428,3 +428,25 @@ def test_pickle_that_contains_itself_is_refused(tmp_path):
     path = _write_pickle(tmp_path, "loop.pkl", pickle.dumps({"model": {"w": loop}}, protocol=2))
     with pytest.raises(ValueError, match=r"loop\.pkl' holds a list that contains itself"):
         read_state_dict(path)
+
+
+def test_torch_state_dict_inverts_the_loader_bit_for_bit(loaded, pkl_path, fx):
+    """Back to PyTorch: torch's own state dict of TinyNet (grouped transposed convolution, BN,
+    FrozenBN, Sequential, linear) with its names and layouts, every array bit for bit."""
+    from detlayers.torch_weights import read_state_dict, torch_state_dict
+
+    expected = read_state_dict(pkl_path)  # num_batches_tracked dropped, as torch_state_dict writes none
+    state = torch_state_dict(TinyNet(), loaded, fx["x"])
+    assert sorted(state) == sorted(expected)
+    for name, array in expected.items():
+        assert state[name].shape == array.shape, name
+        np.testing.assert_array_equal(state[name], array, err_msg=name)
+
+
+def test_torch_state_dict_refuses_variables_of_another_module(loaded, fx):
+    from detlayers.torch_weights import torch_state_dict
+
+    params = dict(loaded["params"])
+    del params["cls"]
+    with pytest.raises(ValueError, match=r"missing \[\"\['params'\]\['cls'\]"):
+        torch_state_dict(TinyNet(), {**loaded, "params": params}, fx["x"])

@@ -3,8 +3,9 @@
 Laid out as detectron2's ``modeling/``: ``backbone/`` (ResNet, FPN), ``proposal_generator/``
 (RPN), ``roi_heads/`` (StandardROIHeads and its box and mask heads), ``meta_arch/``
 (GeneralizedRCNN, ``build_model``), ``poolers``, ``anchor_generator``, ``box_regression``,
-``postprocessing``, ``checkpoint`` and ``predictor``; parts are looked up by detectron2's
-registered names in the registries of :mod:`detlayers.models.registry`.
+``postprocessing``, ``checkpoint`` (detectron2 weights in and out) and ``predictor``, plus
+``solver`` (detectron2's ``solver/``: learning-rate schedule and SGD, as optax); parts are
+looked up by detectron2's registered names in the registries of :mod:`detlayers.models.registry`.
 
 ``from detlayers.models import mask_rcnn_R_50_FPN_3x_config, Predictor`` ::
 
@@ -23,7 +24,7 @@ _EXPORTS = exports_by_name({
     ),
     "meta_arch.rcnn": ("GeneralizedRCNN",),
     "meta_arch.build": ("build_model",),
-    "checkpoint": ("load_detectron2_weights",),
+    "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
     "predictor": ("Predictor", "preprocess_image", "batch_images", "resize_shortest_edge_shape"),
     "export": ("export_predictor", "load_exported"),
     "registry": (
