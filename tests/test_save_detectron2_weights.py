@@ -68,6 +68,29 @@ def test_reading_the_file_back_gives_the_same_variables(saved):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(key))
 
 
+def test_the_spec_spelling_without_model_writes_the_same_file(saved, tmp_path):
+    # save_detectron2_weights(variables, path): the zoo model is recognised from the variables' tree
+    from detlayers.models.checkpoint import save_detectron2_weights
+
+    _, variables, _, written = saved
+    again = save_detectron2_weights(variables, tmp_path / "again.pkl")
+    assert sorted(again) == sorted(written)
+    for name in written:
+        np.testing.assert_array_equal(again[name], written[name], err_msg=name)
+
+
+def test_without_model_unknown_variables_ask_for_the_model(saved, tmp_path):
+    from detlayers.models.checkpoint import save_detectron2_weights
+
+    _, variables, _, _ = saved
+    trimmed = {"params": dict(variables["params"]), "batch_stats": variables["batch_stats"]}
+    trimmed["params"]["roi_heads"] = {k: v for k, v in variables["params"]["roi_heads"].items() if k != "box_head"}
+    with pytest.raises(ValueError, match="pass model="):
+        save_detectron2_weights(trimmed, tmp_path / "w.pkl")
+    with pytest.raises(ValueError, match="pass model="):
+        save_detectron2_weights({"params": {"conv": {}}}, tmp_path / "w.pkl")
+
+
 def test_refuses_other_suffixes(saved, tmp_path):
     from detlayers.models.checkpoint import save_detectron2_weights
 

@@ -42,7 +42,47 @@ def load_detectron2_weights(model: nn.Module, weights: Any) -> dict:
     return load_torch_state_dict(model, state, *example_inputs())
 
 
-def save_detectron2_weights(variables: Mapping, path: str | os.PathLike[str], *, model: nn.Module) -> dict:
+def _model_of(variables: Mapping) -> nn.Module:
+    """The ``GeneralizedRCNN`` (ResNet-FPN, FrozenBN, detectron2's zoo heads) whose variable tree is
+    exactly ``variables``': depth from the blocks of each stage, classes and class-agnostic
+    regression from the predictor, masks from the mask head. Anything else raises ``ValueError``
+    asking for ``model=``; a guess is never used unchecked."""
+    import jax
+
+    from detlayers.models.backbone.resnet import _BLOCKS_PER_STAGE
+    from detlayers.models.config import mask_rcnn_R_50_FPN_3x_config
+    from detlayers.models.meta_arch.build import build_model
+
+    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+    try:
+        bottom_up = params["backbone"]["bottom_up"]
+        blocks = tuple(sum(name.startswith(f"res{k}_") for name in bottom_up) for k in (2, 3, 4, 5))
+        bottleneck = "conv3" in bottom_up["res2_0"]
+        depth = next(d for d, b in _BLOCKS_PER_STAGE.items() if b == blocks and (d >= 50) == bottleneck)
+        roi = params["roi_heads"]
+        num_classes = int(roi["box_predictor"]["cls_score"]["bias"].shape[0]) - 1
+        agnostic = int(roi["box_predictor"]["bbox_pred"]["bias"].shape[0]) == 4
+        res2_out = int(bottom_up["res2_0"]["conv3" if bottleneck else "conv2"]["kernel"].shape[-1])
+    except (KeyError, StopIteration, TypeError, AttributeError) as err:
+        raise ValueError("save_detectron2_weights: cannot tell which model these variables belong to; "
+                         "pass model=build_model(cfg)") from err
+    cfg = mask_rcnn_R_50_FPN_3x_config()
+    cfg.merge_from_list([
+        "MODEL.RESNETS.DEPTH", depth, "MODEL.RESNETS.RES2_OUT_CHANNELS", res2_out,
+        "MODEL.ROI_HEADS.NUM_CLASSES", num_classes, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", agnostic,
+        "MODEL.MASK_ON", "mask_head" in roi,
+    ])
+    model = build_model(cfg)
+    expected = jax.eval_shape(model.init, jax.random.key(0), *example_inputs())
+    shapes = jax.tree.map(lambda a: tuple(a.shape), dict(variables))
+    if jax.tree.map(lambda a: tuple(a.shape), dict(expected)) != shapes:
+        raise ValueError("save_detectron2_weights: these variables are not those of a detectron2 zoo "
+                         f"R{depth}-FPN model with {num_classes} classes; pass model=build_model(cfg)")
+    return model
+
+
+def save_detectron2_weights(variables: Mapping, path: str | os.PathLike[str], *, model: nn.Module | None = None
+                            ) -> dict:
     """Writes ``variables`` of ``model`` (a ``GeneralizedRCNN``) as a detectron2 ``.pkl`` that
     detectron2's ``DetectionCheckpointer`` loads into the model built from the same config.
 
@@ -58,7 +98,10 @@ def save_detectron2_weights(variables: Mapping, path: str | os.PathLike[str], *,
     Args:
       variables: ``{"params": ..., "batch_stats": ...}`` of ``model``.
       path: the ``.pkl`` to write (overwritten).
-      model: the module the variables belong to (its submodules decide the layouts).
+      model: the module the variables belong to (its submodules decide the layouts). When omitted
+        (detectron2's ``save_detectron2_weights(variables, path)`` spelling), the zoo
+        ``GeneralizedRCNN`` (ResNet-FPN, FrozenBN) whose variable tree is exactly ``variables`` is
+        built from their shapes; any other model must be passed (``ValueError`` says so).
 
     Returns:
       The ``{name: array}`` written.
@@ -68,6 +111,8 @@ def save_detectron2_weights(variables: Mapping, path: str | os.PathLike[str], *,
     path = os.fspath(path)
     if not path.endswith(".pkl"):
         raise ValueError(f"save_detectron2_weights: path must end with .pkl (detectron2's format), got {path!r}")
+    if model is None:
+        model = _model_of(variables)
     state = torch_state_dict(model, variables, *example_inputs())
     payload = {"model": state, "__author__": "detlayers", "matching_heuristics": False}
     with open(path, "wb") as f:
