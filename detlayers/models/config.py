@@ -17,6 +17,8 @@ __all__ = [
     "Config",
     "mask_rcnn_R_50_FPN_3x_config",
     "mask_rcnn_R_101_FPN_3x_config",
+    "faster_rcnn_R_50_FPN_3x_config",
+    "retinanet_R_50_FPN_3x_config",
 ]
 
 
@@ -87,6 +89,29 @@ class ROIHeadsConfig:
 
 
 @_frozen
+class RetinaNetConfig:
+    """``MODEL.RETINANET`` with detectron2's defaults. The loss keys (``FOCAL_LOSS_*``,
+    ``SMOOTH_L1_LOSS_BETA``, ``BBOX_REG_LOSS_TYPE``, ``IOU_*``) and ``PRIOR_PROB`` (the initial
+    ``cls_score`` bias) do not change inference; they are here so that a detectron2 config loads."""
+
+    NUM_CLASSES: int = 80
+    IN_FEATURES: tuple[str, ...] = ("p3", "p4", "p5", "p6", "p7")
+    NUM_CONVS: int = 4
+    IOU_THRESHOLDS: tuple[float, ...] = (0.4, 0.5)
+    IOU_LABELS: tuple[int, ...] = (0, -1, 1)
+    PRIOR_PROB: float = 0.01
+    SCORE_THRESH_TEST: float = 0.05
+    TOPK_CANDIDATES_TEST: int = 1000
+    NMS_THRESH_TEST: float = 0.5
+    BBOX_REG_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    FOCAL_LOSS_GAMMA: float = 2.0
+    FOCAL_LOSS_ALPHA: float = 0.25
+    SMOOTH_L1_LOSS_BETA: float = 0.1
+    BBOX_REG_LOSS_TYPE: str = "smooth_l1"
+    NORM: str = ""
+
+
+@_frozen
 class _ROIHeadConfig:
     """The keys detectron2 gives both ROI heads (a conv stack and its ROI pooler), with the
     defaults it gives both; each head's node overrides what its config changes."""
@@ -133,6 +158,7 @@ class ModelConfig:
     ROI_HEADS: ROIHeadsConfig = ROIHeadsConfig()
     ROI_BOX_HEAD: ROIBoxHeadConfig = ROIBoxHeadConfig()
     ROI_MASK_HEAD: ROIMaskHeadConfig = ROIMaskHeadConfig()
+    RETINANET: RetinaNetConfig = RetinaNetConfig()
 
 
 @_frozen
@@ -267,3 +293,40 @@ def mask_rcnn_R_101_FPN_3x_config() -> Config:
         ["MODEL.MASK_ON", True, "MODEL.RESNETS.DEPTH", 101,
          "MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-101.pkl"]
     )
+
+
+def faster_rcnn_R_50_FPN_3x_config() -> Config:
+    """``COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml`` (inference keys): ``Base-RCNN-FPN.yaml`` with
+    ``MASK_ON: False`` and ``RESNETS.DEPTH: 50`` (Mask R-CNN R50-FPN without its mask head)."""
+    return Config().merge_from_list(
+        ["MODEL.MASK_ON", False, "MODEL.RESNETS.DEPTH", 50,
+         "MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"]
+    )
+
+
+# Base-RetinaNet.yaml's anchor sizes: three octave scales per level, written as its YAML computes
+# them (``x * 2**(1.0/3)``), so the floats are bit-identical to detectron2's config.
+_RETINANET_ANCHOR_SIZES = tuple((x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)) for x in (32, 64, 128, 256, 512))
+
+
+def retinanet_R_50_FPN_3x_config() -> Config:
+    """detectron2's ``COCO-Detection/retinanet_R_50_FPN_3x.yaml`` (inference keys).
+
+    That is ``Base-RetinaNet.yaml``: the ``RetinaNet`` meta-architecture on
+    ``build_retinanet_resnet_fpn_backbone`` (ResNet-50 res3-res5, FPN P3-P5 and ``LastLevelP6P7``
+    from C5), 3 sizes x 3 aspect ratios of anchors per level on P3-P7, ``RETINANET.*`` defaults
+    (4-conv towers, score threshold 0.05, 1000 candidates per level, NMS 0.5) and the training-only
+    ``IOU_THRESHOLDS``/``IOU_LABELS``/``SMOOTH_L1_LOSS_BETA`` of the YAML.
+    """
+    return Config().merge_from_list([
+        "MODEL.META_ARCHITECTURE", "RetinaNet",
+        "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone",
+        "MODEL.RESNETS.OUT_FEATURES", ["res3", "res4", "res5"],
+        "MODEL.RESNETS.DEPTH", 50,
+        "MODEL.ANCHOR_GENERATOR.SIZES", _RETINANET_ANCHOR_SIZES,
+        "MODEL.FPN.IN_FEATURES", ["res3", "res4", "res5"],
+        "MODEL.RETINANET.IOU_THRESHOLDS", [0.4, 0.5],
+        "MODEL.RETINANET.IOU_LABELS", [0, -1, 1],
+        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", 0.0,
+        "MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl",
+    ])
