@@ -164,3 +164,52 @@ def test_parity_with_detectron2_non_default_keys(stem):
     case = parity.load_case(stem)
     assert len(case["overrides"])
     parity.check_case(_predictor(case), case)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def _tiny_retinanet():
+    """A ResNet-18 RetinaNet with narrow layers (random weights, small image): cheap to compile."""
+    from detlayers.models import Predictor, build_model, retinanet_R_50_FPN_3x_config
+
+    cfg = retinanet_R_50_FPN_3x_config().merge_from_list([
+        "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
+        "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.RETINANET.NUM_CLASSES", 5, "MODEL.RETINANET.NUM_CONVS", 1,
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 50, "TEST.DETECTIONS_PER_IMAGE", 20, "INPUT.MIN_SIZE_TEST", 0,
+    ])
+    model = build_model(cfg)
+    images = jnp.zeros((1, 64, 96, 3), jnp.float32)
+    sizes = jnp.asarray([[60, 90]], jnp.int32)
+    variables = jax.jit(model.init)(jax.random.key(0), images, sizes, sizes)
+
+    def calibrate(path, value):
+        names = [getattr(p, "key", None) for p in path]
+        if "var" in names:  # FrozenBN statistics that keep activations in range
+            return value * 4.0
+        if "cls_score" in names and names[-1] == "kernel":  # scores spread instead of ~0.01
+            return value * 300.0
+        return value
+
+    variables = jax.tree_util.tree_map_with_path(calibrate, variables)
+    return Predictor(cfg, variables)
+
+
+def test_export_round_trip_with_xla_nms():
+    from detlayers.models import export_predictor
+
+    predictor = _tiny_retinanet()
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    inputs = predictor.inputs([image])
+    expected = jax.device_get(predictor.run(*inputs))
+    assert 3 <= int(expected["num_instances"][0]) <= 20, "the test model should detect something"
+    exported = export_predictor(predictor, 1, inputs[0].shape[1:3], None, nms_backend="xla")
+    assert "detlayers_" not in exported.mlir_module()
+    restored = jax.export.deserialize(bytearray(exported.serialize()))
+    got = jax.device_get(restored.call(*inputs[:3]))
+    assert set(got) == set(expected)
+    for key in ("num_instances", "valid", "pred_classes"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    for key in ("pred_boxes", "scores"):  # baked-in weights are constants XLA may fold
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
