@@ -1,4 +1,5 @@
-"""Synthetic Mask R-CNN R50-FPN weights: detectron2's state dict, initialized from a NumPy seed.
+"""Synthetic R50-FPN weights (Mask R-CNN, Faster R-CNN, RetinaNet): detectron2's state dicts,
+initialized from a NumPy seed.
 
 The detectron2 model zoo cannot be downloaded everywhere this project is tested, and committing a
 170 MB checkpoint is not an option, so the parity tests, the benchmark and the notebook regenerate a
@@ -35,6 +36,12 @@ the factor that gives their outputs a chosen standard deviation (2, 0.3, 1.4, 0.
 the features are well scaled, the detection scores spread out and the masks are crisp.
 ``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds these for ``seed=0``, written by
 ``tools/fixtures/make_mask_rcnn.py``.
+
+:func:`faster_rcnn_r50_fpn_state_dict` is the same without the mask head;
+:func:`retinanet_r50_fpn_state_dict` gives ``retinanet_R_50_FPN_3x.yaml``'s (FPN on res3-res5,
+``LastLevelP6P7`` with ``c2_xavier_fill``, the RetinaNet head with normal std 0.01 and the
+prior-probability ``cls_score`` bias), with the same ResNet-50 values for the same seed, so the
+Mask R-CNN FrozenBN calibration serves it (:func:`retinanet_calibration`).
 
 This module needs only NumPy (the fixture script loads it in an environment without JAX).
 """
