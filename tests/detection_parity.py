@@ -127,6 +127,8 @@ def check_case(predictor, case: dict, fpn_levels: tuple[str, ...] = ()) -> list[
         ours = {"pred_boxes": out["pred_boxes"][i, :k], "scores": out["scores"][i, :k],
                 "pred_classes": out["pred_classes"][i, :k].astype(np.int64)}
         assert np.all(np.diff(ours["scores"]) <= 0), "instances are not sorted by score"
+        # the comparison leaves out instances near the threshold: none may lie at or below it
+        assert np.all(ours["scores"] > float(case["score_thresh"])), "an instance at or below the score threshold"
         ref = {key: case[key][starts[i]:starts[i + 1]] for key in ("pred_boxes", "scores", "pred_classes")}
         checked.append(compare_instances(ref, ours, float(case["score_thresh"]), topk, float(case["next_score"][i])))
         assert checked[-1] >= min(10, len(ref["scores"]) // 2), f"image {i}: only {checked[-1]} instances compared"

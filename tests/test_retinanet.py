@@ -182,17 +182,25 @@ def _tiny_retinanet():
     model = build_model(cfg)
     images = jnp.zeros((1, 64, 96, 3), jnp.float32)
     sizes = jnp.asarray([[60, 90]], jnp.int32)
-    variables = jax.jit(model.init)(jax.random.key(0), images, sizes, sizes)
+    # Shapes only (compiling model.init would cost more than the test), values drawn in NumPy:
+    # LeCun normal kernels in the backbone, normal ones in the head, zero biases.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images, sizes, sizes)
+    rng = np.random.default_rng(0)
 
-    def calibrate(path, value):
+    def draw(path, leaf):
         names = [getattr(p, "key", None) for p in path]
-        if "var" in names:  # FrozenBN statistics that keep activations in range
-            return value * 4.0
-        if "cls_score" in names and names[-1] == "kernel":  # scores spread instead of ~0.01
-            return value * 300.0
-        return value
+        if names[-1] == "kernel":
+            std = (1.0 / np.prod(leaf.shape[:-1])) ** 0.5
+            if "head" in names:  # detectron2's std 0.01, class logits wider so that scores spread
+                std = 0.02 if "cls_score" in names else 0.01
+            return rng.normal(0.0, std, leaf.shape).astype(np.float32)
+        if names[-1] == "var":  # each FrozenBN halves its input: activations stay in range
+            return np.full(leaf.shape, 4.0, np.float32)
+        if names[-1] == "scale":
+            return np.ones(leaf.shape, np.float32)
+        return np.zeros(leaf.shape, np.float32)
 
-    variables = jax.tree_util.tree_map_with_path(calibrate, variables)
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
     return Predictor(cfg, variables)
 
 
@@ -211,5 +219,6 @@ def test_export_round_trip_with_xla_nms():
     assert set(got) == set(expected)
     for key in ("num_instances", "valid", "pred_classes"):
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
-    for key in ("pred_boxes", "scores"):  # baked-in weights are constants XLA may fold
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    # baked-in weights are constants XLA may fold: floats agree within the parity bounds
+    np.testing.assert_allclose(got["scores"], expected["scores"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=1e-2)
