@@ -99,6 +99,12 @@ def test_zoo_file_merges_as_in_detectron2(zoo, relative):
 def test_zoo_functions_equal_the_yaml_files():
     assert_same_flat(flatten(mask_rcnn_R_50_FPN_3x_config()), CASES[R50]["flat"])
     assert_same_flat(flatten(mask_rcnn_R_101_FPN_3x_config()), CASES[R101]["flat"])
+    from detlayers.models.config import faster_rcnn_R_50_FPN_3x_config, retinanet_R_50_FPN_3x_config
+
+    assert_same_flat(flatten(faster_rcnn_R_50_FPN_3x_config()),
+                     CASES["configs/COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"]["flat"])
+    assert_same_flat(flatten(retinanet_R_50_FPN_3x_config()),
+                     CASES["configs/COCO-Detection/retinanet_R_50_FPN_3x.yaml"]["flat"])
 
 
 def test_detectron2_written_config_yaml_loads_and_dumps_back(tmp_path):

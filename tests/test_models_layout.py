@@ -25,7 +25,7 @@ VARIABLES = pathlib.Path(__file__).parent / "fixtures" / "mask_rcnn_R_50_FPN_var
 
 # (registry, config key, the names detectron2 registers that are built here)
 REGISTRIES = [
-    (reg.META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", ["GeneralizedRCNN"]),
+    (reg.META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", ["GeneralizedRCNN", "RetinaNet"]),
     (reg.BACKBONE_REGISTRY, "MODEL.BACKBONE.NAME",
      ["build_resnet_backbone", "build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone"]),
     (reg.PROPOSAL_GENERATOR_REGISTRY, "MODEL.PROPOSAL_GENERATOR.NAME", ["RPN"]),

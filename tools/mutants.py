@@ -80,6 +80,7 @@ CKPT = ("tests/test_train_checkpoints.py",)
 WEIGHTS = ("tests/test_torch_weights.py",)
 ARTIFACT = ("tests/test_export_artifact.py",)
 FLAGS = ("tests/test_demo_flags.py",)
+RETINANET = ("tests/test_retinanet.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -411,6 +412,36 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("boxes-clip-loses-negative-zero", "detlayers/boxes.py",
            "x = jnp.where(x < low, jnp.asarray(low, x.dtype), x)",
            "x = jnp.where(x <= low, jnp.asarray(low, x.dtype), x)", BOXES, "clip"),
+    # ---- RetinaNet / Faster R-CNN (slow: one R50 compile each) ---------------------------------------
+    Mutant("retinanet-softmax-not-sigmoid", "detlayers/models/meta_arch/retinanet.py",
+           "probs = [jax.nn.sigmoid(x.astype(jnp.float32)) for x in logits]",
+           "probs = [jax.nn.softmax(x.astype(jnp.float32), axis=-1) for x in logits]", RETINANET, "retinanet_256"),
+    Mutant("retinanet-class-major-candidate-index", "detlayers/models/meta_arch/dense_detector.py",
+           "anchor_index = index // k\n    classes = (index % k).astype(jnp.int32)",
+           "anchor_index = index % m\n    classes = (index // m).astype(jnp.int32)", RETINANET, "retinanet_256"),
+    Mutant("retinanet-class-agnostic-nms", "detlayers/models/meta_arch/retinanet.py",
+           "batched_nms(masked_boxes, masked_scores, classes_n, nms_thresh",
+           "batched_nms(masked_boxes, masked_scores, jnp.zeros_like(classes_n), nms_thresh", RETINANET,
+           "retinanet_256"),
+    Mutant("retinanet-topk-candidates-off-by-some", "detlayers/models/meta_arch/dense_detector.py",
+           "num = min(int(topk_candidates), m * k)", "num = min(int(topk_candidates) + 5, m * k)", RETINANET,
+           "thresholds"),
+    Mutant("retinanet-bbox-reg-weights-ignored", "detlayers/models/meta_arch/retinanet.py",
+           "box2box_transform=Box2BoxTransform(weights=tuple(retina.BBOX_REG_WEIGHTS))",
+           "box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0))", RETINANET, "thresholds"),
+    Mutant("retinanet-score-thresh-from-roi-heads", "detlayers/models/meta_arch/retinanet.py",
+           "test_score_thresh=retina.SCORE_THRESH_TEST", "test_score_thresh=cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+           RETINANET, "thresholds"),
+    Mutant("retinanet-head-norm-skipped", "detlayers/models/meta_arch/retinanet.py",
+           "            x = norm(x)\n", "            x = x\n", RETINANET, "head_256"),
+    Mutant("retinanet-head-relu-before-norm-index", "detlayers/models/meta_arch/retinanet.py",
+           "index += 3 if self.norm else 2", "index += 2", RETINANET, "head_256"),
+    Mutant("retinanet-decode-from-the-next-anchor", "detlayers/models/meta_arch/dense_detector.py",
+           "picked_anchors = jnp.take(jnp.asarray(anchors, jnp.float32), anchor_index, axis=0)",
+           "picked_anchors = jnp.take(jnp.asarray(anchors, jnp.float32), jnp.minimum(anchor_index + 1, m - 1), axis=0)",
+           RETINANET, "retinanet_256"),
+    Mutant("faster-rcnn-mask-head-weights-kept", "detlayers/models/synthetic_weights.py",
+           "    if not mask_on:\n        return\n", "", ("tests/test_faster_rcnn.py",)),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

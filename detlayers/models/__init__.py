@@ -20,9 +20,10 @@ from detlayers._lazy import exports_by_name, lazy_exports
 _EXPORTS = exports_by_name({
     "config": (
         "CfgNode", "Config", "get_cfg", "add_deeplab_config", "mask_rcnn_R_50_FPN_3x_config",
-        "mask_rcnn_R_101_FPN_3x_config",
+        "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config", "retinanet_R_50_FPN_3x_config",
     ),
     "meta_arch.rcnn": ("GeneralizedRCNN",),
+    "meta_arch.retinanet": ("RetinaNet",),
     "meta_arch.build": ("build_model",),
     "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
     "predictor": ("Predictor", "preprocess_image", "batch_images", "resize_shortest_edge_shape"),

@@ -15,7 +15,7 @@ __all__ = ["load_detectron2_weights", "save_detectron2_weights", "example_inputs
 # Entries of detectron2 checkpoints that are not weights of the model: the pixel statistics
 # (they come from the config) and the anchor buffers (computed from the config).
 _NON_WEIGHT_KEYS = ("pixel_mean", "pixel_std")
-_NON_WEIGHT_PREFIXES = ("proposal_generator.anchor_generator.",)
+_NON_WEIGHT_PREFIXES = ("proposal_generator.anchor_generator.", "anchor_generator.")
 
 
 def example_inputs(batch: int = 1, hw: tuple[int, int] = (64, 64)) -> tuple:
@@ -26,7 +26,7 @@ def example_inputs(batch: int = 1, hw: tuple[int, int] = (64, 64)) -> tuple:
 
 
 def load_detectron2_weights(model: nn.Module, weights: Any) -> dict:
-    """Variables of ``model`` (a ``GeneralizedRCNN``) from detectron2 weights: a model-zoo
+    """Variables of ``model`` (a ``GeneralizedRCNN`` or ``RetinaNet``) from detectron2 weights: a model-zoo
     ``.pkl``, a ``.pth`` or a ``{name: array}`` dict with ``GeneralizedRCNN.state_dict()`` names.
 
     ``pixel_mean``/``pixel_std`` and anchor buffers are ignored (they come from the config), as are

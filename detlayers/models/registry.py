@@ -119,7 +119,9 @@ class Registry:
 
 _MODELS = "detlayers.models."
 
-META_ARCH_REGISTRY = Registry("META_ARCH", "MODEL.META_ARCHITECTURE", (_MODELS + "meta_arch.rcnn",))
+META_ARCH_REGISTRY = Registry(
+    "META_ARCH", "MODEL.META_ARCHITECTURE", (_MODELS + "meta_arch.rcnn", _MODELS + "meta_arch.retinanet")
+)
 BACKBONE_REGISTRY = Registry(
     "BACKBONE", "MODEL.BACKBONE.NAME", (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn")
 )

@@ -1,4 +1,5 @@
-"""Synthetic Mask R-CNN R50-FPN weights: detectron2's state dict, initialized from a NumPy seed.
+"""Synthetic R50-FPN weights (Mask R-CNN, Faster R-CNN, RetinaNet): detectron2's state dicts,
+initialized from a NumPy seed.
 
 The detectron2 model zoo cannot be downloaded everywhere this project is tested, and committing a
 170 MB checkpoint is not an option, so the parity tests, the benchmark and the notebook regenerate a
@@ -36,22 +37,34 @@ the features are well scaled, the detection scores spread out and the masks are 
 ``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds these for ``seed=0``, written by
 ``tools/fixtures/make_mask_rcnn.py``.
 
+:func:`faster_rcnn_r50_fpn_state_dict` is the same without the mask head;
+:func:`retinanet_r50_fpn_state_dict` gives ``retinanet_R_50_FPN_3x.yaml``'s (FPN on res3-res5,
+``LastLevelP6P7`` with ``c2_xavier_fill``, the RetinaNet head with normal std 0.01 and the
+prior-probability ``cls_score`` bias), with the same ResNet-50 values for the same seed, so the
+Mask R-CNN FrozenBN calibration serves it (:func:`retinanet_calibration`).
+
 This module needs only NumPy (the fixture script loads it in an environment without JAX).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes"]
+__all__ = [
+    "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
+    "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS",
+]
 
 FROZEN_BN_EPS = 1e-5
 # Calibration-file keys "scale.<parameter name>": a float32 factor for that parameter.
 _SCALE_PREFIX = "scale."
+# ... and "value.<parameter name>": a float32 value that fills that parameter.
+_VALUE_PREFIX = "value."
 # ResNet-50: blocks per stage res2..res5 and the stage widths (detectron2's RESNETS defaults).
 _R50_BLOCKS = (3, 4, 6, 3)
 _STEM_OUT = 64
@@ -59,6 +72,7 @@ _RES2_OUT = 256
 _BOTTLENECK_RES2 = 64
 _FPN_OUT = 256
 _NUM_ANCHORS = 3  # one size x three aspect ratios per level
+_RETINANET_ANCHORS = 9  # three sizes x three aspect ratios per level
 _BOX_POOLER = 7
 _FC_DIM = 1024
 _MASK_CONV_DIM = 256
@@ -77,16 +91,18 @@ def _conv_with_frozen_bn(prefix: str, out_ch: int, in_ch: int, k: int) -> Iterat
     yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0 - FROZEN_BN_EPS)
 
 
-def _entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """Every state-dict entry in detectron2's order (module registration order)."""
-    # FPN: detectron2 registers fpn_lateral{s}/fpn_output{s} for s = 2..5, then bottom_up.
-    res_channels = [_RES2_OUT * 2**i for i in range(4)]
-    for stage, in_ch in zip(range(2, 6), res_channels):
+def _fpn_entries(stages: tuple[int, ...]) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """FPN ``fpn_lateral{s}``/``fpn_output{s}`` in detectron2's registration order (c2_xavier_fill)."""
+    for stage in stages:
+        in_ch = _RES2_OUT * 2 ** (stage - 2)
         yield f"backbone.fpn_lateral{stage}.weight", (_FPN_OUT, in_ch, 1, 1), ("xavier",)
         yield f"backbone.fpn_lateral{stage}.bias", (_FPN_OUT,), ("const", 0.0)
         yield f"backbone.fpn_output{stage}.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("xavier",)
         yield f"backbone.fpn_output{stage}.bias", (_FPN_OUT,), ("const", 0.0)
 
+
+def _resnet50_entries() -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """The ResNet-50 ``backbone.bottom_up`` (stem and res2-res5, FrozenBN) in registration order."""
     bottom_up = "backbone.bottom_up"
     yield from _conv_with_frozen_bn(f"{bottom_up}.stem.conv1", _STEM_OUT, 3, 7)
     in_ch = _STEM_OUT
@@ -101,6 +117,14 @@ def _entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
             yield from _conv_with_frozen_bn(f"{block}.conv2", bottleneck, bottleneck, 3)
             yield from _conv_with_frozen_bn(f"{block}.conv3", out_ch, bottleneck, 1)
             in_ch = out_ch
+
+
+def _entries(num_classes: int, mask_on: bool = True) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """Every state-dict entry of (Mask/Faster) R-CNN R50-FPN in detectron2's order (module
+    registration order)."""
+    # FPN: detectron2 registers fpn_lateral{s}/fpn_output{s} for s = 2..5, then bottom_up.
+    yield from _fpn_entries((2, 3, 4, 5))
+    yield from _resnet50_entries()
 
     rpn = "proposal_generator.rpn_head"
     yield f"{rpn}.conv.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("normal", 0.01)
@@ -120,6 +144,8 @@ def _entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
     yield f"{predictor}.bbox_pred.weight", (4 * num_classes, _FC_DIM), ("normal", 0.001)
     yield f"{predictor}.bbox_pred.bias", (4 * num_classes,), ("const", 0.0)
+    if not mask_on:
+        return
 
     mask_head = "roi_heads.mask_head"
     for k in range(1, _MASK_NUM_CONV + 1):
@@ -131,6 +157,34 @@ def _entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     yield f"{mask_head}.deconv.bias", (_MASK_CONV_DIM,), ("const", 0.0)
     yield f"{mask_head}.predictor.weight", (num_classes, _MASK_CONV_DIM, 1, 1), ("normal", 0.001)
     yield f"{mask_head}.predictor.bias", (num_classes,), ("const", 0.0)
+
+
+def _retinanet_entries(
+    num_classes: int, num_convs: int, norm: str, prior_prob: float
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """Every state-dict entry of RetinaNet R50-FPN in detectron2's order: FPN on res3-res5, the
+    ``LastLevelP6P7`` top block (c2_xavier_fill), the bottom-up ResNet, then the head (every conv
+    normal std 0.01, bias 0; ``cls_score`` bias ``-log((1 - prior_prob) / prior_prob)``; a
+    ``"GN"`` norm weight 1, bias 0)."""
+    yield from _fpn_entries((3, 4, 5))
+    yield "backbone.top_block.p6.weight", (_FPN_OUT, _RES2_OUT * 8, 3, 3), ("xavier",)
+    yield "backbone.top_block.p6.bias", (_FPN_OUT,), ("const", 0.0)
+    yield "backbone.top_block.p7.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("xavier",)
+    yield "backbone.top_block.p7.bias", (_FPN_OUT,), ("const", 0.0)
+    yield from _resnet50_entries()
+    for tower in ("cls_subnet", "bbox_subnet"):
+        step = 3 if norm else 2  # conv, [norm,] ReLU: the indices of detectron2's nn.Sequential
+        for i in range(num_convs):
+            yield f"head.{tower}.{i * step}.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("normal", 0.01)
+            yield f"head.{tower}.{i * step}.bias", (_FPN_OUT,), ("const", 0.0)
+            if norm:
+                yield f"head.{tower}.{i * step + 1}.weight", (_FPN_OUT,), ("const", 1.0)
+                yield f"head.{tower}.{i * step + 1}.bias", (_FPN_OUT,), ("const", 0.0)
+    anchors = _RETINANET_ANCHORS
+    yield "head.cls_score.weight", (anchors * num_classes, _FPN_OUT, 3, 3), ("normal", 0.01)
+    yield "head.cls_score.bias", (anchors * num_classes,), ("const", -math.log((1 - prior_prob) / prior_prob))
+    yield "head.bbox_pred.weight", (anchors * 4, _FPN_OUT, 3, 3), ("normal", 0.01)
+    yield "head.bbox_pred.bias", (anchors * 4,), ("const", 0.0)
 
 
 def mask_rcnn_r50_fpn_shapes(num_classes: int = 80) -> dict[str, tuple[int, ...]]:
@@ -186,7 +240,8 @@ def mask_rcnn_r50_fpn_state_dict(
         ``.npz`` path (or a mapping) whose ``...norm.running_mean`` / ``...norm.running_var``
         entries replace the FrozenBN statistics and whose ``scale.<name>`` entries (float32
         scalars) multiply parameter ``<name>``, e.g.
-        ``tests/fixtures/mask_rcnn_bn_calibration.npz`` (calibrated for ``seed=0``). Other keys
+        ``tests/fixtures/mask_rcnn_bn_calibration.npz`` (calibrated for ``seed=0``); a
+        ``value.<name>`` entry (a float32 scalar) fills parameter ``<name>`` instead. Other keys
         of the file are ignored; every FrozenBN statistic must be present with its shape.
       num_classes: foreground classes (``MODEL.ROI_HEADS.NUM_CLASSES``, 80 for COCO).
 
@@ -196,23 +251,105 @@ def mask_rcnn_r50_fpn_state_dict(
       ``GeneralizedRCNN.state_dict()``; detectron2's non-persistent buffers (``pixel_mean``,
       ``pixel_std``, anchors) are not part of it, as in a model-zoo checkpoint.
     """
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    return _state_dict(_entries(int(num_classes)), int(seed), calibration, "Mask R-CNN R50-FPN")
+
+
+def faster_rcnn_r50_fpn_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+) -> dict[str, np.ndarray]:
+    """detectron2's Faster R-CNN R50-FPN state dict (``faster_rcnn_R_50_FPN_3x.yaml``): the Mask
+    R-CNN one of :func:`mask_rcnn_r50_fpn_state_dict` without ``roi_heads.mask_head``, the same
+    values for the same seed. A Mask R-CNN calibration applies as it is (its mask-head scales are
+    ignored), so both models give the same boxes."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    if calibration is not None:
+        calibration = {k: v for k, v in _read_calibration(calibration).items()
+                       if not k.startswith(("scale.roi_heads.mask_head.", "value.roi_heads.mask_head."))}
+    return _state_dict(_entries(int(num_classes), mask_on=False), int(seed), calibration, "Faster R-CNN R50-FPN")
+
+
+# detectron2's prior-probability init (bias -4.6) leaves every RetinaNet score near 0.01, under
+# the 0.05 test threshold; with this bias and the head's output layers rescaled (class logits of
+# std 1 on a photograph) the scores of a photograph spread over the whole range.
+RETINANET_CLS_BIAS = -3.0
+
+
+def retinanet_calibration(
+    frozen_bn_source: str | os.PathLike[str] | dict[str, np.ndarray],
+    head_scales: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """The calibration of :func:`retinanet_r50_fpn_state_dict`: the FrozenBN statistics of
+    ``frozen_bn_source`` (a Mask R-CNN calibration such as
+    ``tests/fixtures/mask_rcnn_bn_calibration.npz``: RetinaNet's ResNet-50 has the same names, so
+    the same seed gives the same backbone and the same statistics), the ``cls_score`` bias
+    :data:`RETINANET_CLS_BIAS`, and ``head_scales`` (``{"scale.head.cls_score.weight": ...}``,
+    measured by ``tools/fixtures/make_retinanet.py`` and stored in its fixtures)."""
+    stats = {k: v for k, v in _read_calibration(frozen_bn_source).items()
+             if k.endswith((".norm.running_mean", ".norm.running_var"))}
+    return {**stats, "value.head.cls_score.bias": np.float32(RETINANET_CLS_BIAS), **dict(head_scales or {})}
+
+
+def retinanet_r50_fpn_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+    num_convs: int = 4,
+    norm: str = "",
+    prior_prob: float = 0.01,
+) -> dict[str, np.ndarray]:
+    """detectron2's RetinaNet R50-FPN state dict (``retinanet_R_50_FPN_3x.yaml``) with detectron2's
+    init from a NumPy seed, as :func:`mask_rcnn_r50_fpn_state_dict` (the ResNet-50 values are the
+    same for the same seed).
+
+    ``num_classes``, ``num_convs``, ``norm`` (``""`` or ``"GN"``) and ``prior_prob`` are
+    ``MODEL.RETINANET.{NUM_CLASSES, NUM_CONVS, NORM, PRIOR_PROB}``. ``calibration``: as in
+    :func:`mask_rcnn_r50_fpn_state_dict`, e.g. :func:`retinanet_calibration` of the Mask R-CNN file.
+    """
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    if isinstance(num_convs, bool) or not isinstance(num_convs, (int, np.integer)) or num_convs < 0:
+        raise ValueError(f"num_convs must be a non-negative int, got {num_convs!r}")
+    if norm not in ("", "GN"):
+        raise ValueError(f"norm must be '' or 'GN', got {norm!r}")
+    if not 0.0 < prior_prob < 1.0:
+        raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob!r}")
+    entries = _retinanet_entries(int(num_classes), int(num_convs), norm, float(prior_prob))
+    return _state_dict(entries, int(seed), calibration, "RetinaNet R50-FPN")
+
+
+def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    _check_num_classes(num_classes)
-    state = {name: _draw(int(seed), name, shape, init) for name, shape, init in _entries(int(num_classes))}
+
+
+def _state_dict(
+    entries: Iterator[tuple[str, tuple[int, ...], _Init]],
+    seed: int,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None,
+    model: str,
+) -> dict[str, np.ndarray]:
+    state = {name: _draw(seed, name, shape, init) for name, shape, init in entries}
     if calibration is not None:
-        _apply_calibration(state, calibration)
+        _apply_calibration(state, calibration, model)
     return state
 
 
-def _apply_calibration(
-    state: dict[str, np.ndarray], calibration: str | os.PathLike[str] | dict[str, np.ndarray]
-) -> None:
+def _read_calibration(calibration: str | os.PathLike[str] | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if isinstance(calibration, (str, os.PathLike)):
         with np.load(calibration) as f:
-            stats = {k: f[k] for k in f.files}
-    else:
-        stats = dict(calibration)
+            return {k: f[k] for k in f.files}
+    return dict(calibration)
+
+
+def _apply_calibration(
+    state: dict[str, np.ndarray], calibration: str | os.PathLike[str] | dict[str, np.ndarray], model: str
+) -> None:
+    stats = _read_calibration(calibration)
     wanted = [k for k in state if k.endswith((".norm.running_mean", ".norm.running_var"))]
     missing = [k for k in wanted if k not in stats]
     bad_shape = [
@@ -221,14 +358,17 @@ def _apply_calibration(
         if k in stats and np.shape(stats[k]) != state[k].shape
     ]
     scales = {k[len(_SCALE_PREFIX):]: v for k, v in stats.items() if k.startswith(_SCALE_PREFIX)}
-    unknown_scales = [k for k in scales if k not in state]
-    if missing or bad_shape or unknown_scales:
+    values = {k[len(_VALUE_PREFIX):]: v for k, v in stats.items() if k.startswith(_VALUE_PREFIX)}
+    unknown = [k for k in (*scales, *values) if k not in state]
+    if missing or bad_shape or unknown:
         raise ValueError(
-            "calibration does not hold every FrozenBN statistic of Mask R-CNN R50-FPN: "
+            f"calibration does not hold every FrozenBN statistic of {model}: "
             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); "
-            f"wrong shape {bad_shape}; scales of unknown parameters {unknown_scales}"
+            f"wrong shape {bad_shape}; scales or values of unknown parameters {unknown}"
         )
     for k in wanted:
         state[k] = np.asarray(stats[k], dtype=np.float32).copy()
     for k, scale in scales.items():
         state[k] = state[k] * np.float32(scale)
+    for k, value in values.items():
+        state[k] = np.full(state[k].shape, value, dtype=np.float32)

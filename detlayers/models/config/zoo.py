@@ -8,7 +8,10 @@ from typing import Any
 from detlayers.models.config.defaults import get_cfg
 from detlayers.models.config.node import CfgNode
 
-__all__ = ["mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config"]
+__all__ = [
+    "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
+    "retinanet_R_50_FPN_3x_config",
+]
 
 
 def _base_rcnn_fpn() -> dict[str, Any]:
@@ -40,19 +43,42 @@ def _base_rcnn_fpn() -> dict[str, Any]:
     }
 
 
-def _mask_rcnn_fpn_3x(depth: int) -> CfgNode:
-    cfg = get_cfg()
-    cfg.merge_from_other_cfg(CfgNode(_base_rcnn_fpn()))
-    cfg.merge_from_other_cfg(CfgNode({
+def _base_retinanet() -> dict[str, Any]:
+    """``configs/Base-RetinaNet.yaml``: ``RetinaNet`` on ResNet res3-res5 with FPN P3-P5 and
+    ``LastLevelP6P7`` from C5, three octave scales of anchors a level (written as the YAML computes
+    them, ``x * 2**(1.0/3)``, so the floats are detectron2's bit for bit), base LR 0.01."""
+    return {
         "MODEL": {
-            "WEIGHTS": f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl",
-            "MASK_ON": True,
-            "RESNETS": {"DEPTH": depth},
+            "META_ARCHITECTURE": "RetinaNet",
+            "BACKBONE": {"NAME": "build_retinanet_resnet_fpn_backbone"},
+            "RESNETS": {"OUT_FEATURES": ["res3", "res4", "res5"]},
+            "ANCHOR_GENERATOR": {
+                "SIZES": [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [32, 64, 128, 256, 512]],
+            },
+            "FPN": {"IN_FEATURES": ["res3", "res4", "res5"]},
+            "RETINANET": {"IOU_THRESHOLDS": [0.4, 0.5], "IOU_LABELS": [0, -1, 1], "SMOOTH_L1_LOSS_BETA": 0.0},
         },
+        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.01, "STEPS": (60000, 80000), "MAX_ITER": 90000},
+        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
+        "VERSION": 2,
+    }
+
+
+def _zoo_3x(base: dict[str, Any], depth: int, **model: Any) -> CfgNode:
+    cfg = get_cfg()
+    cfg.merge_from_other_cfg(CfgNode(base))
+    cfg.merge_from_other_cfg(CfgNode({
+        "MODEL": {"WEIGHTS": f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl", **model,
+                  "RESNETS": {"DEPTH": depth}},
         # The 3x schedule: 270k iterations, steps at 210k and 250k.
         "SOLVER": {"STEPS": (210000, 250000), "MAX_ITER": 270000},
     }))
     return cfg
+
+
+def _mask_rcnn_fpn_3x(depth: int) -> CfgNode:
+    return _zoo_3x(_base_rcnn_fpn(), depth, MASK_ON=True)
 
 
 def mask_rcnn_R_50_FPN_3x_config() -> CfgNode:
@@ -68,3 +94,14 @@ def mask_rcnn_R_50_FPN_3x_config() -> CfgNode:
 def mask_rcnn_R_101_FPN_3x_config() -> CfgNode:
     """``COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml`` (as the R-50 one, ``DEPTH: 101``)."""
     return _mask_rcnn_fpn_3x(101)
+
+
+def faster_rcnn_R_50_FPN_3x_config() -> CfgNode:
+    """``COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml``: Base-RCNN-FPN without masks, ResNet-50."""
+    return _zoo_3x(_base_rcnn_fpn(), 50, MASK_ON=False)
+
+
+def retinanet_R_50_FPN_3x_config() -> CfgNode:
+    """``COCO-Detection/retinanet_R_50_FPN_3x.yaml``: ``Base-RetinaNet.yaml`` with ResNet-50 (4-conv
+    towers, score threshold 0.05, 1000 candidates a level, NMS 0.5, 100 detections per image)."""
+    return _zoo_3x(_base_retinanet(), 50)

@@ -1,0 +1,135 @@
+"""Box-detection parity with detectron2, shared by the RetinaNet and Faster R-CNN tests (imported as
+``detection_parity``: pytest puts ``tests/`` on ``sys.path``).
+
+A case (``tests/fixtures/<stem>.npz``, written by ``tools/fixtures/make_retinanet.py``) is
+detectron2's output on a BATCH of photographs (``image_names``) at one ``MIN_SIZE_TEST``, over a zoo
+config plus ``overrides``; instances of all images are concatenated (``num_instances`` per image).
+
+Bounds are the Mask R-CNN test's: scores within 1e-4, boxes within 1e-2 px, instances matched by
+class and box IoU; instances within ``SCORE_CUT_MARGIN`` of the score threshold or of a top-k
+cut-off are left out (float32 differences may move them across the cut).
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+SCORE_CUT_MARGIN = 1e-3
+SCORE_ATOL = 1e-4
+BOX_ATOL = 1e-2
+FPN_RTOL = 1e-4
+
+
+def load_case(stem: str) -> dict:
+    path = FIXTURES / f"{stem}.npz"
+    if not path.is_file():
+        pytest.skip(f"no {path.name}: generate it with tools/fixtures/make_retinanet.py (needs detectron2)")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def overrides(case: dict) -> list:
+    """The case's ``merge_from_list`` pairs with the values parsed (the fixture stores strings)."""
+    items = [str(v) for v in case["overrides"]]
+    return [v if i % 2 == 0 else ast.literal_eval(v) for i, v in enumerate(items)]
+
+
+def weights_kwargs(case: dict) -> dict:
+    """The synthetic-weights generator's extra arguments of the case."""
+    pairs = (str(item).split("=", 1) for item in case["weights_kwargs"])
+    return {name: ast.literal_eval(value) for name, value in pairs}
+
+
+def photo_bgr(name: str) -> np.ndarray:
+    skimage_data = pytest.importorskip("skimage.data")
+    return np.ascontiguousarray(getattr(skimage_data, name)()[..., ::-1])
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def _near_cut(scores: np.ndarray, score_thresh: float, topk: int, next_score: float) -> np.ndarray:
+    near = scores < score_thresh + SCORE_CUT_MARGIN
+    if len(scores) >= topk:
+        near |= scores < scores[-1] + SCORE_CUT_MARGIN
+    if next_score >= 0:
+        near |= scores < next_score + SCORE_CUT_MARGIN
+    return near
+
+
+def _match(ref_boxes, ref_classes, boxes, classes) -> np.ndarray:
+    """For each reference instance the same-class instance with the highest box IoU (> 0.5), or -1."""
+    if len(boxes) == 0:
+        return np.full(len(ref_boxes), -1)
+    iou = box_iou(ref_boxes, boxes)
+    iou[ref_classes[:, None] != classes[None, :]] = 0
+    best = iou.argmax(axis=1)
+    return np.where(iou[np.arange(len(ref_boxes)), best] > 0.5, best, -1)
+
+
+def compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int, next_score: float) -> int:
+    """Asserts detectron2's instances (``ref``: ``pred_boxes``, ``scores``, ``pred_classes``) and
+    ours agree both ways; returns how many were compared."""
+    checked = 0
+    for first, second, first_name in ((ref, ours, "detectron2"), (ours, ref, "detlayers")):
+        near = _near_cut(first["scores"], score_thresh, topk, next_score)
+        match = _match(first["pred_boxes"], first["pred_classes"], second["pred_boxes"], second["pred_classes"])
+        for i in np.nonzero(~near)[0]:
+            j = match[i]
+            assert j >= 0, (f"{first_name} instance {i} (class {first['pred_classes'][i]}, score "
+                            f"{first['scores'][i]:.6f}, box {first['pred_boxes'][i]}) has no counterpart")
+            if first is ref:
+                np.testing.assert_allclose(second["pred_boxes"][j], first["pred_boxes"][i], atol=BOX_ATOL, rtol=0,
+                                           err_msg=f"box of instance {i}")
+                np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=SCORE_ATOL, rtol=0,
+                                           err_msg=f"score of instance {i}")
+                checked += 1
+    return checked
+
+
+def check_case(predictor, case: dict, fpn_levels: tuple[str, ...] = ()) -> list[int]:
+    """Runs ``predictor`` on the case's photographs as ONE batch and compares with detectron2: the
+    stored FPN channels of ``fpn_levels`` (relative error <= ``FPN_RTOL``) and every image's
+    instances. Returns the number of instances compared per image."""
+    images = [photo_bgr(str(name)) for name in case["image_names"]]
+    assert [im.shape[:2] for im in images] == [tuple(hw) for hw in case["image_hw"]]
+    batch, image_hw, original_hw, _ = predictor.inputs(images)
+    np.testing.assert_array_equal(image_hw, case["input_hw"])
+    assert tuple(batch.shape[1:3]) == tuple(case["padded_hw"])
+    out = jax.device_get(predictor.run(batch, image_hw, original_hw, None, return_intermediates=bool(fpn_levels)))
+    for level in fpn_levels:
+        ours, ref = out[level][..., case["fpn_channels"]], case[level]
+        assert ours.shape == ref.shape, level
+        error = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert error <= FPN_RTOL, f"{level}: relative error {error:.2e}"
+
+    topk = int(case["topk"])
+    assert out["pred_boxes"].shape[1] <= topk
+    starts = np.concatenate([[0], np.cumsum(case["num_instances"])])
+    checked = []
+    for i in range(len(images)):
+        k = int(out["num_instances"][i])
+        valid = out["valid"][i]
+        assert valid[:k].all() and not valid[k:].any(), "valid slots must come first"
+        ours = {"pred_boxes": out["pred_boxes"][i, :k], "scores": out["scores"][i, :k],
+                "pred_classes": out["pred_classes"][i, :k].astype(np.int64)}
+        assert np.all(np.diff(ours["scores"]) <= 0), "instances are not sorted by score"
+        # the comparison leaves out instances near the threshold: none may lie at or below it
+        assert np.all(ours["scores"] > float(case["score_thresh"])), "an instance at or below the score threshold"
+        ref = {key: case[key][starts[i]:starts[i + 1]] for key in ("pred_boxes", "scores", "pred_classes")}
+        checked.append(compare_instances(ref, ours, float(case["score_thresh"]), topk, float(case["next_score"][i])))
+        assert checked[-1] >= min(10, len(ref["scores"]) // 2), f"image {i}: only {checked[-1]} instances compared"
+    return checked
