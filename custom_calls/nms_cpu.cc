@@ -1,6 +1,7 @@
 // CPU XLA custom calls (typed FFI) for greedy non-maximum suppression.
 //
-// Contract shared with detlayers/nms.py (which sorts by score in XLA before the call):
+// Contract shared with detlayers/_nms_custom_call.py (detlayers/nms.py sorts by score in XLA before
+// the call):
 //   boxes     f32[..., N, D]   D = 4 (x1, y1, x2, y2) or 5 (xc, yc, w, h, angle_degrees),
 //                              already ordered by decreasing score
 //   classes   s32[..., N]      (batched variants only) boxes of different classes never interact

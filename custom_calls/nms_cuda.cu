@@ -270,7 +270,7 @@ inline std::string check_runtime() {
 }  // namespace cuda_nms
 }  // namespace detlayers
 
-// Called by detlayers/_ffi.py (ctypes) before it registers the CUDA handlers: returns 0 when the
+// Called by detlayers/_nms_library.py (ctypes) before it registers the CUDA handlers: returns 0 when the
 // installed driver and every visible device can run this library's kernels, else 1 with the reason
 // in `message` (NUL-terminated, truncated to `size` bytes). A library built with a newer CUDA than
 // the driver, or without code for the device, is then not registered and NMS uses its pure-XLA

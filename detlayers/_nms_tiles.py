@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -11,12 +13,19 @@ from detlayers._sharding import varying_like
 Array = jax.Array
 
 
-def pad_to_tiles(boxes: Array, classes: Array | None, tile: int, max_kept: int):
-    """Pads score-sorted ``boxes [N, D]`` (and ``classes [N]``) to whole tiles of ``min(tile, N)``.
+class TiledBoxes(NamedTuple):
+    """Score-sorted boxes padded to whole tiles, with the static sizes of the loops over them."""
 
-    Returns ``(boxes, classes, tile, num_tiles, capacity)``: ``capacity`` is ``max_kept`` rounded
-    up to whole tiles, the size of kept-box buffers read in chunks of ``tile``.
-    """
+    boxes: Array  # [num_tiles * tile, D], zeros past the n real boxes
+    classes: Array | None  # int32 [num_tiles * tile] (zeros past n), or None without classes
+    n: int  # real boxes
+    tile: int  # boxes per tile
+    num_tiles: int
+    capacity: int  # max_kept rounded up to whole tiles: kept-box buffers are read in tile chunks
+
+
+def pad_to_tiles(boxes: Array, classes: Array | None, tile: int, max_kept: int) -> TiledBoxes:
+    """Pads score-sorted ``boxes [N, D]`` (and ``classes [N]``) to whole tiles of ``min(tile, N)``."""
     n = boxes.shape[0]
     tile = min(tile, n)
     num_tiles = -(-n // tile)
@@ -24,7 +33,12 @@ def pad_to_tiles(boxes: Array, classes: Array | None, tile: int, max_kept: int):
     boxes = jnp.pad(boxes, ((0, padded - n), (0, 0)))
     if classes is not None:
         classes = jnp.pad(classes, (0, padded - n))
-    return boxes, classes, tile, num_tiles, -(-max_kept // tile) * tile
+    return TiledBoxes(boxes, classes, n, tile, num_tiles, -(-max_kept // tile) * tile)
+
+
+class _FixedPoint(NamedTuple):
+    keep: Array  # bool [T]: the current guess
+    changed: Array  # bool []: whether the last step changed it
 
 
 def greedy_within_tile(candidate: Array, overlaps: Array, *refs: Array) -> Array:
@@ -36,10 +50,10 @@ def greedy_within_tile(candidate: Array, overlaps: Array, *refs: Array) -> Array
     arrays the loop carry must vary like under ``shard_map``.
     """
 
-    def step(state):
-        keep, _ = state
+    def step(state: _FixedPoint) -> _FixedPoint:
+        keep = state.keep
         new_keep = candidate & ~(keep[:, None] & overlaps).any(axis=0)
-        return new_keep, (new_keep != keep).any()
+        return _FixedPoint(new_keep, (new_keep != keep).any())
 
-    keep, _ = lax.while_loop(lambda s: s[1], step, varying_like((candidate, jnp.bool_(True)), *refs))
-    return keep
+    init = varying_like(_FixedPoint(candidate, jnp.bool_(True)), *refs)
+    return lax.while_loop(lambda state: state.changed, step, init).keep

@@ -18,9 +18,10 @@ Semantics (torchvision's ``nms`` / detectron2's ``nms_rotated``):
   **greater than** ``iou_threshold``. The IoU is computed in float32 with the kept (higher-scoring)
   box as the first argument, in exactly torchvision's arithmetic (axis-aligned: the decision is
   bit-identical to theirs) or as :func:`detlayers.rotated_boxes.pairwise_iou_rotated` (rotated:
-  detectron2's value wherever it is sound, else the exact IoU; identical on every backend). ``iou_threshold`` given as a Python number is compared as the float64
-  value torchvision compares with (the float32 comparison uses the largest float32 not above it,
-  which decides every float32 IoU identically). detectron2's *CPU* rotated kernel suppresses at
+  detectron2's value wherever it is sound, else the exact IoU; identical on every backend).
+  ``iou_threshold`` given as a Python number is compared as the float64 value torchvision
+  compares with (the float32 comparison uses the largest float32 not above it, which decides
+  every float32 IoU identically). detectron2's *CPU* rotated kernel suppresses at
   IoU ``>=`` threshold while its CUDA kernel (and the spec) use ``>``; the two differ only when an
   IoU equals the threshold exactly. We use ``>`` everywhere.
 * ``batched_nms`` / ``batched_nms_rotated`` never let boxes of different ``idxs`` interact: the
@@ -60,6 +61,11 @@ Backends (all give identical indices; the sort by score always runs in XLA befor
   (:func:`detlayers.rotated_boxes.rotated_reach`, the rule every backend uses; other pairs have
   IoU exactly 0) and whose IoU bound can exceed the threshold (docs/design/rotated_iou.md).
 
+This module holds the public functions, their argument checks and the choice of backend; the
+kernels live in private modules: ``detlayers/_nms_xla.py`` and ``detlayers/_nms_rotated_xla.py``
+(pure XLA), ``detlayers/_nms_custom_call.py`` (the CPU and CUDA custom calls) and
+``detlayers/_nms_library.py`` (finding and registering the compiled libraries).
+
 The pure-XLA path can be forced anywhere, as a reference or for debugging: pass ``backend="xla"``,
 call :func:`set_backend` ``("xla")``, or set the environment variable ``DETLAYERS_NMS_BACKEND=xla``
 (read at trace time: a function already traced keeps the backend it was traced with). The
@@ -84,24 +90,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from detlayers import _ffi
+from detlayers import _nms_custom_call, _nms_library
 from detlayers._checks import f32_at_or_below
+from detlayers._nms_custom_call import CUDA_MAX_MASK_BYTES, CUDA_TILE, cuda_mask_bytes, cuda_mask_words
 from detlayers._nms_rotated_xla import greedy_rotated_xla
-from detlayers._nms_tiles import greedy_within_tile, pad_to_tiles
-from detlayers._numerics import round_product as _round_product
-from detlayers._sharding import varying_like as _varying_like
+from detlayers._nms_xla import greedy_xla
 
 Array = jax.Array
 
+__all__ = [
+    "nms", "batched_nms", "nms_rotated", "batched_nms_rotated", "NMSResult", "set_backend", "get_backend",
+    "BACKEND_ENV", "BACKENDS", "XLA_TILE", "CUDA_TILE", "CUDA_MAX_MASK_BYTES", "cuda_mask_bytes", "cuda_mask_words",
+]
+
 BACKEND_ENV = "DETLAYERS_NMS_BACKEND"
 BACKENDS = ("auto", "xla")
-XLA_TILE = 256  # boxes per step of the pure-XLA loop
-# Mirrors of custom_calls/nms_bitmask.h (kTile, kMaxMaskBytes), checked by tests/test_cuda_simulation.py.
-CUDA_TILE = 64  # boxes per 64-bit mask word in the CUDA kernel
-# Largest scratch bitmask of one CUDA custom call (1 GiB): images with more than 131008 boxes run
-# the pure-XLA path on the GPU instead, and a vmapped batch that would need more runs as a
-# sequence of calls (lax.map over chunks of images) that each stay within it.
-CUDA_MAX_MASK_BYTES = 1 << 30
+XLA_TILE = 256  # boxes per step of the pure-XLA loops
 
 _backend_override: str | None = None
 
@@ -338,18 +342,16 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     args.append(threshold)
 
     target = "detlayers_" + name
-    if rotated:
-        kernel_xla = functools.partial(_greedy_rotated_xla, max_kept=k, has_classes=idxs is not None)
-    else:
-        kernel_xla = functools.partial(_greedy_xla, max_kept=k, has_classes=idxs is not None)
+    solver = greedy_rotated_xla if rotated else greedy_xla
+    kernel_xla = functools.partial(_call_xla, solver, k, idxs is not None)
     branches: dict[str, Callable] = {}
     if backend == "auto":
-        if _ffi.has_target("cpu", target):
-            branches["cpu"] = functools.partial(_call_cpu, target, k)
+        if _nms_library.has_target("cpu", target):
+            branches["cpu"] = functools.partial(_nms_custom_call.call_cpu, target, k)
         else:
-            _ffi.warn_if_missing(target)
-        if _ffi.has_target("cuda", target) and cuda_mask_bytes(n) <= CUDA_MAX_MASK_BYTES:
-            branches["cuda"] = functools.partial(_call_cuda, target, k)
+            _nms_library.warn_if_missing(target)
+        if _nms_library.has_target("cuda", target) and _nms_custom_call.cuda_fits(n):
+            branches["cuda"] = functools.partial(_nms_custom_call.call_cuda, target, k)
     if branches:
         positions, count = lax.platform_dependent(*args, default=kernel_xla, **branches)
     else:
@@ -358,15 +360,6 @@ def _suppress(boxes, scores, idxs, iou_threshold, max_output_size, backend, *, r
     slot = jnp.arange(k, dtype=jnp.int32)
     indices = jnp.where(slot < count, order[jnp.clip(positions, 0, n - 1)], -1)
     return NMSResult.from_indices(indices, count)
-
-
-def _call_cpu(target: str, k: int, *args: Array) -> tuple[Array, Array]:
-    lead = args[0].shape[:-2]
-    out_types = (jax.ShapeDtypeStruct(lead + (k,), jnp.int32), jax.ShapeDtypeStruct(lead, jnp.int32))
-    # broadcast_all: a vmapped call is ONE custom call whose leading dims are the batch.
-    outputs = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args)
-    # inside shard_map the per-device result varies like its inputs (ffi_call does not say so)
-    return _varying_like(tuple(outputs), *args)
 
 
 def _descending_score_key(scores: Array) -> Array:
@@ -382,171 +375,7 @@ def _descending_score_key(scores: Array) -> Array:
     return ~ascending  # ... and ~x = -1 - x reverses it without overflow
 
 
-def cuda_mask_words(n: int) -> int:
-    """64-bit words of the CUDA kernel's scratch bitmask for one image of ``n`` boxes: the packed
-    upper triangle, ``CUDA_TILE`` rows for each pair of 64-box tiles on or right of the diagonal
-    (custom_calls/nms_bitmask.h, ``mask_words``)."""
-    tiles = -(-n // CUDA_TILE)
-    return CUDA_TILE * (tiles * (tiles + 1) // 2)
-
-
-def cuda_mask_bytes(n: int) -> int:
-    """Bytes of scratch the CUDA custom call allocates per image of ``n`` boxes; images above
-    :data:`CUDA_MAX_MASK_BYTES` use the pure-XLA path."""
-    return 8 * cuda_mask_words(n)
-
-
-def _call_cuda(target: str, k: int, *args: Array) -> tuple[Array, Array]:
-    keep, count = _cuda_custom_call(target, k)(*args)
-    return _varying_like((keep, count), *args)
-
-
-def _cuda_ffi(target: str, k: int, *args: Array) -> tuple[Array, Array]:
-    lead = args[0].shape[:-2]
-    n = args[0].shape[-2]
-    out_types = (
-        jax.ShapeDtypeStruct(lead + (k,), jnp.int32),
-        jax.ShapeDtypeStruct(lead, jnp.int32),
-        # device workspace: the packed 64-bit suppression mask, as pairs of uint32
-        jax.ShapeDtypeStruct(lead + (cuda_mask_words(n), 2), jnp.uint32),
-    )
-    keep, count, _ = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")(*args)
-    return keep, count
-
-
-@functools.cache
-def _cuda_custom_call(target: str, k: int) -> Callable:
-    """The CUDA custom call, batched under ``vmap`` as ONE call whose leading dims are the batch,
-    in sequential chunks (``lax.map``) when the whole batch's scratch would exceed
-    :data:`CUDA_MAX_MASK_BYTES`: the scratch of a call is bounded whatever the batch size."""
-
-    @jax.custom_batching.custom_vmap
-    def call(*args: Array) -> tuple[Array, Array]:
-        return _cuda_ffi(target, k, *args)
-
-    @call.def_vmap
-    def call_vmap(axis_size: int, in_batched, *args: Array):
-        args = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, b in zip(args, in_batched))
-        boxes = args[0]  # [axis_size, ..., N, D]
-        per_slice = cuda_mask_bytes(boxes.shape[-2]) * int(np.prod(boxes.shape[1:-2], dtype=np.int64))
-        chunk = max(1, CUDA_MAX_MASK_BYTES // max(per_slice, 1))
-        if axis_size <= chunk:
-            return call(*args), (True, True)
-        num_chunks = -(-axis_size // chunk)
-        pad = num_chunks * chunk - axis_size  # padding problems (all-zero boxes): results dropped
-        chunks = tuple(
-            jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((num_chunks, chunk) + a.shape[1:]) for a in args
-        )
-        keep, count = lax.map(lambda xs: call(*xs), chunks)
-        keep = keep.reshape((num_chunks * chunk,) + keep.shape[2:])[:axis_size]
-        count = count.reshape((num_chunks * chunk,) + count.shape[2:])[:axis_size]
-        return (keep, count), (True, True)
-
-    return call
-
-
-# --------------------------------------------------------------------------------------------
-# pure-XLA greedy NMS (the reference; used where no custom call exists)
-# --------------------------------------------------------------------------------------------
-def _axis_iou(first: Array, second: Array) -> Array:
-    """IoU ``[P, Q]`` of ``first[P, 4]`` (the higher-scoring boxes) with ``second[Q, 4]``, in
-    torchvision's operation order (bit-identical to custom_calls/nms_box_iou.h)."""
-    area1 = _round_product((first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1]))
-    area2 = _round_product((second[:, 2] - second[:, 0]) * (second[:, 3] - second[:, 1]))
-    xx1 = jnp.maximum(first[:, None, 0], second[None, :, 0])
-    yy1 = jnp.maximum(first[:, None, 1], second[None, :, 1])
-    xx2 = jnp.minimum(first[:, None, 2], second[None, :, 2])
-    yy2 = jnp.minimum(first[:, None, 3], second[None, :, 3])
-    w = jnp.maximum(0.0, xx2 - xx1)
-    h = jnp.maximum(0.0, yy2 - yy1)
-    inter = _round_product(w * h)
-    return inter / ((area1[:, None] + area2[None, :]) - inter)
-
-
-def _axis_overlaps(first: Array, second: Array, mask: Array, threshold: Array) -> Array:
-    return mask & (_axis_iou(first, second) > threshold)
-
-
-def _greedy_rotated_xla(*args: Array, max_kept: int, has_classes: bool) -> tuple[Array, Array]:
+def _call_xla(solver: Callable, max_kept: int, has_classes: bool, *args: Array) -> tuple[Array, Array]:
+    """The pure-XLA ``solver`` on the kernel arguments ``(sorted boxes, [classes], threshold)``."""
     boxes, classes, threshold = args if has_classes else (args[0], None, args[1])
-    return greedy_rotated_xla(boxes, classes, threshold, max_kept=max_kept, tile=XLA_TILE)
-
-
-def _greedy_xla(*args: Array, max_kept: int, has_classes: bool) -> tuple[Array, Array]:
-    """Greedy NMS over score-sorted boxes; returns kept positions ``[max_kept]`` and their count.
-
-    Tiles of ``T`` boxes are visited in order. A tile's box survives the boxes kept in earlier
-    tiles if none of them overlaps it (checked chunk by chunk, only over the kept prefix); inside
-    the tile the greedy rule "kept iff no kept earlier box in the tile overlaps it" is solved by
-    fixed-point iteration, which reaches the unique greedy answer (position i is final once all
-    positions before it are) and stops as soon as nothing changes.
-    """
-    if has_classes:
-        boxes, classes, threshold = args
-    else:
-        (boxes, threshold), classes = args, None
-    n, box_dim = boxes.shape
-    boxes, classes, tile, num_tiles, capacity = pad_to_tiles(boxes, classes, XLA_TILE, max_kept)
-    lane = jnp.arange(tile, dtype=jnp.int32)
-    earlier = lane[:, None] < lane[None, :]
-
-    def overlaps(first, first_cls, second, second_cls, mask):
-        if classes is not None:
-            mask &= first_cls[:, None] == second_cls[None, :]
-        return _axis_overlaps(first, second, mask, threshold)
-
-    def tile_step(state):
-        t, count, positions, kept_boxes, kept_cls = state
-        start = t * tile
-        cur = lax.dynamic_slice_in_dim(boxes, start, tile)
-        cur_cls = None if classes is None else lax.dynamic_slice_in_dim(classes, start, tile)
-
-        # Passes 0 .. num_chunks-1 test the tile against chunks of the kept boxes; the last pass
-        # tests the tile against itself (earlier boxes only).
-        num_chunks = (count + tile - 1) // tile
-
-        def pass_step(pass_state):
-            c, suppressed, inner = pass_state
-            is_self = c == num_chunks
-            base = c * tile  # past the buffer only on the self pass, where it is unused
-            kb = lax.dynamic_slice_in_dim(kept_boxes, base, tile)
-            kc = None if classes is None else lax.dynamic_slice_in_dim(kept_cls, base, tile)
-            live = (base + lane) < count
-            first = jnp.where(is_self, cur, kb)
-            first_cls = None if classes is None else jnp.where(is_self, cur_cls, kc)
-            # Boxes already suppressed need no further test, nor suppress others in the tile
-            # (the self pass comes last, when `suppressed` is final).
-            mask = jnp.where(is_self, earlier & ~suppressed[:, None], live[:, None])
-            mask &= ~suppressed[None, :]
-            hit = overlaps(first, first_cls, cur, cur_cls, mask)
-            suppressed = suppressed | (hit.any(axis=0) & ~is_self)
-            inner = jnp.where(is_self, hit, inner)
-            return c + 1, suppressed, inner
-
-        _, suppressed, inner = lax.while_loop(
-            lambda s: s[0] <= num_chunks,
-            pass_step,
-            _varying_like((jnp.int32(0), jnp.zeros((tile,), bool), jnp.zeros((tile, tile), bool)), *args),
-        )
-        candidate = ((start + lane) < n) & ~suppressed
-        keep = greedy_within_tile(candidate, inner, *args)
-        slot = count + jnp.cumsum(keep, dtype=jnp.int32) - 1
-        slot = jnp.where(keep & (slot < max_kept), slot, capacity)  # out of range: dropped
-        positions = positions.at[slot].set(start + lane, mode="drop")
-        kept_boxes = kept_boxes.at[slot].set(cur, mode="drop")
-        if classes is not None:
-            kept_cls = kept_cls.at[slot].set(cur_cls, mode="drop")
-        count = jnp.minimum(count + keep.sum(dtype=jnp.int32), max_kept)
-        return t + 1, count, positions, kept_boxes, kept_cls
-
-    init = (
-        jnp.int32(0),
-        jnp.int32(0),
-        jnp.full((max_kept,), -1, jnp.int32),
-        jnp.zeros((capacity, box_dim), jnp.float32),
-        jnp.zeros((capacity if classes is not None else 0,), jnp.int32),
-    )
-    _, count, positions, _, _ = lax.while_loop(
-        lambda s: (s[0] < num_tiles) & (s[1] < max_kept), tile_step, _varying_like(init, *args)
-    )
-    return positions, count
+    return solver(boxes, classes, threshold, max_kept=max_kept, tile=XLA_TILE)

@@ -42,9 +42,10 @@ from jax.sharding import PartitionSpec as P
 import detlayers as L
 
 nms_module = importlib.import_module("detlayers.nms")
-ffi_module = importlib.import_module("detlayers._ffi")
+library_module = importlib.import_module("detlayers._nms_library")
+custom_call_module = importlib.import_module("detlayers._nms_custom_call")
 
-HAS_CPU_KERNEL = ffi_module.has_target("cpu", "detlayers_nms")
+HAS_CPU_KERNEL = library_module.has_target("cpu", "detlayers_nms")
 BACKENDS = ["auto", "xla"]
 
 
@@ -240,7 +241,7 @@ def test_vmap_lowers_to_one_custom_call():
     assert "tensor<2x3x50x4xf32>" in text
 
 
-@pytest.mark.skipif(not ffi_module.has_target("cuda", "detlayers_nms"), reason="CUDA custom call not built")
+@pytest.mark.skipif(not library_module.has_target("cuda", "detlayers_nms"), reason="CUDA custom call not built")
 @pytest.mark.parametrize("fn_name,box_dim", [("nms", 4), ("batched_nms_rotated", 5)])
 def test_cuda_lowering_is_one_device_custom_call_over_the_batch(fn_name, box_dim):
     fn = getattr(nms_module, fn_name)
@@ -269,7 +270,7 @@ def test_cuda_lowering_is_one_device_custom_call_over_the_batch(fn_name, box_dim
     assert "tensor<8x100xi32>, tensor<8xi32>, tensor<8x960x2xui32>" in calls[0]
 
 
-@pytest.mark.skipif(not ffi_module.has_target("cuda", "detlayers_nms"), reason="CUDA custom call not built")
+@pytest.mark.skipif(not library_module.has_target("cuda", "detlayers_nms"), reason="CUDA custom call not built")
 def test_cuda_scratch_is_bounded_per_call():
     # Scratch grows as N**2 / 16 bytes per image; above CUDA_MAX_MASK_BYTES (N > 131008) the GPU
     # runs the pure-XLA path instead of allocating it, and vmapped batches are split into calls
@@ -305,29 +306,29 @@ def test_cuda_scratch_is_bounded_per_call():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_library_is_built_when_nvcc_exists():
-    path = next((p for p in ffi_module.library_candidates("libdetlayers_cuda.so") if p.is_file()), None)
+    path = next((p for p in library_module.library_candidates("libdetlayers_cuda.so") if p.is_file()), None)
     assert path is not None, "nvcc is on PATH but libdetlayers_cuda.so was not built"
     lib = ctypes.CDLL(str(path))
-    for symbol in ffi_module._CUDA_TARGETS.values():
+    for symbol in library_module._CUDA_TARGETS.values():
         assert hasattr(lib, symbol), symbol
     # The loader's driver/device check answers; without a usable GPU it says why.
-    problem = ffi_module.cuda_runtime_problem(lib)
-    assert (problem == "") == ffi_module._jax_has_cuda(), problem
+    problem = library_module.cuda_runtime_problem(lib)
+    assert (problem == "") == library_module._jax_has_cuda(), problem
 
 
 def _cuda_library_path():
-    return next((p for p in ffi_module.library_candidates("libdetlayers_cuda.so") if p.is_file()), None)
+    return next((p for p in library_module.library_candidates("libdetlayers_cuda.so") if p.is_file()), None)
 
 
 @pytest.mark.skipif(_cuda_library_path() is None, reason="CUDA custom call not built")
 def test_cuda_library_that_cannot_run_here_is_not_registered(monkeypatch):
     # e.g. built with a newer CUDA than the driver supports: one warning, nothing registered, so
     # NMS lowers to the pure-XLA path instead of failing at the first launch.
-    monkeypatch.setattr(ffi_module, "_jax_has_cuda", lambda: True)
-    monkeypatch.setattr(ffi_module, "cuda_runtime_problem", lambda lib: "built with CUDA 13.0 but the driver ...")
-    monkeypatch.setattr(ffi_module, "_warned", False)
+    monkeypatch.setattr(library_module, "_jax_has_cuda", lambda: True)
+    monkeypatch.setattr(library_module, "cuda_runtime_problem", lambda lib: "built with CUDA 13.0 but the driver ...")
+    monkeypatch.setattr(library_module, "_warned", False)
     with pytest.warns(RuntimeWarning, match="cannot run here: built with CUDA 13.0.*pure-XLA"):
-        assert ffi_module._load.__wrapped__("cuda") == frozenset()
+        assert library_module._load.__wrapped__("cuda") == frozenset()
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler")
@@ -337,9 +338,9 @@ def test_library_missing_a_handler_symbol_is_an_error(monkeypatch, tmp_path):
     source.write_text('extern "C" int DetlayersNmsCpu() { return 0; }\n')
     stub = tmp_path / "libdetlayers_cpu.so"
     subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(stub)], check=True)
-    monkeypatch.setattr(ffi_module, "_find", lambda file_name: stub)
+    monkeypatch.setattr(library_module, "_find", lambda file_name: stub)
     with pytest.raises(RuntimeError, match="does not export DetlayersBatchedNmsCpu, .*rebuild"):
-        ffi_module._load.__wrapped__("cpu")
+        library_module._load.__wrapped__("cpu")
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="C++ custom call not built")
@@ -650,8 +651,8 @@ def test_missing_library_falls_back_to_xla_and_warns_once():
         """
         import warnings
         import numpy as np
-        import detlayers._ffi as ffi
-        ffi.library_candidates = lambda file_name: []
+        import detlayers._nms_library as library
+        library.library_candidates = lambda file_name: []
         import detlayers as L
         boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]], np.float32)
         with warnings.catch_warnings(record=True) as caught:
@@ -679,22 +680,23 @@ def test_missing_library_falls_back_to_xla_and_warns_once():
 def test_cuda_batch_chunking_gives_the_unchunked_result(monkeypatch):
     # The chunked vmap rule of the CUDA call (padding, lax.map, reshape, slicing), run on CPU by
     # standing the C++ custom call (same contract, without the scratch output) in for the CUDA one.
-    monkeypatch.setattr(nms_module, "_cuda_ffi", nms_module._call_cpu)
-    monkeypatch.setattr(nms_module, "CUDA_MAX_MASK_BYTES", 3 * nms_module.cuda_mask_bytes(50))  # 3 images a call
-    nms_module._cuda_custom_call.cache_clear()
+    monkeypatch.setattr(custom_call_module, "_cuda_ffi", custom_call_module.call_cpu)
+    limit = 3 * custom_call_module.cuda_mask_bytes(50)
+    monkeypatch.setattr(custom_call_module, "CUDA_MAX_MASK_BYTES", limit)  # 3 images a call
+    custom_call_module._cuda_custom_call.cache_clear()
     try:
         rng = np.random.default_rng(0)
         xy = rng.uniform(0, 50, (2, 7, 50, 2)).astype(np.float32)
         boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (2, 7, 50, 2)).astype(np.float32)], -1)
         thresholds = rng.uniform(0.2, 0.8, (2, 7)).astype(np.float32)
-        chunked = jax.jit(jax.vmap(jax.vmap(functools.partial(nms_module._call_cuda, "detlayers_nms", 20))))
-        plain = jax.jit(jax.vmap(jax.vmap(functools.partial(nms_module._call_cpu, "detlayers_nms", 20))))
+        chunked = jax.jit(jax.vmap(jax.vmap(functools.partial(custom_call_module.call_cuda, "detlayers_nms", 20))))
+        plain = jax.jit(jax.vmap(jax.vmap(functools.partial(custom_call_module.call_cpu, "detlayers_nms", 20))))
         text = chunked.lower(boxes, thresholds).as_text()
         assert "while" in text and "tensor<1x3x50x4xf32>" in text  # 7 images: 3 chunks of 3, padded
         for got, want in zip(chunked(boxes, thresholds), plain(boxes, thresholds)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     finally:
-        nms_module._cuda_custom_call.cache_clear()
+        custom_call_module._cuda_custom_call.cache_clear()
 
 
 def _small_result():
@@ -800,19 +802,33 @@ def _expected_wide(ids):
     return np.array(first)
 
 
-@pytest.mark.parametrize("fn_name", ["batched_nms", "batched_nms_rotated"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_int64_class_ids_never_merge_classes(fn_name, backend):
+def _wide_problem(fn_name):
     boxes, scores = _identical_boxes(len(WIDE_IDS))
     if fn_name == "batched_nms_rotated":
         boxes = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2],
                                 np.zeros((len(boxes), 1), np.float32)], 1)
-    fn = getattr(nms_module, fn_name)
+    return getattr(nms_module, fn_name), boxes, scores
+
+
+@pytest.mark.parametrize("fn_name", ["batched_nms", "batched_nms_rotated"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_class_ids_never_merge_classes(fn_name, backend):
+    fn, boxes, scores = _wide_problem(fn_name)
     expected = _expected_wide(WIDE_IDS)
     assert len(expected) == 8  # 2**31 and -1 repeat; everything else is distinct
     # NumPy int64 with x64 off: mapped on the host before JAX could wrap the ids
     result = fn(boxes, scores, WIDE_IDS, 0.5, backend=backend)
     np.testing.assert_array_equal(np.asarray(result.indices[: result.count]), expected)
+
+
+# Not the rotated pure-XLA kernel: these mappings run before the kernel, in code shared by every
+# case, and each call below would compile that loop again (minutes).
+@pytest.mark.parametrize(
+    "fn_name,backend", [("batched_nms", "auto"), ("batched_nms", "xla"), ("batched_nms_rotated", "auto")]
+)
+def test_int64_unsigned_and_traced_class_ids_never_merge_classes(fn_name, backend):
+    fn, boxes, scores = _wide_problem(fn_name)
+    expected = _expected_wide(WIDE_IDS)
     np.testing.assert_array_equal(  # unsigned 64-bit ids too
         np.asarray(fn(boxes, scores, WIDE_IDS.astype(np.uint64), 0.5, backend=backend).indices[:8]),
         _expected_wide(WIDE_IDS.astype(np.uint64)))

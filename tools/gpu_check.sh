@@ -27,14 +27,14 @@ log "1/5 build and install (DETLAYERS_CUDA=ON)"
 log "2/5 runtime check and NMS tests on the GPU"
 "$py" - <<'PY' | tee "$out/runtime_check.txt"
 import ctypes, jax
-from detlayers import _ffi
-path = next(p for p in _ffi.library_candidates("libdetlayers_cuda.so") if p.is_file())
-problem = _ffi.cuda_runtime_problem(ctypes.CDLL(str(path)))
+from detlayers import _nms_library
+path = next(p for p in _nms_library.library_candidates("libdetlayers_cuda.so") if p.is_file())
+problem = _nms_library.cuda_runtime_problem(ctypes.CDLL(str(path)))
 print("devices:", jax.devices())
 print("cuda library:", path, "| runtime check:", problem or "ok")
 assert jax.devices()[0].platform == "gpu", "JAX sees no GPU"
 assert not problem, problem
-assert _ffi.has_target("cuda", "detlayers_nms_rotated")
+assert _nms_library.has_target("cuda", "detlayers_nms_rotated")
 PY
 "$py" -m pytest tests/test_nms.py tests/test_cuda_simulation.py -q -p no:cacheprovider -o addopts="" -n 4 \
   2>&1 | tee "$out/pytest.log"

@@ -87,7 +87,8 @@ def cases(platform: str) -> list[Case]:
         ts = torch.from_numpy(scores.reshape(-1)).to(device)
         ti = torch.arange(images, device=device).repeat_interleave(n)
         torch_fn = functools.partial(torchvision.ops.batched_nms, tb, ts, ti, thr)
-    out.append(Case("nms", f"vmap nms {images} images x {n} (torch: batched_nms)", functools.partial(fn, b, s), torch_fn))
+    out.append(Case("nms", f"vmap nms {images} images x {n} (torch: batched_nms)", functools.partial(fn, b, s),
+                    torch_fn))
 
     # rotated: detectron2 is not a dependency, so ours only; the pure-XLA path (TPU) as well, up
     # to 200k boxes in one image (timed once: minutes on a CPU)

@@ -144,18 +144,18 @@ def export_predictor(
 
 
 def _custom_call_targets() -> list[str]:
-    from detlayers import _ffi
+    from detlayers import _nms_library
 
-    return sorted(set(_ffi._CPU_TARGETS) | set(_ffi._CUDA_TARGETS))
+    return sorted(set(_nms_library._CPU_TARGETS) | set(_nms_library._CUDA_TARGETS))
 
 
 def register_custom_calls() -> None:
     """Registers detlayers' compiled custom calls (CPU, and CUDA where built) with XLA, so an
     artifact that carries them can run in this process."""
-    from detlayers import _ffi
+    from detlayers import _nms_library
 
-    _ffi.available_targets("cpu")
-    _ffi.available_targets("cuda")
+    _nms_library.available_targets("cpu")
+    _nms_library.available_targets("cuda")
 
 
 def _pack_artifact(payload: bytes) -> bytes:

@@ -6,7 +6,7 @@
 // Usage: nms_cuda_simulator [--quick | --constants | --cases IN OUT]
 //   (default)    every size and configuration below
 //   --quick      smaller sizes, for the sanitizer builds
-//   --constants  prints the constants that detlayers/nms.py must mirror, one "NAME value" a line
+//   --constants  prints the constants that detlayers/_nms_custom_call.py must mirror, one "NAME value" a line
 //   --cases      runs the problems in file IN (torchvision/detectron2 fixtures, written by the
 //                test), writing each result to OUT; format in run_case_file
 #include "nms_cuda.cu"

@@ -1,4 +1,4 @@
-"""Loading of the compiled XLA custom calls (``custom_calls/``) and their FFI registration.
+"""Loading of the compiled NMS kernels (``custom_calls/``) and their XLA FFI registration (private).
 
 The build (CMake via scikit-build-core) installs up to two plain shared libraries into
 ``detlayers/_lib``: ``libdetlayers_cpu.so`` (C++ handlers) and ``libdetlayers_cuda.so`` (CUDA
@@ -7,12 +7,14 @@ symbol is wrapped with :func:`jax.ffi.pycapsule` and registered with
 :func:`jax.ffi.register_ffi_target` under the platform it runs on ("cpu" or "CUDA").
 
 Search order for each library: the directory named by the environment variable
-``DETLAYERS_LIB_DIR`` (if set), then ``_lib/`` in every entry of ``detlayers.__path__`` (an
+``DETLAYERS_LIB_DIR`` (if set), then ``_lib/`` in every entry of the ``detlayers`` package path
+(its import spec's ``submodule_search_locations``, which ``detlayers.__path__`` is made from: an
 editable install keeps the compiled files in site-packages while the sources stay in the
 checkout), then the ``_lib/`` of the installed ``detlayers`` distribution (so that
 ``python -m detlayers.demo`` run from a checkout, which imports the checkout's sources, still finds
-the libraries that ``pip install .`` built). A missing or unloadable library is not an error: the ops that would use it fall back to
-their pure-XLA implementation, and one :class:`RuntimeWarning` says so. Neither is a CUDA library
+the libraries that ``pip install .`` built). A missing or unloadable library is not an error: the
+ops that would use it fall back to their pure-XLA implementation, and one :class:`RuntimeWarning`
+says so. Neither is a CUDA library
 that cannot run here (built with a newer CUDA than the installed driver supports, or without code
 for the GPU): when JAX has CUDA devices, the library's own check
 (``DetlayersNmsCudaCheckRuntime``) runs before anything is registered. A library that loads but
@@ -24,14 +26,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import threading
 import warnings
 
 import jax
-
-import detlayers
 
 LIB_DIR_ENV = "DETLAYERS_LIB_DIR"
 
@@ -62,17 +63,29 @@ _warned = False
 
 def library_candidates(file_name: str) -> list[pathlib.Path]:
     """Paths where ``file_name`` is looked for, in order: ``$DETLAYERS_LIB_DIR/file_name`` when
-    that variable is set, then ``<entry>/_lib/file_name`` for each entry of ``detlayers.__path__``,
-    then the installed distribution's ``detlayers/_lib/file_name``. The paths need not exist."""
+    that variable is set, then ``<entry>/_lib/file_name`` for each entry of the package path
+    (``detlayers.__path__``), then the installed distribution's ``detlayers/_lib/file_name``. The
+    paths need not exist."""
     dirs: list[pathlib.Path] = []
     override = os.environ.get(LIB_DIR_ENV)
     if override:
         dirs.append(pathlib.Path(override))
-    dirs.extend(pathlib.Path(p) / "_lib" for p in detlayers.__path__)
+    dirs.extend(entry / "_lib" for entry in _package_dirs())
     installed = _installed_lib_dir()
     if installed is not None and installed not in dirs:
         dirs.append(installed)
     return [d / file_name for d in dirs]
+
+
+def _package_dirs() -> list[pathlib.Path]:
+    """The entries of the ``detlayers`` package path: its import spec's
+    ``submodule_search_locations`` (the package is imported before any of its modules, so the
+    lookup imports nothing), or the directory of this file when the spec lists none."""
+    spec = importlib.util.find_spec(__package__)
+    locations = spec.submodule_search_locations if spec is not None else None
+    if not locations:
+        return [pathlib.Path(__file__).parent]
+    return [pathlib.Path(entry) for entry in locations]
 
 
 def _installed_lib_dir() -> pathlib.Path | None:
