@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,3 +227,141 @@ def test_fast_rcnn_output_layers_agnostic_bbox_reg_decodes_one_box_for_every_cla
     np.testing.assert_allclose(np.asarray(boxes[0]), ref_boxes, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(np.asarray(scores[0]), ref_scores, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(classes[0]), ref_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# FPN FUSE_TYPE: avg
+
+
+class _StubBottomUp(nn.Module):
+    """A weightless bottom-up network: ``res{k}`` is the input subsampled by ``2**k`` and projected
+    by a fixed random matrix to ``CHANNELS[k]`` channels."""
+
+    CHANNELS = {3: 4, 4: 6, 5: 5}
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        return {f"res{k}": ShapeSpec(channels=c, stride=2**k) for k, c in self.CHANNELS.items()}
+
+    def __call__(self, x):
+        rng = np.random.default_rng(7)
+        return {f"res{k}": x[:, :: 2**k, :: 2**k, :] @ jnp.asarray(rng.normal(size=(3, c)), jnp.float32)
+                for k, c in self.CHANNELS.items()}
+
+
+def _conv_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """float64 stride-1 'same' convolution (odd kernel, zero padding) of NHWC ``x``, HWIO kernel."""
+    k = kernel.shape[0]
+    pad = k // 2
+    padded = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+    for i in range(k):
+        for j in range(k):
+            out += np.einsum("nhwc,co->nhwo", padded[:, i: i + x.shape[1], j: j + x.shape[2]], kernel[i, j])
+    return out + bias
+
+
+@pytest.mark.parametrize("fuse_type", ["sum", "avg"])
+def test_fpn_fuse_type(fuse_type):
+    from detlayers.models.backbone import FPN, LastLevelMaxPool
+
+    fpn = FPN(bottom_up=_StubBottomUp(), in_features=("res3", "res4", "res5"), out_channels=4,
+              top_block=LastLevelMaxPool(), fuse_type=fuse_type)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 64, 32, 3)), jnp.float32)
+    variables = fpn.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    params = jax.tree.map(lambda a: a + np.random.default_rng(a.size).normal(0, 0.1, a.shape), params)  # non-zero bias
+    out = fpn.apply({"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)}, x)
+    feats = {k: np.asarray(v, np.float64) for k, v in _StubBottomUp()(x).items()}
+
+    def conv(name, a):
+        return _conv_same(a, params[name]["kernel"], params[name]["bias"])
+
+    prev = conv("fpn_lateral5", feats["res5"])
+    expected = {"p5": conv("fpn_output5", prev)}
+    for level in (4, 3):
+        prev = conv(f"fpn_lateral{level}", feats[f"res{level}"]) + prev.repeat(2, axis=1).repeat(2, axis=2)
+        if fuse_type == "avg":
+            prev = prev / 2
+        expected[f"p{level}"] = conv(f"fpn_output{level}", prev)
+    expected["p6"] = expected["p5"][:, ::2, ::2]
+    for name, want in expected.items():
+        np.testing.assert_allclose(np.asarray(out[name]), want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# mask head: chunking over slot counts that are not a multiple of the chunk; class-specific and
+# class-agnostic masks
+
+
+class _LinearMaskHead(nn.Module):
+    """Logits ``[M, 2S, 2S, K]``: a per-pixel linear map, upsampled 2x by repetition."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(1.0), (x.shape[-1], self.num_classes))
+        return (x @ w).repeat(2, axis=1).repeat(2, axis=2)
+
+
+class _ChunkedMasks(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features, classes, valid):
+        from detlayers.models.roi_heads.roi_heads import _mask_probs_of_valid_slots
+
+        head = _LinearMaskHead(self.num_classes, name="head")
+        return _mask_probs_of_valid_slots(head, features, classes, valid, initializing=self.is_initializing())
+
+
+@pytest.mark.parametrize("num_classes", [3, 1], ids=["class-specific", "class-agnostic"])
+def test_mask_head_chunks_and_class_channel(num_classes):
+    from detlayers.models.roi_heads.roi_heads import MASK_HEAD_CHUNK
+
+    d = MASK_HEAD_CHUNK + 3  # not a multiple of the chunk
+    counts = (MASK_HEAD_CHUNK + 1, 3)  # image 0 needs two chunks, image 1 one
+    rng = np.random.default_rng(8)
+    features = rng.normal(size=(2, d, 2, 2, 5)).astype(np.float32)
+    classes = rng.integers(0, 3, (2, d)).astype(np.int32)
+    valid = np.arange(d)[None, :] < np.asarray(counts)[:, None]
+    module = _ChunkedMasks(num_classes)
+    variables = module.init(jax.random.key(0), features, classes, valid)
+    probs = np.asarray(module.apply(variables, features, classes, valid))
+    w = np.asarray(variables["params"]["head"]["w"], np.float64)
+    logits = (features.astype(np.float64) @ w).repeat(2, axis=2).repeat(2, axis=3)  # [2, d, 4, 4, K]
+    channel = classes if num_classes > 1 else np.zeros_like(classes)
+    expected = 1 / (1 + np.exp(-np.take_along_axis(logits, channel[:, :, None, None, None], axis=-1)[..., 0]))
+    assert probs.shape == (2, d, 4, 4)
+    for i, count in enumerate(counts):
+        np.testing.assert_allclose(probs[i, :count], expected[i, :count], rtol=1e-5, atol=1e-6)
+    # chunks are shared by the batch: image 0's eleven valid slots make both chunks run for both
+    # images, every one of the d slots included
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# detector_postprocess: boxes that become empty at the output size
+
+
+def test_postprocess_drops_boxes_that_become_empty():
+    from detlayers.models.postprocessing import detector_postprocess
+
+    boxes = np.array([[[10, 10, 30, 40], [70, 5, 90, 20], [5, 85, 25, 100], [20, 20, 20.5, 30], [1, 2, 3, 4]]],
+                     np.float32)
+    valid = np.array([[True, True, True, True, False]])
+    det = {"boxes": jnp.asarray(boxes), "scores": jnp.asarray([[0.9, 0.8, 0.7, 0.6, 0.5]]),
+           "classes": jnp.asarray([[1, 2, 0, 1, 2]], jnp.int32), "valid": jnp.asarray(valid)}
+    image_hw, output_hw = np.array([[80, 64]]), np.array([[40, 96]])  # sy = 0.5, sx = 1.5
+    out = detector_postprocess(det, jnp.asarray(image_hw, jnp.int32), jnp.asarray(output_hw, jnp.int32), None)
+    scaled = boxes[0].astype(np.float64) * [1.5, 0.5, 1.5, 0.5]
+    clipped = _clip(scaled, 40, 96)
+    keep = valid[0] & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    # box 1 lies right of x = 96 and box 2 below y = 40 after scaling: both become empty
+    assert keep.tolist() == [True, False, False, True, False]
+    k = int(keep.sum())
+    assert int(out["num_instances"][0]) == k
+    np.testing.assert_array_equal(np.asarray(out["valid"][0]), np.arange(5) < k)
+    np.testing.assert_allclose(np.asarray(out["pred_boxes"][0, :k]), clipped[keep], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out["scores"][0, :k]), np.float32([0.9, 0.6]))
+    np.testing.assert_array_equal(np.asarray(out["pred_classes"][0]), [1, 1, -1, -1, -1])
