@@ -188,7 +188,7 @@ sys.path.insert(0, {tests!r})
 from test_predictor_robust import _random_variables, _tiny_cfg
 from detlayers.models import Predictor
 
-cfg = _tiny_cfg("INPUT.MIN_SIZE_TEST", 0)
+cfg = _tiny_cfg("INPUT.MIN_SIZE_TEST", 0, "MODEL.MASK_ON", False)  # no mask head: a faster compile
 predictor = Predictor(cfg, _random_variables(cfg))
 image = np.zeros((8000, 8000, 3), np.uint8)
 # The address space the process has, plus 4 GiB: room for the compile and the host copies of
