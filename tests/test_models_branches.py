@@ -176,7 +176,9 @@ def _fast_rcnn_reference(boxes, scores, hw, score_thresh, nms_thresh, topk):
 
 
 def _fast_rcnn_case(rng, r=8, k=3, agnostic=False):
-    proposals = _random_boxes(rng, r, 50, 10, 30)
+    # two clusters of jittered proposals: overlaps spread over the NMS thresholds tested
+    proposals = (np.repeat(_random_boxes(rng, 2, 30, 14, 24), r // 2, axis=0)
+                 + rng.uniform(-4, 4, (r, 4))).astype(np.float32)
     boxes = _decode(rng.normal(0, 0.3, (r, 4 if agnostic else 4 * k)), proposals, (1, 1, 1, 1)).astype(np.float32)
     scores = rng.dirichlet(np.ones(k + 1), r).astype(np.float32)
     return boxes, scores
@@ -190,8 +192,8 @@ def test_fast_rcnn_inference_against_detectron2s_rule(nms_thresh, agnostic, topk
     rng = np.random.default_rng(5)
     boxes, scores = _fast_rcnn_case(rng, agnostic=agnostic)
     # two scores exactly at the threshold: detectron2 keeps only scores strictly above it
-    score_thresh = float(scores[1, 0])
-    scores[4, 2] = scores[1, 0]
+    score_thresh = float(np.float32(0.05))  # exactly representable in float32: a real tie
+    scores[1, 0] = scores[4, 2] = score_thresh
     hw = (55, 60)
     out_boxes, out_scores, out_classes, valid = fast_rcnn_inference(
         jnp.asarray(boxes[None]), jnp.asarray(scores[None]), jnp.asarray([hw], jnp.int32), jnp.ones((1, 8), bool),
