@@ -319,7 +319,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "bucket"),
     Mutant("predictor-oom-not-recognised", "detlayers/models/predictor.py",
            'return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text',
-           'return isinstance(err, jax.errors.JaxRuntimeError) and ("NO_SUCH_STATUS" in text', ROBUST,
+           'return isinstance(err, MemoryError) and ("RESOURCE_EXHAUSTED" in text', ROBUST,
            "out_of_memory"),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
