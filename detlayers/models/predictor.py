@@ -79,7 +79,7 @@ def _check_size_buckets(buckets: SizeBuckets) -> SizeBuckets:
 
 def _is_out_of_memory(err: BaseException) -> bool:
     text = str(err)
-    return isinstance(err, MemoryError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+    return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
 def resize_shortest_edge_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
