@@ -81,6 +81,8 @@ WEIGHTS = ("tests/test_torch_weights.py",)
 ARTIFACT = ("tests/test_export_artifact.py",)
 FLAGS = ("tests/test_demo_flags.py",)
 RETINANET = ("tests/test_retinanet.py",)
+BRANCHES = ("tests/test_models_branches.py",)
+ROBUST = ("tests/test_predictor_robust.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -448,6 +450,54 @@ MUTANTS: tuple[Mutant, ...] = (
            RETINANET, "retinanet_256"),
     Mutant("faster-rcnn-mask-head-weights-kept", "detlayers/models/synthetic_weights.py",
            "    if not mask_on:\n        return\n", "", ("tests/test_faster_rcnn.py",)),
+    # ---- detlayers.models past the default config (fast: small synthetic inputs) -------------------
+    Mutant("models-scale-clamp-dh-unclamped", "detlayers/boxes.py",
+           "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",
+           "        dh = _over(d[..., 3], wh)\n\n        pred_ctr_x", BRANCHES, "scale_clamp"),
+    Mutant("models-anchor-offset-not-scaled-by-stride", "detlayers/models/anchor_generator.py",
+           "shift_x = np.arange(offset * stride,", "shift_x = np.arange(offset,", BRANCHES, "offset"),
+    Mutant("models-rpn-pre-nms-topk-is-post", "detlayers/models/proposal_generator/rpn.py",
+           "k = min(int(logits_i.shape[1]), pre_nms_topk)", "k = min(int(logits_i.shape[1]), post_nms_topk)",
+           BRANCHES, "rpn_top_k"),
+    Mutant("models-rpn-min-size-ignored", "detlayers/models/proposal_generator/rpn.py",
+           "keep = finite & nonempty(boxes_n, min_box_size)", "keep = finite & nonempty(boxes_n)", BRANCHES,
+           "rpn_top_k"),
+    Mutant("models-fast-rcnn-score-at-threshold-kept", "detlayers/models/roi_heads/fast_rcnn.py",
+           "keep = (cls_scores > score_thresh)", "keep = (cls_scores >= score_thresh)", BRANCHES, "fast_rcnn"),
+    Mutant("models-fast-rcnn-fixed-nms-thresh", "detlayers/models/roi_heads/fast_rcnn.py",
+           "batched_nms(flat_boxes, flat_scores, flat_classes, nms_thresh,",
+           "batched_nms(flat_boxes, flat_scores, flat_classes, 0.5,", BRANCHES, "fast_rcnn_inference"),
+    Mutant("models-fast-rcnn-negative-topk-not-unlimited", "detlayers/models/roi_heads/fast_rcnn.py",
+           "k = r * num_classes if topk_per_image < 0 else", "k = r * num_classes if topk_per_image < -1 else",
+           BRANCHES, "fast_rcnn"),
+    Mutant("models-agnostic-bbox-reg-per-class", "detlayers/models/roi_heads/fast_rcnn.py",
+           "num_reg = 1 if self.cls_agnostic_bbox_reg else self.num_classes", "num_reg = self.num_classes",
+           BRANCHES, "agnostic"),
+    Mutant("models-fpn-avg-fuse-as-sum", "detlayers/models/backbone/fpn.py",
+           "                prev = prev / 2\n", "                prev = prev\n", BRANCHES, "fpn_fuse"),
+    Mutant("models-mask-chunks-floor", "detlayers/models/roi_heads/roi_heads.py",
+           "num_chunks = (jnp.max(jnp.sum(valid, axis=1)) + chunk - 1) // chunk",
+           "num_chunks = jnp.max(jnp.sum(valid, axis=1)) // chunk", BRANCHES, "mask_head_chunks"),
+    Mutant("models-mask-channel-of-class-0", "detlayers/models/roi_heads/mask_head.py",
+           "index = jnp.clip(classes, 0, mask_logits.shape[-1] - 1)", "index = jnp.zeros_like(classes)",
+           BRANCHES, "mask_head_chunks"),
+    Mutant("models-postprocess-keeps-empty-boxes", "detlayers/models/postprocessing.py",
+           'valid = det["valid"] & nonempty(boxes)', 'valid = det["valid"]', BRANCHES, "postprocess"),
+    Mutant("models-postprocess-scale-xy-swapped", "detlayers/models/postprocessing.py",
+           "jnp.stack([scale[:, 1], scale[:, 0], scale[:, 1], scale[:, 0]], axis=1)",
+           "jnp.stack([scale[:, 0], scale[:, 1], scale[:, 0], scale[:, 1]], axis=1)", BRANCHES, "postprocess"),
+    # ---- Predictor: config values, size buckets, out of memory -------------------------------------
+    Mutant("predictor-rpn-topk-zero-accepted", "detlayers/models/proposal_generator/rpn.py",
+           "if getattr(rpn, key) <= 0:", "if getattr(rpn, key) < 0:", ROBUST, "bad_config"),
+    Mutant("predictor-negative-min-size-accepted", "detlayers/models/predictor.py",
+           "if min_size < 0:", "if min_size < -1:", ROBUST, "bad_config"),
+    Mutant("predictor-bucket-rounds-down", "detlayers/models/predictor.py",
+           "return -(-int(size) // buckets) * buckets", "return max(1, int(size) // buckets) * buckets", ROBUST,
+           "bucket"),
+    Mutant("predictor-oom-not-recognised", "detlayers/models/predictor.py",
+           'return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text',
+           'return isinstance(err, MemoryError) and ("RESOURCE_EXHAUSTED" in text', ROBUST,
+           "out_of_memory"),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

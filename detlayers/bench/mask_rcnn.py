@@ -16,6 +16,11 @@ statistics of ``tests/fixtures/mask_rcnn_bn_calibration.npz`` when that file is 
 checkout, or the path in ``DETLAYERS_MASK_RCNN_CALIBRATION``), so the detections are realistic
 (about 100 instances with spread-out scores); without it the row says "uncalibrated".
 
+Mixed sizes. A second row runs a stream of ``MIXED_SIZES`` photos (the same photograph resized with
+PIL to typical camera and COCO sizes, both orientations), one image per call, through both
+predictors: ours compiles once per padded input size and mask-canvas bucket (during the warm-up),
+detectron2 needs no compile. ``images per second = len(MIXED_SIZES) / row time``.
+
 Share of the detlayers ops. The rows ``in it: ...`` time the detlayers ops the model actually calls
 (``roi_align``, ``nms``/``batched_nms``, ``paste_masks_in_image``), with the exact arguments and
 input values of the benchmarked inference: a second predictor is built with those functions
@@ -42,6 +47,8 @@ import numpy as np
 from detlayers.bench import Case
 
 IMAGE_HW = (800, 1333)
+# (height, width) of the mixed-size row's photos: COCO's common sizes and camera aspect ratios.
+MIXED_SIZES = ((480, 640), (640, 480), (427, 640), (375, 500), (600, 800), (720, 1280), (1024, 768), (333, 500))
 MIN_SIZE, MAX_SIZE = 800, 1333
 SEED = 0
 CALIBRATION_ENV = "DETLAYERS_MASK_RCNN_CALIBRATION"
@@ -52,6 +59,14 @@ DETLAYERS_OPS = (
     ("detlayers.nms", "nms", "NMS"),
     ("detlayers.mask_ops", "paste_masks_in_image", "paste_masks"),
 )
+
+
+def mixed_size_images() -> list[np.ndarray]:
+    """uint8 BGR photos of ``MIXED_SIZES``: :func:`benchmark_image` resized with PIL bilinear."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(benchmark_image()))
+    return [np.asarray(image.resize((w, h), Image.BILINEAR)) for h, w in MIXED_SIZES]
 
 
 def benchmark_image() -> np.ndarray:
@@ -269,5 +284,17 @@ def cases(platform: str) -> list[Case]:
     def run_ours() -> Any:
         return ours(image)["pred_masks"]
 
+    photos = mixed_size_images()
+    mixed = (f"mask_rcnn R50-FPN mixed sizes: {len(photos)} photos one at a time "
+             f"({', '.join(f'{h}x{w}' for h, w in MIXED_SIZES)}; images/s = {len(photos)} / time)")
+
+    def run_ours_mixed() -> Any:
+        return [ours(photo)["pred_masks"] for photo in photos]
+
+    def run_theirs_mixed() -> Any:
+        return [theirs(photo) for photo in photos]
+
     return [Case("mask_rcnn", name, run_ours, None if theirs is None else (lambda: theirs(image))),
+            Case("mask_rcnn", mixed, run_ours_mixed, None if theirs is None else run_theirs_mixed, warmup=1,
+                 min_repeats=2),
             *_op_cases(weights, image)]

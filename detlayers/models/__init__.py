@@ -26,7 +26,8 @@ _EXPORTS = exports_by_name({
     "meta_arch.retinanet": ("RetinaNet",),
     "meta_arch.build": ("build_model",),
     "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
-    "predictor": ("Predictor", "preprocess_image", "batch_images", "resize_shortest_edge_shape"),
+    "predictor": ("Predictor", "PredictorOutOfMemoryError", "preprocess_image", "batch_images",
+                  "resize_shortest_edge_shape"),
     "export": ("export_predictor", "load_exported"),
     "registry": (
         "META_ARCH_REGISTRY", "BACKBONE_REGISTRY", "PROPOSAL_GENERATOR_REGISTRY", "ANCHOR_GENERATOR_REGISTRY",

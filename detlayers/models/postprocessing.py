@@ -12,7 +12,7 @@ from detlayers.mask_ops import paste_masks_in_image
 
 Array = jax.Array
 
-__all__ = ["detector_postprocess"]
+__all__ = ["detector_postprocess", "paste_instance_masks"]
 
 
 def detector_postprocess(
@@ -50,10 +50,22 @@ def detector_postprocess(
         probs = take(det["mask_probs"])
         out["mask_probs"] = probs
         if canvas_hw is not None:
-            n, d = valid.shape
-            pasted = paste_masks_in_image(
-                probs.reshape(n * d, *probs.shape[2:]), out["pred_boxes"].reshape(n * d, 4),
-                (int(canvas_hw[0]), int(canvas_hw[1])), 0.5,
-            )
-            out["pred_masks"] = pasted.reshape(n, d, *pasted.shape[1:]) & valid[:, :, None, None]
+            out["pred_masks"] = paste_instance_masks(probs, out["pred_boxes"], valid, canvas_hw)
     return out
+
+
+def paste_instance_masks(mask_probs: Array, boxes: Array, valid: Array, canvas_hw: tuple[int, int]) -> Array:
+    """detectron2's ``retry_if_cuda_oom(paste_masks_in_image)(masks, boxes, (h, w), threshold=0.5)``
+    on static-shape slots: ``mask_probs [N, D, M, M]`` pasted into their ``boxes [N, D, 4]``
+    (original-image pixels) on a ``canvas_hw`` canvas; ``bool[N, D, H, W]``, False in invalid slots.
+
+    A pixel's value depends only on its box and its coordinates, so a canvas larger than the image
+    holds the image's masks in its ``[:h, :w]`` corner (what :class:`detlayers.models.Predictor`
+    relies on when it rounds the canvas up to a size bucket).
+    """
+    n, d = valid.shape
+    pasted = paste_masks_in_image(
+        mask_probs.reshape(n * d, *mask_probs.shape[2:]), boxes.reshape(n * d, 4),
+        (int(canvas_hw[0]), int(canvas_hw[1])), 0.5,
+    )
+    return pasted.reshape(n, d, *pasted.shape[1:]) & valid[:, :, None, None]

@@ -1,6 +1,8 @@
 """detectron2's ``DefaultPredictor`` on detlayers: host-side resize and normalisation
-(:func:`preprocess_image`, :func:`batch_images`), then ONE jitted function for the batch (backbone,
-RPN, ROI heads, rescaling to the original size, mask pasting).
+(:func:`preprocess_image`, :func:`batch_images`), then one jitted function for the batch (backbone,
+RPN, ROI heads, rescaling to the original size) and one that pastes the masks into a canvas
+rounded up to a size bucket (:func:`bucket_size`), so a stream of photos of mixed sizes compiles
+a bounded number of times.
 """
 
 from __future__ import annotations
@@ -14,10 +16,70 @@ import numpy as np
 
 from detlayers.models.checkpoint import load_detectron2_weights
 from detlayers.models.meta_arch.build import build_model
+from detlayers.models.postprocessing import paste_instance_masks
 
 Array = jax.Array
+SizeBuckets = int | Sequence[int] | None
 
-__all__ = ["Predictor", "preprocess_image", "batch_images", "resize_shortest_edge_shape"]
+__all__ = [
+    "Predictor", "PredictorOutOfMemoryError", "preprocess_image", "batch_images", "resize_shortest_edge_shape",
+    "bucket_size", "check_input_config", "DEFAULT_SIZE_BUCKETS",
+]
+
+# The mask canvas of an image is rounded up to a multiple of this many pixels on each side.
+DEFAULT_SIZE_BUCKETS = 128
+
+
+class PredictorOutOfMemoryError(MemoryError):
+    """The jitted inference ran out of memory (XLA's ``RESOURCE_EXHAUSTED``); the message says
+    the image and padded sizes and what to lower."""
+
+
+def check_input_config(cfg: Any) -> None:
+    """``INPUT.MIN_SIZE_TEST`` (``>= 0``; 0 skips the resize, as detectron2) and, when resizing,
+    ``INPUT.MAX_SIZE_TEST`` (``> 0``). Raises ValueError naming the key."""
+    min_size, max_size = cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST
+    if min_size < 0:
+        raise ValueError(f"Predictor: INPUT.MIN_SIZE_TEST must be >= 0 (0: no resize), got {min_size}")
+    if min_size > 0 and max_size <= 0:
+        raise ValueError(f"Predictor: INPUT.MAX_SIZE_TEST must be positive, got {max_size}")
+
+
+def bucket_size(size: int, buckets: SizeBuckets) -> int:
+    """``size`` rounded up to a size bucket.
+
+    ``buckets``: an int ``b`` (the next multiple of ``b``), an ascending sequence of sizes (the
+    smallest one ``>= size``; past the last one, the next multiple of the last), or None
+    (``size`` itself: no bucketing).
+    """
+    if buckets is None:
+        return int(size)
+    if isinstance(buckets, int):
+        return -(-int(size) // buckets) * buckets
+    for bucket in buckets:
+        if bucket >= size:
+            return int(bucket)
+    return bucket_size(size, int(buckets[-1]))
+
+
+def _check_size_buckets(buckets: SizeBuckets) -> SizeBuckets:
+    if buckets is None:
+        return None
+    if isinstance(buckets, (bool, str)) or not isinstance(buckets, (int, Sequence)):
+        raise TypeError(f"Predictor: size_buckets must be an int, a sequence of ints or None, got {buckets!r}")
+    if isinstance(buckets, int):
+        if buckets <= 0:
+            raise ValueError(f"Predictor: size_buckets must be positive, got {buckets}")
+        return buckets
+    sizes = tuple(int(b) for b in buckets)
+    if not sizes or sizes[0] <= 0 or any(a >= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"Predictor: size_buckets must be positive and strictly ascending, got {buckets!r}")
+    return sizes
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
 def resize_shortest_edge_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
@@ -51,6 +113,7 @@ def preprocess_image(image_bgr: np.ndarray, cfg: Any) -> np.ndarray:
         image = image[:, :, ::-1]
     elif cfg.INPUT.FORMAT != "BGR":
         raise ValueError(f"Predictor: INPUT.FORMAT must be 'BGR' or 'RGB', got {cfg.INPUT.FORMAT!r}")
+    check_input_config(cfg)
     if cfg.INPUT.MIN_SIZE_TEST > 0:
         h, w = resize_shortest_edge_shape(image.shape[0], image.shape[1], cfg.INPUT.MIN_SIZE_TEST,
                                           cfg.INPUT.MAX_SIZE_TEST)
@@ -94,10 +157,22 @@ class Predictor:
     ``pred_masks bool[K, H, W]``. ``predict_batch(images)`` runs several images in ONE jitted call
     (padded to a common size, as detectron2 batches them) and returns one dict each.
 
-    The jitted function is compiled once per (batch size, padded size, mask canvas) and cached.
+    Compilation: the network is compiled once per (batch size, padded size); the padded size is
+    detectron2's (a multiple of 32 of the resized image, so at most ``MAX_SIZE_TEST / 32`` values
+    a side). Masks are pasted by a second jitted function into a canvas whose sides are the
+    original size rounded up by :func:`bucket_size` with ``size_buckets`` (default: multiples of
+    128; None: the exact size, one compile per original size) and cropped on the host, which
+    leaves every mask unchanged. The network input is NOT bucketed beyond detectron2's padding:
+    extra padding adds anchors and moves the zero border the convolutions see, which changes
+    detections.
+
+    Out of memory: a batch too large for the machine raises :class:`PredictorOutOfMemoryError`
+    (a ``MemoryError``) naming the sizes, instead of failing later or hanging.
     """
 
-    def __init__(self, cfg: Any, weights: Any) -> None:
+    def __init__(self, cfg: Any, weights: Any, *, size_buckets: SizeBuckets = DEFAULT_SIZE_BUCKETS) -> None:
+        check_input_config(cfg)
+        self.size_buckets = _check_size_buckets(size_buckets)
         # A frozen copy: later edits of the caller's cfg do not reach the predictor.
         self.cfg = cfg.clone() if hasattr(cfg, "clone") else cfg
         if hasattr(self.cfg, "freeze"):
@@ -108,6 +183,7 @@ class Predictor:
         else:
             self.variables = load_detectron2_weights(self.model, weights)
         self._forward = jax.jit(self.model.apply, static_argnames=("canvas_hw", "return_intermediates"))
+        self._paste = jax.jit(paste_instance_masks, static_argnames=("canvas_hw",))
 
     def inputs(self, images_bgr: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
         """Host preprocessing of a batch: ``(images, image_hw, output_hw, canvas_hw)``, the
@@ -124,9 +200,37 @@ class Predictor:
         return self._forward(self.variables, jnp.asarray(images), jnp.asarray(image_hw), jnp.asarray(output_hw),
                              canvas_hw=canvas_hw, return_intermediates=return_intermediates)
 
+    def mask_canvas(self, output_hw: np.ndarray) -> tuple[int, int]:
+        """The static mask canvas of a batch of original sizes ``int[N, 2]``: the largest height
+        and width, each rounded up by :func:`bucket_size` with ``size_buckets``."""
+        h, w = _canvas(np.asarray(output_hw))
+        return bucket_size(h, self.size_buckets), bucket_size(w, self.size_buckets)
+
+    def _compute(self, images: np.ndarray, image_hw: np.ndarray, originals: np.ndarray) -> dict[str, np.ndarray]:
+        """Network, then mask pasting on the bucketed canvas; blocks on both, so an out-of-memory
+        error surfaces here (fetching the results of a failed computation can hang)."""
+        out = self.run(images, image_hw, originals, None)
+        if "mask_probs" in out:
+            out["pred_masks"] = self._paste(out["mask_probs"], out["pred_boxes"], out["valid"],
+                                            canvas_hw=self.mask_canvas(originals))
+        return jax.device_get(jax.block_until_ready(out))
+
     def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        images, image_hw, originals, canvas = self.inputs(images_bgr)
-        out = jax.device_get(self.run(images, image_hw, originals, canvas if self.cfg.MODEL.MASK_ON else None))
+        images, image_hw, originals, _ = self.inputs(images_bgr)
+        try:
+            out = self._compute(images, image_hw, originals)
+        except Exception as err:
+            if not _is_out_of_memory(err):
+                raise
+            sizes = ", ".join(f"{h}x{w}" for h, w in originals.tolist())
+            raise PredictorOutOfMemoryError(
+                f"Predictor: out of memory running {len(originals)} image(s) of original size {sizes} "
+                f"(resized to at most {int(image_hw[:, 0].max())}x{int(image_hw[:, 1].max())}, padded to "
+                f"{images.shape[1]}x{images.shape[2]}; mask canvas {self.mask_canvas(originals)}). Lower "
+                f"INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST (now {self.cfg.INPUT.MIN_SIZE_TEST} / "
+                f"{self.cfg.INPUT.MAX_SIZE_TEST}) or pass fewer images per predict_batch call. XLA said: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from err
         results = []
         for i, (h, w) in enumerate(originals.tolist()):
             k = int(out["num_instances"][i])

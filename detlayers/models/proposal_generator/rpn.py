@@ -30,7 +30,6 @@ __all__ = ["StandardRPNHead", "RPN", "find_top_rpn_proposals", "build_rpn_head"]
 
 
 @RPN_HEAD_REGISTRY.register()
-
 class StandardRPNHead(nn.Module):
     """``conv`` 3x3 + ReLU shared by all levels, then 1x1 ``objectness_logits`` (A channels) and
     ``anchor_deltas`` (A*4). Returns per level ``logits [N, H*W*A]`` and ``deltas [N, H*W*A, 4]``
@@ -157,6 +156,10 @@ class RPN(nn.Module):
         missing = [name for name in in_features if name not in input_shape]
         if missing:
             raise ValueError(f"RPN: MODEL.RPN.IN_FEATURES {missing} are not backbone outputs {list(input_shape)}")
+        for key in ("PRE_NMS_TOPK_TEST", "POST_NMS_TOPK_TEST"):
+            if getattr(rpn, key) <= 0:
+                raise ValueError(f"RPN: MODEL.RPN.{key} must be positive (proposals kept per "
+                                 f"{'level' if key.startswith('PRE') else 'image'}), got {getattr(rpn, key)}")
         shapes = [input_shape[name] for name in in_features]
         return cls(
             in_features=in_features, rpn_head=build_rpn_head(cfg, shapes),

@@ -41,7 +41,8 @@ def fast_rcnn_inference(
       proposal_valid: ``bool[N, R]``.
 
     Returns ``boxes [N, D, 4]``, ``scores [N, D]``, ``classes int32[N, D]``, ``valid [N, D]``
-    (``D = topk_per_image``; valid slots first, by decreasing score). Every (box, class) pair with
+    (``D = min(topk_per_image, R*K)``; ``topk_per_image < 0`` is detectron2's "no limit":
+    ``D = R*K``, every candidate; valid slots first, by decreasing score). Every (box, class) pair with
     score ``> score_thresh`` takes part in per-class NMS, exactly as detectron2 (pair order is
     detectron2's row-major ``nonzero`` order, which decides ties).
     """
@@ -59,7 +60,7 @@ def fast_rcnn_inference(
         flat_boxes = jnp.where(keep[..., None], clipped, 0.0).reshape(r * num_classes, 4)
         flat_scores = jnp.where(keep, cls_scores, -jnp.inf).reshape(r * num_classes)
         flat_classes = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), (r, num_classes)).reshape(-1)
-        k = min(topk_per_image, r * num_classes)
+        k = r * num_classes if topk_per_image < 0 else min(topk_per_image, r * num_classes)
         result = batched_nms(flat_boxes, flat_scores, flat_classes, nms_thresh, max_output_size=k)
         index = jnp.maximum(result.indices, 0)
         valid = (jnp.arange(k) < result.count) & keep.reshape(-1)[index]
@@ -89,8 +90,13 @@ class FastRCNNOutputLayers(nn.Module):
     @classmethod
     def from_config(cls, cfg: Any, input_shape: ShapeSpec) -> FastRCNNOutputLayers:
         """``MODEL.ROI_HEADS.{NUM_CLASSES, SCORE_THRESH_TEST, NMS_THRESH_TEST}``,
-        ``MODEL.ROI_BOX_HEAD.{BBOX_REG_WEIGHTS, CLS_AGNOSTIC_BBOX_REG}``, ``TEST.DETECTIONS_PER_IMAGE``."""
+        ``MODEL.ROI_BOX_HEAD.{BBOX_REG_WEIGHTS, CLS_AGNOSTIC_BBOX_REG}``, ``TEST.DETECTIONS_PER_IMAGE``
+        (negative: no limit, as detectron2; 0 is refused)."""
         heads, box = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
+        if cfg.TEST.DETECTIONS_PER_IMAGE == 0:
+            # detectron2 would return no detection at all; a zero-size output is surely a mistake.
+            raise ValueError("FastRCNNOutputLayers: TEST.DETECTIONS_PER_IMAGE 0 keeps no detection; "
+                             "use a positive limit, or a negative value for no limit (detectron2's -1)")
         return cls(
             input_shape=input_shape, num_classes=heads.NUM_CLASSES,
             box2box_transform=Box2BoxTransform(weights=tuple(box.BBOX_REG_WEIGHTS)),
