@@ -220,7 +220,7 @@ def _tiny_retinanet():
 
 
 def test_export_round_trip_with_xla_nms():
-    from detlayers.models import export_predictor
+    from detlayers.models import export_predictor, load_exported
 
     predictor = _tiny_retinanet()
     image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
@@ -229,7 +229,7 @@ def test_export_round_trip_with_xla_nms():
     assert 3 <= int(expected["num_instances"][0]) <= 20, "the test model should detect something"
     exported = export_predictor(predictor, 1, inputs[0].shape[1:3], None, nms_backend="xla")
     assert "detlayers_" not in exported.mlir_module()
-    restored = jax.export.deserialize(bytearray(exported.serialize()))
+    restored = load_exported(exported.serialize())
     got = jax.device_get(restored.call(*inputs[:3]))
     assert set(got) == set(expected)
     for key in ("num_instances", "valid", "pred_classes"):
