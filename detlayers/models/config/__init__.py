@@ -18,7 +18,12 @@ from __future__ import annotations
 from detlayers.models.config.deeplab import add_deeplab_config
 from detlayers.models.config.defaults import CONFIG_VERSION, get_cfg
 from detlayers.models.config.node import BASE_KEY, CfgNode
-from detlayers.models.config.zoo import mask_rcnn_R_50_FPN_3x_config, mask_rcnn_R_101_FPN_3x_config
+from detlayers.models.config.zoo import (
+    mask_rcnn_R_50_FPN_3x_config,
+    mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config,
+    mask_rcnn_R_50_FPN_3x_gn_config,
+    mask_rcnn_R_101_FPN_3x_config,
+)
 
 __all__ = [
     "CfgNode",
@@ -27,6 +32,8 @@ __all__ = [
     "add_deeplab_config",
     "mask_rcnn_R_50_FPN_3x_config",
     "mask_rcnn_R_101_FPN_3x_config",
+    "mask_rcnn_R_50_FPN_3x_gn_config",
+    "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
     "BASE_KEY",
     "CONFIG_VERSION",
 ]
