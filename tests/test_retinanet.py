@@ -25,14 +25,6 @@ MASK_RCNN_CALIBRATION = FIXTURES / "mask_rcnn_bn_calibration.npz"
 FPN_LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
 
-def _flat(node, prefix=""):
-    """``{"MODEL.RETINANET.NUM_CONVS": 4, ...}``: every key of a config, dotted."""
-    out = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key: value})
-    return out
-
-
 def _merged(cfg, pairs):
     """``cfg`` with ``pairs`` merged in (``merge_from_list`` changes a config in place)."""
     cfg.merge_from_list(list(pairs))
@@ -40,58 +32,7 @@ def _merged(cfg, pairs):
 
 
 
-def _zoo_values() -> dict:
-    """retinanet_R_50_FPN_3x.yaml over Base-RetinaNet.yaml and detectron2's defaults.py, for the keys
-    it changes or RetinaNet reads (written out by hand)."""
-    return {
-        "MODEL.META_ARCHITECTURE": "RetinaNet",
-        "MODEL.BACKBONE.NAME": "build_retinanet_resnet_fpn_backbone",
-        "MODEL.RESNETS.DEPTH": 50,
-        "MODEL.RESNETS.OUT_FEATURES": ("res3", "res4", "res5"),
-        "MODEL.FPN.IN_FEATURES": ("res3", "res4", "res5"),
-        "MODEL.ANCHOR_GENERATOR.SIZES": tuple((x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3))
-                                              for x in (32, 64, 128, 256, 512)),
-        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": ((0.5, 1.0, 2.0),),
-        "MODEL.RETINANET.NUM_CLASSES": 80,
-        "MODEL.RETINANET.IN_FEATURES": ("p3", "p4", "p5", "p6", "p7"),
-        "MODEL.RETINANET.NUM_CONVS": 4,
-        "MODEL.RETINANET.IOU_THRESHOLDS": (0.4, 0.5),
-        "MODEL.RETINANET.IOU_LABELS": (0, -1, 1),
-        "MODEL.RETINANET.PRIOR_PROB": 0.01,
-        "MODEL.RETINANET.SCORE_THRESH_TEST": 0.05,
-        "MODEL.RETINANET.TOPK_CANDIDATES_TEST": 1000,
-        "MODEL.RETINANET.NMS_THRESH_TEST": 0.5,
-        "MODEL.RETINANET.BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0, 1.0),
-        "MODEL.RETINANET.SMOOTH_L1_LOSS_BETA": 0.0,
-        "MODEL.RETINANET.NORM": "",
-        "TEST.DETECTIONS_PER_IMAGE": 100,
-    }
-
-
-def test_config_equals_the_yaml():
-    from detlayers.models import retinanet_R_50_FPN_3x_config
-
-    flat = _flat(retinanet_R_50_FPN_3x_config())
-    assert {k: flat.get(k) for k in _zoo_values()} == _zoo_values()
-
-
-def test_config_against_detectron2_when_installed():
-    detectron2_config = pytest.importorskip("detectron2.config")
-    import detectron2
-
-    yaml = pathlib.Path(detectron2.__file__).parents[1] / "configs" / "COCO-Detection" / "retinanet_R_50_FPN_3x.yaml"
-    if not yaml.is_file():
-        pytest.skip("detectron2's configs/ folder is not next to the package")
-    from detlayers.models import retinanet_R_50_FPN_3x_config
-
-    d2 = detectron2_config.get_cfg()
-    d2.merge_from_file(str(yaml))
-    for key, value in _flat(retinanet_R_50_FPN_3x_config()).items():
-        node = d2
-        for part in key.split("."):
-            node = node[part]
-        expected = tuple(tuple(x) if isinstance(x, list) else x for x in node) if isinstance(value, tuple) else node
-        assert value == expected, key
+# retinanet_R_50_FPN_3x_config() against detectron2's own flattened config: tests/test_config.py.
 
 
 # --------------------------------------------------------------------------------------------

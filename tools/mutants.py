@@ -340,6 +340,27 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("maskrcnn-box-head-flatten-nhwc", "detlayers/models/roi_heads/box_head.py",
            "x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)", "x = x.reshape(x.shape[0], -1)",
            ("tests/test_mask_rcnn.py",)),
+    # ---- Mask R-CNN variants: GroupNorm, deformable conv (slow: one R50 compile per variant) ----------
+    Mutant("variants-gn-16-groups", "detlayers/batch_norm.py",
+           "return GroupNorm(32, channels, name=name)", "return GroupNorm(16, channels, name=name)",
+           ("tests/test_mask_rcnn_variants.py",), "parity and gn"),
+    Mutant("variants-deform-offset-yx-swapped", "detlayers/models/backbone/resnet.py",
+           "DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)",
+           "DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)("
+           "out, offset_mask.reshape(*offset_mask.shape[:-1], -1, 2)[..., ::-1].reshape(offset_mask.shape))",
+           ("tests/test_mask_rcnn_variants.py",), "parity and dconv and not mdconv"),
+    Mutant("variants-modulated-offset-thirds-swapped", "detlayers/models/backbone/resnet.py",
+           "offset = offset_mask[..., :2 * taps]",
+           "offset = offset_mask[..., :2 * taps].reshape(*offset_mask.shape[:-1], 2, taps)[..., ::-1, :]"
+           ".reshape(*offset_mask.shape[:-1], 2 * taps)",
+           ("tests/test_mask_rcnn_variants.py",), "split_offset_mask"),
+    Mutant("variants-modulated-mask-without-sigmoid", "detlayers/models/backbone/resnet.py",
+           "return offset, jax.nn.sigmoid(offset_mask[..., 2 * taps:])", "return offset, offset_mask[..., 2 * taps:]",
+           ("tests/test_mask_rcnn_variants.py",), "split_offset_mask"),
+    Mutant("variants-deform-on-res2", "detlayers/models/backbone/resnet.py",
+           "if self.depth >= 50 and self.deform_on_per_stage[stage_index]:",
+           "if self.depth >= 50 and (self.deform_on_per_stage[stage_index] or stage == 2):",
+           ("tests/test_mask_rcnn_variants.py",), "state_dict_names and mdconv"),
     # ---- detlayers.models parts (fast: no R50 compile) ----------------------------------------------
     Mutant("models-p6p7-p7-without-relu", "detlayers/models/backbone/fpn.py",
            "name=\"p7\")(jax.nn.relu(p6))", "name=\"p7\")(p6)", LAYOUT, "top_block"),

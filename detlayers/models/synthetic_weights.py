@@ -43,6 +43,16 @@ the features are well scaled, the detection scores spread out and the masks are 
 prior-probability ``cls_score`` bias), with the same ResNet-50 values for the same seed, so the
 Mask R-CNN FrozenBN calibration serves it (:func:`retinanet_calibration`).
 
+Variants (``variant=``, detectron2's ``configs/Misc``): ``mask_rcnn_R_50_FPN_3x_gn`` has GroupNorm
+(weight 1, bias 0, as constructed) wherever the default has FrozenBN or no norm, bias-free convs
+under each GN, and a box head of four 3x3 convs (``c2_msra_fill``) and one fc;
+``mask_rcnn_R_50_FPN_3x_dconv_c3-c5`` (and its modulated twin) adds ``conv2_offset`` before every
+res3-res5 ``conv2``. detectron2 initializes ``conv2_offset`` to zero, which makes a deformable
+convolution an ordinary one and would test nothing, so here its weight is normal with std
+``0.1 * sqrt(2 / fan_in)`` (offsets of about 0.1 pixel, mask logits around 0), bias 0. Offsets
+of about a pixel (std ``sqrt(2 / fan_in)``) make the network chaotic: a 1e-6 relative change of
+the input moves res5 by 4e-2, so float32 rounding alone would exceed any parity bound.
+
 This module needs only NumPy (the fixture script loads it in an environment without JAX).
 """
 
@@ -52,12 +62,13 @@ import math
 import os
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
-    "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS",
+    "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -82,29 +93,71 @@ _MASK_NUM_CONV = 4
 _Init = tuple
 
 
-def _conv_with_frozen_bn(prefix: str, out_ch: int, in_ch: int, k: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """A detectron2 ``Conv2d(bias=False, norm=FrozenBatchNorm2d)`` inside the ResNet."""
-    yield f"{prefix}.weight", (out_ch, in_ch, k, k), ("msra",)
+class _Variant(NamedTuple):
+    """What a detectron2 Mask R-CNN R50-FPN config changes in the state dict (a NamedTuple, since
+    the fixture scripts load this file without registering it as a module)."""
+
+    norm: str = "FrozenBN"  # MODEL.RESNETS.NORM
+    fpn_norm: str = ""  # MODEL.FPN.NORM
+    box_head_convs: int = 0  # MODEL.ROI_BOX_HEAD.NUM_CONV (CONV_DIM 256)
+    box_head_fcs: int = 2  # MODEL.ROI_BOX_HEAD.NUM_FC
+    head_norm: str = ""  # MODEL.ROI_BOX_HEAD.NORM and MODEL.ROI_MASK_HEAD.NORM
+    deform_stages: tuple[bool, bool, bool, bool] = (False, False, False, False)  # res2..res5
+    deform_modulated: bool = False
+
+
+# The detectron2 configs (paths under configs/, without .yaml) the generator covers.
+VARIANTS = {
+    "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x": _Variant(),
+    "Misc/mask_rcnn_R_50_FPN_3x_gn": _Variant(norm="GN", fpn_norm="GN", box_head_convs=4, box_head_fcs=1,
+                                              head_norm="GN"),
+    "Misc/mask_rcnn_R_50_FPN_3x_dconv_c3-c5": _Variant(deform_stages=(False, True, True, True)),
+    # The same with DEFORM_MODULATED True (not a zoo config): modulated deformable convolution.
+    "Misc/mask_rcnn_R_50_FPN_3x_mdconv_c3-c5": _Variant(deform_stages=(False, True, True, True),
+                                                        deform_modulated=True),
+}
+DEFAULT_VARIANT = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x"
+_DEFAULT = VARIANTS[DEFAULT_VARIANT]
+_BOX_CONV_DIM = 256
+
+
+def _norm_entries(prefix: str, out_ch: int, norm: str) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """The parameters (and buffers) of ``{prefix}.norm`` as detectron2 constructs them."""
+    if not norm:
+        return
     yield f"{prefix}.norm.weight", (out_ch,), ("const", 1.0)
     yield f"{prefix}.norm.bias", (out_ch,), ("const", 0.0)
-    yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
-    yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0 - FROZEN_BN_EPS)
+    if norm == "FrozenBN":
+        yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
+        yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0 - FROZEN_BN_EPS)
+    elif norm != "GN":  # pragma: no cover - VARIANTS only uses these
+        raise AssertionError(norm)
 
 
-def _fpn_entries(stages: tuple[int, ...]) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+def _conv_with_norm(
+    prefix: str, out_ch: int, in_ch: int, k: int, norm: str = "FrozenBN", init: _Init = ("msra",)
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """A detectron2 ``Conv2d(norm=...)``: biased only without a norm (weight, bias, then the norm)."""
+    yield f"{prefix}.weight", (out_ch, in_ch, k, k), init
+    if not norm:
+        yield f"{prefix}.bias", (out_ch,), ("const", 0.0)
+    yield from _norm_entries(prefix, out_ch, norm)
+
+
+def _fpn_entries(stages: tuple[int, ...], norm: str = "") -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """FPN ``fpn_lateral{s}``/``fpn_output{s}`` in detectron2's registration order (c2_xavier_fill)."""
     for stage in stages:
         in_ch = _RES2_OUT * 2 ** (stage - 2)
-        yield f"backbone.fpn_lateral{stage}.weight", (_FPN_OUT, in_ch, 1, 1), ("xavier",)
-        yield f"backbone.fpn_lateral{stage}.bias", (_FPN_OUT,), ("const", 0.0)
-        yield f"backbone.fpn_output{stage}.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("xavier",)
-        yield f"backbone.fpn_output{stage}.bias", (_FPN_OUT,), ("const", 0.0)
+        yield from _conv_with_norm(f"backbone.fpn_lateral{stage}", _FPN_OUT, in_ch, 1, norm, ("xavier",))
+        yield from _conv_with_norm(f"backbone.fpn_output{stage}", _FPN_OUT, _FPN_OUT, 3, norm, ("xavier",))
 
 
-def _resnet50_entries() -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """The ResNet-50 ``backbone.bottom_up`` (stem and res2-res5, FrozenBN) in registration order."""
+def _resnet50_entries(variant: _Variant = _DEFAULT) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """The ResNet-50 ``backbone.bottom_up`` (stem and res2-res5, ``variant``'s norm and deformable
+    stages) in registration order."""
     bottom_up = "backbone.bottom_up"
-    yield from _conv_with_frozen_bn(f"{bottom_up}.stem.conv1", _STEM_OUT, 3, 7)
+    norm = variant.norm
+    yield from _conv_with_norm(f"{bottom_up}.stem.conv1", _STEM_OUT, 3, 7, norm)
     in_ch = _STEM_OUT
     for i, num_blocks in enumerate(_R50_BLOCKS):
         out_ch = _RES2_OUT * 2**i
@@ -112,19 +165,25 @@ def _resnet50_entries() -> Iterator[tuple[str, tuple[int, ...], _Init]]:
         for b in range(num_blocks):
             block = f"{bottom_up}.res{i + 2}.{b}"
             if in_ch != out_ch:  # BottleneckBlock registers its projection shortcut first
-                yield from _conv_with_frozen_bn(f"{block}.shortcut", out_ch, in_ch, 1)
-            yield from _conv_with_frozen_bn(f"{block}.conv1", bottleneck, in_ch, 1)
-            yield from _conv_with_frozen_bn(f"{block}.conv2", bottleneck, bottleneck, 3)
-            yield from _conv_with_frozen_bn(f"{block}.conv3", out_ch, bottleneck, 1)
+                yield from _conv_with_norm(f"{block}.shortcut", out_ch, in_ch, 1, norm)
+            yield from _conv_with_norm(f"{block}.conv1", bottleneck, in_ch, 1, norm)
+            if variant.deform_stages[i]:  # DeformBottleneckBlock: conv2_offset before conv2
+                offset_ch = (27 if variant.deform_modulated else 18)
+                yield f"{block}.conv2_offset.weight", (offset_ch, bottleneck, 3, 3), ("offset",)
+                yield f"{block}.conv2_offset.bias", (offset_ch,), ("const", 0.0)
+            yield from _conv_with_norm(f"{block}.conv2", bottleneck, bottleneck, 3, norm)
+            yield from _conv_with_norm(f"{block}.conv3", out_ch, bottleneck, 1, norm)
             in_ch = out_ch
 
 
-def _entries(num_classes: int, mask_on: bool = True) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """Every state-dict entry of (Mask/Faster) R-CNN R50-FPN in detectron2's order (module
-    registration order)."""
+def _entries(
+    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """Every state-dict entry of (Mask/Faster) R-CNN R50-FPN (``variant``'s config) in detectron2's
+    order (module registration order)."""
     # FPN: detectron2 registers fpn_lateral{s}/fpn_output{s} for s = 2..5, then bottom_up.
-    yield from _fpn_entries((2, 3, 4, 5))
-    yield from _resnet50_entries()
+    yield from _fpn_entries((2, 3, 4, 5), variant.fpn_norm)
+    yield from _resnet50_entries(variant)
 
     rpn = "proposal_generator.rpn_head"
     yield f"{rpn}.conv.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("normal", 0.01)
@@ -135,10 +194,15 @@ def _entries(num_classes: int, mask_on: bool = True) -> Iterator[tuple[str, tupl
     yield f"{rpn}.anchor_deltas.bias", (4 * _NUM_ANCHORS,), ("const", 0.0)
 
     box_head = "roi_heads.box_head"
-    yield f"{box_head}.fc1.weight", (_FC_DIM, _FPN_OUT * _BOX_POOLER**2), ("xavier",)
-    yield f"{box_head}.fc1.bias", (_FC_DIM,), ("const", 0.0)
-    yield f"{box_head}.fc2.weight", (_FC_DIM, _FC_DIM), ("xavier",)
-    yield f"{box_head}.fc2.bias", (_FC_DIM,), ("const", 0.0)
+    channels = _FPN_OUT
+    for k in range(1, variant.box_head_convs + 1):  # FastRCNNConvFCHead convs: c2_msra_fill
+        yield from _conv_with_norm(f"{box_head}.conv{k}", _BOX_CONV_DIM, channels, 3, variant.head_norm)
+        channels = _BOX_CONV_DIM
+    features = channels * _BOX_POOLER**2
+    for k in range(1, variant.box_head_fcs + 1):
+        yield f"{box_head}.fc{k}.weight", (_FC_DIM, features), ("xavier",)
+        yield f"{box_head}.fc{k}.bias", (_FC_DIM,), ("const", 0.0)
+        features = _FC_DIM
     predictor = "roi_heads.box_predictor"
     yield f"{predictor}.cls_score.weight", (num_classes + 1, _FC_DIM), ("normal", 0.01)
     yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
@@ -150,8 +214,7 @@ def _entries(num_classes: int, mask_on: bool = True) -> Iterator[tuple[str, tupl
     mask_head = "roi_heads.mask_head"
     for k in range(1, _MASK_NUM_CONV + 1):
         in_channels = _FPN_OUT if k == 1 else _MASK_CONV_DIM
-        yield f"{mask_head}.mask_fcn{k}.weight", (_MASK_CONV_DIM, in_channels, 3, 3), ("msra",)
-        yield f"{mask_head}.mask_fcn{k}.bias", (_MASK_CONV_DIM,), ("const", 0.0)
+        yield from _conv_with_norm(f"{mask_head}.mask_fcn{k}", _MASK_CONV_DIM, in_channels, 3, variant.head_norm)
     # ConvTranspose2d weight layout: [in_channels, out_channels, kh, kw].
     yield f"{mask_head}.deconv.weight", (_MASK_CONV_DIM, _MASK_CONV_DIM, 2, 2), ("msra",)
     yield f"{mask_head}.deconv.bias", (_MASK_CONV_DIM,), ("const", 0.0)
@@ -187,10 +250,18 @@ def _retinanet_entries(
     yield "head.bbox_pred.bias", (anchors * 4,), ("const", 0.0)
 
 
-def mask_rcnn_r50_fpn_shapes(num_classes: int = 80) -> dict[str, tuple[int, ...]]:
-    """``{name: shape}`` of detectron2's Mask R-CNN R50-FPN state dict, in its order."""
+
+def _variant(name: str) -> _Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {name!r}")
+    return VARIANTS[name]
+
+
+def mask_rcnn_r50_fpn_shapes(num_classes: int = 80, variant: str = DEFAULT_VARIANT) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of detectron2's Mask R-CNN R50-FPN state dict (config ``variant``, a key
+    of :data:`VARIANTS`), in its order."""
     _check_num_classes(num_classes)
-    return {name: shape for name, shape, _ in _entries(num_classes)}
+    return {name: shape for name, shape, _ in _entries(num_classes, _variant(variant))}
 
 
 def _check_num_classes(num_classes: int) -> None:
@@ -219,6 +290,9 @@ def _draw(seed: int, name: str, shape: tuple[int, ...], init: _Init) -> np.ndarr
         out = rng.random(shape, dtype=np.float32)
         out *= 2 * bound
         out -= bound
+    elif kind == "offset":  # deformable offsets of about 0.1 pixel from normalized ReLU inputs
+        out = rng.standard_normal(shape, dtype=np.float32)
+        out *= np.float32(0.1 * np.sqrt(2.0 / fan_in))
     elif kind == "normal":
         out = rng.standard_normal(shape, dtype=np.float32)
         out *= np.float32(init[1])
@@ -231,6 +305,7 @@ def mask_rcnn_r50_fpn_state_dict(
     seed: int = 0,
     calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
     num_classes: int = 80,
+    variant: str = DEFAULT_VARIANT,
 ) -> dict[str, np.ndarray]:
     """detectron2's Mask R-CNN R50-FPN state dict with detectron2-style init from a NumPy seed.
 
@@ -244,6 +319,10 @@ def mask_rcnn_r50_fpn_state_dict(
         ``value.<name>`` entry (a float32 scalar) fills parameter ``<name>`` instead. Other keys
         of the file are ignored; every FrozenBN statistic must be present with its shape.
       num_classes: foreground classes (``MODEL.ROI_HEADS.NUM_CLASSES``, 80 for COCO).
+      variant: the detectron2 config whose state dict is made, a key of :data:`VARIANTS`:
+        the default Mask R-CNN, its GroupNorm variant ``Misc/mask_rcnn_R_50_FPN_3x_gn`` (GN in
+        ResNet, FPN and both heads, a 4-conv + 1-fc box head; GN weight 1, bias 0), or its
+        deformable variants (``conv2_offset`` in res3-res5; see the module docstring).
 
     Returns:
       ``{detectron2 name: float32 np.ndarray}`` in PyTorch layout (convolutions OIHW, linear
@@ -253,7 +332,7 @@ def mask_rcnn_r50_fpn_state_dict(
     """
     _check_seed(seed)
     _check_num_classes(num_classes)
-    return _state_dict(_entries(int(num_classes)), int(seed), calibration, "Mask R-CNN R50-FPN")
+    return _state_dict(_entries(int(num_classes), _variant(variant)), int(seed), calibration, "Mask R-CNN R50-FPN")
 
 
 def faster_rcnn_r50_fpn_state_dict(

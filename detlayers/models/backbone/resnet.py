@@ -2,7 +2,8 @@
 
 Module names equal detectron2's, so :func:`detlayers.load_torch_state_dict` maps a detectron2
 state dict one to one: ``stem.conv1`` (+ ``.norm``), ``res2_0.conv1`` <-> ``res2.0.conv1``,
-``res2_0.shortcut`` ... Deformable stages are not built (``DEFORM_ON_PER_STAGE`` must be all False).
+``res2_0.shortcut`` ... Stages with ``DEFORM_ON_PER_STAGE`` build ``DeformBottleneckBlock`` (its
+``conv2_offset`` and deformable ``conv2``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import jax
 import numpy as np
 from jax import lax
 
+from detlayers.deform_conv import DeformConv, ModulatedDeformConv
 from detlayers.models.registry import BACKBONE_REGISTRY
 from detlayers.shape_spec import ShapeSpec
 from detlayers.wrappers import Conv2d
 
-__all__ = ["BasicStem", "BottleneckBlock", "BasicBlock", "ResNet", "build_resnet_backbone"]
+__all__ = ["BasicStem", "BottleneckBlock", "DeformBottleneckBlock", "BasicBlock", "ResNet", "build_resnet_backbone"]
 
 Array = jax.Array
 
@@ -80,6 +82,63 @@ class BottleneckBlock(nn.Module):
         return jax.nn.relu(out + shortcut)
 
 
+def split_offset_mask(offset_mask: Array, deform_num_groups: int) -> tuple[Array, Array]:
+    """detectron2's modulated ``conv2_offset`` output ``[N, H, W, 27 * dg]`` -> (offset
+    ``[N, H, W, 18 * dg]``, mask ``[N, H, W, 9 * dg]``): the first two thirds, kept in their
+    channel order (detectron2 splits them into its "x" and "y" thirds and concatenates them back
+    unchanged, so they are the ``(y, x)``-interleaved offsets the kernel reads), and the sigmoid of
+    the last third."""
+    taps = 9 * deform_num_groups
+    offset = offset_mask[..., :2 * taps]
+    return offset, jax.nn.sigmoid(offset_mask[..., 2 * taps:])
+
+
+class DeformBottleneckBlock(nn.Module):
+    """detectron2's ``DeformBottleneckBlock``: :class:`BottleneckBlock` whose 3x3 ``conv2`` is a
+    deformable convolution (``DeformConv``, or ``ModulatedDeformConv`` when ``deform_modulated``;
+    no bias, ``norm``) sampling at offsets from ``conv2_offset``, a biased 3x3 conv (same stride
+    and dilation) on ``conv1``'s output giving ``18 * deform_num_groups`` offset channels, or
+    ``27 * deform_num_groups`` with the modulation mask (see :func:`split_offset_mask`). Offset
+    channels are in detectron2's order, which detlayers' deformable convolutions take as is."""
+
+    in_channels: int
+    out_channels: int
+    bottleneck_channels: int
+    stride: int = 1
+    num_groups: int = 1
+    norm: str = "FrozenBN"
+    stride_in_1x1: bool = False
+    dilation: int = 1
+    deform_modulated: bool = False
+    deform_num_groups: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        if self.in_channels != self.out_channels:
+            shortcut = Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=False,
+                              norm=self.norm, name="shortcut")(x)
+        else:
+            shortcut = x
+        out = jax.nn.relu(Conv2d(self.in_channels, self.bottleneck_channels, 1, stride=stride_1x1, bias=False,
+                                 norm=self.norm, name="conv1")(x))
+        offset_channels = (27 if self.deform_modulated else 18) * self.deform_num_groups
+        offset_mask = Conv2d(self.bottleneck_channels, offset_channels, 3, stride=stride_3x3,
+                             padding=self.dilation, dilation=self.dilation, name="conv2_offset")(out)
+        geometry = dict(stride=stride_3x3, padding=self.dilation, dilation=self.dilation, groups=self.num_groups,
+                        deformable_groups=self.deform_num_groups, bias=False, norm=self.norm, name="conv2")
+        if self.deform_modulated:
+            offset, mask = split_offset_mask(offset_mask, self.deform_num_groups)
+            out = ModulatedDeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(
+                out, offset, mask)
+        else:
+            out = DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)
+        out = jax.nn.relu(out)
+        out = Conv2d(self.bottleneck_channels, self.out_channels, 1, bias=False, norm=self.norm,
+                     name="conv3")(out)
+        return jax.nn.relu(out + shortcut)
+
+
 class BasicBlock(nn.Module):
     """detectron2's ``BasicBlock`` (ResNet-18/34): two 3x3 convs and a projection shortcut."""
 
@@ -125,14 +184,23 @@ class ResNet(nn.Module):
     freeze_at: int = 0
     out_features: Sequence[str] = ("res2", "res3", "res4", "res5")
     in_channels: int = 3
+    deform_on_per_stage: Sequence[bool] = (False, False, False, False)
+    deform_modulated: bool = False
+    deform_num_groups: int = 1
 
     @classmethod
     def from_config(cls, cfg: Any, input_shape: ShapeSpec | None = None) -> ResNet:
         """``MODEL.RESNETS.*`` and ``MODEL.BACKBONE.FREEZE_AT``; ``input_shape.channels`` (default
         ``len(MODEL.PIXEL_MEAN)``) is the input's channel count."""
         resnets = cfg.MODEL.RESNETS
-        if any(resnets.DEFORM_ON_PER_STAGE):
-            raise ValueError("ResNet: MODEL.RESNETS.DEFORM_ON_PER_STAGE is not supported (all False)")
+        deform = tuple(bool(v) for v in resnets.DEFORM_ON_PER_STAGE)
+        if len(deform) != 4:
+            raise ValueError(f"ResNet: MODEL.RESNETS.DEFORM_ON_PER_STAGE needs 4 entries (res2..res5), got {deform}")
+        if any(deform) and resnets.DEPTH < 50:
+            raise ValueError("ResNet: MODEL.RESNETS.DEFORM_ON_PER_STAGE is unsupported for R18/R34 (as in detectron2)")
+        if isinstance(resnets.DEFORM_NUM_GROUPS, bool) or resnets.DEFORM_NUM_GROUPS < 1:
+            raise ValueError(f"ResNet: MODEL.RESNETS.DEFORM_NUM_GROUPS must be a positive int, "
+                             f"got {resnets.DEFORM_NUM_GROUPS}")
         if resnets.DEPTH not in _BLOCKS_PER_STAGE:
             raise ValueError(f"ResNet: MODEL.RESNETS.DEPTH must be one of {sorted(_BLOCKS_PER_STAGE)}, "
                              f"got {resnets.DEPTH}")
@@ -144,7 +212,8 @@ class ResNet(nn.Module):
             width_per_group=resnets.WIDTH_PER_GROUP, stem_out_channels=resnets.STEM_OUT_CHANNELS,
             res2_out_channels=resnets.RES2_OUT_CHANNELS, stride_in_1x1=resnets.STRIDE_IN_1X1,
             res5_dilation=resnets.RES5_DILATION, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-            out_features=tuple(resnets.OUT_FEATURES), in_channels=in_channels,
+            out_features=tuple(resnets.OUT_FEATURES), in_channels=in_channels, deform_on_per_stage=deform,
+            deform_modulated=bool(resnets.DEFORM_MODULATED), deform_num_groups=int(resnets.DEFORM_NUM_GROUPS),
         )
 
     def output_shape(self) -> dict[str, ShapeSpec]:
@@ -189,7 +258,11 @@ class ResNet(nn.Module):
             for block_index in range(num_blocks):
                 stride = first_stride if block_index == 0 else 1
                 name = f"res{stage}_{block_index}"
-                if self.depth >= 50:
+                if self.depth >= 50 and self.deform_on_per_stage[stage_index]:
+                    x = DeformBottleneckBlock(in_channels, out_channels, bottleneck, stride, self.num_groups,
+                                              self.norm, self.stride_in_1x1, dilation, self.deform_modulated,
+                                              self.deform_num_groups, name=name)(x)
+                elif self.depth >= 50:
                     x = BottleneckBlock(in_channels, out_channels, bottleneck, stride, self.num_groups,
                                         self.norm, self.stride_in_1x1, dilation, name=name)(x)
                 else:

@@ -21,6 +21,8 @@ from detlayers.models.config.node import BASE_KEY, CfgNode
 from detlayers.models.config.zoo import (
     faster_rcnn_R_50_FPN_3x_config,
     mask_rcnn_R_50_FPN_3x_config,
+    mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config,
+    mask_rcnn_R_50_FPN_3x_gn_config,
     mask_rcnn_R_101_FPN_3x_config,
     retinanet_R_50_FPN_3x_config,
 )
@@ -34,6 +36,8 @@ __all__ = [
     "mask_rcnn_R_101_FPN_3x_config",
     "faster_rcnn_R_50_FPN_3x_config",
     "retinanet_R_50_FPN_3x_config",
+    "mask_rcnn_R_50_FPN_3x_gn_config",
+    "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
     "BASE_KEY",
     "CONFIG_VERSION",
 ]

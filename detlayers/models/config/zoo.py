@@ -10,7 +10,7 @@ from detlayers.models.config.node import CfgNode
 
 __all__ = [
     "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
-    "retinanet_R_50_FPN_3x_config",
+    "retinanet_R_50_FPN_3x_config", "mask_rcnn_R_50_FPN_3x_gn_config", "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
 ]
 
 
@@ -105,3 +105,27 @@ def retinanet_R_50_FPN_3x_config() -> CfgNode:
     """``COCO-Detection/retinanet_R_50_FPN_3x.yaml``: ``Base-RetinaNet.yaml`` with ResNet-50 (4-conv
     towers, score threshold 0.05, 1000 candidates a level, NMS 0.5, 100 detections per image)."""
     return _zoo_3x(_base_retinanet(), 50)
+
+
+def mask_rcnn_R_50_FPN_3x_gn_config() -> CfgNode:
+    """``Misc/mask_rcnn_R_50_FPN_3x_gn.yaml``: GroupNorm (32 groups) in the ResNet-50 (stride on
+    the 3x3 conv), the FPN, a box head of four 3x3 convs and one fc, and the mask head."""
+    cfg = _mask_rcnn_fpn_3x(50)
+    cfg.merge_from_other_cfg(CfgNode({"MODEL": {
+        "WEIGHTS": "catalog://ImageNetPretrained/FAIR/R-50-GN",
+        "RESNETS": {"NORM": "GN", "STRIDE_IN_1X1": False},
+        "FPN": {"NORM": "GN"},
+        "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_CONV": 4, "NUM_FC": 1, "NORM": "GN"},
+        "ROI_MASK_HEAD": {"NORM": "GN"},
+    }}))
+    return cfg
+
+
+def mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config() -> CfgNode:
+    """``Misc/mask_rcnn_R_50_FPN_3x_dconv_c3-c5.yaml``: deformable 3x3 convs (unmodulated, one
+    offset group) in every block of res3, res4 and res5."""
+    cfg = _mask_rcnn_fpn_3x(50)
+    cfg.merge_from_other_cfg(CfgNode({"MODEL": {
+        "RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True], "DEFORM_MODULATED": False},
+    }}))
+    return cfg
