@@ -309,6 +309,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("config-eval-names-leak", "detlayers/models/config/yaml_loader.py",
            '    "int": int, "float": float,', '    "int": int, "float": float, "open": open, "__import__": __import__,',
            CONFIG),
+    # ---- training: matcher and sampler -------------------------------------------------------------
+    Mutant("train-matcher-padded-gt-matches", "detlayers/models/matcher.py",
+           "quality = jnp.where(valid[:, None], iou, -1.0)", "quality = iou", ("tests/test_matcher_sampling.py",)),
+    Mutant("train-matcher-low-quality-off", "detlayers/models/matcher.py",
+           "labels = jnp.where(is_best, 1, labels)", "labels = labels", ("tests/test_matcher_sampling.py",)),
+    Mutant("train-sampler-ties-by-higher-index", "detlayers/models/sampling.py",
+           "jnp.lexsort((index, -priorities, ~candidates))", "jnp.lexsort((-index, -priorities, ~candidates))",
+           ("tests/test_matcher_sampling.py",)),
+    Mutant("train-sampler-negatives-not-capped", "detlayers/models/sampling.py",
+           "num_samples - num_pos)", "num_samples)", ("tests/test_matcher_sampling.py",)),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

@@ -31,3 +31,15 @@ def nonempty(boxes: Array, threshold: float = 0.0) -> Array:
 def box_area(boxes: Array) -> Array:
     """``Boxes.area()``: ``(x2 - x1) * (y2 - y1)``."""
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def pairwise_iou(boxes1: Array, boxes2: Array) -> Array:
+    """detectron2's ``pairwise_iou``: ``[M, 4] x [N, 4] -> float32[M, N]``; 0 where boxes do not
+    overlap (so empty boxes never divide by zero)."""
+    b1 = jnp.asarray(boxes1, jnp.float32)
+    b2 = jnp.asarray(boxes2, jnp.float32)
+    width = jnp.clip(jnp.minimum(b1[:, None, 2], b2[None, :, 2]) - jnp.maximum(b1[:, None, 0], b2[None, :, 0]), 0.0)
+    height = jnp.clip(jnp.minimum(b1[:, None, 3], b2[None, :, 3]) - jnp.maximum(b1[:, None, 1], b2[None, :, 1]), 0.0)
+    inter = width * height
+    union = box_area(b1)[:, None] + box_area(b2)[None, :] - inter
+    return jnp.where(inter > 0, inter / jnp.where(inter > 0, union, 1.0), 0.0)
