@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Box2BoxTransform", "DEFAULT_SCALE_CLAMP"]
+__all__ = ["Box2BoxTransform", "DEFAULT_SCALE_CLAMP", "smooth_l1_loss"]
 
 # detectron2's _DEFAULT_SCALE_CLAMP: no predicted width/height grows by more than 1000/16.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -79,3 +79,12 @@ class Box2BoxTransform:
             axis=-1,
         )
         return out.reshape(deltas.shape)
+
+
+def smooth_l1_loss(input: Array, target: Array, beta: float) -> Array:
+    """fvcore's ``smooth_l1_loss`` (detectron2's ``"smooth_l1"`` box loss), elementwise:
+    ``0.5 * d**2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 * beta``; ``beta < 1e-5`` is L1."""
+    diff = jnp.abs(jnp.asarray(input, jnp.float32) - jnp.asarray(target, jnp.float32))
+    if beta < 1e-5:
+        return diff
+    return jnp.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
