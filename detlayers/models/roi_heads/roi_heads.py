@@ -145,7 +145,8 @@ class StandardROIHeads(nn.Module):
     gt_classes int[N, G], gt_masks [N, G, H, W], gt_valid bool[N, G], priorities [N, P + G],
     train=True)`` labels and samples the proposals (:func:`label_and_sample_proposals`) and
     returns the loss dict ``loss_cls``, ``loss_box_reg`` and, with masks, ``loss_mask`` (mask head
-    on the foreground slots, targets :func:`crop_and_resize_masks`). The mask head runs on the
+    on the foreground slots, targets
+    :func:`detlayers.models.roi_heads.mask_head.crop_and_resize_masks`). The mask head runs on the
     first ``int(batch_size_per_image * positive_fraction)`` slots, where the sampler puts every
     foreground ROI.
     """
