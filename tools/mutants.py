@@ -72,6 +72,7 @@ BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
+TRAIN_STEP = ("tests/test_mask_rcnn_train.py",)
 LAYOUT = ("tests/test_models_layout.py",)
 CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
@@ -500,8 +501,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "num_chunks = (jnp.max(jnp.sum(valid, axis=1)) + chunk - 1) // chunk",
            "num_chunks = jnp.max(jnp.sum(valid, axis=1)) // chunk", BRANCHES, "mask_head_chunks"),
     Mutant("models-mask-channel-of-class-0", "detlayers/models/roi_heads/mask_head.py",
-           "index = jnp.clip(classes, 0, mask_logits.shape[-1] - 1)", "index = jnp.zeros_like(classes)",
-           BRANCHES, "mask_head_chunks"),
+           "index = jnp.clip(classes, 0, mask_logits.shape[-1] - 1)\n        picked",
+           "index = jnp.zeros_like(classes)\n        picked", BRANCHES, "mask_head_chunks"),
     Mutant("models-postprocess-keeps-empty-boxes", "detlayers/models/postprocessing.py",
            'valid = det["valid"] & nonempty(boxes)', 'valid = det["valid"]', BRANCHES, "postprocess"),
     Mutant("models-postprocess-scale-xy-swapped", "detlayers/models/postprocessing.py",
@@ -519,6 +520,34 @@ MUTANTS: tuple[Mutant, ...] = (
            'return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text',
            'return isinstance(err, MemoryError) and ("RESOURCE_EXHAUSTED" in text', ROBUST,
            "out_of_memory"),
+    # ---- training: matcher and sampler -------------------------------------------------------------
+    Mutant("train-matcher-padded-gt-matches", "detlayers/models/matcher.py",
+           "quality = jnp.where(valid[:, None], iou, -1.0)", "quality = iou", ("tests/test_matcher_sampling.py",)),
+    Mutant("train-matcher-low-quality-off", "detlayers/models/matcher.py",
+           "labels = jnp.where(is_best, 1, labels)", "labels = labels", ("tests/test_matcher_sampling.py",)),
+    Mutant("train-sampler-ties-by-higher-index", "detlayers/models/sampling.py",
+           "jnp.lexsort((index, -priorities, ~candidates))", "jnp.lexsort((-index, -priorities, ~candidates))",
+           ("tests/test_matcher_sampling.py",)),
+    Mutant("train-sampler-negatives-not-capped", "detlayers/models/sampling.py",
+           "num_samples - num_pos)", "num_samples)", ("tests/test_matcher_sampling.py",)),
+    # ---- training step (parity with detectron2; the R50 step compiles for minutes) ------------------
+    Mutant("train-rpn-normalizer-per-image", "detlayers/models/proposal_generator/rpn.py",
+           "normalizer = batch_size_per_image * n", "normalizer = batch_size_per_image", TRAIN_STEP),
+    Mutant("train-rpn-low-quality-off", "detlayers/models/proposal_generator/rpn.py",
+           "anchor_matcher=Matcher(rpn.IOU_THRESHOLDS, rpn.IOU_LABELS, allow_low_quality_matches=True)",
+           "anchor_matcher=Matcher(rpn.IOU_THRESHOLDS, rpn.IOU_LABELS, allow_low_quality_matches=False)", TRAIN_STEP),
+    Mutant("train-roi-gt-not-appended", "detlayers/models/roi_heads/roi_heads.py",
+           "        proposals = jnp.concatenate([proposals, gt_boxes.astype(proposals.dtype)], axis=1)\n",
+           "", TRAIN_STEP),
+    Mutant("train-box-beta-of-old-configs", "detlayers/models/roi_heads/fast_rcnn.py",
+           "smooth_l1_beta=float(box.SMOOTH_L1_BETA)", "smooth_l1_beta=1.0", TRAIN_STEP),
+    Mutant("train-box-reg-over-foreground", "detlayers/models/roi_heads/fast_rcnn.py",
+           "loss_box_reg = jnp.sum(jnp.where(foreground, loss, 0.0)) / count",
+           "loss_box_reg = jnp.sum(jnp.where(foreground, loss, 0.0)) / jnp.maximum(jnp.sum(foreground), 1)",
+           TRAIN_STEP),
+    Mutant("train-mask-targets-not-aligned", "detlayers/models/roi_heads/mask_head.py",
+           "out = roi_align(masks.reshape(n * g, h, w, 1), rois, mask_size, 1.0, 0, True)",
+           "out = roi_align(masks.reshape(n * g, h, w, 1), rois, mask_size, 1.0, 0, False)", TRAIN_STEP),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",

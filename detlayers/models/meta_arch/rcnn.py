@@ -1,5 +1,5 @@
-"""detectron2's ``GeneralizedRCNN`` (``modeling/meta_arch/rcnn.py``) at inference: Mask R-CNN /
-Faster R-CNN as a backbone, a proposal generator and ROI heads.
+"""detectron2's ``GeneralizedRCNN`` (``modeling/meta_arch/rcnn.py``): Mask R-CNN / Faster R-CNN as a
+backbone, a proposal generator and ROI heads, at inference and in training (the loss dict).
 
 The submodule names are detectron2's (``backbone.bottom_up.res2.0...``,
 ``proposal_generator.rpn_head...``, ``roi_heads.box_head.fc1``...), so a detectron2 checkpoint
@@ -20,6 +20,7 @@ from detlayers.models.postprocessing import detector_postprocess
 from detlayers.models.proposal_generator.build import build_proposal_generator
 from detlayers.models.registry import META_ARCH_REGISTRY
 from detlayers.models.roi_heads.roi_heads import build_roi_heads
+from detlayers.models.sampling import draw_priorities
 
 Array = jax.Array
 
@@ -28,7 +29,7 @@ __all__ = ["GeneralizedRCNN"]
 
 @META_ARCH_REGISTRY.register()
 class GeneralizedRCNN(nn.Module):
-    """detectron2's ``GeneralizedRCNN`` at inference, NHWC, static shapes.
+    """detectron2's ``GeneralizedRCNN``, NHWC, static shapes.
 
     Fields: ``backbone`` (``{name: [N, Hi, Wi, C]}`` feature maps), ``proposal_generator``,
     ``roi_heads`` (Flax modules, see :meth:`from_config`), and ``pixel_mean``/``pixel_std``: the
@@ -78,14 +79,24 @@ class GeneralizedRCNN(nn.Module):
         self,
         images: Array,
         image_hw: Array,
-        output_hw: Array,
-        *,
+        *targets: Array,
+        train: bool = False,
         canvas_hw: tuple[int, int] | None = None,
         return_intermediates: bool = False,
+        sampling_priorities: dict[str, Array] | None = None,
     ) -> dict[str, Array]:
         if images.ndim != 4 or images.shape[-1] != len(self.pixel_mean):
             raise ValueError(f"GeneralizedRCNN: images must be [N, H, W, {len(self.pixel_mean)}], "
                              f"got shape {images.shape}")
+        if train:
+            if len(targets) != 4:
+                raise TypeError("GeneralizedRCNN: training takes (images, image_hw, gt_boxes, gt_classes, gt_masks, "
+                                f"gt_valid), got {2 + len(targets)} arguments")
+            return self._losses(images, image_hw, *targets, sampling_priorities)
+        if len(targets) != 1:
+            raise TypeError("GeneralizedRCNN: inference takes (images, image_hw, output_hw), "
+                            f"got {2 + len(targets)} arguments")
+        (output_hw,) = targets
         n = images.shape[0]
         for name, value in (("image_hw", image_hw), ("output_hw", output_hw)):
             if tuple(value.shape) != (n, 2):
@@ -100,3 +111,36 @@ class GeneralizedRCNN(nn.Module):
             out.update(features)
             out.update(proposal_boxes=proposals, proposal_logits=proposal_logits, proposal_valid=proposal_valid)
         return out
+
+    def _losses(self, images, image_hw, gt_boxes, gt_classes, gt_masks, gt_valid, priorities) -> dict[str, Array]:
+        n = images.shape[0]
+        g = gt_boxes.shape[1] if gt_boxes.ndim == 3 else -1
+        for name, value, shape in (("image_hw", image_hw, (n, 2)), ("gt_boxes", gt_boxes, (n, g, 4)),
+                                   ("gt_classes", gt_classes, (n, g)), ("gt_valid", gt_valid, (n, g))):
+            if tuple(value.shape) != shape:
+                raise ValueError(f"GeneralizedRCNN: {name} must be {list(shape)} (N images, G ground-truth rows), "
+                                 f"got shape {value.shape}")
+        if gt_masks.ndim != 4 or gt_masks.shape[:2] != (n, g):
+            raise ValueError(f"GeneralizedRCNN: gt_masks must be [N, G, H, W] = [{n}, {g}, H, W], "
+                             f"got shape {gt_masks.shape}")
+        image_hw = image_hw.astype(jnp.int32)
+        gt_valid = gt_valid.astype(bool)
+        features = self.backbone(images)
+        rpn_priorities = None if priorities is None else priorities["rpn"]
+        if rpn_priorities is None:
+            num_anchors = sum(
+                int(features[name].shape[1]) * int(features[name].shape[2]) * a
+                for name, a in zip(self.proposal_generator.in_features,
+                                   self.proposal_generator.anchor_generator.num_anchors)
+            )
+            rpn_priorities = draw_priorities(self.make_rng("sampling"), (n, num_anchors))
+        (proposals, _, proposal_valid), losses = self.proposal_generator(
+            features, image_hw, gt_boxes, gt_valid, rpn_priorities, train=True
+        )
+        roi_priorities = None if priorities is None else priorities["roi_heads"]
+        if roi_priorities is None:
+            extra = g if self.roi_heads.proposal_append_gt else 0
+            roi_priorities = draw_priorities(self.make_rng("sampling"), (n, proposals.shape[1] + extra))
+        losses.update(self.roi_heads(features, proposals, proposal_valid, image_hw, gt_boxes, gt_classes, gt_masks,
+                                     gt_valid, roi_priorities, train=True))
+        return losses

@@ -1,4 +1,5 @@
-"""detectron2's RPN at inference (``modeling/proposal_generator/rpn.py``, ``proposal_utils.py``).
+"""detectron2's RPN (``modeling/proposal_generator/rpn.py``, ``proposal_utils.py``): proposals and,
+in training, its anchor labels and losses.
 
 Static shapes throughout: each image gets exactly ``post_nms_topk`` proposal slots (fewer when the
 pyramid has fewer candidates) with a ``valid`` mask; the valid slots come first, in detectron2's
@@ -16,17 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from detlayers.boxes import clip_boxes, nonempty
+from detlayers.boxes import clip_boxes, nonempty, pairwise_iou
 from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator
-from detlayers.models.box_regression import Box2BoxTransform
+from detlayers.models.box_regression import Box2BoxTransform, smooth_l1_loss
+from detlayers.models.matcher import Matcher
 from detlayers.models.registry import PROPOSAL_GENERATOR_REGISTRY, RPN_HEAD_REGISTRY, build_from_registry
+from detlayers.models.sampling import subsample_labels
 from detlayers.nms import batched_nms
 from detlayers.shape_spec import ShapeSpec
 from detlayers.wrappers import Conv2d
 
 Array = jax.Array
 
-__all__ = ["StandardRPNHead", "RPN", "find_top_rpn_proposals", "build_rpn_head"]
+__all__ = ["StandardRPNHead", "RPN", "find_top_rpn_proposals", "rpn_losses", "build_rpn_head"]
 
 
 @RPN_HEAD_REGISTRY.register()
@@ -125,17 +128,81 @@ def find_top_rpn_proposals(
     return jax.vmap(per_image)(boxes, scores, image_hw)
 
 
+def rpn_losses(
+    anchors: Array,
+    logits: Array,
+    deltas: Array,
+    gt_boxes: Array,
+    gt_valid: Array,
+    priorities: Array,
+    *,
+    matcher: Matcher,
+    box2box_transform: Box2BoxTransform,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    smooth_l1_beta: float,
+) -> dict[str, Array]:
+    """detectron2's ``RPN.label_and_sample_anchors`` and ``RPN.losses`` (smooth-L1 box loss).
+
+    Args:
+      anchors: ``float32[A, 4]``, every level's anchors concatenated (detectron2's ``Boxes.cat``).
+      logits: ``[N, A]``; deltas: ``[N, A, 4]`` (the head's outputs, levels concatenated).
+      gt_boxes: ``[N, G, 4]``; gt_valid: ``bool[N, G]`` (padding rows are False).
+      priorities: ``float[N, A]``: the sampler keeps the labelled anchors with the highest ones
+        (:func:`detlayers.models.sampling.subsample_labels`).
+
+    Returns ``loss_rpn_cls`` (binary cross-entropy with logits summed over the sampled anchors) and
+    ``loss_rpn_loc`` (smooth L1 of the deltas to the matched ground truth, summed over the sampled
+    positives), both divided by ``batch_size_per_image * N``; unweighted.
+    """
+    n, a = logits.shape
+    if deltas.shape != (n, a, 4) or anchors.shape != (a, 4) or priorities.shape != (n, a):
+        raise ValueError(f"rpn_losses: logits [N, A] = {logits.shape} needs anchors [A, 4], deltas [N, A, 4] and "
+                         f"priorities [N, A], got {anchors.shape}, {deltas.shape} and {priorities.shape}")
+    if gt_boxes.ndim != 3 or gt_boxes.shape[0] != n or gt_valid.shape != gt_boxes.shape[:2]:
+        raise ValueError(f"rpn_losses: gt_boxes must be [N, G, 4] and gt_valid [N, G] with N = {n}, got "
+                         f"{gt_boxes.shape} and {gt_valid.shape}")
+    anchors = jnp.asarray(anchors, jnp.float32)
+
+    def per_image(boxes: Array, valid: Array, prio: Array) -> tuple[Array, Array, Array]:
+        matches, labels = matcher(pairwise_iou(boxes, anchors), valid)
+        positive, negative = subsample_labels(labels, batch_size_per_image, positive_fraction, 0, prio)
+        return positive, negative, boxes[matches]
+
+    positive, negative, matched = jax.vmap(per_image)(gt_boxes.astype(jnp.float32), gt_valid, priorities)
+    matched = lax.stop_gradient(matched)
+    logits = logits.astype(jnp.float32)
+    # binary cross-entropy with logits, target 1 on positives and 0 on negatives
+    bce = jnp.maximum(logits, 0.0) - logits * positive + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    cls_loss = jnp.sum(jnp.where(positive | negative, bce, 0.0))
+    # Only positives' targets count; the others (any matched box, possibly padding) are replaced
+    # by 0 so that no NaN reaches the masked gradient.
+    targets = box2box_transform.get_deltas(jnp.broadcast_to(anchors, matched.shape), matched)
+    targets = jnp.where(positive[..., None], targets, 0.0)
+    loc = jnp.sum(smooth_l1_loss(deltas, targets, smooth_l1_beta), axis=-1)
+    loc_loss = jnp.sum(jnp.where(positive, loc, 0.0))
+    normalizer = batch_size_per_image * n
+    return {"loss_rpn_cls": cls_loss / normalizer, "loss_rpn_loc": loc_loss / normalizer}
+
+
 @PROPOSAL_GENERATOR_REGISTRY.register()
 class RPN(nn.Module):
-    """detectron2's ``RPN`` at inference: ``rpn_head``, anchors, proposal selection.
+    """detectron2's ``RPN``: ``rpn_head``, anchors, proposal selection and, in training, losses.
 
     Fields: ``in_features`` (the feature maps used, e.g. ``("p2", ..., "p6")``), ``rpn_head``
     (a Flax module: features -> per-level logits and deltas), ``anchor_generator``,
-    ``box2box_transform``, and the test-time selection: ``pre_nms_topk`` (per level),
-    ``post_nms_topk`` (per image), ``nms_thresh``, ``min_box_size``.
+    ``box2box_transform``, the test-time selection ``pre_nms_topk`` (per level),
+    ``post_nms_topk`` (per image), ``nms_thresh``, ``min_box_size``; the training-time selection
+    ``pre_nms_topk_train``/``post_nms_topk_train``; and the training targets: ``anchor_matcher``,
+    ``batch_size_per_image``, ``positive_fraction``, ``smooth_l1_beta`` and ``loss_weight``
+    (``(cls, loc)`` multipliers, detectron2's ``LOSS_WEIGHT`` and ``BBOX_REG_LOSS_WEIGHT * LOSS_WEIGHT``).
 
     ``__call__(features {name: [N, Hi, Wi, C]}, image_hw int32[N, 2])`` returns
     ``(boxes [N, P, 4], logits [N, P], valid [N, P])`` (see :func:`find_top_rpn_proposals`).
+    ``__call__(features, image_hw, gt_boxes [N, G, 4], gt_valid bool[N, G], priorities [N, A],
+    train=True)`` returns the training proposals (top-k of the ``*_train`` fields, gradients
+    stopped, as detectron2 detaches them) and the loss dict of :func:`rpn_losses`, weighted;
+    ``priorities`` hold one value per anchor, levels concatenated in ``in_features`` order.
     """
 
     in_features: Sequence[str]
@@ -146,11 +213,18 @@ class RPN(nn.Module):
     post_nms_topk: int = 1000
     nms_thresh: float = 0.7
     min_box_size: float = 0.0
+    pre_nms_topk_train: int = 2000
+    post_nms_topk_train: int = 1000
+    anchor_matcher: Matcher = Matcher((0.3, 0.7), (0, -1, 1), allow_low_quality_matches=True)
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    smooth_l1_beta: float = 0.0
+    loss_weight: tuple[float, float] = (1.0, 1.0)
 
     @classmethod
     def from_config(cls, cfg: Any, input_shape: Mapping[str, ShapeSpec]) -> RPN:
-        """``MODEL.RPN.*`` (test-time top-k and NMS), ``MODEL.PROPOSAL_GENERATOR.MIN_SIZE``, the head
-        ``MODEL.RPN.HEAD_NAME`` and the anchor generator, over ``MODEL.RPN.IN_FEATURES``."""
+        """``MODEL.RPN.*`` (top-k, NMS, matching, sampling, loss), ``MODEL.PROPOSAL_GENERATOR.MIN_SIZE``,
+        the head ``MODEL.RPN.HEAD_NAME`` and the anchor generator, over ``MODEL.RPN.IN_FEATURES``."""
         rpn = cfg.MODEL.RPN
         in_features = tuple(rpn.IN_FEATURES)
         missing = [name for name in in_features if name not in input_shape]
@@ -160,6 +234,11 @@ class RPN(nn.Module):
             if getattr(rpn, key) <= 0:
                 raise ValueError(f"RPN: MODEL.RPN.{key} must be positive (proposals kept per "
                                  f"{'level' if key.startswith('PRE') else 'image'}), got {getattr(rpn, key)}")
+        if rpn.BOUNDARY_THRESH >= 0:
+            raise ValueError(f"RPN: MODEL.RPN.BOUNDARY_THRESH {rpn.BOUNDARY_THRESH} is not supported (only -1)")
+        if rpn.BBOX_REG_LOSS_TYPE != "smooth_l1":
+            raise ValueError(f"RPN: MODEL.RPN.BBOX_REG_LOSS_TYPE {rpn.BBOX_REG_LOSS_TYPE!r} is not supported "
+                             "(only 'smooth_l1')")
         shapes = [input_shape[name] for name in in_features]
         return cls(
             in_features=in_features, rpn_head=build_rpn_head(cfg, shapes),
@@ -167,18 +246,48 @@ class RPN(nn.Module):
             box2box_transform=Box2BoxTransform(weights=tuple(rpn.BBOX_REG_WEIGHTS)),
             pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST, nms_thresh=rpn.NMS_THRESH,
             min_box_size=float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE),
+            pre_nms_topk_train=rpn.PRE_NMS_TOPK_TRAIN, post_nms_topk_train=rpn.POST_NMS_TOPK_TRAIN,
+            anchor_matcher=Matcher(rpn.IOU_THRESHOLDS, rpn.IOU_LABELS, allow_low_quality_matches=True),
+            batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE, positive_fraction=rpn.POSITIVE_FRACTION,
+            smooth_l1_beta=float(rpn.SMOOTH_L1_BETA),
+            loss_weight=(float(rpn.LOSS_WEIGHT), float(rpn.BBOX_REG_LOSS_WEIGHT * rpn.LOSS_WEIGHT)),
         )
 
     @nn.compact
-    def __call__(self, features: Mapping[str, Array], image_hw: Array) -> tuple[Array, Array, Array]:
+    def __call__(
+        self,
+        features: Mapping[str, Array],
+        image_hw: Array,
+        gt_boxes: Array | None = None,
+        gt_valid: Array | None = None,
+        priorities: Array | None = None,
+        *,
+        train: bool = False,
+    ) -> tuple[Array, Array, Array] | tuple[tuple[Array, Array, Array], dict[str, Array]]:
         maps = [features[name] for name in self.in_features]
         logits, deltas = self.rpn_head(maps)
         anchors = self.anchor_generator([(int(f.shape[1]), int(f.shape[2])) for f in maps])
-        return find_top_rpn_proposals(
-            anchors, deltas, logits, image_hw,
+        pre, post = (self.pre_nms_topk_train, self.post_nms_topk_train) if train else (
+            self.pre_nms_topk, self.post_nms_topk)
+        select = [lax.stop_gradient(x) for x in deltas], [lax.stop_gradient(x) for x in logits]
+        proposals = find_top_rpn_proposals(
+            anchors, *select, image_hw,
             box2box_transform=self.box2box_transform, nms_thresh=self.nms_thresh,
-            pre_nms_topk=self.pre_nms_topk, post_nms_topk=self.post_nms_topk, min_box_size=self.min_box_size,
+            pre_nms_topk=pre, post_nms_topk=post, min_box_size=self.min_box_size,
         )
+        if not train:
+            return proposals
+        if gt_boxes is None or gt_valid is None or priorities is None:
+            raise ValueError("RPN: training needs gt_boxes, gt_valid and priorities")
+        losses = rpn_losses(
+            jnp.asarray(np.concatenate(anchors)), jnp.concatenate(logits, axis=1), jnp.concatenate(deltas, axis=1),
+            gt_boxes, gt_valid, priorities, matcher=self.anchor_matcher, box2box_transform=self.box2box_transform,
+            batch_size_per_image=self.batch_size_per_image, positive_fraction=self.positive_fraction,
+            smooth_l1_beta=self.smooth_l1_beta,
+        )
+        losses = {"loss_rpn_cls": losses["loss_rpn_cls"] * self.loss_weight[0],
+                  "loss_rpn_loc": losses["loss_rpn_loc"] * self.loss_weight[1]}
+        return proposals, losses
 
 
 def build_rpn_head(cfg: Any, input_shape: Sequence[ShapeSpec]) -> nn.Module:
