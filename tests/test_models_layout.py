@@ -97,7 +97,7 @@ def test_register_adds_a_part_and_refuses_a_second_one_of_that_name():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, False, False], "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
+    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, True, False], "MODEL.RESNETS.DEFORM_ON_PER_STAGE"),
     ("MODEL.RESNETS.RES5_DILATION", 2, "MODEL.RESNETS.RES5_DILATION must be 1"),
     ("MODEL.RESNETS.DEPTH", 42, "MODEL.RESNETS.DEPTH must be one of"),
     ("MODEL.RPN.CONV_DIMS", [256], "MODEL.RPN.CONV_DIMS"),
