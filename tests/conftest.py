@@ -1,12 +1,22 @@
-"""Test-session setup: 8 forced host devices so multi-device tests (pmap, shard_map) run on CPU.
+"""Test-session setup: 8 forced host devices so multi-device tests (pmap, shard_map) run on CPU,
+and one persistent XLA compilation cache shared by the whole run.
 
 XLA reads XLA_FLAGS once, when the backend starts, so this must run before anything imports jax.
+
+The compilation cache: a fresh directory per run (so runs stay independent; it is deleted at the
+end), named in ``JAX_COMPILATION_CACHE_DIR`` before jax is imported, so the xdist workers and every
+subprocess the tests start (fresh-process export, multi-process runs, the demo, the notebooks)
+inherit it. A program compiled once is then loaded, not compiled again, by the other worker, by
+another ``jax.jit`` of the same computation, or by a subprocess. A cache directory the caller
+already set is used as it is.
 
 Options that depend on optional plugins are set here rather than in ``addopts`` (which would make
 pytest fail when the plugin is missing), so a plain ``pytest`` works with or without them:
 
-* pytest-xdist (in the ``test`` extra): the tests run in parallel (``-n auto``) unless the command
-  line chooses ``-n`` itself; ``-p no:xdist`` runs them in one process.
+* pytest-xdist (in the ``test`` extra): the tests run in parallel (``-n auto --dist loadgroup``)
+  unless the command line chooses ``-n`` or ``--dist`` itself; ``-p no:xdist`` runs them in one
+  process. Modules whose module-scoped fixtures are expensive mark their tests
+  ``xdist_group(<module>)`` so that one worker runs them all.
 * nbmake (in the ``notebooks`` extra): the notebooks under ``notebooks/`` are executed top to
   bottom (``--nbmake``) so they never rot; without nbmake they are not collected.
 """
@@ -17,9 +27,26 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # The first process (the xdist controller, or the only one) creates it; workers inherit it.
+    _CACHE_DIR = tempfile.mkdtemp(prefix="detlayers-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# Cache every program worth a fraction of a second to compile (jax's default is 1 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+if "jax" in sys.modules:  # a plugin imported jax first: it read the environment too early
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    sys.modules["jax"].config.update(
+        "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+    )
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -32,9 +59,19 @@ def pytest_cmdline_main(config: pytest.Config):
     has_xdist = hasattr(config.option, "numprocesses")
     if not is_worker and has_xdist and config.option.numprocesses is None:
         config.option.numprocesses = "auto"
+    if not is_worker and has_xdist and config.option.dist == "no":
+        # Tests are dealt out one by one, except those marked xdist_group(name): each group
+        # runs whole on one worker, so its module-scoped fixtures (a compiled model, a demo run)
+        # are built once, not once per worker. Groups go out first (largest first).
+        config.option.dist = "loadgroup"
     if hasattr(config.option, "nbmake"):
         config.option.nbmake = True
     return (yield)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist registers this mark; without xdist (-p no:xdist, or not installed) it must still be known.
+    config.addinivalue_line("markers", "xdist_group(name): the marked tests run on one xdist worker")
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,12 @@ def test_first_k_per_group_matches_a_python_loop():
     np.testing.assert_array_equal(got, expected)
 
 
+# The training tests run on one xdist worker, in this order: the second loads the executables the
+# first compiled from the session's compilation cache (tests/conftest.py).
+DEMO_TRAINING = pytest.mark.xdist_group("demo_training")
+
+
+@DEMO_TRAINING
 def test_demo_runs_end_to_end_and_reports_pycocotools_numbers(tmp_path, capsys):
     from detlayers.demo.__main__ import parse_args
     from detlayers.demo.run import run_demo
@@ -158,21 +164,27 @@ def _stem_conv_float64(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return out
 
 
+@DEMO_TRAINING
 def test_train_step_synchronizes_batch_norm_statistics_over_devices():
     """One data-parallel step on 2 devices: the stem's running statistics are those of the whole
-    global batch (NaiveSyncBatchNorm), not an average of per-device statistics."""
+    global batch (NaiveSyncBatchNorm), not an average of per-device statistics.
+
+    The step is the demo's own (``train``), with the settings of the end-to-end run above (64x64
+    images, 2 devices x 2 images), so it loads that run's executables from the test session's
+    compilation cache instead of compiling them again."""
     from detlayers.demo.model import DetectorConfig, ShapesDetector
-    from detlayers.demo.train import TrainConfig, init_state, make_mesh, make_optimizer, make_train_step, shard_batch
+    from detlayers.demo.train import TrainConfig, init_state, make_mesh, make_optimizer, train
 
     model = ShapesDetector(DetectorConfig())
-    optimizer = make_optimizer(TrainConfig(steps=10))
-    state = init_state(model, optimizer, seed=0)
-    mesh = make_mesh(2)
-    batch = shapes.train_batch(CONFIG, 0, 0, 4)
+    config = TrainConfig(steps=1, batch_per_device=2, seed=0)
+    state = init_state(model, make_optimizer(config), seed=0)
     kernel = np.asarray(state.params["backbone"]["stem"]["kernel"])
-    _, stats, _, losses = make_train_step(model, optimizer, mesh)(
-        state.params, state.batch_stats, state.opt_state, shard_batch(batch, mesh),
-        jax.random.key(0))
+    after_step = []
+    train(model, CONFIG, config, make_mesh(2), state, progress=False,
+          on_step=lambda new_state, metrics: after_step.append((new_state, metrics)))
+    assert len(after_step) == 1
+    stats, losses = after_step[0][0].batch_stats, after_step[0][1]
+    batch = shapes.train_batch(CONFIG, 0, 0, 4)  # what train() draws first: seed 0, position 0
 
     y = _stem_conv_float64(batch["image"], kernel).reshape(-1, kernel.shape[-1])
     momentum = 0.1  # PyTorch's default: r += momentum * (batch - r), from mean 0 and var 1

@@ -14,6 +14,9 @@ are the same; ≤1e-4 relative is required, on CPU the losses come out bitwise e
 vs ``multi`` checks the checkpoint holds everything the run depends on (parameters, batch
 statistics, optimizer state, step, key, data position): the resumed run's parameters must equal
 the uninterrupted run's to ≤1e-6 (usually bitwise; see the test for why not always).
+
+The runs share the test session's persistent XLA compilation cache (tests/conftest.py): the killed
+and the resumed run load the uninterrupted multi-process run's executables instead of compiling.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ DEMO = [sys.executable, "-m", "detlayers.demo", "--steps", str(STEPS), "--batch-
         "--image-size", "48", "--eval-images", "0", "--no-progress", "--seed", "5",
         "--checkpoint-every", str(EVERY)]
 RUN_TIMEOUT = 420  # seconds, per demo run (compilation dominates; a shared 2-core box is slow)
+# One xdist worker runs the module: the demo runs of the fixture happen once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("demo_distributed")
 
 
 def _demo(out: pathlib.Path, *extra: str) -> list[str]:
@@ -83,16 +88,6 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return found
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for the module's runs: the killed and the resumed run reuse the
-    uninterrupted multi-process run's executables (the same programs) instead of compiling."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -129,6 +129,11 @@ def _synthetic_state_dict() -> dict[str, np.ndarray]:
     return synthetic.mask_rcnn_r50_fpn_state_dict(seed=0, calibration=calibration)
 
 
+# The tests of the R50 weights and predictors run on one xdist worker, which builds the module's
+# fixtures and compiles each predictor once (tests/conftest.py).
+R50_GROUP = pytest.mark.xdist_group("mask_rcnn_r50")
+
+
 @pytest.fixture(scope="module")
 def state_dict() -> dict[str, np.ndarray]:
     return _synthetic_state_dict()
@@ -247,6 +252,7 @@ def test_parity_fixtures_exist():
     assert len({int(_load_case(p)["min_size"]) for p in CASES}) >= 2
 
 
+@R50_GROUP
 @pytest.mark.parametrize("case_path", CASES, ids=[p.stem for p in CASES])
 def test_parity_with_detectron2(case_path, r50_variables):
     case = _load_case(case_path)
@@ -298,6 +304,7 @@ def test_parity_with_detectron2(case_path, r50_variables):
     assert checked >= min(10, len(case["scores"]) // 2), f"only {checked} instances compared"
 
 
+@R50_GROUP
 def test_static_shapes_and_valid_prefix(r50_variables):
     predictor = _predictor(r50_variables, 256)
     image = _photo_bgr("chelsea")
@@ -320,6 +327,7 @@ def test_static_shapes_and_valid_prefix(r50_variables):
 # checkpoints
 
 
+@R50_GROUP
 def test_pkl_and_pth_load_like_the_dict(state_dict, r50_variables, tmp_path):
     from detlayers.models import build_model, load_detectron2_weights, mask_rcnn_R_50_FPN_3x_config
 
@@ -343,6 +351,7 @@ def test_pkl_and_pth_load_like_the_dict(state_dict, r50_variables, tmp_path):
     np.testing.assert_array_equal(fc1, state_dict["roi_heads.box_head.fc1.weight"].T)
 
 
+@R50_GROUP
 def test_checkpoint_errors_list_every_bad_key(state_dict):
     from detlayers.models import build_model, load_detectron2_weights, mask_rcnn_R_50_FPN_3x_config
 
@@ -360,6 +369,7 @@ def test_checkpoint_errors_list_every_bad_key(state_dict):
     assert "missing keys" in message and "unexpected keys" in message and "mis-shaped keys" in message
 
 
+@R50_GROUP
 def test_state_dict_names_are_detectron2s(state_dict):
     from detlayers._module_trace import trace_init
     from detlayers.models import build_model, mask_rcnn_R_50_FPN_3x_config

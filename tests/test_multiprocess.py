@@ -54,6 +54,7 @@ def sync_bn_run(tmp_path_factory):
     return load_npz(out)
 
 
+@pytest.mark.xdist_group("multiprocess_sync_bn")  # one worker, one multi-process run (tests/conftest.py)
 @pytest.mark.parametrize("mapping", ["pmap", "shard_map"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sync_batch_norm_across_processes_equals_batch_norm_on_real_examples(
