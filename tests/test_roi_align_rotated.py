@@ -44,7 +44,7 @@ def reference_roi_align_rotated(features, rois, output_size, scale, sampling_rat
         t = angle * math.pi / 180.0
         cos, sin = math.cos(t), math.sin(t)
 
-        def to_image(yy, xx):  # the ROI frame is centred on the box and turned by its angle
+        def to_image(yy, xx, cos=cos, sin=sin, yc=yc, xc=xc):  # the ROI frame: centred, turned by the angle
             return yy * cos - xx * sin + yc, yy * sin + xx * cos + xc
 
         out[r] = roi_bins_reference(
