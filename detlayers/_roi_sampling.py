@@ -20,6 +20,7 @@ from jax import lax
 
 from detlayers._checks import as_pair
 from detlayers._numerics import accumulation_dtype as compute_dtype  # noqa: F401 (used as rs.compute_dtype)
+from detlayers._numerics import divide
 from detlayers._numerics import round_product as rounded
 
 # Output bins per chunk of the adaptive loops (a chunk holds max(1, CHUNK_BINS // (PH*PW)) ROIs);
@@ -144,12 +145,17 @@ def batch_index_and_validity(name: str, rois: jax.Array, batch: int,
     return jnp.clip(index, 0, max(batch - 1, 0)), valid
 
 
+def per_bin(roi_extent: jax.Array, bins: int) -> jax.Array:
+    """``roi_extent / bins`` as the reference divides, also under ``jit`` (see :func:`divide`)."""
+    return divide(roi_extent, jnp.asarray(bins, roi_extent.dtype))
+
+
 def sample_grid(roi_extent: jax.Array, bins: int, sampling_ratio: int) -> jax.Array:
     """Samples per bin on one axis: ``sampling_ratio``, or ``ceil(extent / bins)`` clipped to
     ``[0, MAX_ADAPTIVE_GRID]`` (a non-finite extent gives 0)."""
     if sampling_ratio > 0:
         return jnp.full(roi_extent.shape, sampling_ratio, jnp.int32)
-    grid = jnp.ceil(roi_extent / bins)
+    grid = jnp.ceil(per_bin(roi_extent, bins))
     # Clip in floating point: converting inf or 1e30 to int32 is undefined or saturates.
     grid = jnp.where(jnp.isfinite(grid), jnp.clip(grid, 0, MAX_ADAPTIVE_GRID), 0)
     return grid.astype(jnp.int32)
@@ -160,10 +166,14 @@ def sample_coordinate(start: jax.Array, bin_size: jax.Array, grid: jax.Array, bi
     """Position of sample ``k`` of bin ``bin_index``, in detectron2's operation order.
 
     ``start + bin * bin_size + (k + 0.5) * bin_size / grid``, each operation rounded to the
-    working dtype as in the reference, which matters at the ``-1`` / ``size`` validity edges.
+    working dtype as in the reference, which matters at the ``-1`` / ``size`` validity edges, also
+    under ``jit``: the product is kept from contracting into a multiply-add (:func:`rounded`) and
+    the division by the grid (often a compile-time constant) from becoming a multiplication by a
+    folded reciprocal (:func:`divide`).
     """
     dtype = start.dtype
-    offset = (jnp.asarray(k, dtype) + jnp.asarray(0.5, dtype)) * bin_size / grid.astype(dtype)
+    centre = jnp.asarray(k, dtype) + jnp.asarray(0.5, dtype)
+    offset = divide(centre * bin_size, grid.astype(dtype))
     return (start + rounded(jnp.asarray(bin_index, dtype) * bin_size)) + offset
 
 

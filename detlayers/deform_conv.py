@@ -50,6 +50,7 @@ from detlayers._checks import IntOrPair, check_groups
 from detlayers._checks import as_pair as _pair
 from detlayers._conv_norm import ConvGeometry as _ConvGeometry
 from detlayers._conv_norm import norm_then_activation
+from detlayers._numerics import opaque
 from detlayers._roi_sampling import gather_rows as _gather
 
 __all__ = ["deform_conv", "modulated_deform_conv", "DeformConv", "ModulatedDeformConv"]
@@ -126,8 +127,11 @@ def _sampling_plan(
     offset = offset.astype(jnp.float32)
     off_y = jnp.swapaxes(offset[..., 0], -1, -2)  # [R, Wo, K, dg]
     off_x = jnp.swapaxes(offset[..., 1], -1, -2)
-    y = base_y[:, None, None, None] + tap_y[None, None, :, None] + off_y
-    x = base_x[None, :, None, None] + tap_x[None, None, :, None] + off_x
+    # torchvision adds the offset to the integer position ho*stride - pad + i*dilation (exact in
+    # float32) in one rounding; hiding that integer part pins the order under jit, where a
+    # reassociated sum would round twice (see detlayers._numerics).
+    y = opaque(base_y[:, None, None, None] + tap_y[None, None, :, None]) + off_y
+    x = opaque(base_x[None, :, None, None] + tap_x[None, None, :, None]) + off_x
 
     flat = (*y.shape[:2], -1)
     inside = ((y > -1) & (y < height) & (x > -1) & (x < width)).reshape(flat)

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from detlayers._numerics import divide, opaque
+
 Array = jax.Array
 
 __all__ = ["paste_masks_in_image"]
@@ -107,12 +109,10 @@ def _sample_positions(pixels: Array, start: Array, end: Array, mask_size: int) -
     normalisation to ``[-1, 1]`` followed by grid_sample's ``align_corners=False`` un-normalisation.
     """
     centres = pixels + 0.5
-    # XLA's simplifier rewrites a division by a broadcast scalar into a multiplication by its
-    # reciprocal and folds `(g * 2 - 1 + 1) * (M / 2)` into `g * M`; both round differently from
-    # PyTorch, so optimization barriers keep the operations as detectron2 writes them.
-    extent = lax.optimization_barrier(jnp.broadcast_to(end - start, centres.shape))
-    normalized = (centres - start) / extent * 2.0 - 1.0
-    normalized = lax.optimization_barrier(normalized)
+    # Kept from XLA's simplifier (see detlayers._numerics): the division by the box size must not
+    # become a multiplication by its reciprocal, and `(g * 2 - 1 + 1) * (M / 2)` must not fold into
+    # `g * M`; both round differently from PyTorch.
+    normalized = opaque(divide(centres - start, end - start) * 2.0 - 1.0)
     return (normalized + 1.0) * (mask_size / 2.0) - 0.5
 
 

@@ -92,8 +92,8 @@ def roi_align(
         roi_w = jnp.maximum(roi_w, 1.0)
         roi_h = jnp.maximum(roi_h, 1.0)
     valid &= jnp.isfinite(jnp.stack([x1, y1, roi_w, roi_h], -1)).all(-1)
-    bin_h = roi_h / pooled_h
-    bin_w = roi_w / pooled_w
+    bin_h = rs.per_bin(roi_h, pooled_h)
+    bin_w = rs.per_bin(roi_w, pooled_w)
     grid_h = jnp.where(valid, rs.sample_grid(roi_h, pooled_h, sampling_ratio), 0)
     grid_w = jnp.where(valid, rs.sample_grid(roi_w, pooled_w, sampling_ratio), 0)
 

@@ -5,6 +5,8 @@
   closed before returning).
 * ``assert_close``: relative closeness measured against the largest reference magnitude.
 * ``bilinear_interpolate``: the float64 bilinear sample of ROIAlign (plain and rotated);
+  ``sample_positions`` / ``adaptive_grid``: ROIAlign's sample positions and adaptive grid in the
+  reference kernels' operation order, in float64 or in their own float32 rounding;
   ``roi_bins_reference``: the bins of one ROI, each the mean of its grid of such samples;
   ``axis_bin_weights``: the same along one axis as a ``[bins, length]`` matrix (vectorized).
 * ``mse_train_step``: a jitted training step of a module with batch statistics.
@@ -37,18 +39,20 @@ def load_fixture(name: str, prefix: str = "") -> dict[str, np.ndarray]:
     return load_npz(FIXTURES / name, prefix)
 
 
-def assert_close(actual, expected, rtol: float = 1e-5, nan_ok: bool = False) -> None:
+def assert_close(actual, expected, rtol: float = 1e-5, nan_ok: bool = False, msg: str = "") -> None:
     """Relative error <= rtol, measured against the largest reference magnitude.
 
     With ``nan_ok``, NaN/inf entries of ``expected`` must be matched exactly (NaN for NaN) and do
-    not count towards the magnitude; without it every entry must be finite and close.
+    not count towards the magnitude; without it every entry must be finite and close. ``msg`` is
+    added to the failure message.
     """
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     magnitudes = expected[np.isfinite(expected)] if nan_ok else expected
     scale = max(float(np.max(np.abs(magnitudes), initial=0.0)), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, equal_nan=nan_ok)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, equal_nan=nan_ok,
+                               err_msg=msg)
 
 
 def bilinear_interpolate(image: np.ndarray, y: float, x: float) -> np.ndarray:
@@ -74,28 +78,50 @@ def bilinear_interpolate(image: np.ndarray, y: float, x: float) -> np.ndarray:
             + ly * (1 - lx) * image[y1, x0] + ly * lx * image[y1, x1])
 
 
+def sample_positions(start, extent, bins: int, count: int, dtype=np.float64) -> np.ndarray:
+    """``[bins, count]`` ROIAlign sample positions along one axis: sample ``k`` of bin ``p`` sits at
+    ``start + p * size + (k + 0.5) * size / count`` with ``size = extent / bins``, evaluated in that
+    order with every operation rounded to ``dtype``. In float32 these are torchvision's and
+    detectron2's own float32 coordinates (their CPU kernels write the same expression), which
+    decides whether a sample on a border (``-1``, the map size) is in or out."""
+    t = np.dtype(dtype).type
+    size = t(extent) / t(bins)
+    p = np.arange(bins, dtype=dtype)[:, None]
+    k = np.arange(count, dtype=dtype)[None, :]
+    return (t(start) + p * size) + (k + t(0.5)) * size / t(count)
+
+
+def adaptive_grid(extent, bins: int, dtype=np.float64) -> int:
+    """ROIAlign's adaptive samples per bin, ``ceil(extent / bins)`` with the quotient in ``dtype``."""
+    t = np.dtype(dtype).type
+    return int(math.ceil(t(extent) / t(bins)))
+
+
 def roi_bins_reference(image: np.ndarray, output_size, start, size, sampling_ratio: int,
-                       to_image=None) -> np.ndarray:
+                       to_image=None, dtype=np.float64) -> np.ndarray:
     """float64 ROIAlign bins ``[ph, pw, C]`` of one ROI of ``image`` ``[H, W, C]``, from the
     published algorithm: the ROI spans ``size = (h, w)`` from ``start = (y0, x0)`` in its own frame;
     bin ``(p, q)`` averages the bilinear samples at the centres of a ``gh x gw`` grid of cells
     (``sampling_ratio`` per axis, or ``ceil(h / ph)`` / ``ceil(w / pw)`` when it is ``<= 0``).
-    ``to_image(y, x)`` maps a point of the ROI frame to image coordinates (default: identity)."""
+    ``to_image(y, x)`` maps a point of the ROI frame to image coordinates (default: identity).
+    The sample positions (and the adaptive grid) are computed in ``dtype`` as
+    :func:`sample_positions` does (``np.float32``: the reference kernels' own rounding; then
+    ``to_image`` receives float32 scalars), the bilinear rule and the average in float64."""
     ph_count, pw_count = output_size
     y0, x0 = start
     h, w = size
-    bh, bw = h / ph_count, w / pw_count
-    gh = sampling_ratio if sampling_ratio > 0 else math.ceil(h / ph_count)
-    gw = sampling_ratio if sampling_ratio > 0 else math.ceil(w / pw_count)
+    gh = sampling_ratio if sampling_ratio > 0 else adaptive_grid(h, ph_count, dtype)
+    gw = sampling_ratio if sampling_ratio > 0 else adaptive_grid(w, pw_count, dtype)
+    ys = sample_positions(y0, h, ph_count, gh, dtype)
+    xs = sample_positions(x0, w, pw_count, gw, dtype)
     out = np.zeros((ph_count, pw_count, image.shape[-1]))
     for p in range(ph_count):
         for q in range(pw_count):
             acc = np.zeros(image.shape[-1])
-            for iy in range(gh):
-                y = y0 + p * bh + (iy + 0.5) * bh / gh
-                for ix in range(gw):
-                    x = x0 + q * bw + (ix + 0.5) * bw / gw
-                    acc += bilinear_interpolate(image, *(to_image(y, x) if to_image else (y, x)))
+            for y in ys[p]:
+                for x in xs[q]:
+                    point = to_image(y, x) if to_image else (y, x)
+                    acc += bilinear_interpolate(image, *(float(v) for v in point))
             out[p, q] = acc / max(gh * gw, 1)
     return out
 
@@ -105,8 +131,7 @@ def axis_bin_weights(start: float, extent: float, bins: int, count: int, length:
     bilinear samples at the cell centres of ``[start + i*extent/bins, start + (i+1)*extent/bins)``
     (zero outside ``[-1, length]``, clamped at 0 and at the last index). An axis-aligned ROI pools
     to ``einsum("ph,qw,hwc->pqc", wy, wx, image)``."""
-    size = extent / bins
-    y = start + np.arange(bins)[:, None] * size + (np.arange(count)[None, :] + 0.5) * size / count
+    y = sample_positions(start, extent, bins, count)
     valid = (y >= -1) & (y <= length)
     y = np.maximum(y, 0)
     low = np.floor(y).astype(int)

@@ -84,6 +84,7 @@ FLAGS = ("tests/test_demo_flags.py",)
 RETINANET = ("tests/test_retinanet.py",)
 BRANCHES = ("tests/test_models_branches.py",)
 ROBUST = ("tests/test_predictor_robust.py",)
+EDGES = ("tests/test_sample_edges.py",)
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
@@ -208,7 +209,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("roi-bilinear-at-end", "detlayers/_roi_sampling.py",
            "at_end = low >= length - 1", "at_end = low >= length", ROI),
     Mutant("roi-adaptive-grid-floor", "detlayers/_roi_sampling.py",
-           "grid = jnp.ceil(roi_extent / bins)", "grid = jnp.floor(roi_extent / bins)", ROI),
+           "grid = jnp.ceil(per_bin(roi_extent, bins))", "grid = jnp.floor(per_bin(roi_extent, bins))", ROI),
     Mutant("roi-max-adaptive-grid-one-short", "detlayers/_roi_sampling.py",
            "jnp.clip(grid, 0, MAX_ADAPTIVE_GRID)", "jnp.clip(grid, 0, MAX_ADAPTIVE_GRID - 1)", ROI),
     Mutant("roi-min-size-not-aligned", "detlayers/roi_align.py",
@@ -222,6 +223,26 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("roi-invalid-rows-not-zeroed", "detlayers/_roi_sampling.py",
            "return jnp.where(live[:, None, None, None], out, 0.0), residuals",
            "return out, residuals", ROI + ROI_ROT, "batch or index"),
+    # ---- sample coordinates on the borders, eager = jit (float32 arithmetic kept as written) ----
+    Mutant("edges-no-optimization-barrier", "detlayers/_numerics.py",
+           "return lax.optimization_barrier(jnp.asarray(x))", "return jnp.asarray(x)",
+           EDGES, "bit_for_bit or (roi_align and under_jit)"),
+    Mutant("edges-divide-by-broadcast", "detlayers/_numerics.py",
+           "numerator.astype(dtype) / opaque(jnp.broadcast_to(denominator.astype(dtype), shape))",
+           "numerator.astype(dtype) / opaque(denominator.astype(dtype))", EDGES, "under_jit"),
+    Mutant("edges-bin-size-by-reciprocal", "detlayers/_roi_sampling.py",
+           "return divide(roi_extent, jnp.asarray(bins, roi_extent.dtype))", "return roi_extent / bins",
+           EDGES, "bit_for_bit or (roi_align and under_jit)"),
+    Mutant("edges-grid-division-folded", "detlayers/_roi_sampling.py",
+           "offset = divide(centre * bin_size, grid.astype(dtype))",
+           "offset = centre * bin_size / grid.astype(dtype)", EDGES, "bit_for_bit or (roi_align and under_jit)"),
+    Mutant("edges-sample-product-contracted", "detlayers/_roi_sampling.py",
+           "return (start + rounded(jnp.asarray(bin_index, dtype) * bin_size)) + offset",
+           "return (start + jnp.asarray(bin_index, dtype) * bin_size) + offset", EDGES,
+           "bit_for_bit or (roi_align and under_jit)"),
+    Mutant("edges-paste-positions-unpinned", "detlayers/mask_ops.py",
+           "normalized = opaque(divide(centres - start, end - start) * 2.0 - 1.0)",
+           "normalized = (centres - start) / (end - start) * 2.0 - 1.0", EDGES, "paste"),
     # ---- batch norm ----------------------------------------------------------------------------
     Mutant("bn-biased-running-var", "detlayers/_norm_math.py",
            "var = var * (count / jnp.maximum(count - 1.0, 1.0))", "var = var * (count / jnp.maximum(count, 1.0))",
