@@ -98,7 +98,7 @@ class DeformBottleneckBlock(nn.Module):
     deformable convolution (``DeformConv``, or ``ModulatedDeformConv`` when ``deform_modulated``;
     no bias, ``norm``) sampling at offsets from ``conv2_offset``, a biased 3x3 conv (same stride
     and dilation) on ``conv1``'s output giving ``18 * deform_num_groups`` offset channels, or
-    ``27 * deform_num_groups`` with the modulation mask (see :func:`split_offset_mask`). Offset
+    ``27 * deform_num_groups`` with the modulation mask (see ``split_offset_mask`` in this module). Offset
     channels are in detectron2's order, which detlayers' deformable convolutions take as is."""
 
     in_channels: int
