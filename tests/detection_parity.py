@@ -24,6 +24,7 @@ SCORE_CUT_MARGIN = 1e-3
 SCORE_ATOL = 1e-4
 BOX_ATOL = 1e-2
 FPN_RTOL = 1e-4
+MASK_PROB_MARGIN = 1e-4  # mask pixels whose probability lies this close to 0.5 may flip with float32 rounding
 
 
 def load_case(stem: str) -> dict:
@@ -61,7 +62,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
-def _near_cut(scores: np.ndarray, score_thresh: float, topk: int, next_score: float) -> np.ndarray:
+def _near_cut(scores: np.ndarray, score_thresh: float, topk: int, next_score: float = -1.0) -> np.ndarray:
     near = scores < score_thresh + SCORE_CUT_MARGIN
     if len(scores) >= topk:
         near |= scores < scores[-1] + SCORE_CUT_MARGIN
@@ -80,9 +81,28 @@ def _match(ref_boxes, ref_classes, boxes, classes) -> np.ndarray:
     return np.where(iou[np.arange(len(ref_boxes)), best] > 0.5, best, -1)
 
 
-def compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int, next_score: float) -> int:
-    """Asserts detectron2's instances (``ref``: ``pred_boxes``, ``scores``, ``pred_classes``) and
-    ours agree both ways; returns how many were compared."""
+def _masks_agree(ref: dict, ours: dict, i: int, j: int) -> None:
+    """detectron2's mask ``i`` and our mask ``j`` agree (IoU >= 0.99) on the pixels rounding cannot flip."""
+    a, b = ref["pred_masks"][i], ours["pred_masks"][j]
+    if "ambiguous" in ours:
+        # Pixels that float32 rounding of the probability may flip (pasted into our box or into
+        # detectron2's), and pixels that flip when our mask is pasted into detectron2's box instead
+        # of ours (the boxes agree within BOX_ATOL, which moves the edge of a tiny mask by a pixel).
+        at_ref_box = ours["paste_at"](j, ref["pred_boxes"][i])
+        flips = (at_ref_box >= 0.5) != b
+        certain = ~(ours["ambiguous"][j] | (np.abs(at_ref_box - 0.5) < MASK_PROB_MARGIN) | flips)
+        assert (np.logical_or(a, b) & certain).sum() >= 0.5 * np.logical_or(a, b).sum()
+        a, b = a & certain, b & certain
+    union = np.logical_or(a, b).sum()
+    iou = np.logical_and(a, b).sum() / union if union else 1.0
+    assert iou >= 0.99, f"mask IoU {iou:.4f} of instance {i}"
+
+
+def compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int, next_score: float = -1.0) -> int:
+    """Asserts detectron2's instances (``ref``: ``pred_boxes``, ``scores``, ``pred_classes`` and, when
+    both have them, ``pred_masks``) and ours agree both ways; returns how many were compared.
+    ``ours`` may carry ``ambiguous`` (pixels within ``MASK_PROB_MARGIN`` of 0.5) and ``paste_at(j, box)``
+    (our mask ``j`` pasted into another box) to leave rounding-sensitive pixels out."""
     checked = 0
     for first, second, first_name in ((ref, ours, "detectron2"), (ours, ref, "detlayers")):
         near = _near_cut(first["scores"], score_thresh, topk, next_score)
@@ -96,8 +116,31 @@ def compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int, nex
                                            err_msg=f"box of instance {i}")
                 np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=SCORE_ATOL, rtol=0,
                                            err_msg=f"score of instance {i}")
+                if "pred_masks" in first and "pred_masks" in second:
+                    _masks_agree(first, second, i, j)
                 checked += 1
     return checked
+
+
+def check_fpn_and_proposals(out: dict, case: dict) -> None:
+    """One image's stored FPN channels (relative error <= ``FPN_RTOL``) and RPN proposals: the same
+    count within 2, and each of detectron2's proposals among ours (IoU > 0.999, logit within 1e-3
+    relative; a proposal whose logit nearly ties with another may swap places with it, so 99%)."""
+    for level in ("p2", "p3", "p4", "p5", "p6"):
+        ours, ref = out[level][..., case["fpn_channels"]], case[level]
+        assert ours.shape == ref.shape, level
+        error = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert error <= FPN_RTOL, f"{level}: relative error {error:.2e}"
+    valid = out["proposal_valid"][0]
+    boxes, logits = out["proposal_boxes"][0][valid], out["proposal_logits"][0][valid]
+    ref_boxes, ref_logits = case["proposal_boxes"], case["proposal_logits"]
+    assert abs(len(boxes) - len(ref_boxes)) <= 2, (len(boxes), len(ref_boxes))
+    iou = box_iou(ref_boxes, boxes)
+    best = iou.argmax(axis=1)
+    found = (iou[np.arange(len(ref_boxes)), best] > 0.999) & (
+        np.abs(logits[best] - ref_logits) <= 1e-3 * np.maximum(1.0, np.abs(ref_logits))
+    )
+    assert found.mean() >= 0.99, f"only {found.mean():.4f} of detectron2's proposals found"
 
 
 def check_case(predictor, case: dict, fpn_levels: tuple[str, ...] = ()) -> list[int]:

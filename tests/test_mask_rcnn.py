@@ -18,24 +18,18 @@ import sys
 import jax
 import numpy as np
 import pytest
+from detection_parity import MASK_PROB_MARGIN, check_fpn_and_proposals, compare_instances, photo_bgr
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 CALIBRATION = FIXTURES / "mask_rcnn_bn_calibration.npz"
 # mask_rcnn_<image>_<MIN_SIZE_TEST>.npz (the GN/dconv variants' files carry one more name part)
 CASES = sorted(p for p in FIXTURES.glob("mask_rcnn_*_*.npz") if re.fullmatch(r"mask_rcnn_[a-z]+_\d+\.npz", p.name))
 
-# Mask pixels whose pasted probability lies this close to the 0.5 threshold may fall on either
-# side of it (float32 rounding); they are left out of the mask IoU.
-MASK_PROB_MARGIN = 1e-4
-# Instances whose score lies this close to the score threshold or to the score of the last of
-# the top-k are left out of the comparison: float32 differences may move them across the cut.
-SCORE_CUT_MARGIN = 1e-3
-# Scores agree within 1e-4 and boxes within 1e-2 px on every compared instance; the largest
-# differences seen are 5.6e-5 (coffee 320) and 4.1e-3 px (coffee 256): float32 accumulation order
-# through 50 conv layers (FPN relative error ~4e-5), amplified by the fixture's rescaled output
-# layers, whose targets (tools/fixtures/make_mask_rcnn.py) keep it near half these bounds.
-SCORE_ATOL = 1e-4
-BOX_ATOL = 1e-2
+# The bounds (detection_parity: scores within 1e-4, boxes within 1e-2 px, mask IoU >= 0.99 on the
+# pixels float32 rounding cannot flip) hold with room: the largest differences seen are 5.6e-5
+# (coffee 320) and 4.1e-3 px (coffee 256), float32 accumulation order through 50 conv layers (FPN
+# relative error ~4e-5), amplified by the fixture's rescaled output layers, whose targets
+# (tools/fixtures/make_mask_rcnn.py) keep it near half these bounds.
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,76 +157,8 @@ def _predictor(variables, min_size: int, max_size: int = 1333):
     return _PREDICTORS[key]
 
 
-def _photo_bgr(name: str) -> np.ndarray:
-    skimage_data = pytest.importorskip("skimage.data")
-    return np.ascontiguousarray(getattr(skimage_data, name)()[..., ::-1])
-
-
 # --------------------------------------------------------------------------------------------
 # parity with detectron2
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def _near_cut(scores: np.ndarray, score_thresh: float, topk: int) -> np.ndarray:
-    near = scores < score_thresh + SCORE_CUT_MARGIN
-    if len(scores) >= topk:
-        near |= scores < scores[-1] + SCORE_CUT_MARGIN
-    return near
-
-
-def _match(ref_boxes, ref_classes, boxes, classes) -> np.ndarray:
-    """For each reference instance, the index of the same-class instance of ours with the highest
-    box IoU (> 0.5), or -1."""
-    if len(boxes) == 0:
-        return np.full(len(ref_boxes), -1)
-    iou = _box_iou(ref_boxes, boxes)
-    iou[ref_classes[:, None] != classes[None, :]] = 0
-    best = iou.argmax(axis=1)
-    return np.where(iou[np.arange(len(ref_boxes)), best] > 0.5, best, -1)
-
-
-def _compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int) -> int:
-    """Asserts detectron2's instances (``ref``) and ours agree; returns how many were compared."""
-    checked = 0
-    for first, second, first_name in ((ref, ours, "detectron2"), (ours, ref, "detlayers")):
-        near = _near_cut(first["scores"], score_thresh, topk)
-        match = _match(first["pred_boxes"], first["pred_classes"], second["pred_boxes"], second["pred_classes"])
-        for i in np.nonzero(~near)[0]:
-            j = match[i]
-            assert j >= 0, (
-                f"{first_name} instance {i} (class {first['pred_classes'][i]}, score {first['scores'][i]:.6f}, "
-                f"box {first['pred_boxes'][i]}) has no counterpart"
-            )
-            if first is ref:
-                np.testing.assert_allclose(second["pred_boxes"][j], first["pred_boxes"][i], atol=BOX_ATOL, rtol=0,
-                                           err_msg=f"box of instance {i}")
-                np.testing.assert_allclose(second["scores"][j], first["scores"][i], atol=SCORE_ATOL, rtol=0,
-                                           err_msg=f"score of instance {i}")
-                a, b = first["pred_masks"][i], second["pred_masks"][j]
-                if "ambiguous" in second:
-                    # Pixels that float32 rounding of the probability may flip (pasted into our box
-                    # or into detectron2's), and pixels that flip when our mask is pasted into
-                    # detectron2's box instead of ours (the boxes agree within the tolerance above,
-                    # which moves the edge of a tiny mask by a pixel).
-                    at_ref_box = second["paste_at"](j, first["pred_boxes"][i])
-                    flips = (at_ref_box >= 0.5) != b
-                    certain = ~(second["ambiguous"][j] | (np.abs(at_ref_box - 0.5) < MASK_PROB_MARGIN) | flips)
-                    assert (np.logical_or(a, b) & certain).sum() >= 0.5 * np.logical_or(a, b).sum()
-                    a, b = a & certain, b & certain
-                union = np.logical_or(a, b).sum()
-                iou = np.logical_and(a, b).sum() / union if union else 1.0
-                assert iou >= 0.99, f"mask IoU {iou:.4f} of instance {i}"
-                checked += 1
-    return checked
 
 
 def _load_case(path: pathlib.Path) -> dict:
@@ -258,33 +184,28 @@ def test_parity_fixtures_exist():
 @pytest.mark.parametrize("case_path", CASES, ids=[p.stem for p in CASES])
 def test_parity_with_detectron2(case_path, r50_variables):
     case = _load_case(case_path)
-    image = _photo_bgr(str(case["image_name"]))
+    image = photo_bgr(str(case["image_name"]))
     assert tuple(image.shape[:2]) == tuple(case["image_hw"])
     predictor = _predictor(r50_variables, int(case["min_size"]), int(case["max_size"]))
     images, image_hw, original_hw, canvas = predictor.inputs([image])
     assert tuple(image_hw[0]) == tuple(case["input_hw"])
     out = jax.device_get(predictor.run(images, image_hw, original_hw, canvas, return_intermediates=True))
 
-    channels = case["fpn_channels"]
-    for level in ("p2", "p3", "p4", "p5", "p6"):
-        ours, ref = out[level][..., channels], case[level]
-        assert ours.shape == ref.shape, level
-        error = np.abs(ours - ref).max() / np.abs(ref).max()
-        assert error <= 1e-4, f"{level}: relative error {error:.2e}"
-
-    # RPN proposals: the same count, and each of detectron2's proposals among ours (a proposal
-    # whose logit nearly ties with another may swap places with it; few do).
+    check_fpn_and_proposals(out, case)
     valid = out["proposal_valid"][0]
-    boxes, logits = out["proposal_boxes"][0][valid], out["proposal_logits"][0][valid]
-    ref_boxes, ref_logits = case["proposal_boxes"], case["proposal_logits"]
-    assert abs(len(boxes) - len(ref_boxes)) <= 2, (len(boxes), len(ref_boxes))
-    iou = _box_iou(ref_boxes, boxes)
-    best = iou.argmax(axis=1)
-    found = (iou[np.arange(len(ref_boxes)), best] > 0.999) & (
-        np.abs(logits[best] - ref_logits) <= 1e-3 * np.maximum(1.0, np.abs(ref_logits))
-    )
-    assert found.mean() >= 0.99, f"only {found.mean():.4f} of detectron2's proposals found"
-    np.testing.assert_allclose(boxes[:10], ref_boxes[:10], atol=1e-2, rtol=0)
+    np.testing.assert_allclose(out["proposal_boxes"][0][valid][:10], case["proposal_boxes"][:10], atol=1e-2, rtol=0)
+    ours = instances_with_masks(out, case)
+    assert np.all(np.diff(ours["scores"]) <= 0), "instances are not sorted by score"
+    assert not np.any((ours["pasted_soft"] != ours["pred_masks"]) & ~ours["ambiguous"])
+    checked = compare_instances(case, ours, float(case["score_thresh"]), int(case["topk"]))
+    assert checked >= min(10, len(case["scores"]) // 2), f"only {checked} instances compared"
+
+
+def instances_with_masks(out: dict, case: dict) -> dict:
+    """Image 0's valid instances of a ``return_intermediates`` run, as ``compare_instances`` takes
+    them: masks cut to the image, the pixels within ``MASK_PROB_MARGIN`` of 0.5 (``ambiguous``),
+    ``pasted_soft >= 0.5`` and ``paste_at(j, box)`` (our mask ``j`` pasted into another box)."""
+    from detlayers.mask_ops import paste_masks_in_image
 
     k = int(out["num_instances"][0])
     h, w = (int(v) for v in case["image_hw"])
@@ -294,22 +215,18 @@ def test_parity_with_detectron2(case_path, r50_variables):
         "pred_classes": out["pred_classes"][0, :k].astype(np.int64),
         "pred_masks": out["pred_masks"][0, :k, :h, :w],
     }
-    assert np.all(np.diff(ours["scores"]) <= 0), "instances are not sorted by score"
-    from detlayers.mask_ops import paste_masks_in_image
-
     soft = np.asarray(paste_masks_in_image(out["mask_probs"][0, :k], ours["pred_boxes"], (h, w), None))
     ours["ambiguous"] = np.abs(soft - 0.5) < MASK_PROB_MARGIN
+    ours["pasted_soft"] = soft >= 0.5
     paste_one = jax.jit(lambda probs, box: paste_masks_in_image(probs[None], box[None], (h, w), None)[0])
     ours["paste_at"] = lambda j, box: np.asarray(paste_one(out["mask_probs"][0, j], np.asarray(box, np.float32)))
-    assert not np.any(((soft >= 0.5) != ours["pred_masks"]) & ~ours["ambiguous"])
-    checked = _compare_instances(case, ours, float(case["score_thresh"]), int(case["topk"]))
-    assert checked >= min(10, len(case["scores"]) // 2), f"only {checked} instances compared"
+    return ours
 
 
 @R50_GROUP
 def test_static_shapes_and_valid_prefix(r50_variables):
     predictor = _predictor(r50_variables, 256)
-    image = _photo_bgr("chelsea")
+    image = photo_bgr("chelsea")
     images, image_hw, original_hw, canvas = predictor.inputs([image])
     assert images.shape[1] % 32 == 0 and images.shape[2] % 32 == 0
     out = predictor.run(images, image_hw, original_hw, canvas, return_intermediates=True)

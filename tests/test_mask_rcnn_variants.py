@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import test_mask_rcnn as base
+from detection_parity import check_fpn_and_proposals, compare_instances, photo_bgr
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 # fixture variant -> the synthetic_weights variant (the config file under configs/, no .yaml)
@@ -74,45 +75,15 @@ def test_variant_parity_with_detectron2(case_path):
     case = base._load_case(case_path)
     variant = _variant_of(case_path)
     assert str(case["config"]) == VARIANTS[variant]
-    image = base._photo_bgr(str(case["image_name"]))
+    image = photo_bgr(str(case["image_name"]))
     predictor = _predictor(variant, int(case["min_size"]), int(case["max_size"]))
     images, image_hw, original_hw, canvas = predictor.inputs([image])
     assert tuple(image_hw[0]) == tuple(case["input_hw"])
     out = jax.device_get(predictor.run(images, image_hw, original_hw, canvas, return_intermediates=True))
 
-    channels = case["fpn_channels"]
-    for level in ("p2", "p3", "p4", "p5", "p6"):
-        ours, ref = out[level][..., channels], case[level]
-        assert ours.shape == ref.shape, level
-        error = np.abs(ours - ref).max() / np.abs(ref).max()
-        assert error <= 1e-4, f"{level}: relative error {error:.2e}"
-
-    valid = out["proposal_valid"][0]
-    boxes, logits = out["proposal_boxes"][0][valid], out["proposal_logits"][0][valid]
-    ref_boxes, ref_logits = case["proposal_boxes"], case["proposal_logits"]
-    assert abs(len(boxes) - len(ref_boxes)) <= 2, (len(boxes), len(ref_boxes))
-    iou = base._box_iou(ref_boxes, boxes)
-    best = iou.argmax(axis=1)
-    found = (iou[np.arange(len(ref_boxes)), best] > 0.999) & (
-        np.abs(logits[best] - ref_logits) <= 1e-3 * np.maximum(1.0, np.abs(ref_logits))
-    )
-    assert found.mean() >= 0.99, f"only {found.mean():.4f} of detectron2's proposals found"
-
-    k = int(out["num_instances"][0])
-    h, w = (int(v) for v in case["image_hw"])
-    ours = {
-        "pred_boxes": out["pred_boxes"][0, :k],
-        "scores": out["scores"][0, :k],
-        "pred_classes": out["pred_classes"][0, :k].astype(np.int64),
-        "pred_masks": out["pred_masks"][0, :k, :h, :w],
-    }
-    from detlayers.mask_ops import paste_masks_in_image
-
-    soft = np.asarray(paste_masks_in_image(out["mask_probs"][0, :k], ours["pred_boxes"], (h, w), None))
-    ours["ambiguous"] = np.abs(soft - 0.5) < base.MASK_PROB_MARGIN
-    paste_one = jax.jit(lambda probs, box: paste_masks_in_image(probs[None], box[None], (h, w), None)[0])
-    ours["paste_at"] = lambda j, box: np.asarray(paste_one(out["mask_probs"][0, j], np.asarray(box, np.float32)))
-    checked = base._compare_instances(case, ours, float(case["score_thresh"]), int(case["topk"]))
+    check_fpn_and_proposals(out, case)
+    checked = compare_instances(case, base.instances_with_masks(out, case), float(case["score_thresh"]),
+                                int(case["topk"]))
     assert checked >= min(10, len(case["scores"]) // 2), f"only {checked} instances compared"
 
 

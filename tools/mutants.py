@@ -367,8 +367,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "return GroupNorm(32, channels, name=name)", "return GroupNorm(16, channels, name=name)",
            ("tests/test_mask_rcnn_variants.py",), "parity and gn"),
     Mutant("variants-deform-offset-yx-swapped", "detlayers/models/backbone/resnet.py",
-           "DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)",
-           "DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)("
+           "return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)",
+           "return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)("
            "out, offset_mask.reshape(*offset_mask.shape[:-1], -1, 2)[..., ::-1].reshape(offset_mask.shape))",
            ("tests/test_mask_rcnn_variants.py",), "parity and dconv and not mdconv"),
     Mutant("variants-modulated-offset-thirds-swapped", "detlayers/models/backbone/resnet.py",

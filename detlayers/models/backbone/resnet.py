@@ -73,13 +73,16 @@ class BottleneckBlock(nn.Module):
         out = Conv2d(self.in_channels, self.bottleneck_channels, 1, stride=stride_1x1, bias=False,
                      norm=self.norm, name="conv1")(x)
         out = jax.nn.relu(out)
-        out = Conv2d(self.bottleneck_channels, self.bottleneck_channels, 3, stride=stride_3x3,
-                     padding=self.dilation, dilation=self.dilation, groups=self.num_groups, bias=False,
-                     norm=self.norm, name="conv2")(out)
-        out = jax.nn.relu(out)
+        out = jax.nn.relu(self._conv2(out, stride_3x3))
         out = Conv2d(self.bottleneck_channels, self.out_channels, 1, bias=False, norm=self.norm,
                      name="conv3")(out)
         return jax.nn.relu(out + shortcut)
+
+    def _conv2(self, out: Array, stride: int) -> Array:
+        """The 3x3 ``conv2`` (with the norm, before the ReLU); subclasses change only this."""
+        return Conv2d(self.bottleneck_channels, self.bottleneck_channels, 3, stride=stride,
+                      padding=self.dilation, dilation=self.dilation, groups=self.num_groups, bias=False,
+                      norm=self.norm, name="conv2")(out)
 
 
 def split_offset_mask(offset_mask: Array, deform_num_groups: int) -> tuple[Array, Array]:
@@ -93,7 +96,7 @@ def split_offset_mask(offset_mask: Array, deform_num_groups: int) -> tuple[Array
     return offset, jax.nn.sigmoid(offset_mask[..., 2 * taps:])
 
 
-class DeformBottleneckBlock(nn.Module):
+class DeformBottleneckBlock(BottleneckBlock):
     """detectron2's ``DeformBottleneckBlock``: :class:`BottleneckBlock` whose 3x3 ``conv2`` is a
     deformable convolution (``DeformConv``, or ``ModulatedDeformConv`` when ``deform_modulated``;
     no bias, ``norm``) sampling at offsets from ``conv2_offset``, a biased 3x3 conv (same stride
@@ -101,42 +104,20 @@ class DeformBottleneckBlock(nn.Module):
     ``27 * deform_num_groups`` with the modulation mask (see ``split_offset_mask`` in this module). Offset
     channels are in detectron2's order, which detlayers' deformable convolutions take as is."""
 
-    in_channels: int
-    out_channels: int
-    bottleneck_channels: int
-    stride: int = 1
-    num_groups: int = 1
-    norm: str = "FrozenBN"
-    stride_in_1x1: bool = False
-    dilation: int = 1
     deform_modulated: bool = False
     deform_num_groups: int = 1
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
-        if self.in_channels != self.out_channels:
-            shortcut = Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=False,
-                              norm=self.norm, name="shortcut")(x)
-        else:
-            shortcut = x
-        out = jax.nn.relu(Conv2d(self.in_channels, self.bottleneck_channels, 1, stride=stride_1x1, bias=False,
-                                 norm=self.norm, name="conv1")(x))
+    def _conv2(self, out: Array, stride: int) -> Array:
         offset_channels = (27 if self.deform_modulated else 18) * self.deform_num_groups
-        offset_mask = Conv2d(self.bottleneck_channels, offset_channels, 3, stride=stride_3x3,
+        offset_mask = Conv2d(self.bottleneck_channels, offset_channels, 3, stride=stride,
                              padding=self.dilation, dilation=self.dilation, name="conv2_offset")(out)
-        geometry = dict(stride=stride_3x3, padding=self.dilation, dilation=self.dilation, groups=self.num_groups,
+        geometry = dict(stride=stride, padding=self.dilation, dilation=self.dilation, groups=self.num_groups,
                         deformable_groups=self.deform_num_groups, bias=False, norm=self.norm, name="conv2")
         if self.deform_modulated:
             offset, mask = split_offset_mask(offset_mask, self.deform_num_groups)
-            out = ModulatedDeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(
+            return ModulatedDeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(
                 out, offset, mask)
-        else:
-            out = DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)
-        out = jax.nn.relu(out)
-        out = Conv2d(self.bottleneck_channels, self.out_channels, 1, bias=False, norm=self.norm,
-                     name="conv3")(out)
-        return jax.nn.relu(out + shortcut)
+        return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)
 
 
 class BasicBlock(nn.Module):
