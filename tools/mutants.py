@@ -327,6 +327,12 @@ MUTANTS: tuple[Mutant, ...] = (
            'parser.add_argument("--steps", type=positive_int,', 'parser.add_argument("--steps", type=int,', FLAGS),
     Mutant("demo-image-size-minimum-8", "detlayers/demo/arg_types.py",
            "MIN_IMAGE_SIZE = 48\n", "MIN_IMAGE_SIZE = 8\n", FLAGS),
+    # the step not blocked on inside out_of_memory_as: XLA's error escapes when the loss is read
+    Mutant("demo-train-step-not-blocked", "detlayers/demo/train.py",
+           "jax.block_until_ready(step_fn(", "(step_fn(", ("tests/test_demo_out_of_memory.py",)),
+    Mutant("oom-any-xla-error-converted", "detlayers/_out_of_memory.py",
+           ' and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)', "", ("tests/test_demo_out_of_memory.py",),
+           "out_of_memory_as"),
     # ---- freeze ------------------------------------------------------------------------------------
     Mutant("freeze-only-fields-named-norm", "detlayers/freeze.py",
            'if isinstance(value, str) and "norm" in field_name.lower() and value in BATCH_NORM_NAMES:',
@@ -537,7 +543,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("predictor-bucket-rounds-down", "detlayers/models/predictor.py",
            "return -(-int(size) // buckets) * buckets", "return max(1, int(size) // buckets) * buckets", ROBUST,
            "bucket"),
-    Mutant("predictor-oom-not-recognised", "detlayers/models/predictor.py",
+    Mutant("predictor-oom-not-recognised", "detlayers/_out_of_memory.py",
            'return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text',
            'return isinstance(err, MemoryError) and ("RESOURCE_EXHAUSTED" in text', ROBUST,
            "out_of_memory"),
