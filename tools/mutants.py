@@ -330,6 +330,16 @@ MUTANTS: tuple[Mutant, ...] = (
     # the step not blocked on inside out_of_memory_as: XLA's error escapes when the loss is read
     Mutant("demo-train-step-not-blocked", "detlayers/demo/train.py",
            "jax.block_until_ready(step_fn(", "(step_fn(", ("tests/test_demo_out_of_memory.py",)),
+    # ---- benchmark: the mixed-size stream and its summary -----------------------------------------
+    Mutant("bench-mixed-crop-not-centered", "detlayers/bench/predictor_mixed_sizes.py",
+           "top, left = (h - crop_h) // 2, (w - crop_w) // 2", "top, left = 0, 0", ("tests/test_bench.py",),
+           "crop_and_resize"),
+    Mutant("bench-mixed-ratio-inverted", "detlayers/bench/predictor_mixed_sizes.py",
+           'summary["images/s ratio"] = round(theirs_s / ours_s, 3)',
+           'summary["images/s ratio"] = round(ours_s / theirs_s, 3)',
+           ("tests/test_bench.py",), "stream_summary"),
+    Mutant("bench-summary-not-in-json", "detlayers/bench/__main__.py",
+           '                row["summary"] = summary\n', "", ("tests/test_bench.py",), "summary"),
     Mutant("oom-any-xla-error-converted", "detlayers/_out_of_memory.py",
            ' and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)', "", ("tests/test_demo_out_of_memory.py",),
            "out_of_memory_as"),
