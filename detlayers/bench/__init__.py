@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "deform_conv": "detlayers.bench.deform_conv",
     "sync_bn": "detlayers.bench.sync_bn",
     "mask_rcnn": "detlayers.bench.mask_rcnn",
+    "predictor_mixed_sizes": "detlayers.bench.predictor_mixed_sizes",
 }
 
 
@@ -39,6 +40,9 @@ class Case:
       torch: runs the PyTorch counterpart once (the runner synchronizes CUDA), or None.
       warmup, min_repeats: calls before timing and timed calls at least (fewer for cases that
         take minutes, e.g. NMS over 200k boxes on a CPU).
+      summary: called after timing with the seconds per call of ours and of PyTorch (None
+        without a counterpart); returns named values (e.g. images per second, compilations)
+        that the runner prints on a line under the row and stores in the JSON row.
     """
 
     family: str
@@ -47,6 +51,7 @@ class Case:
     torch: Callable[[], Any] | None = None
     warmup: int = 2
     min_repeats: int = 5
+    summary: Callable[[float, float | None], dict[str, Any]] | None = None
 
 
 def _block(out: Any) -> None:

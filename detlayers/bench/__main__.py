@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch_s = None
                 if case.torch is not None:
                     torch_s = time_callable(case.torch, lambda _: _torch_sync(), **repeats)
+                summary = None if case.summary is None else case.summary(ours_s, torch_s)
             except Exception as exc:
                 failed = True
                 print(f"{case.name:<60} failed: {type(exc).__name__}: {exc}", file=table)
@@ -112,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             ratio = None if torch_s is None else ours_s / torch_s
             print(f"{case.name:<60} {ours_ms:>12.3f} {_fmt(torch_ms, 3):>11} {_fmt(ratio, 2):>6}",
                   file=table, flush=True)
-            rows.append(dict(family=case.family, name=case.name, ours_ms=ours_ms,
-                             torch_ms=torch_ms, ratio=ratio, device=ours_dev,
-                             torch_device=torch_dev, jax_version=jax.__version__))
+            row = dict(family=case.family, name=case.name, ours_ms=ours_ms, torch_ms=torch_ms,
+                       ratio=ratio, device=ours_dev, torch_device=torch_dev,
+                       jax_version=jax.__version__)
+            if summary is not None:
+                row["summary"] = summary
+                print("    " + "; ".join(f"{k}: {v}" for k, v in summary.items()), file=table, flush=True)
+            rows.append(row)
     if args.json == "-":
         json.dump(rows, sys.stdout, indent=1)
         print()

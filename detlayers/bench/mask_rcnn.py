@@ -90,7 +90,8 @@ def calibration_file() -> pathlib.Path | None:
     return path if path.is_file() else None
 
 
-def _weights() -> tuple[dict[str, np.ndarray], bool]:
+def benchmark_weights() -> tuple[dict[str, np.ndarray], bool]:
+    """The synthetic Mask R-CNN R50-FPN state dict (seed ``SEED``) and whether it is calibrated."""
     from detlayers.models.synthetic_weights import mask_rcnn_r50_fpn_state_dict
 
     calibration = calibration_file()
@@ -272,7 +273,7 @@ def _op_cases(weights: dict[str, np.ndarray], image: np.ndarray) -> list[Case]:
 
 
 def cases(platform: str) -> list[Case]:
-    weights, calibrated = _weights()
+    weights, calibrated = benchmark_weights()
     image = benchmark_image()
     ours = _our_predictor(weights)
     device = "cuda" if platform == "gpu" else "cpu"

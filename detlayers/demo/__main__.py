@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_progress = True
 
     from detlayers.demo.run import run_demo
-    from detlayers.demo.train import NonFiniteLossError
+    from detlayers.demo.train import DemoOutOfMemoryError, NonFiniteLossError
     from detlayers.demo.train_checkpoints import CheckpointError
 
     try:
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:  # directory in use, unusable checkpoint: one line, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except DemoOutOfMemoryError as err:  # what ran out and what to lower, not XLA's allocator dump
+        print(f"error: {err}", file=sys.stderr)
+        return 5
     return 0
 
 

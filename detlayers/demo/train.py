@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from detlayers._out_of_memory import out_of_memory_as
 from detlayers.demo import data as shapes
 from detlayers.demo.evaluate import Detections
 from detlayers.demo.model import ShapesDetector
@@ -33,6 +34,11 @@ AXIS = "batch"
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped because a step's loss was NaN or infinite (nothing of that step is saved)."""
+
+
+class DemoOutOfMemoryError(MemoryError):
+    """A training step or the evaluation ran out of memory (XLA's ``RESOURCE_EXHAUSTED``); the
+    message names the batch, the image size and the flags to lower."""
 
 
 class _NoProgressBar:
@@ -83,6 +89,21 @@ class TrainState:
     def arrays(self) -> dict[str, Any]:
         return dict(params=self.params, batch_stats=self.batch_stats, opt_state=self.opt_state,
                     rng=self.rng)
+
+
+def _training_out_of_memory(step: int, config: TrainConfig, num_devices: int,
+                            image_size: int) -> Callable[[str], DemoOutOfMemoryError]:
+    """The error of training step ``step`` (1-based) running out of memory, from XLA's message."""
+
+    def error(xla: str) -> DemoOutOfMemoryError:
+        per_device = config.batch_per_device
+        return DemoOutOfMemoryError(
+            f"out of memory in training step {step}: {per_device * num_devices} images of "
+            f"{image_size}x{image_size} a step ({per_device} per device on {num_devices} device(s)) "
+            f"do not fit; lower --batch-size (now {per_device}) or --image-size (now {image_size}). "
+            f"XLA said: {xla}")
+
+    return error
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -214,6 +235,8 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
     A step whose total loss is NaN or infinite raises :class:`NonFiniteLossError` before
     ``on_step`` sees it, so the last checkpoint written stays the last good one.  (Reading the
     loss each step waits for the step to finish; the next step's batch is made meanwhile.)
+    A step that runs out of memory raises :class:`DemoOutOfMemoryError` (each step is blocked on
+    before anything reads its outputs: that read can hang after XLA's allocation failure).
     """
     optimizer = make_optimizer(config)
     if state is None:
@@ -238,8 +261,11 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
         for step in range(state.step, config.steps):
             position, local_batch = next(stream)
             batch = shard_batch(local_batch, mesh)
-            params, batch_stats, opt_state, metrics = step_fn(
-                params, batch_stats, opt_state, batch, jax.random.fold_in(rng, step))
+            with out_of_memory_as(_training_out_of_memory(step + 1, config, mesh.size,
+                                                          model.config.image_size)):
+                # blocks here: reading the outputs of a step that ran out of memory can hang
+                params, batch_stats, opt_state, metrics = jax.block_until_ready(step_fn(
+                    params, batch_stats, opt_state, batch, jax.random.fold_in(rng, step)))
             total = float(metrics["total"])
             if not np.isfinite(total):
                 losses = {k: float(v) for k, v in sorted(metrics.items())}
@@ -274,8 +300,12 @@ def detect(model: ShapesDetector, state: TrainState, examples: list[shapes.Examp
         part = examples[start:start + chunk]
         images = np.zeros((chunk, size, size, 3), np.float32)
         images[:len(part)] = np.stack([e.image for e in part])
-        out = jax.device_get(predict(variables, jax.device_put(
-            images, NamedSharding(mesh, P(AXIS)))))
+        with out_of_memory_as(lambda xla: DemoOutOfMemoryError(
+                f"out of memory in evaluation: {chunk} images of {size}x{size} a batch "
+                f"({batch_per_device} per device on {mesh.size} device(s)) do not fit; lower "
+                f"--image-size (now {size}). XLA said: {xla}")):
+            out = jax.device_get(jax.block_until_ready(predict(variables, jax.device_put(
+                images, NamedSharding(mesh, P(AXIS))))))
         for i in range(len(part)):
             keep = out["valid"][i]
             results.append(Detections(boxes=out["boxes"][i][keep], scores=out["scores"][i][keep],

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detlayers._out_of_memory import out_of_memory_as
 from detlayers.models.checkpoint import load_detectron2_weights
 from detlayers.models.meta_arch.build import build_model
 from detlayers.models.postprocessing import paste_instance_masks
@@ -75,11 +76,6 @@ def _check_size_buckets(buckets: SizeBuckets) -> SizeBuckets:
     if not sizes or sizes[0] <= 0 or any(a >= b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"Predictor: size_buckets must be positive and strictly ascending, got {buckets!r}")
     return sizes
-
-
-def _is_out_of_memory(err: BaseException) -> bool:
-    text = str(err)
-    return isinstance(err, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
 
 
 def resize_shortest_edge_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
@@ -217,20 +213,14 @@ class Predictor:
 
     def predict_batch(self, images_bgr: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         images, image_hw, originals, _ = self.inputs(images_bgr)
-        try:
-            out = self._compute(images, image_hw, originals)
-        except Exception as err:
-            if not _is_out_of_memory(err):
-                raise
-            sizes = ", ".join(f"{h}x{w}" for h, w in originals.tolist())
-            raise PredictorOutOfMemoryError(
+        sizes = ", ".join(f"{h}x{w}" for h, w in originals.tolist())
+        with out_of_memory_as(lambda xla: PredictorOutOfMemoryError(
                 f"Predictor: out of memory running {len(originals)} image(s) of original size {sizes} "
                 f"(resized to at most {int(image_hw[:, 0].max())}x{int(image_hw[:, 1].max())}, padded to "
                 f"{images.shape[1]}x{images.shape[2]}; mask canvas {self.mask_canvas(originals)}). Lower "
                 f"INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST (now {self.cfg.INPUT.MIN_SIZE_TEST} / "
-                f"{self.cfg.INPUT.MAX_SIZE_TEST}) or pass fewer images per predict_batch call. XLA said: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            ) from err
+                f"{self.cfg.INPUT.MAX_SIZE_TEST}) or pass fewer images per predict_batch call. XLA said: {xla}")):
+            out = self._compute(images, image_hw, originals)
         results = []
         for i, (h, w) in enumerate(originals.tolist()):
             k = int(out["num_instances"][i])
