@@ -154,22 +154,23 @@ def test_training_losses_match_detectron2(fixture, step):
         assert abs(losses[name] - want) <= LOSS_RTOL * abs(want), (name, losses[name], want)
 
 
-# OPEN (issue #21): the 1e-3 bound per tensor is below float32's noise on this step. With the
-# same sampled ROIs (see ``step``), 54 of the 84 gradients differ from detectron2's by more:
-# res3 ~1.2e-2, res4 4e-3..1.1e-2, res5 2e-3..7e-3, mask_fcn1/2 1.3e-3..1.9e-3, fc1/fc2, the FPN
-# laterals and fpn_output2/3 1e-3..1.7e-3; cls_score, bbox_pred and the mask predictor match to
-# <5e-6, the RPN head and fpn_output4/5 to <8e-4, and all five losses to <2e-6. detectron2 itself
-# misses the bound by as much: its float32 gradients differ from the same step in float64 (same
-# ROIs, same proposal boxes) on 44 tensors, res3 1.0e-2..1.3e-2, res4 up to 1.1e-2, mask_fcn1
-# 1.4e-3. The cause is ReLU gates whose input is within float32 noise of 0: they flip between any
-# two float32 evaluations and each flip moves a gradient by a finite amount (detectron2's own
-# mask-head gradient into p2/p3 is 1e-2/6e-3 off its float64 value; here an RPN conv channel at
-# p2 (37, 4) of image 0, -1.4e-5 in detectron2 and +5.2e-6 here, moves that pixel's p2 gradient
-# by 10%); the backbone sums these with cancellation. Ours has one more noise source: our
-# proposals (float32 decode of the RPN outputs) differ from detectron2's by up to 2e-3 px, which
-# moves the pooled box features by 4.7e-5 relative (detectron2: 1.7e-5) and flips 4 fc1 and
-# 1 fc2 gates (detectron2: 2 and 0), hence fc1/fc2 at 1.7e-3/1.2e-3 where detectron2 is within
-# 1.4e-5 of float64. No bug found; the bound itself needs revisiting.
+# OPEN (issue #21): the 1e-3 bound per tensor is below float32's noise on this step. With the same
+# sampled ROIs (see ``step``), 54 of the 84 gradients differ from detectron2's by more: res3
+# ~1.2e-2, res4 4e-3..1.1e-2, res5 2e-3..7e-3, mask_fcn1/2 1.3e-3..1.9e-3, fc1/fc2, the FPN laterals
+# and fpn_output2/3 1e-3..1.7e-3; cls_score, bbox_pred and the mask predictor match to <5e-6, the
+# RPN head and fpn_output4/5 to <8e-4, and the five losses to <1.1e-5. detectron2 itself misses the
+# bound by as much: its float32 gradients differ from the same step in float64 (same ROIs, same
+# proposal boxes; make_mask_rcnn_train.py --float64-floor prints them) on 44 tensors: res3
+# 1.0e-2..1.3e-2, res4 up to 1.1e-2, mask_fcn1 1.4e-3. The cause is ReLU gates whose input is within
+# float32 noise of 0: they flip between any two float32 evaluations and each flip moves a gradient
+# by a finite amount (17 of detectron2's mask-head gates flip between its float32 and float64 runs,
+# moving its mask-loss gradient into p2/p3 by 1e-2/6e-3; here an RPN conv channel at p2 (37, 4) of
+# image 0, -1.4e-5 in detectron2 and +5.2e-6 here, moves that pixel's p2 gradient by 10%); the
+# backbone sums these with cancellation. Ours has one more noise source: our proposals (float32
+# decode of the RPN outputs) differ from detectron2's by up to 2e-3 px, which moves the pooled box
+# features by 4.7e-5 relative (detectron2: 1.7e-5) and flips 4 fc1 and 1 fc2 gates (detectron2: 2
+# and 0), hence fc1/fc2 at 1.7e-3/1.2e-3 where detectron2 is within 1.4e-5 of float64. No bug found;
+# the bound itself needs revisiting.
 OPEN = "gradients: the 1e-3 bound is below float32's noise on this step (detectron2's own float32 vs float64)"
 
 
