@@ -51,21 +51,8 @@ def _config(fx):
 PROPOSAL_MATCH_PX = 0.05
 
 
-def _training_proposals(model, variables, images, image_hw, gt_boxes, gt_valid, rpn_priorities):
-    import flax.linen as nn
-
-    def run(module):
-        features = module.backbone(images)
-        (boxes, _, valid), _ = module.proposal_generator(features, image_hw, gt_boxes, gt_valid, rpn_priorities,
-                                                         train=True)
-        return boxes, valid
-
-    boxes, valid = jax.jit(lambda v: nn.apply(run, model)(v))(variables)
-    return np.asarray(boxes), np.asarray(valid)
-
-
-def _inputs(fx, model, variables):
-    """The batch as the training call takes it, with detectron2's priorities on our candidates."""
+def _batch(fx):
+    """The batch as the training call takes it, and detectron2's RPN priorities (one per anchor)."""
     import skimage.data
 
     from detlayers.models import batch_images, preprocess_image
@@ -89,9 +76,14 @@ def _inputs(fx, model, variables):
         gt_masks[i, :count, :h, :w] = np.unpackbits(fx[f"gt_masks_{i}"], axis=-1, count=int(w)).astype(bool)
     arrays = tuple(jnp.asarray(x) for x in (images, image_hw, gt_boxes, gt_classes, gt_masks, gt_valid))
     rpn = jnp.asarray(np.stack([fx[f"rpn_priorities_{i}"] for i in range(n)]))
-    proposals, proposal_valid = _training_proposals(model, variables, arrays[0], arrays[1], arrays[2], arrays[5], rpn)
-    num_slots = proposals.shape[1]
-    roi = np.full((n, num_slots + g), -1.0, np.float32)
+    return arrays, rpn
+
+
+def _roi_priorities(fx, proposals: np.ndarray, proposal_valid: np.ndarray) -> np.ndarray:
+    """``float32[N, P + PADDED_GT]``: detectron2's ROI-head priorities put on our proposal slots
+    (matched by box) and ground-truth rows; -1 on unused slots."""
+    n, num_slots = proposal_valid.shape
+    roi = np.full((n, num_slots + PADDED_GT), -1.0, np.float32)
     for i in range(n):
         count = int(fx["gt_counts"][i])
         theirs = fx[f"proposals_{i}"]
@@ -105,50 +97,81 @@ def _inputs(fx, model, variables):
         assert len(np.unique(nearest)) == len(ours)  # one to one
         roi[i, np.nonzero(proposal_valid[i])[0]] = prio[nearest]
         roi[i, num_slots:num_slots + count] = prio[len(theirs):]
-    return arrays, {"rpn": rpn, "roi_heads": jnp.asarray(roi)}
+    return roi
+
+
+def _is_rpn(module, method_name: str) -> bool:
+    from detlayers.models.proposal_generator.rpn import RPN
+
+    return isinstance(module, RPN) and method_name == "__call__"
 
 
 @pytest.fixture(scope="module")
 def step(fixture):
-    """Our losses and gradients (one jit of the whole step) and the model variables."""
+    """Our losses and gradients (one jit of the whole step) and the model variables.
+
+    detectron2's ROI priorities belong to its proposals, so they are put on ours by box, and the
+    boxes must be those of the step itself: XLA compiles the backbone differently inside the
+    gradient than in a forward-only jit, near-tied proposals (objectness ~1e-5 apart) then come
+    out in another slot order, and priorities placed by a separately compiled RPN land on other
+    boxes (other ROIs sampled: loss_cls 3.7e-4 relative off, box-head gradients ~1e-2). So the
+    step returns its proposals and runs twice with one executable: with placeholder ROI
+    priorities to read them (they do not depend on the priorities), then with detectron2's.
+    """
     from detlayers.models import build_model, load_detectron2_weights
     from detlayers.models.synthetic_weights import mask_rcnn_r50_fpn_state_dict
 
     model = build_model(_config(fixture))
     state = mask_rcnn_r50_fpn_state_dict(seed=int(fixture["seed"]), calibration=str(CALIBRATION))
     variables = load_detectron2_weights(model, state)
-    arrays, priorities = _inputs(fixture, model, variables)
+    arrays, rpn = _batch(fixture)
 
-    def total(params):
-        losses = model.apply({**variables, "params": params}, *arrays, train=True, sampling_priorities=priorities)
-        return sum(losses.values()), losses
+    def total(params, roi_priorities):
+        losses, captured = model.apply({**variables, "params": params}, *arrays, train=True,
+                                       sampling_priorities={"rpn": rpn, "roi_heads": roi_priorities},
+                                       capture_intermediates=_is_rpn)
+        (boxes, _, valid), _ = captured["intermediates"]["proposal_generator"]["__call__"][0]
+        return sum(losses.values()), (losses, boxes, valid)
 
-    (_, losses), grads = jax.jit(jax.value_and_grad(total, has_aux=True))(variables["params"])
+    run = jax.jit(jax.value_and_grad(total, has_aux=True))
+    num_slots = int(model.proposal_generator.post_nms_topk_train)
+    placeholder = jnp.zeros((len(rpn), num_slots + PADDED_GT), jnp.float32)
+    (_, (_, proposals, valid)), _ = run(variables["params"], placeholder)
+    proposals, valid = np.asarray(proposals), np.asarray(valid)
+    roi = _roi_priorities(fixture, proposals, valid)
+    (_, (losses, again, again_valid)), grads = run(variables["params"], jnp.asarray(roi))
+    # the same executable gives the same proposals: the priorities are on the boxes they were meant for
+    np.testing.assert_array_equal(np.asarray(again), proposals)
+    np.testing.assert_array_equal(np.asarray(again_valid), valid)
     return model, state, {k: float(v) for k, v in losses.items()}, grads
-
-
-# OPEN (issue #21): with the same sampled ROIs (checked: same boxes within 2e-3 px, same classes,
-# no FPN-level or ROIAlign-grid flips) loss_cls is 3.7e-4 relative off detectron2's, and the
-# gradients of the box head (fc1/fc2/cls_score ~1.2e-2), the FPN laterals (~1e-2), res3-res5
-# (3e-2 to 2e-1) and the mask convs (~1.5e-3) miss the 1e-3 bound, while the RPN head (<6e-4),
-# bbox_pred (1.5e-5), the mask predictor (4e-6) and fpn_output4/5 (<4e-5) match. Not yet explained.
-OPEN = "box-branch loss_cls / backbone gradients differ from detectron2 beyond the bounds (see comment)"
 
 
 def test_training_losses_match_detectron2(fixture, step):
     _, _, losses, _ = step
     assert sorted(losses) == sorted(LOSS_NAMES)
     for name in LOSS_NAMES:
-        if name == "loss_cls":
-            continue  # test_loss_cls_matches_detectron2
         want = float(fixture[name])
         assert abs(losses[name] - want) <= LOSS_RTOL * abs(want), (name, losses[name], want)
 
 
-@pytest.mark.xfail(strict=True, reason=OPEN)
-def test_loss_cls_matches_detectron2(fixture, step):
-    want = float(fixture["loss_cls"])
-    assert abs(step[2]["loss_cls"] - want) <= LOSS_RTOL * abs(want), (step[2]["loss_cls"], want)
+# OPEN (issue #21): the 1e-3 bound per tensor is below float32's noise on this step. With the same
+# sampled ROIs (see ``step``), 54 of the 84 gradients differ from detectron2's by more: res3
+# ~1.2e-2, res4 4e-3..1.1e-2, res5 2e-3..7e-3, mask_fcn1/2 1.3e-3..1.9e-3, fc1/fc2, the FPN laterals
+# and fpn_output2/3 1e-3..1.7e-3; cls_score, bbox_pred and the mask predictor match to <5e-6, the
+# RPN head and fpn_output4/5 to <8e-4, and the five losses to <1.1e-5. detectron2 itself misses the
+# bound by as much: its float32 gradients differ from the same step in float64 (same ROIs, same
+# proposal boxes; make_mask_rcnn_train.py --float64-floor prints them) on 44 tensors: res3
+# 1.0e-2..1.3e-2, res4 up to 1.1e-2, mask_fcn1 1.4e-3. The cause is ReLU gates whose input is within
+# float32 noise of 0: they flip between any two float32 evaluations and each flip moves a gradient
+# by a finite amount (17 of detectron2's mask-head gates flip between its float32 and float64 runs,
+# moving its mask-loss gradient into p2/p3 by 1e-2/6e-3; here an RPN conv channel at p2 (37, 4) of
+# image 0, -1.4e-5 in detectron2 and +5.2e-6 here, moves that pixel's p2 gradient by 10%); the
+# backbone sums these with cancellation. Ours has one more noise source: our proposals (float32
+# decode of the RPN outputs) differ from detectron2's by up to 2e-3 px, which moves the pooled box
+# features by 4.7e-5 relative (detectron2: 1.7e-5) and flips 4 fc1 and 1 fc2 gates (detectron2: 2
+# and 0), hence fc1/fc2 at 1.7e-3/1.2e-3 where detectron2 is within 1.4e-5 of float64. No bug found;
+# the bound itself needs revisiting.
+OPEN = "gradients: the 1e-3 bound is below float32's noise on this step (detectron2's own float32 vs float64)"
 
 
 def _torch_layout(model, state: dict[str, np.ndarray], grads) -> dict[str, np.ndarray]:

@@ -582,6 +582,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "loss_box_reg = jnp.sum(jnp.where(foreground, loss, 0.0)) / count",
            "loss_box_reg = jnp.sum(jnp.where(foreground, loss, 0.0)) / jnp.maximum(jnp.sum(foreground), 1)",
            TRAIN_STEP),
+    # background ROIs scored against the last foreground class (off by one): only loss_cls sees it
+    Mutant("train-cls-background-as-last-class", "detlayers/models/roi_heads/fast_rcnn.py",
+           "jnp.clip(gt_classes, 0, num_classes)[:, None], axis=1)",
+           "jnp.clip(gt_classes, 0, num_classes - 1)[:, None], axis=1)", TRAIN_STEP, "losses"),
     Mutant("train-mask-targets-not-aligned", "detlayers/models/roi_heads/mask_head.py",
            "out = roi_align(masks.reshape(n * g, h, w, 1), rois, mask_size, 1.0, 0, True)",
            "out = roi_align(masks.reshape(n * g, h, w, 1), rois, mask_size, 1.0, 0, False)", TRAIN_STEP),
