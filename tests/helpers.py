@@ -39,6 +39,14 @@ def load_fixture(name: str, prefix: str = "") -> dict[str, np.ndarray]:
     return load_npz(FIXTURES / name, prefix)
 
 
+def case_config(fx: dict[str, np.ndarray], prefix: str) -> dict:
+    """The JSON ``<prefix>/config`` of a fixture archive's case, lists made tuples (PyTorch's
+    ``int | tuple`` arguments, as the fixture script passed them)."""
+    import json
+
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(str(fx[f"{prefix}/config"])).items()}
+
+
 def assert_close(actual, expected, rtol: float = 1e-5, nan_ok: bool = False, msg: str = "") -> None:
     """Relative error <= rtol, measured against the largest reference magnitude.
 

@@ -4,14 +4,12 @@ definitions of the bilinear, bicubic and area modes."""
 
 from __future__ import annotations
 
-import json
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import load_fixture
+from helpers import case_config, load_fixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,21 +23,12 @@ def fx():
     return load_fixture("wrappers.npz")
 
 
-def config(fx, prefix):
-    return json.loads(str(fx[f"{prefix}/config"]))
-
-
-def tuplify(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 INTERP_CASES = [("interp", i) for i in range(28)] + [("interp_down", i) for i in range(14)]
 
 
 @pytest.mark.parametrize("family, case", INTERP_CASES, ids=[f"{f}{i}" for f, i in INTERP_CASES])
 def test_interpolate_matches_torch(fx, family, case):
-    cfg = config(fx, f"{family}/{case}")
-    kwargs = {k: tuplify(v) for k, v in cfg.items()}
+    kwargs = case_config(fx, f"{family}/{case}")
     fn = jax.jit(lambda x: L.interpolate(x, **kwargs))
     x = fx[f"{family}/x"]
     y = fn(x)
@@ -52,7 +41,7 @@ def test_interpolate_matches_torch(fx, family, case):
 def test_interpolate_fixture_covers_every_mode_and_scale_direction(fx):
     seen = set()
     for family, case in INTERP_CASES:
-        cfg = config(fx, f"{family}/{case}")
+        cfg = case_config(fx, f"{family}/{case}")
         out_h = fx[f"{family}/{case}/y"].shape[1]
         seen.add((cfg["mode"], "up" if out_h > fx[f"{family}/x"].shape[1] else "down"))
     modes = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")

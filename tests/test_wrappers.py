@@ -3,15 +3,13 @@ tools/fixtures/make_wrappers.py) and against NumPy where NumPy is the reference.
 
 from __future__ import annotations
 
-import json
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import load_fixture, mse_train_step
+from helpers import case_config, load_fixture, mse_train_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,10 +22,6 @@ RTOL = ATOL = 1e-5
 @pytest.fixture(scope="module")
 def fx():
     return load_fixture("wrappers.npz")
-
-
-def config(fx, prefix):
-    return json.loads(str(fx[f"{prefix}/config"]))
 
 
 def torch_conv_kernel(weight: np.ndarray) -> np.ndarray:
@@ -46,15 +40,10 @@ def torch_conv_transpose_kernel(weight: np.ndarray, groups: int) -> np.ndarray:
     return kernel
 
 
-def tuplify(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 # ----------------------------------------------------------------------------------- Conv2d
 @pytest.mark.parametrize("case", range(4))
 def test_conv2d_matches_detectron2_conv(fx, case):
-    cfg = config(fx, f"conv/{case}")
-    cfg = {k: tuplify(v) for k, v in cfg.items()}
+    cfg = case_config(fx, f"conv/{case}")
     conv = L.Conv2d(**cfg)
     params = {"kernel": torch_conv_kernel(fx[f"conv/{case}/weight"])}
     if cfg["bias"]:
@@ -223,7 +212,7 @@ def test_conv2d_with_bn_trains_on_toy_regression():
 # ------------------------------------------------------------------------- ConvTranspose2d
 @pytest.mark.parametrize("case", range(5))
 def test_conv_transpose2d_matches_torch(fx, case):
-    cfg = {k: tuplify(v) for k, v in config(fx, f"convt/{case}").items()}
+    cfg = case_config(fx, f"convt/{case}")
     layer = L.ConvTranspose2d(**cfg)
     params = {"kernel": torch_conv_transpose_kernel(fx[f"convt/{case}/weight"], cfg["groups"])}
     if cfg["bias"]:
@@ -235,7 +224,7 @@ def test_conv_transpose2d_matches_torch(fx, case):
 
 
 def test_conv_transpose2d_output_size_picks_pytorch_output_padding(fx):
-    cfg = {k: tuplify(v) for k, v in config(fx, "convt/0").items()}
+    cfg = case_config(fx, "convt/0")
     assert cfg["output_padding"] == 1 and cfg["stride"] == 2
     layer = L.ConvTranspose2d(**{**cfg, "output_padding": 0})
     params = {"kernel": torch_conv_transpose_kernel(fx["convt/0/weight"], cfg["groups"]), "bias": fx["convt/0/bias"]}

@@ -117,3 +117,17 @@ class DefaultAnchorGenerator:
 def build_anchor_generator(cfg: Any, input_shape: Sequence[ShapeSpec]) -> Any:
     """The anchor generator ``MODEL.ANCHOR_GENERATOR.NAME`` names, for the levels ``input_shape``."""
     return build_from_registry(ANCHOR_GENERATOR_REGISTRY, cfg.MODEL.ANCHOR_GENERATOR.NAME, cfg, input_shape)
+
+
+def head_input_geometry(cfg: Any, input_shape: Sequence[ShapeSpec], head: str) -> tuple[int, int]:
+    """``(channels, anchors per location)`` of a head shared by every level (detectron2's
+    ``StandardRPNHead`` and ``RetinaNetHead`` check both are equal across levels); a
+    ``ValueError`` naming ``head`` otherwise."""
+    channels = {s.channels for s in input_shape}
+    if len(channels) != 1:
+        raise ValueError(f"{head}: every input level must have the same channels, got {channels}")
+    num_anchors = set(build_anchor_generator(cfg, input_shape).num_anchors)
+    if len(num_anchors) != 1:
+        raise ValueError(f"{head}: every level must have the same number of anchors "
+                         "(MODEL.ANCHOR_GENERATOR.SIZES x ASPECT_RATIOS)")
+    return channels.pop(), num_anchors.pop()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from detlayers.batch_norm import get_norm
-from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator
+from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator, head_input_geometry
 from detlayers.models.backbone.build import build_backbone
 from detlayers.models.box_regression import Box2BoxTransform
 from detlayers.models.meta_arch.dense_detector import decode_multi_level_predictions
@@ -61,20 +61,13 @@ class RetinaNetHead(nn.Module):
         """``MODEL.RETINANET.{NUM_CLASSES, NUM_CONVS, NORM, PRIOR_PROB}`` over the levels
         ``input_shape`` (equal channels), anchors per location from the anchor generator."""
         retina = cfg.MODEL.RETINANET
-        channels = {s.channels for s in input_shape}
-        if len(channels) != 1:
-            raise ValueError(f"RetinaNetHead: every input level must have the same channels, got {channels}")
-        num_anchors = set(build_anchor_generator(cfg, input_shape).num_anchors)
-        if len(num_anchors) != 1:
-            raise ValueError("RetinaNetHead: every level must have the same number of anchors "
-                             "(MODEL.ANCHOR_GENERATOR.SIZES x ASPECT_RATIOS)")
+        width, num_anchors = head_input_geometry(cfg, input_shape, "RetinaNetHead")
         if retina.NORM in _PER_LEVEL_NORMS:
             raise ValueError(f"RetinaNetHead: MODEL.RETINANET.NORM {retina.NORM!r} (detectron2's per-level "
                              "CycleBatchNormList) is not supported; use '', 'GN' or a shared norm")
         if retina.NUM_CONVS < 0:
             raise ValueError(f"RetinaNetHead: MODEL.RETINANET.NUM_CONVS must be >= 0, got {retina.NUM_CONVS}")
-        width = channels.pop()
-        return cls(in_channels=width, num_classes=retina.NUM_CLASSES, num_anchors=num_anchors.pop(),
+        return cls(in_channels=width, num_classes=retina.NUM_CLASSES, num_anchors=num_anchors,
                    conv_dims=(width,) * retina.NUM_CONVS, norm=retina.NORM, prior_prob=retina.PRIOR_PROB)
 
     def _tower(self, prefix: str) -> list[tuple[nn.Module, nn.Module | None]]:

@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 
 from detlayers.boxes import clip_boxes, nonempty, pairwise_iou
-from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator
+from detlayers.models.anchor_generator import DefaultAnchorGenerator, build_anchor_generator, head_input_geometry
 from detlayers.models.box_regression import Box2BoxTransform, smooth_l1_loss
 from detlayers.models.matcher import Matcher
 from detlayers.models.registry import PROPOSAL_GENERATOR_REGISTRY, RPN_HEAD_REGISTRY, build_from_registry
@@ -48,14 +48,8 @@ class StandardRPNHead(nn.Module):
         the anchor generator (equal on every level); ``MODEL.RPN.CONV_DIMS`` must be ``[-1]``."""
         if tuple(cfg.MODEL.RPN.CONV_DIMS) != (-1,):
             raise ValueError("StandardRPNHead: MODEL.RPN.CONV_DIMS must be [-1] (one conv of the input width)")
-        channels = {s.channels for s in input_shape}
-        if len(channels) != 1:
-            raise ValueError(f"StandardRPNHead: every input level must have the same channels, got {channels}")
-        num_anchors = set(build_anchor_generator(cfg, input_shape).num_anchors)
-        if len(num_anchors) != 1:
-            raise ValueError("StandardRPNHead: every level must have the same number of anchors "
-                             "(MODEL.ANCHOR_GENERATOR.SIZES x ASPECT_RATIOS)")
-        return cls(in_channels=channels.pop(), num_anchors=num_anchors.pop())
+        channels, num_anchors = head_input_geometry(cfg, input_shape, "StandardRPNHead")
+        return cls(in_channels=channels, num_anchors=num_anchors)
 
     @nn.compact
     def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
