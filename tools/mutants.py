@@ -589,6 +589,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("train-mask-targets-not-aligned", "detlayers/models/roi_heads/mask_head.py",
            "out = roi_align(masks.reshape(n * g, h, w, 1), rois, mask_size, 1.0, 0, True)",
            "out = roi_align(masks.reshape(n * g, h, w, 1), rois, mask_size, 1.0, 0, False)", TRAIN_STEP),
+    # the mask branch detached from the backbone: the losses are unchanged, only the FPN's and the
+    # backbone's gradients (the mask loss's share of them) go wrong
+    Mutant("train-mask-features-detached", "detlayers/models/roi_heads/roi_heads.py",
+           "mask_features = self.mask_pooler([features[name] for name in self.mask_in_features], fg_boxes, foreground)",
+           "mask_features = self.mask_pooler([jax.lax.stop_gradient(features[name]) for name in self.mask_in_features],"
+           " fg_boxes, foreground)", TRAIN_STEP, "gradient"),
     # ---- losses ------------------------------------------------------------------------------------
     Mutant("loss-overlap-ge", "detlayers/losses.py",
            "overlaps = (inter_w > 0) & (inter_h > 0)", "overlaps = (inter_w >= 0) | (inter_h > 0)",
