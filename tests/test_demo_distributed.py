@@ -43,6 +43,21 @@ DEMO = [sys.executable, "-m", "detlayers.demo", "--steps", str(STEPS), "--batch-
 RUN_TIMEOUT = 420  # seconds, per demo run (compilation dominates; a shared 2-core box is slow)
 # One xdist worker runs the module: the demo runs of the fixture happen once (tests/conftest.py).
 pytestmark = pytest.mark.xdist_group("demo_distributed")
+# The demo runs compile more than they compute: their children skip LLVM's optimisations (half the
+# compile time). Every number compared here comes from children run with the same flags.
+CHILD_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _children_compile_fast():
+    """The launcher's children inherit this process's environment (its own jax has started)."""
+    before = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{before or ''} {CHILD_XLA_FLAGS}".strip()
+    yield
+    if before is None:
+        del os.environ["XLA_FLAGS"]
+    else:
+        os.environ["XLA_FLAGS"] = before
 
 
 def _demo(out: pathlib.Path, *extra: str) -> list[str]:
@@ -52,7 +67,7 @@ def _demo(out: pathlib.Path, *extra: str) -> list[str]:
 
 def _run_single(command: list[str], devices: int) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the demo sets its own device count from --devices
+    env["XLA_FLAGS"] = CHILD_XLA_FLAGS  # and no device count: the demo sets its own from --devices
     return subprocess.run(command + ["--devices", str(devices)], env=env, capture_output=True,
                           text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
 
