@@ -76,13 +76,38 @@ def build_solver(cfg: Any, params: Any) -> optax.GradientTransformation:
 
 def init_variables(cfg: Any, model: Any, seed: int) -> dict[str, Any]:
     """``MODEL.WEIGHTS`` (a detectron2 checkpoint of this whole model) or, when it is empty, the
-    layers' own initialisation from ``seed``."""
+    layers' own initialisation from ``seed`` (through :func:`create_variables`)."""
     from detlayers.models.checkpoint import example_inputs, load_detectron2_weights
 
     if cfg.MODEL.WEIGHTS:
         return load_detectron2_weights(model, cfg.MODEL.WEIGHTS)
-    variables = jax.jit(model.init)(jax.random.key(seed), *example_inputs())
+    images = example_inputs()[0]
+    # an "rbg" key: XLA compiles the per-parameter threefry key derivations of a whole detector's
+    # init for tens of seconds on CPU, its RngBitGenerator draws in a few
+    key = jax.random.key(seed, impl="rbg")
+    try:
+        variables = jax.jit(lambda k: model.init(k, images, method=create_variables))(key)
+    except AttributeError:  # not the ResNet/FPN + RPN + StandardROIHeads layout: the full inference init
+        variables = jax.jit(model.init)(key, *example_inputs())
     return jax.device_get(dict(variables))
+
+
+def create_variables(module: Any, images: jax.Array) -> None:
+    """Calls every parametrised part of a ``GeneralizedRCNN`` once (backbone, RPN head, box head
+    and predictor, mask head), so ``init`` creates all its variables without compiling the
+    inference (proposal selection, NMS, pooling, mask pasting) around them."""
+    import jax.numpy as jnp
+
+    features = module.backbone(images)
+    rpn = module.proposal_generator
+    rpn.rpn_head([features[name] for name in rpn.in_features])
+    heads = module.roi_heads
+    channels = int(features[heads.box_in_features[0]].shape[-1])
+    size = heads.box_pooler.output_size
+    heads.box_predictor(heads.box_head(jnp.zeros((1, size, size, channels), images.dtype)))
+    if heads.mask_head is not None:
+        size = heads.mask_pooler.output_size
+        heads.mask_head(jnp.zeros((1, size, size, channels), images.dtype))
 
 
 def init_state(cfg: Any, model: Any, seed: int) -> tuple[TrainState, optax.GradientTransformation]:
