@@ -167,8 +167,10 @@ def run_iterations(
     max_iter = int(cfg.SOLVER.MAX_ITER)
     lr = cfg.SOLVER.BASE_LR * lr_multipliers(cfg)
     step_fn = make_train_step(model, optimizer, mesh)
-    params, batch_stats, opt_state = replicate((state.params, state.batch_stats, state.opt_state), mesh)
-    rng = state.rng
+    params, batch_stats, opt_state, rng_data = replicate(
+        (state.params, state.batch_stats, state.opt_state, jax.random.key_data(state.rng)), mesh)
+    # a global (replicated) key: multi-process checkpoints cannot write a process-local array
+    rng = jax.random.wrap_key_data(rng_data, impl=jax.random.key_impl(state.rng))
     bar = _progress_bar(max_iter, state.iteration, progress)
     iteration = state.iteration
     try:
