@@ -116,7 +116,9 @@ def init_state(cfg: Any, model: Any, seed: int) -> tuple[TrainState, optax.Gradi
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     optimizer = build_solver(cfg, params)
     loop_key = jax.random.fold_in(jax.random.key(seed), 1)
-    return TrainState(params, batch_stats, optimizer.init(params), loop_key, 0), optimizer
+    # one compiled init (eagerly, every parameter's momentum buffer is its own small program)
+    opt_state = jax.jit(optimizer.init)(params)
+    return TrainState(params, batch_stats, opt_state, loop_key, 0), optimizer
 
 
 def _non_finite_message(iteration: int, losses: dict[str, float]) -> str:
