@@ -73,6 +73,7 @@ ROT_IOU = ("tests/test_rotated_iou.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 TRAIN_STEP = ("tests/test_mask_rcnn_train.py",)
+TRAINER = ("tests/test_models_train.py",)
 LAYOUT = ("tests/test_models_layout.py",)
 CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
@@ -383,9 +384,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "return GroupNorm(32, channels, name=name)", "return GroupNorm(16, channels, name=name)",
            ("tests/test_mask_rcnn_variants.py",), "parity and gn"),
     Mutant("variants-deform-offset-yx-swapped", "detlayers/models/backbone/resnet.py",
-           "return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)",
-           "return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)("
-           "out, offset_mask.reshape(*offset_mask.shape[:-1], -1, 2)[..., ::-1].reshape(offset_mask.shape))",
+           "**geometry)(\n            out, offset_mask, train=train)",
+           "**geometry)(\n            out, offset_mask.reshape(*offset_mask.shape[:-1], -1, 2)[..., ::-1]"
+           ".reshape(offset_mask.shape), train=train)",
            ("tests/test_mask_rcnn_variants.py",), "parity and dconv and not mdconv"),
     Mutant("variants-modulated-offset-thirds-swapped", "detlayers/models/backbone/resnet.py",
            "offset = offset_mask[..., :2 * taps]",
@@ -626,6 +627,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "return (g * (clip_value / (norm + 1e-6))).astype(g.dtype)", ("tests/test_solver.py",), "sgd"),
     Mutant("solver-nesterov-ignored", "detlayers/models/solver.py",
            "nesterov=bool(solver.NESTEROV)", "nesterov=False", ("tests/test_solver.py",), "sgd"),
+    # ---- trainer -----------------------------------------------------------------------------------
+    Mutant("trainer-gradients-not-averaged", "detlayers/models/engine/step.py",
+           "grads = jax.lax.pmean(grads, AXIS)", "grads = grads", TRAINER, "k_devices"),
+    Mutant("trainer-flip-keeps-boxes", "detlayers/models/data/transforms.py",
+           'if geometry.flip == "horizontal":\n        out = np.stack(', 'if False:\n        out = np.stack(',
+           TRAINER, "mapper"),
+    Mutant("trainer-crowd-annotations-kept", "detlayers/models/data/loader.py",
+           'annotations = [a for a in record["annotations"] if not a.get("iscrowd", 0)]',
+           'annotations = list(record["annotations"])', TRAINER, "mapper"),
+    Mutant("trainer-frozen-stem-uses-batch-statistics", "detlayers/models/backbone/resnet.py",
+           "x, train and self.freeze_at < 1)", "x, train)", TRAINER, "frozen_stem"),
     # ---- weights back to detectron2 ------------------------------------------------------------------
     Mutant("save-weights-linear-not-transposed", "detlayers/torch_weights.py",
            "    if value.ndim == 2:  # Linear: [in, out] -> [out, in]\n        return value.T",

@@ -68,10 +68,12 @@ class FPN(nn.Module):
     ``out_channels``, ``norm`` (``""``: biased convs, otherwise that norm without bias),
     ``top_block`` (``LastLevelMaxPool``/``LastLevelP6P7``/None), ``fuse_type`` (``"sum"``/``"avg"``).
 
-    ``__call__(x [N, H, W, C]) -> {"p2": [N, H/4, W/4, out_channels], ...}``: ``p{log2 stride}`` for
-    each input feature, then the top block's levels. H and W must be multiples of the largest input
-    stride (:attr:`size_divisibility`, 32 for res5) so that every 2x nearest upsample meets its
-    lateral map, as detectron2's ``ImageList`` padding guarantees.
+    ``__call__(x [N, H, W, C], train=False) -> {"p2": [N, H/4, W/4, out_channels], ...}``:
+    ``p{log2 stride}`` for each input feature, then the top block's levels; ``train`` goes to
+    the lateral and output norms and to ``bottom_up`` (called as ``bottom_up(x, train=True)`` in
+    training, ``bottom_up(x)`` otherwise). H and W must be multiples of the largest input stride
+    (:attr:`size_divisibility`, 32 for res5) so that every 2x nearest upsample meets its lateral
+    map, as detectron2's ``ImageList`` padding guarantees.
     """
 
     bottom_up: nn.Module
@@ -105,13 +107,14 @@ class FPN(nn.Module):
         return {f"p{s}": ShapeSpec(channels=self.out_channels, stride=2**s) for s in stages}
 
     @nn.compact
-    def __call__(self, x: Array) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
         if self.fuse_type not in ("sum", "avg"):
             raise ValueError(f"FPN: fuse_type must be 'sum' or 'avg', got {self.fuse_type!r}")
         divisor = self.size_divisibility
         if x.shape[1] % divisor or x.shape[2] % divisor:
             raise ValueError(f"FPN: input height and width must be multiples of {divisor}, got shape {x.shape}")
-        features = self.bottom_up(x)
+        # a bottom-up network without a train argument still serves inference
+        features = self.bottom_up(x, train=True) if train else self.bottom_up(x)
         in_shapes = self.bottom_up.output_shape()
         stages = [int(math.log2(s)) for s in self._in_strides()]
         use_bias = self.norm == ""
@@ -124,14 +127,14 @@ class FPN(nn.Module):
         by_stage = dict(zip(stages, self.in_features))
         results = {}
         top = stages[-1]
-        prev = laterals[top](features[by_stage[top]])
-        results[f"p{top}"] = output_convs[top](prev)
+        prev = laterals[top](features[by_stage[top]], train=train)
+        results[f"p{top}"] = output_convs[top](prev, train=train)
         for s in reversed(stages[:-1]):
             top_down = interpolate(prev, scale_factor=2.0, mode="nearest")
-            prev = laterals[s](features[by_stage[s]]) + top_down
+            prev = laterals[s](features[by_stage[s]], train=train) + top_down
             if self.fuse_type == "avg":
                 prev = prev / 2
-            results[f"p{s}"] = output_convs[s](prev)
+            results[f"p{s}"] = output_convs[s](prev, train=train)
         if self.top_block is not None:
             source = self.top_block.in_feature
             if source in features:

@@ -42,9 +42,9 @@ class BasicStem(nn.Module):
     norm: str = "FrozenBN"
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, train: bool = False) -> Array:
         x = Conv2d(self.in_channels, self.out_channels, 7, stride=2, padding=3, bias=False,
-                   norm=self.norm, name="conv1")(x)
+                   norm=self.norm, name="conv1")(x, train=train)
         return max_pool_3x3_s2_p1(jax.nn.relu(x))
 
 
@@ -63,26 +63,26 @@ class BottleneckBlock(nn.Module):
     dilation: int = 1
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, train: bool = False) -> Array:
         stride_1x1, stride_3x3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         if self.in_channels != self.out_channels:
             shortcut = Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=False,
-                              norm=self.norm, name="shortcut")(x)
+                              norm=self.norm, name="shortcut")(x, train=train)
         else:
             shortcut = x
         out = Conv2d(self.in_channels, self.bottleneck_channels, 1, stride=stride_1x1, bias=False,
-                     norm=self.norm, name="conv1")(x)
+                     norm=self.norm, name="conv1")(x, train=train)
         out = jax.nn.relu(out)
-        out = jax.nn.relu(self._conv2(out, stride_3x3))
+        out = jax.nn.relu(self._conv2(out, stride_3x3, train))
         out = Conv2d(self.bottleneck_channels, self.out_channels, 1, bias=False, norm=self.norm,
-                     name="conv3")(out)
+                     name="conv3")(out, train=train)
         return jax.nn.relu(out + shortcut)
 
-    def _conv2(self, out: Array, stride: int) -> Array:
+    def _conv2(self, out: Array, stride: int, train: bool) -> Array:
         """The 3x3 ``conv2`` (with the norm, before the ReLU); subclasses change only this."""
         return Conv2d(self.bottleneck_channels, self.bottleneck_channels, 3, stride=stride,
                       padding=self.dilation, dilation=self.dilation, groups=self.num_groups, bias=False,
-                      norm=self.norm, name="conv2")(out)
+                      norm=self.norm, name="conv2")(out, train=train)
 
 
 def split_offset_mask(offset_mask: Array, deform_num_groups: int) -> tuple[Array, Array]:
@@ -107,7 +107,7 @@ class DeformBottleneckBlock(BottleneckBlock):
     deform_modulated: bool = False
     deform_num_groups: int = 1
 
-    def _conv2(self, out: Array, stride: int) -> Array:
+    def _conv2(self, out: Array, stride: int, train: bool) -> Array:
         offset_channels = (27 if self.deform_modulated else 18) * self.deform_num_groups
         offset_mask = Conv2d(self.bottleneck_channels, offset_channels, 3, stride=stride,
                              padding=self.dilation, dilation=self.dilation, name="conv2_offset")(out)
@@ -116,8 +116,9 @@ class DeformBottleneckBlock(BottleneckBlock):
         if self.deform_modulated:
             offset, mask = split_offset_mask(offset_mask, self.deform_num_groups)
             return ModulatedDeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(
-                out, offset, mask)
-        return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(out, offset_mask)
+                out, offset, mask, train=train)
+        return DeformConv(self.bottleneck_channels, self.bottleneck_channels, 3, **geometry)(
+            out, offset_mask, train=train)
 
 
 class BasicBlock(nn.Module):
@@ -129,25 +130,29 @@ class BasicBlock(nn.Module):
     norm: str = "FrozenBN"
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, train: bool = False) -> Array:
         if self.in_channels != self.out_channels:
             shortcut = Conv2d(self.in_channels, self.out_channels, 1, stride=self.stride, bias=False,
-                              norm=self.norm, name="shortcut")(x)
+                              norm=self.norm, name="shortcut")(x, train=train)
         else:
             shortcut = x
         out = Conv2d(self.in_channels, self.out_channels, 3, stride=self.stride, padding=1, bias=False,
-                     norm=self.norm, name="conv1")(x)
+                     norm=self.norm, name="conv1")(x, train=train)
         out = jax.nn.relu(out)
         out = Conv2d(self.out_channels, self.out_channels, 3, padding=1, bias=False, norm=self.norm,
-                     name="conv2")(out)
+                     name="conv2")(out, train=train)
         return jax.nn.relu(out + shortcut)
 
 
 class ResNet(nn.Module):
     """detectron2's ResNet (``build_resnet_backbone``): ``stem`` then stages ``res2`` ... ``res5``.
 
-    ``__call__(x [N, H, W, in_channels]) -> {"res2": [N, H/4, W/4, C2], ..., "res5": ...}`` (the
-    stages in ``out_features``; :meth:`output_shape` gives their channels and strides). Depth 18/34
+    ``__call__(x [N, H, W, in_channels], train=False) -> {"res2": [N, H/4, W/4, C2], ..., "res5":
+    ...}`` (the stages in ``out_features``; :meth:`output_shape` gives their channels and strides).
+    ``train`` is handed to every norm: ``BN``/``SyncBN`` normalise with batch statistics (and
+    update their running statistics when ``batch_stats`` is mutable); FrozenBN and GN ignore it,
+    and so do the frozen stages (``freeze_at``), which keep normalising with their running
+    statistics as detectron2's ``freeze()`` turns their norms into FrozenBatchNorm. Depth 18/34
     builds ``BasicBlock`` stages, 50/101/152 ``BottleneckBlock`` stages of ``num_groups x
     width_per_group`` bottleneck channels. ``freeze_at`` stops gradients as detectron2's
     ``freeze()`` does: 1 freezes the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}``
@@ -211,7 +216,7 @@ class ResNet(nn.Module):
         return {name: shapes[name] for name in self.out_features}
 
     @nn.compact
-    def __call__(self, x: Array) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
         if self.depth not in _BLOCKS_PER_STAGE:
             raise ValueError(f"ResNet: depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {self.depth}")
         if self.res5_dilation not in (1, 2):
@@ -219,7 +224,10 @@ class ResNet(nn.Module):
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"ResNet: input must be NHWC [N, H, W, {self.in_channels}], got shape {x.shape}")
         outputs = {}
-        x = BasicStem(self.in_channels, self.stem_out_channels, self.norm, name="stem")(x)
+        # frozen stages normalise with running statistics, as detectron2's freeze() makes their
+        # norms FrozenBatchNorm: their batch statistics neither normalise nor update anything
+        x = BasicStem(self.in_channels, self.stem_out_channels, self.norm, name="stem")(
+            x, train and self.freeze_at < 1)
         if self.freeze_at >= 1:
             x = lax.stop_gradient(x)
         if "stem" in self.out_features:
@@ -236,18 +244,19 @@ class ResNet(nn.Module):
             first_stride = 1 if stage_index == 0 or (stage == 5 and dilation == 2) else 2
             if self.depth < 50:  # BasicBlock stages: RES2_OUT_CHANNELS (64 in detectron2) doubling
                 out_channels = self.res2_out_channels * 2**stage_index
+            stage_trains = train and self.freeze_at < stage
             for block_index in range(num_blocks):
                 stride = first_stride if block_index == 0 else 1
                 name = f"res{stage}_{block_index}"
                 if self.depth >= 50 and self.deform_on_per_stage[stage_index]:
                     x = DeformBottleneckBlock(in_channels, out_channels, bottleneck, stride, self.num_groups,
                                               self.norm, self.stride_in_1x1, dilation, self.deform_modulated,
-                                              self.deform_num_groups, name=name)(x)
+                                              self.deform_num_groups, name=name)(x, stage_trains)
                 elif self.depth >= 50:
                     x = BottleneckBlock(in_channels, out_channels, bottleneck, stride, self.num_groups,
-                                        self.norm, self.stride_in_1x1, dilation, name=name)(x)
+                                        self.norm, self.stride_in_1x1, dilation, name=name)(x, stage_trains)
                 else:
-                    x = BasicBlock(in_channels, out_channels, stride, self.norm, name=name)(x)
+                    x = BasicBlock(in_channels, out_channels, stride, self.norm, name=name)(x, stage_trains)
                 in_channels = out_channels
             if self.freeze_at >= stage:
                 x = lax.stop_gradient(x)

@@ -125,7 +125,8 @@ class GeneralizedRCNN(nn.Module):
                              f"got shape {gt_masks.shape}")
         image_hw = image_hw.astype(jnp.int32)
         gt_valid = gt_valid.astype(bool)
-        features = self.backbone(images)
+        # batch-statistics norms (BN, SyncBN over the mapped axis) train; FrozenBN and GN ignore it
+        features = self.backbone(images, train=True)
         rpn_priorities = None if priorities is None else priorities["rpn"]
         if rpn_priorities is None:
             num_anchors = sum(
