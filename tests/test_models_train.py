@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -312,3 +313,24 @@ def test_cli_stops_on_a_non_finite_loss_with_one_line(dataset, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "iteration=0" in err[0] and "loss_cls=" in err[0], err
     assert not (out / "checkpoints" / "1").exists() and not (out / "metrics.json").exists()
+
+
+def test_cli_out_of_memory_is_one_line_and_exit_status_5(dataset, tmp_path, capsys, monkeypatch):
+    """XLA's allocation failure inside a step (raised here by a stand-in step: a real one needs a
+    machine-sized batch) becomes one line naming the batch and the keys to lower, exit status 5."""
+    import detlayers.models.engine.train_loop as loop
+
+    def step_out_of_memory(*args, **kwargs):
+        def step(*step_args):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes.\n  at ...")
+
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", step_out_of_memory)
+    out = tmp_path / "oom"
+    assert _run_cli(dataset, out) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for part in ("out of memory at iteration 0", "lower SOLVER.IMS_PER_BATCH", "RESOURCE_EXHAUSTED"):
+        assert part in err[0], (part, err[0])
+    assert "at ..." not in err[0]

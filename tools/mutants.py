@@ -329,6 +329,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("demo-image-size-minimum-8", "detlayers/demo/arg_types.py",
            "MIN_IMAGE_SIZE = 48\n", "MIN_IMAGE_SIZE = 8\n", FLAGS),
     # the step not blocked on inside out_of_memory_as: XLA's error escapes when the loss is read
+    Mutant("train-loop-out-of-memory-not-converted", "detlayers/models/engine/train_loop.py",
+           "with out_of_memory_as(_out_of_memory(cfg, iteration, local)):", "if True:", TRAINER,
+           "out_of_memory"),
     Mutant("demo-train-step-not-blocked", "detlayers/demo/train.py",
            "jax.block_until_ready(step_fn(", "(step_fn(", ("tests/test_demo_out_of_memory.py",)),
     # ---- benchmark: the mixed-size stream and its summary -----------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 EXIT_NON_FINITE = 3
 EXIT_CHECKPOINT = 4
+EXIT_OUT_OF_MEMORY = 5
 
 
 def default_argument_parser() -> argparse.ArgumentParser:
@@ -210,7 +211,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI; returns the exit status (3: non-finite loss, 4: unusable checkpoint or directory)."""
+    """The CLI; returns the exit status (3: non-finite loss, 4: unusable checkpoint or directory,
+    5: out of memory)."""
     args = default_argument_parser().parse_args(argv)
     if args.num_devices is not None and args.num_devices < 1:
         raise SystemExit(f"--num-devices must be >= 1, got {args.num_devices}")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_progress = True
 
     from detlayers.demo.train_checkpoints import CheckpointError
-    from detlayers.models.engine.train_loop import NonFiniteLossError
+    from detlayers.models.engine.train_loop import NonFiniteLossError, TrainOutOfMemoryError
 
     try:
         return train(args)
@@ -235,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CHECKPOINT
+    except TrainOutOfMemoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
 
 
 if __name__ == "__main__":

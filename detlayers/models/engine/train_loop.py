@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from detlayers._out_of_memory import out_of_memory_as
 from detlayers.models.engine.step import make_train_step, replicate, shard_batch
 from detlayers.models.solver import build_optimizer, lr_multipliers
 
@@ -32,6 +33,23 @@ LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_
 
 class NonFiniteLossError(FloatingPointError):
     """An iteration's loss was NaN or infinite; nothing of that iteration was applied or saved."""
+
+
+class TrainOutOfMemoryError(MemoryError):
+    """An iteration ran out of memory (XLA's ``RESOURCE_EXHAUSTED``); the message names the batch
+    and the keys to lower."""
+
+
+def _out_of_memory(cfg: Any, iteration: int, batch: dict[str, Any]) -> Callable[[str], TrainOutOfMemoryError]:
+    def error(xla: str) -> TrainOutOfMemoryError:
+        n, h, w = (int(v) for v in batch["images"].shape[:3]) if "images" in batch else (0, 0, 0)
+        return TrainOutOfMemoryError(
+            f"out of memory at iteration {iteration}: a global batch of {int(cfg.SOLVER.IMS_PER_BATCH)} images "
+            f"(this process's {n} padded to {h}x{w}) does not fit; lower SOLVER.IMS_PER_BATCH, "
+            f"INPUT.MIN_SIZE_TRAIN/INPUT.MAX_SIZE_TRAIN or the ground-truth count, or use more devices. "
+            f"XLA said: {xla}")
+
+    return error
 
 
 @dataclasses.dataclass
@@ -164,7 +182,8 @@ def run_iterations(
     ``state.iteration`` on. ``on_iteration(state, record)`` is called after each iteration with
     the new state and the metrics record (``iteration``, ``total_loss``, the losses, ``lr``,
     ``time``, ``data_time``). A NaN or infinite loss raises :class:`NonFiniteLossError` (one line
-    naming the iteration and the losses) before ``on_iteration`` sees the iteration.
+    naming the iteration and the losses) before ``on_iteration`` sees the iteration; one that runs
+    out of memory raises :class:`TrainOutOfMemoryError` naming the batch and the keys to lower.
     """
     max_iter = int(cfg.SOLVER.MAX_ITER)
     lr = cfg.SOLVER.BASE_LR * lr_multipliers(cfg)
@@ -183,7 +202,10 @@ def run_iterations(
                 raise RuntimeError(f"training data out of step: got the batch of iteration {got} at {iteration}")
             batch = shard_batch(local, mesh)
             data_time = time.perf_counter() - start
-            new = step_fn(params, batch_stats, opt_state, batch, jax.random.fold_in(rng, iteration))
+            # blocked on before anything reads it: after XLA's allocation failure that read can hang
+            with out_of_memory_as(_out_of_memory(cfg, iteration, local)):
+                new = jax.block_until_ready(
+                    step_fn(params, batch_stats, opt_state, batch, jax.random.fold_in(rng, iteration)))
             losses = {k: float(v) for k, v in jax.device_get(new[3]).items()}
             total = math.fsum(losses.values())
             if not all(math.isfinite(v) for v in losses.values()):
