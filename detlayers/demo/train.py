@@ -262,7 +262,7 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
             position, local_batch = next(stream)
             batch = shard_batch(local_batch, mesh)
             with out_of_memory_as(_training_out_of_memory(step + 1, config, mesh.size,
-                                                          model.config.image_size)):
+                                                          int(local_batch["image"].shape[1]))):
                 # blocks here: reading the outputs of a step that ran out of memory can hang
                 params, batch_stats, opt_state, metrics = jax.block_until_ready(step_fn(
                     params, batch_stats, opt_state, batch, jax.random.fold_in(rng, step)))

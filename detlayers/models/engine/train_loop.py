@@ -25,8 +25,8 @@ from detlayers._out_of_memory import out_of_memory_as
 from detlayers.models.engine.step import make_train_step, replicate, shard_batch
 from detlayers.models.solver import build_optimizer, lr_multipliers
 
-__all__ = ["NonFiniteLossError", "TrainState", "frozen_prefixes", "build_solver", "init_variables", "create_variables",
-           "init_state", "metrics_writer", "run_iterations"]
+__all__ = ["NonFiniteLossError", "TrainOutOfMemoryError", "TrainState", "frozen_prefixes", "build_solver",
+           "init_variables", "create_variables", "init_state", "metrics_writer", "run_iterations"]
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
 
