@@ -12,8 +12,6 @@ so a run can be checkpointed and resumed exactly: step ``s`` always sees the exa
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from detlayers._out_of_memory import out_of_memory_as
+from detlayers._prefetch import prefetched
 from detlayers.demo import data as shapes
 from detlayers.demo.evaluate import Detections
 from detlayers.demo.model import ShapesDetector
@@ -191,37 +190,9 @@ def batches(data_config: shapes.ShapesConfig, seed: int, position: int, global_b
             process_index: int = 0, process_count: int = 1,
             prefetch: int = 4) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Endless ``(position, local batch)`` pairs from ``position`` on, made in a background thread."""
-    out: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def produce():
-        pos = position
-        while not stop.is_set():
-            try:
-                item = (pos, shapes.train_batch(data_config, seed, pos, global_batch,
-                                                process_index, process_count))
-            except BaseException as err:  # hand it to the consumer, which would wait forever
-                item = err
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
-            pos += global_batch
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if isinstance(item, BaseException):
-                raise RuntimeError("making a training batch failed") from item
-            yield item
-    finally:
-        stop.set()
+    return prefetched(lambda pos: shapes.train_batch(data_config, seed, pos, global_batch, process_index,
+                                                     process_count),
+                      position, stride=global_batch, depth=prefetch, failure="making a training batch failed")
 
 
 def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: TrainConfig,

@@ -18,13 +18,12 @@ static shapes a compiled step needs.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from detlayers._prefetch import prefetched
 from detlayers.models.data.transforms import (
     Geometry,
     RandomFlip,
@@ -241,36 +240,7 @@ class TrainingBatches:
     def stream(self, first_step: int, rows: slice | None = None, prefetch: int = 2
                ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Endless ``(step, batch)`` from ``first_step`` on, made in a background thread."""
-        out: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-        stop = threading.Event()
-
-        def produce() -> None:
-            step = first_step
-            while not stop.is_set():
-                try:
-                    item: Any = (step, self.batch(step, rows))
-                except BaseException as err:  # handed to the consumer, which would wait forever
-                    item = err
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if isinstance(item, BaseException):
-                    return
-                step += 1
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+        return prefetched(lambda step: self.batch(step, rows), first_step, depth=prefetch)
 
 
 def build_training_batches(cfg: Any, *, seed: int, bucket: int, max_gt: int,
