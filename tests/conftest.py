@@ -15,8 +15,10 @@ pytest fail when the plugin is missing), so a plain ``pytest`` works with or wit
 
 * pytest-xdist (in the ``test`` extra): the tests run in parallel (``-n auto --dist loadgroup``)
   unless the command line chooses ``-n`` or ``--dist`` itself; ``-p no:xdist`` runs them in one
-  process. Modules whose module-scoped fixtures are expensive mark their tests
-  ``xdist_group(<module>)`` so that one worker runs them all.
+  process. Modules with expensive fixtures mark their tests ``xdist_group(<module>)`` so that one
+  worker runs them all, and make those fixtures session-scoped: the worker may run other modules'
+  tests between a group's tests, and pytest tears a module-scoped fixture down whenever the next
+  test is from another module (it was then built again: twice per run, measured).
 * nbmake (in the ``notebooks`` extra): the notebooks under ``notebooks/`` are executed top to
   bottom (``--nbmake``) so they never rot; without nbmake they are not collected.
 """

@@ -105,7 +105,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_runs")
     out = {name: root / name for name in ("single", "multi", "killed")}

@@ -130,12 +130,12 @@ def _synthetic_state_dict() -> dict[str, np.ndarray]:
 R50_GROUP = pytest.mark.xdist_group("mask_rcnn_r50")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def state_dict() -> dict[str, np.ndarray]:
     return _synthetic_state_dict()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def r50_variables(state_dict):
     from detlayers.models import build_model, load_detectron2_weights, mask_rcnn_R_50_FPN_3x_config
 

@@ -61,7 +61,7 @@ def random_variables(model, *example_args) -> dict:
     return {collection: fill(collection, tree) for collection, tree in shapes.items()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def tiny():
     from detlayers.models import Predictor, build_model
 

@@ -26,7 +26,7 @@ LOSS_RTOL = 1e-4
 PADDED_GT = 4  # one more ground-truth row than the fullest image: padding is exercised
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def fixture() -> dict[str, np.ndarray]:
     if not FIXTURE.is_file():
         pytest.skip(f"{FIXTURE.name} missing (tools/fixtures/make_mask_rcnn_train.py writes it)")
@@ -105,7 +105,7 @@ def _is_rpn(module, method_name: str) -> bool:
     return isinstance(module, RPN) and method_name == "__call__"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def step(fixture):
     """Our losses and gradients (one jit of the whole step) and the model variables.
 

@@ -93,7 +93,7 @@ def _write_dataset(root: pathlib.Path) -> pathlib.Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def dataset(tmp_path_factory) -> dict[str, pathlib.Path]:
     from detlayers.models.data import catalog
 
@@ -186,7 +186,7 @@ def test_batches_pad_to_buckets_and_a_static_gt_count(dataset):
 # the data-parallel step: 1 device with the global batch == 2 and 4 devices (SyncBN)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def steps(dataset) -> dict[int, dict]:
     """One step from the same state, batch and key on each device count: losses and new state."""
     import jax

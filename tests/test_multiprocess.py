@@ -44,7 +44,7 @@ def _reference_batch_norm(x, cot, scale, bias, mean0, var0, unbiased=True):
     return y, grad_x, grad_scale, grad_bias, new_mean, new_var
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
 def sync_bn_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mp") / "sync_bn.npz"
     log = io.StringIO()
