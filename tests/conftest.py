@@ -18,7 +18,8 @@ pytest fail when the plugin is missing), so a plain ``pytest`` works with or wit
   process. Modules with expensive fixtures mark their tests ``xdist_group(<module>)`` so that one
   worker runs them all, and make those fixtures session-scoped: the worker may run other modules'
   tests between a group's tests, and pytest tears a module-scoped fixture down whenever the next
-  test is from another module (it was then built again: twice per run, measured).
+  test is from another module. (With pytest 9.2 and pytest-xdist 3.8 the groups only work through
+  the two hooks below; before them every expensive fixture was built on both workers.)
 * nbmake (in the ``notebooks`` extra): the notebooks under ``notebooks/`` are executed top to
   bottom (``--nbmake``) so they never rot; without nbmake they are not collected.
 """
@@ -59,6 +60,11 @@ def pytest_cmdline_main(config: pytest.Config):
     # An xdist worker must not ask for workers of its own (that would fork without end).
     is_worker = hasattr(config, "workerinput") or "PYTEST_XDIST_WORKER" in os.environ
     has_xdist = hasattr(config.option, "numprocesses")
+    if is_worker and getattr(config, "workerinput", {}).get("detlayers_loadgroup"):
+        # A worker parses the original command line, not the options changed below, so it would
+        # not tag its tests with their group and the controller would deal grouped tests out one
+        # by one (each worker then building the group's fixtures): tell it, before it collects.
+        config.option.loadgroup = True
     if not is_worker and has_xdist and config.option.numprocesses is None:
         config.option.numprocesses = "auto"
     if not is_worker and has_xdist and config.option.dist == "no":
@@ -69,6 +75,33 @@ def pytest_cmdline_main(config: pytest.Config):
     if hasattr(config.option, "nbmake"):
         config.option.nbmake = True
     return (yield)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker dealing out by group, suffix each grouped test's id with ``@<group>``
+    (what the controller's LoadGroupScheduling keys on). pytest-xdist does this itself by writing
+    ``item._nodeid``, which pytest 9.2 no longer reads (ids live in ``item._id``): without this,
+    grouped tests were dealt out one by one. A suffix already there (a fixed xdist) is kept."""
+    if not (hasattr(config, "workerinput") and getattr(config.option, "loadgroup", False)):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            grouped = f"{item.nodeid}@{'_'.join(groups)}"
+            try:
+                from _pytest.nodeid import coerce_node_id  # pytest >= 9.2
+            except ImportError:  # older pytest reads _nodeid
+                item._nodeid = grouped
+            else:
+                item._id = coerce_node_id(grouped)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist's controller, per worker: whether this run deals out by group (see above)."""
+    node.workerinput["detlayers_loadgroup"] = node.config.option.dist == "loadgroup"
 
 
 def pytest_configure(config: pytest.Config) -> None:
