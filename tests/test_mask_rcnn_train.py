@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# One xdist worker runs the module: the step (one R50 value_and_grad compile) is built once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("mask_rcnn_train")
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "train_step_mask_rcnn.npz"
 CALIBRATION = FIXTURES / "mask_rcnn_bn_calibration.npz"
