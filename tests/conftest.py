@@ -69,8 +69,8 @@ def pytest_cmdline_main(config: pytest.Config):
         config.option.numprocesses = "auto"
     if not is_worker and has_xdist and config.option.dist == "no":
         # Tests are dealt out one by one, except those marked xdist_group(name): each group
-        # runs whole on one worker, so its module-scoped fixtures (a compiled model, a demo run)
-        # are built once, not once per worker. Groups go out first (largest first).
+        # runs whole on one worker, so its fixtures (a compiled model, a demo run) are built once,
+        # not once per worker. Groups go out first (largest first).
         config.option.dist = "loadgroup"
     if hasattr(config.option, "nbmake"):
         config.option.nbmake = True

@@ -122,15 +122,20 @@ def compare_instances(ref: dict, ours: dict, score_thresh: float, topk: int, nex
     return checked
 
 
-def check_fpn_and_proposals(out: dict, case: dict) -> None:
-    """One image's stored FPN channels (relative error <= ``FPN_RTOL``) and RPN proposals: the same
-    count within 2, and each of detectron2's proposals among ours (IoU > 0.999, logit within 1e-3
-    relative; a proposal whose logit nearly ties with another may swap places with it, so 99%)."""
-    for level in ("p2", "p3", "p4", "p5", "p6"):
+def check_fpn_levels(out: dict, case: dict, levels) -> None:
+    """The case's stored FPN channels of ``levels``: relative error (max over the level) <= ``FPN_RTOL``."""
+    for level in levels:
         ours, ref = out[level][..., case["fpn_channels"]], case[level]
         assert ours.shape == ref.shape, level
         error = np.abs(ours - ref).max() / np.abs(ref).max()
         assert error <= FPN_RTOL, f"{level}: relative error {error:.2e}"
+
+
+def check_fpn_and_proposals(out: dict, case: dict) -> None:
+    """One image's stored FPN channels (relative error <= ``FPN_RTOL``) and RPN proposals: the same
+    count within 2, and each of detectron2's proposals among ours (IoU > 0.999, logit within 1e-3
+    relative; a proposal whose logit nearly ties with another may swap places with it, so 99%)."""
+    check_fpn_levels(out, case, ("p2", "p3", "p4", "p5", "p6"))
     valid = out["proposal_valid"][0]
     boxes, logits = out["proposal_boxes"][0][valid], out["proposal_logits"][0][valid]
     ref_boxes, ref_logits = case["proposal_boxes"], case["proposal_logits"]
@@ -153,11 +158,7 @@ def check_case(predictor, case: dict, fpn_levels: tuple[str, ...] = ()) -> list[
     np.testing.assert_array_equal(image_hw, case["input_hw"])
     assert tuple(batch.shape[1:3]) == tuple(case["padded_hw"])
     out = jax.device_get(predictor.run(batch, image_hw, original_hw, None, return_intermediates=bool(fpn_levels)))
-    for level in fpn_levels:
-        ours, ref = out[level][..., case["fpn_channels"]], case[level]
-        assert ours.shape == ref.shape, level
-        error = np.abs(ours - ref).max() / np.abs(ref).max()
-        assert error <= FPN_RTOL, f"{level}: relative error {error:.2e}"
+    check_fpn_levels(out, case, fpn_levels)
 
     topk = int(case["topk"])
     assert out["pred_boxes"].shape[1] <= topk

@@ -22,13 +22,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from detlayers import _data_parallel as data_parallel
+from detlayers._data_parallel import AXIS, shard_batch
 from detlayers._out_of_memory import out_of_memory_as
 from detlayers._prefetch import prefetched
 from detlayers.demo import data as shapes
 from detlayers.demo.evaluate import Detections
 from detlayers.demo.model import ShapesDetector
-
-AXIS = "batch"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,17 +106,10 @@ def _training_out_of_memory(step: int, config: TrainConfig, num_devices: int,
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"batch"`` over the first ``num_devices`` devices (default: all).
-
-    In a multi-process run every process's devices join the mesh (``jax.devices()``);
-    ``num_devices`` then counts global devices.
-    """
-    devices = jax.devices()
-    if num_devices is not None:
-        if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
-        devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (AXIS,))
+    """A 1-D mesh with axis ``"batch"`` over the first ``num_devices`` devices (default: all;
+    in a multi-process run every process's, so ``num_devices`` counts global devices); out of
+    range, a ``ValueError`` naming the demo's ``--devices``."""
+    return data_parallel.make_mesh(num_devices, argument="--devices")
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -178,12 +171,6 @@ def make_predict(model: ShapesDetector, mesh: Mesh) -> Callable[[Any, jax.Array]
 
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                                  out_specs=P(AXIS), check_vma=False))
-
-
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded along ``"batch"`` (works multi-process)."""
-    sharding = NamedSharding(mesh, P(AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def batches(data_config: shapes.ShapesConfig, seed: int, position: int, global_batch: int,

@@ -28,23 +28,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from detlayers._data_parallel import AXIS, make_mesh, shard_batch
 from detlayers.models.sampling import draw_priorities
 
 __all__ = ["AXIS", "make_mesh", "priority_counts", "make_train_step", "shard_batch", "replicate"]
 
-AXIS = "batch"  # get_norm's default axis_name for the synchronized norms
 BATCH_KEYS = ("images", "image_hw", "gt_boxes", "gt_classes", "gt_masks", "gt_valid")
-
-
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"batch"`` over the first ``num_devices`` devices (default: all,
-    every process's in a multi-process run)."""
-    devices = jax.devices()
-    if num_devices is not None:
-        if not 1 <= num_devices <= len(devices):
-            raise ValueError(f"make_mesh: num_devices must be in [1, {len(devices)}], got {num_devices}")
-        devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (AXIS,))
 
 
 def priority_counts(model: nn.Module, variables: Any, image_hw: tuple[int, int], num_gt: int) -> tuple[int, int]:
@@ -108,12 +97,6 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         return sharded(params, batch_stats, opt_state, batch, priorities)
 
     return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
-
-
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded along ``"batch"`` (multi-process too)."""
-    sharding = NamedSharding(mesh, P(AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -42,7 +42,7 @@ class TrainOutOfMemoryError(MemoryError):
 
 def _out_of_memory(cfg: Any, iteration: int, batch: dict[str, Any]) -> Callable[[str], TrainOutOfMemoryError]:
     def error(xla: str) -> TrainOutOfMemoryError:
-        n, h, w = (int(v) for v in batch["images"].shape[:3]) if "images" in batch else (0, 0, 0)
+        n, h, w = (int(v) for v in batch["images"].shape[:3])
         return TrainOutOfMemoryError(
             f"out of memory at iteration {iteration}: a global batch of {int(cfg.SOLVER.IMS_PER_BATCH)} images "
             f"(this process's {n} padded to {h}x{w}) does not fit; lower SOLVER.IMS_PER_BATCH, "
