@@ -132,13 +132,18 @@ def check_fpn_levels(out: dict, case: dict, levels) -> None:
 
 
 def check_fpn_and_proposals(out: dict, case: dict) -> None:
-    """One image's stored FPN channels (relative error <= ``FPN_RTOL``) and RPN proposals: the same
+    """One image's stored FPN channels (relative error <= ``FPN_RTOL``) and RPN proposals
+    (:func:`check_proposals`)."""
+    check_fpn_levels(out, case, ("p2", "p3", "p4", "p5", "p6"))
+    check_proposals(out, case["proposal_boxes"], case["proposal_logits"])
+
+
+def check_proposals(out: dict, ref_boxes: np.ndarray, ref_logits: np.ndarray, image: int = 0) -> None:
+    """Image ``image``'s RPN proposals against detectron2's ``ref_boxes``/``ref_logits``: the same
     count within 2, and each of detectron2's proposals among ours (IoU > 0.999, logit within 1e-3
     relative; a proposal whose logit nearly ties with another may swap places with it, so 99%)."""
-    check_fpn_levels(out, case, ("p2", "p3", "p4", "p5", "p6"))
-    valid = out["proposal_valid"][0]
-    boxes, logits = out["proposal_boxes"][0][valid], out["proposal_logits"][0][valid]
-    ref_boxes, ref_logits = case["proposal_boxes"], case["proposal_logits"]
+    valid = out["proposal_valid"][image]
+    boxes, logits = out["proposal_boxes"][image][valid], out["proposal_logits"][image][valid]
     assert abs(len(boxes) - len(ref_boxes)) <= 2, (len(boxes), len(ref_boxes))
     iou = box_iou(ref_boxes, boxes)
     best = iou.argmax(axis=1)
@@ -159,12 +164,19 @@ def check_case(predictor, case: dict, fpn_levels: tuple[str, ...] = ()) -> list[
     assert tuple(batch.shape[1:3]) == tuple(case["padded_hw"])
     out = jax.device_get(predictor.run(batch, image_hw, original_hw, None, return_intermediates=bool(fpn_levels)))
     check_fpn_levels(out, case, fpn_levels)
+    return check_instances(out, case)
 
+
+def check_instances(out: dict, case: dict) -> list[int]:
+    """Every image's instances of ``out`` (a batch) against the case's (concatenated, with
+    ``num_instances``, ``score_thresh``, ``topk`` and ``next_score``): valid slots first, sorted,
+    above the threshold, and :func:`compare_instances` both ways. Returns the number compared per
+    image."""
     topk = int(case["topk"])
     assert out["pred_boxes"].shape[1] <= topk
     starts = np.concatenate([[0], np.cumsum(case["num_instances"])])
     checked = []
-    for i in range(len(images)):
+    for i in range(len(case["num_instances"])):
         k = int(out["num_instances"][i])
         valid = out["valid"][i]
         assert valid[:k].all() and not valid[k:].any(), "valid slots must come first"

@@ -78,6 +78,7 @@ LAYOUT = ("tests/test_models_layout.py",)
 CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
 FREEZE = ("tests/test_freeze.py",)
+C4 = ("tests/test_faster_rcnn_c4.py",)
 CKPT = ("tests/test_train_checkpoints.py",)
 WEIGHTS = ("tests/test_torch_weights.py",)
 ARTIFACT = ("tests/test_export_artifact.py",)
@@ -513,6 +514,24 @@ MUTANTS: tuple[Mutant, ...] = (
            RETINANET, "retinanet_256"),
     Mutant("faster-rcnn-mask-head-weights-kept", "detlayers/models/synthetic_weights.py",
            "    if not mask_on:\n        return\n", "", ("tests/test_faster_rcnn.py",)),
+    # ---- Faster R-CNN C4 / DC5 (tests/test_faster_rcnn_c4.py: one R50 compile per case) -----------
+    Mutant("c4-res5-head-stride-in-second-block", "detlayers/models/roi_heads/res5_roi_heads.py",
+           "_RES5_STRIDES = (2, 1, 1)", "_RES5_STRIDES = (1, 2, 1)", C4, "c4_parity_with_detectron2"),
+    Mutant("c4-res5-head-stride-always-in-1x1", "detlayers/models/roi_heads/res5_roi_heads.py",
+           "num_groups=self.num_groups, norm=self.norm, stride_in_1x1=self.stride_in_1x1)",
+           "num_groups=self.num_groups, norm=self.norm, stride_in_1x1=True)", C4, "non_default_keys"),
+    Mutant("c4-res5-head-max-pool-not-mean", "detlayers/models/roi_heads/res5_roi_heads.py",
+           "self.box_predictor(jnp.mean(x, axis=(1, 2)))", "self.box_predictor(jnp.max(x, axis=(1, 2)))", C4,
+           "c4_parity_with_detectron2"),
+    Mutant("c4-pooler-sampling-ratio-ignored", "detlayers/models/roi_heads/res5_roi_heads.py",
+           "sampling_ratio=box.POOLER_SAMPLING_RATIO, pooler_type=box.POOLER_TYPE)",
+           "sampling_ratio=0, pooler_type=box.POOLER_TYPE)", C4, "non_default_keys"),
+    Mutant("dc5-res5-dilation-dropped", "detlayers/models/backbone/resnet.py",
+           "padding=self.dilation, dilation=self.dilation, groups=self.num_groups, bias=False,",
+           "padding=1, dilation=1, groups=self.num_groups, bias=False,", C4, "dc5_parity"),
+    Mutant("c4-batch-padded-to-multiples-of-32", "detlayers/models/predictor.py",
+           "divisor = max(int(size_divisibility), 1)", "divisor = max(int(size_divisibility), 32)", C4,
+           "c4_parity_with_detectron2"),
     # ---- detlayers.models past the default config (fast: small synthetic inputs) -------------------
     Mutant("models-scale-clamp-dh-unclamped", "detlayers/boxes.py",
            "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",

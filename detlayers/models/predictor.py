@@ -124,11 +124,15 @@ def preprocess_image(image_bgr: np.ndarray, cfg: Any) -> np.ndarray:
 
 def batch_images(images: Sequence[np.ndarray], size_divisibility: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """detectron2's ``ImageList.from_tensors``: pad bottom/right with 0 to a common size divisible
-    by ``size_divisibility``. Returns ``float32[N, Hp, Wp, 3]`` and the sizes ``int32[N, 2]``."""
+    by ``size_divisibility`` (0 or 1: the largest image's size, as detectron2 pads for a backbone
+    without FPN). Returns ``float32[N, Hp, Wp, 3]`` and the sizes ``int32[N, 2]``."""
     if not images:
         raise ValueError("batch_images: needs at least one image")
+    if size_divisibility < 0:
+        raise ValueError(f"batch_images: size_divisibility must be >= 0, got {size_divisibility}")
+    divisor = max(int(size_divisibility), 1)
     hw = np.asarray([im.shape[:2] for im in images], np.int32)
-    hp, wp = (-(-hw.max(axis=0) // size_divisibility) * size_divisibility).tolist()
+    hp, wp = (-(-hw.max(axis=0) // divisor) * divisor).tolist()
     out = np.zeros((len(images), hp, wp, 3), np.float32)
     for i, im in enumerate(images):
         out[i, : im.shape[0], : im.shape[1]] = im
@@ -154,13 +158,14 @@ class Predictor:
     (padded to a common size, as detectron2 batches them) and returns one dict each.
 
     Compilation: the network is compiled once per (batch size, padded size); the padded size is
-    detectron2's (a multiple of 32 of the resized image, so at most ``MAX_SIZE_TEST / 32`` values
-    a side). Masks are pasted by a second jitted function into a canvas whose sides are the
-    original size rounded up by :func:`bucket_size` with ``size_buckets`` (default: multiples of
-    128; None: the exact size, one compile per original size) and cropped on the host, which
-    leaves every mask unchanged. The network input is NOT bucketed beyond detectron2's padding:
-    extra padding adds anchors and moves the zero border the convolutions see, which changes
-    detections.
+    detectron2's (for an FPN a multiple of 32 of the resized image, so at most ``MAX_SIZE_TEST / 32``
+    values a side; for a plain ResNet backbone, the C4 and DC5 models, the largest resized image
+    itself, as detectron2's ``size_divisibility`` 0 pads). Masks are pasted by a second jitted
+    function into a canvas whose sides are the original size rounded up by :func:`bucket_size`
+    with ``size_buckets`` (default: multiples of 128; None: the exact size, one compile per
+    original size) and cropped on the host, which leaves every mask unchanged. The network input
+    is NOT bucketed beyond detectron2's padding: extra padding adds anchors and moves the zero
+    border the convolutions see, which changes detections.
 
     Out of memory: a batch too large for the machine raises :class:`PredictorOutOfMemoryError`
     (a ``MemoryError``) naming the sizes, instead of failing later or hanging.
@@ -178,6 +183,8 @@ class Predictor:
             self.variables = dict(weights)
         else:
             self.variables = load_detectron2_weights(self.model, weights)
+        # detectron2 pads a batch for its backbone: multiples of 32 for an FPN, none for a plain ResNet
+        self.size_divisibility = int(getattr(self.model.backbone, "size_divisibility", 32))
         self._forward = jax.jit(self.model.apply, static_argnames=("canvas_hw", "return_intermediates"))
         self._paste = jax.jit(paste_instance_masks, static_argnames=("canvas_hw",))
 
@@ -187,7 +194,8 @@ class Predictor:
         if isinstance(images_bgr, np.ndarray) and images_bgr.ndim == 3:
             raise TypeError("predict_batch: pass a list of images (use predictor(image) for one image)")
         originals = np.asarray([np.shape(im)[:2] for im in images_bgr], np.int32)
-        images, image_hw = batch_images([preprocess_image(im, self.cfg) for im in images_bgr])
+        images, image_hw = batch_images([preprocess_image(im, self.cfg) for im in images_bgr],
+                                        self.size_divisibility)
         return images, image_hw, originals, _canvas(originals)
 
     def run(self, images: np.ndarray, image_hw: np.ndarray, output_hw: np.ndarray,

@@ -43,6 +43,11 @@ the features are well scaled, the detection scores spread out and the masks are 
 prior-probability ``cls_score`` bias), with the same ResNet-50 values for the same seed, so the
 Mask R-CNN FrozenBN calibration serves it (:func:`retinanet_calibration`).
 
+:func:`faster_rcnn_r50_c4_state_dict` and :func:`faster_rcnn_r50_dc5_state_dict` give the models
+without FPN (``faster_rcnn_R_50_{C4,DC5}_3x.yaml``: the ResNet directly under ``backbone``, an RPN
+of 15 anchors a cell on res4 / res5, ``roi_heads.res5`` or the 2-fc box head on 7x7 res5 ROIs), with
+their own calibration files (``tools/fixtures/make_faster_rcnn_c4.py``).
+
 Variants (``variant=``, detectron2's ``configs/Misc``): ``mask_rcnn_R_50_FPN_3x_gn`` has GroupNorm
 (weight 1, bias 0, as constructed) wherever the default has FrozenBN or no norm, bias-free convs
 under each GN, and a box head of four 3x3 convs (``c2_msra_fill``) and one fc;
@@ -69,6 +74,7 @@ import numpy as np
 __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
     "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
+    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -152,28 +158,58 @@ def _fpn_entries(stages: tuple[int, ...], norm: str = "") -> Iterator[tuple[str,
         yield from _conv_with_norm(f"backbone.fpn_output{stage}", _FPN_OUT, _FPN_OUT, 3, norm, ("xavier",))
 
 
-def _resnet50_entries(variant: _Variant = _DEFAULT) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """The ResNet-50 ``backbone.bottom_up`` (stem and res2-res5, ``variant``'s norm and deformable
-    stages) in registration order."""
-    bottom_up = "backbone.bottom_up"
+def _bottleneck_stage_entries(
+    prefix: str, stage_index: int, in_ch: int, variant: _Variant = _DEFAULT
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """ResNet-50 stage ``res{stage_index + 2}`` (the bottleneck blocks ``{prefix}.0``, ...,
+    taking ``in_ch`` channels) in registration order."""
     norm = variant.norm
-    yield from _conv_with_norm(f"{bottom_up}.stem.conv1", _STEM_OUT, 3, 7, norm)
+    out_ch = _RES2_OUT * 2**stage_index
+    bottleneck = _BOTTLENECK_RES2 * 2**stage_index
+    for b in range(_R50_BLOCKS[stage_index]):
+        block = f"{prefix}.{b}"
+        if in_ch != out_ch:  # BottleneckBlock registers its projection shortcut first
+            yield from _conv_with_norm(f"{block}.shortcut", out_ch, in_ch, 1, norm)
+        yield from _conv_with_norm(f"{block}.conv1", bottleneck, in_ch, 1, norm)
+        if variant.deform_stages[stage_index]:  # DeformBottleneckBlock: conv2_offset before conv2
+            offset_ch = (27 if variant.deform_modulated else 18)
+            yield f"{block}.conv2_offset.weight", (offset_ch, bottleneck, 3, 3), ("offset",)
+            yield f"{block}.conv2_offset.bias", (offset_ch,), ("const", 0.0)
+        yield from _conv_with_norm(f"{block}.conv2", bottleneck, bottleneck, 3, norm)
+        yield from _conv_with_norm(f"{block}.conv3", out_ch, bottleneck, 1, norm)
+        in_ch = out_ch
+
+
+def _resnet50_entries(
+    variant: _Variant = _DEFAULT, prefix: str = "backbone.bottom_up", num_stages: int = 4
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """The ResNet-50 ``prefix`` (stem and res2 up to res{num_stages + 1}, ``variant``'s norm and
+    deformable stages) in registration order."""
+    yield from _conv_with_norm(f"{prefix}.stem.conv1", _STEM_OUT, 3, 7, variant.norm)
     in_ch = _STEM_OUT
-    for i, num_blocks in enumerate(_R50_BLOCKS):
-        out_ch = _RES2_OUT * 2**i
-        bottleneck = _BOTTLENECK_RES2 * 2**i
-        for b in range(num_blocks):
-            block = f"{bottom_up}.res{i + 2}.{b}"
-            if in_ch != out_ch:  # BottleneckBlock registers its projection shortcut first
-                yield from _conv_with_norm(f"{block}.shortcut", out_ch, in_ch, 1, norm)
-            yield from _conv_with_norm(f"{block}.conv1", bottleneck, in_ch, 1, norm)
-            if variant.deform_stages[i]:  # DeformBottleneckBlock: conv2_offset before conv2
-                offset_ch = (27 if variant.deform_modulated else 18)
-                yield f"{block}.conv2_offset.weight", (offset_ch, bottleneck, 3, 3), ("offset",)
-                yield f"{block}.conv2_offset.bias", (offset_ch,), ("const", 0.0)
-            yield from _conv_with_norm(f"{block}.conv2", bottleneck, bottleneck, 3, norm)
-            yield from _conv_with_norm(f"{block}.conv3", out_ch, bottleneck, 1, norm)
-            in_ch = out_ch
+    for i in range(num_stages):
+        yield from _bottleneck_stage_entries(f"{prefix}.res{i + 2}", i, in_ch, variant)
+        in_ch = _RES2_OUT * 2**i
+
+
+def _rpn_head_entries(channels: int, num_anchors: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``StandardRPNHead`` over ``channels``-wide maps with ``num_anchors`` a cell (normal std 0.01)."""
+    rpn = "proposal_generator.rpn_head"
+    yield f"{rpn}.conv.weight", (channels, channels, 3, 3), ("normal", 0.01)
+    yield f"{rpn}.conv.bias", (channels,), ("const", 0.0)
+    yield f"{rpn}.objectness_logits.weight", (num_anchors, channels, 1, 1), ("normal", 0.01)
+    yield f"{rpn}.objectness_logits.bias", (num_anchors,), ("const", 0.0)
+    yield f"{rpn}.anchor_deltas.weight", (4 * num_anchors, channels, 1, 1), ("normal", 0.01)
+    yield f"{rpn}.anchor_deltas.bias", (4 * num_anchors,), ("const", 0.0)
+
+
+def _box_predictor_entries(num_classes: int, features: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``FastRCNNOutputLayers`` over ``features`` inputs (class-specific boxes)."""
+    predictor = "roi_heads.box_predictor"
+    yield f"{predictor}.cls_score.weight", (num_classes + 1, features), ("normal", 0.01)
+    yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
+    yield f"{predictor}.bbox_pred.weight", (4 * num_classes, features), ("normal", 0.001)
+    yield f"{predictor}.bbox_pred.bias", (4 * num_classes,), ("const", 0.0)
 
 
 def _entries(
@@ -185,13 +221,7 @@ def _entries(
     yield from _fpn_entries((2, 3, 4, 5), variant.fpn_norm)
     yield from _resnet50_entries(variant)
 
-    rpn = "proposal_generator.rpn_head"
-    yield f"{rpn}.conv.weight", (_FPN_OUT, _FPN_OUT, 3, 3), ("normal", 0.01)
-    yield f"{rpn}.conv.bias", (_FPN_OUT,), ("const", 0.0)
-    yield f"{rpn}.objectness_logits.weight", (_NUM_ANCHORS, _FPN_OUT, 1, 1), ("normal", 0.01)
-    yield f"{rpn}.objectness_logits.bias", (_NUM_ANCHORS,), ("const", 0.0)
-    yield f"{rpn}.anchor_deltas.weight", (4 * _NUM_ANCHORS, _FPN_OUT, 1, 1), ("normal", 0.01)
-    yield f"{rpn}.anchor_deltas.bias", (4 * _NUM_ANCHORS,), ("const", 0.0)
+    yield from _rpn_head_entries(_FPN_OUT, _NUM_ANCHORS)
 
     box_head = "roi_heads.box_head"
     channels = _FPN_OUT
@@ -203,11 +233,7 @@ def _entries(
         yield f"{box_head}.fc{k}.weight", (_FC_DIM, features), ("xavier",)
         yield f"{box_head}.fc{k}.bias", (_FC_DIM,), ("const", 0.0)
         features = _FC_DIM
-    predictor = "roi_heads.box_predictor"
-    yield f"{predictor}.cls_score.weight", (num_classes + 1, _FC_DIM), ("normal", 0.01)
-    yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
-    yield f"{predictor}.bbox_pred.weight", (4 * num_classes, _FC_DIM), ("normal", 0.001)
-    yield f"{predictor}.bbox_pred.bias", (4 * num_classes,), ("const", 0.0)
+    yield from _box_predictor_entries(num_classes, _FC_DIM)
     if not mask_on:
         return
 
@@ -399,6 +425,64 @@ def retinanet_r50_fpn_state_dict(
         raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob!r}")
     entries = _retinanet_entries(int(num_classes), int(num_convs), norm, float(prior_prob))
     return _state_dict(entries, int(seed), calibration, "RetinaNet R50-FPN")
+
+
+# C4 / DC5 (no FPN): one backbone map, five anchor sizes x three aspect ratios a cell.
+_SINGLE_LEVEL_ANCHORS = 15
+_RES4_OUT = _RES2_OUT * 4
+_RES5_OUT = _RES2_OUT * 8
+
+
+def _c4_entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """Faster R-CNN R50-C4 in detectron2's order: the ResNet ``backbone`` up to res4, the RPN on
+    res4, ``Res5ROIHeads``' ``res5`` stage (c2_msra_fill, FrozenBN) and its predictor on 2048."""
+    yield from _resnet50_entries(prefix="backbone", num_stages=3)
+    yield from _rpn_head_entries(_RES4_OUT, _SINGLE_LEVEL_ANCHORS)
+    yield from _bottleneck_stage_entries("roi_heads.res5", 3, _RES4_OUT)
+    yield from _box_predictor_entries(num_classes, _RES5_OUT)
+
+
+def _dc5_entries(num_classes: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """Faster R-CNN R50-DC5 in detectron2's order: the ResNet ``backbone`` up to the dilated res5
+    (the same shapes as an undilated one), the RPN on res5, the 2-fc box head on 7x7 res5 ROIs
+    (c2_xavier_fill) and its predictor."""
+    yield from _resnet50_entries(prefix="backbone", num_stages=4)
+    yield from _rpn_head_entries(_RES5_OUT, _SINGLE_LEVEL_ANCHORS)
+    features = _RES5_OUT * _BOX_POOLER**2
+    for k in (1, 2):
+        yield f"roi_heads.box_head.fc{k}.weight", (_FC_DIM, features), ("xavier",)
+        yield f"roi_heads.box_head.fc{k}.bias", (_FC_DIM,), ("const", 0.0)
+        features = _FC_DIM
+    yield from _box_predictor_entries(num_classes, _FC_DIM)
+
+
+def faster_rcnn_r50_c4_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+) -> dict[str, np.ndarray]:
+    """detectron2's Faster R-CNN R50-C4 state dict (``faster_rcnn_R_50_C4_3x.yaml``): ``backbone``
+    (stem, res2-res4), the RPN on res4 (15 anchors a cell), ``roi_heads.res5`` and
+    ``roi_heads.box_predictor``, with detectron2's init from a NumPy seed; ``calibration`` as in
+    :func:`mask_rcnn_r50_fpn_state_dict` (its FrozenBN statistics include the res5 head's), e.g.
+    ``tests/fixtures/faster_rcnn_c4_calibration.npz`` written by
+    ``tools/fixtures/make_faster_rcnn_c4.py``."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    return _state_dict(_c4_entries(int(num_classes)), int(seed), calibration, "Faster R-CNN R50-C4")
+
+
+def faster_rcnn_r50_dc5_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+) -> dict[str, np.ndarray]:
+    """detectron2's Faster R-CNN R50-DC5 state dict (``faster_rcnn_R_50_DC5_3x.yaml``): ``backbone``
+    (stem, res2-res5), the RPN on res5 (15 anchors a cell), the box head ``fc1`` (2048 x 7 x 7 in)
+    and ``fc2`` and ``roi_heads.box_predictor``; as :func:`faster_rcnn_r50_c4_state_dict`."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    return _state_dict(_dc5_entries(int(num_classes)), int(seed), calibration, "Faster R-CNN R50-DC5")
 
 
 def _check_seed(seed: int) -> None:

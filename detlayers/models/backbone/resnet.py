@@ -202,6 +202,12 @@ class ResNet(nn.Module):
             deform_modulated=bool(resnets.DEFORM_MODULATED), deform_num_groups=int(resnets.DEFORM_NUM_GROUPS),
         )
 
+    @property
+    def size_divisibility(self) -> int:
+        """0, detectron2's ``Backbone.size_divisibility`` of a plain ResNet: a batch is padded to
+        its largest image only (an FPN asks for multiples of 32)."""
+        return 0
+
     def output_shape(self) -> dict[str, ShapeSpec]:
         """``{name: ShapeSpec(channels, stride)}`` of the outputs (detectron2's ``output_shape()``)."""
         shapes = {"stem": ShapeSpec(channels=self.stem_out_channels, stride=4)}

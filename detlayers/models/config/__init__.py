@@ -19,6 +19,8 @@ from detlayers.models.config.deeplab import add_deeplab_config
 from detlayers.models.config.defaults import CONFIG_VERSION, get_cfg
 from detlayers.models.config.node import BASE_KEY, CfgNode
 from detlayers.models.config.zoo import (
+    faster_rcnn_R_50_C4_3x_config,
+    faster_rcnn_R_50_DC5_3x_config,
     faster_rcnn_R_50_FPN_3x_config,
     mask_rcnn_R_50_FPN_3x_config,
     mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config,
@@ -35,6 +37,8 @@ __all__ = [
     "mask_rcnn_R_50_FPN_3x_config",
     "mask_rcnn_R_101_FPN_3x_config",
     "faster_rcnn_R_50_FPN_3x_config",
+    "faster_rcnn_R_50_C4_3x_config",
+    "faster_rcnn_R_50_DC5_3x_config",
     "retinanet_R_50_FPN_3x_config",
     "mask_rcnn_R_50_FPN_3x_gn_config",
     "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",

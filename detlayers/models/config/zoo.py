@@ -11,6 +11,7 @@ from detlayers.models.config.node import CfgNode
 __all__ = [
     "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
     "retinanet_R_50_FPN_3x_config", "mask_rcnn_R_50_FPN_3x_gn_config", "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
+    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config",
 ]
 
 
@@ -65,6 +66,42 @@ def _base_retinanet() -> dict[str, Any]:
     }
 
 
+def _base_rcnn_c4() -> dict[str, Any]:
+    """``configs/Base-RCNN-C4.yaml``: ResNet up to res4 (``get_cfg``'s ``OUT_FEATURES``), RPN on res4
+    (6000 proposals before NMS and 1000 after at test time), ``Res5ROIHeads`` on res4."""
+    return {
+        "MODEL": {
+            "META_ARCHITECTURE": "GeneralizedRCNN",
+            "RPN": {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
+            "ROI_HEADS": {"NAME": "Res5ROIHeads"},
+        },
+        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": (60000, 80000), "MAX_ITER": 90000},
+        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
+        "VERSION": 2,
+    }
+
+
+def _base_rcnn_dilated_c5() -> dict[str, Any]:
+    """``configs/Base-RCNN-DilatedC5.yaml``: ResNet with a dilated res5 (stride 16), RPN on res5
+    (6000 / 1000 proposals at test time), ``StandardROIHeads`` on res5 with the 2-FC box head on
+    7x7 (and a 4-conv mask head on 14x14)."""
+    return {
+        "MODEL": {
+            "META_ARCHITECTURE": "GeneralizedRCNN",
+            "RESNETS": {"OUT_FEATURES": ["res5"], "RES5_DILATION": 2},
+            "RPN": {"IN_FEATURES": ["res5"], "PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
+            "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["res5"]},
+            "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7},
+            "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14},
+        },
+        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": (60000, 80000), "MAX_ITER": 90000},
+        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
+        "VERSION": 2,
+    }
+
+
 def _zoo_3x(base: dict[str, Any], depth: int, **model: Any) -> CfgNode:
     cfg = get_cfg()
     cfg.merge_from_other_cfg(CfgNode(base))
@@ -99,6 +136,19 @@ def mask_rcnn_R_101_FPN_3x_config() -> CfgNode:
 def faster_rcnn_R_50_FPN_3x_config() -> CfgNode:
     """``COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml``: Base-RCNN-FPN without masks, ResNet-50."""
     return _zoo_3x(_base_rcnn_fpn(), 50, MASK_ON=False)
+
+
+def faster_rcnn_R_50_C4_3x_config() -> CfgNode:
+    """``COCO-Detection/faster_rcnn_R_50_C4_3x.yaml``: ``Base-RCNN-C4.yaml`` with ResNet-50 and no
+    masks: RPN on res4 (15 anchors a cell), ``Res5ROIHeads`` (14x14 ROIAlignV2 on res4, res5 per
+    region, average pool, ``FastRCNNOutputLayers``)."""
+    return _zoo_3x(_base_rcnn_c4(), 50, MASK_ON=False)
+
+
+def faster_rcnn_R_50_DC5_3x_config() -> CfgNode:
+    """``COCO-Detection/faster_rcnn_R_50_DC5_3x.yaml``: ``Base-RCNN-DilatedC5.yaml`` with ResNet-50
+    and no masks: res5 dilated 2 (stride 16), RPN and ``StandardROIHeads`` on res5."""
+    return _zoo_3x(_base_rcnn_dilated_c5(), 50, MASK_ON=False)
 
 
 def retinanet_R_50_FPN_3x_config() -> CfgNode:

@@ -39,8 +39,9 @@ class GeneralizedRCNN(nn.Module):
 
     ``__call__(images, image_hw, output_hw, *, canvas_hw=None, return_intermediates=False)``:
 
-    * ``images``: ``float32[N, Hp, Wp, 3]`` normalised, padded with 0 to multiples of 32
-      (:func:`detlayers.models.batch_images`); ``image_hw``: ``int32[N, 2]`` sizes before padding;
+    * ``images``: ``float32[N, Hp, Wp, 3]`` normalised, padded with 0 as detectron2 pads for the
+      backbone (multiples of 32 for an FPN; :func:`detlayers.models.batch_images`); ``image_hw``:
+      ``int32[N, 2]`` sizes before padding;
       ``output_hw``: ``int32[N, 2]`` original image sizes (detectron2's ``height``/``width``).
     * ``canvas_hw``: static ``(H, W)`` at least every ``output_hw``; masks are pasted into that
       canvas (crop ``[:h, :w]`` per image). ``None`` skips pasting.
