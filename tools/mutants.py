@@ -515,8 +515,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("faster-rcnn-mask-head-weights-kept", "detlayers/models/synthetic_weights.py",
            "    if not mask_on:\n        return\n", "", ("tests/test_faster_rcnn.py",)),
     # ---- Faster R-CNN C4 / DC5 (tests/test_faster_rcnn_c4.py: one R50 compile per case) -----------
-    Mutant("c4-res5-head-stride-in-second-block", "detlayers/models/roi_heads/res5_roi_heads.py",
-           "_RES5_STRIDES = (2, 1, 1)", "_RES5_STRIDES = (1, 2, 1)", C4, "c4_parity_with_detectron2"),
+    Mutant("c4-res5-head-stride-in-the-wrong-conv", "detlayers/models/roi_heads/res5_roi_heads.py",
+           "bottleneck_channels, stride, num_groups, norm, stride_in_1x1,",
+           "bottleneck_channels, stride, num_groups, norm, not stride_in_1x1,", C4, "c4_parity_with_detectron2"),
     Mutant("c4-res5-head-stride-always-in-1x1", "detlayers/models/roi_heads/res5_roi_heads.py",
            "num_groups=self.num_groups, norm=self.norm, stride_in_1x1=self.stride_in_1x1)",
            "num_groups=self.num_groups, norm=self.norm, stride_in_1x1=True)", C4, "non_default_keys"),
