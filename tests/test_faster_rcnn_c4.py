@@ -163,6 +163,20 @@ def test_training_is_refused():
         heads.proposal_append_gt  # noqa: B018 - what GeneralizedRCNN reads before training the heads
 
 
+def test_predictor_pads_a_batch_to_its_largest_image(c4_variables):
+    """``Predictor.inputs`` pads as detectron2's ``ImageList`` with the backbone's
+    ``size_divisibility`` (0 for a plain ResNet): to the largest resized image, not to 32."""
+    from detlayers.models import Predictor
+
+    cfg = _config("c4")
+    cfg.merge_from_list(["INPUT.MIN_SIZE_TEST", 256])
+    images, image_hw, original_hw, _ = Predictor(cfg, c4_variables).inputs(
+        [parity.photo_bgr("chelsea"), parity.photo_bgr("coffee")])
+    np.testing.assert_array_equal(image_hw, [[256, 385], [256, 384]])
+    np.testing.assert_array_equal(original_hw, [[300, 451], [400, 600]])
+    assert images.shape == (2, 256, 385, 3) and not images[1, :, 384:].any()
+
+
 def test_batch_images_without_size_divisibility_pads_to_the_largest_image():
     from detlayers.models import batch_images
 
