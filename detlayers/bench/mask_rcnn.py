@@ -81,13 +81,19 @@ def benchmark_image() -> np.ndarray:
     return np.ascontiguousarray(resized[..., ::-1])
 
 
+def fixture_file(name: str) -> pathlib.Path | None:
+    """``tests/fixtures/<name>`` if this is a source checkout holding it, else ``None`` (an
+    installed package has no tests folder)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / name
+    return path if path.is_file() else None
+
+
 def calibration_file() -> pathlib.Path | None:
     """The FrozenBN calibration of the synthetic weights, if this is a source checkout (or set)."""
     env = os.environ.get(CALIBRATION_ENV)
     if env:
         return pathlib.Path(env)
-    path = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "mask_rcnn_bn_calibration.npz"
-    return path if path.is_file() else None
+    return fixture_file("mask_rcnn_bn_calibration.npz")
 
 
 def benchmark_weights() -> tuple[dict[str, np.ndarray], bool]:
@@ -107,18 +113,37 @@ def _our_predictor(weights: dict[str, np.ndarray]) -> Any:
 
 
 def detectron2_default_predictor(
-    weights: dict[str, np.ndarray], *, device: str = "cpu", min_size: int = MIN_SIZE, max_size: int = MAX_SIZE
+    weights: dict[str, np.ndarray],
+    *,
+    config: str | None = None,
+    device: str = "cpu",
+    min_size: int = MIN_SIZE,
+    max_size: int = MAX_SIZE,
 ) -> Any:
-    """detectron2's ``DefaultPredictor`` for ``mask_rcnn_R_50_FPN_3x.yaml`` holding ``weights``.
+    """detectron2's ``DefaultPredictor`` for a model-zoo config holding ``weights``.
 
-    Raises ImportError when torch or detectron2 is not installed. The config values are written
-    out (``model_zoo.get_config_file`` needs the YAML files inside the installed package).
+    ``config`` is a path under detectron2's ``configs/`` (``"COCO-Detection/retinanet_R_50_FPN_3x.yaml"``),
+    read from the ``model_zoo/configs`` folder of the installed detectron2 (a source install has
+    it; ``detectron2.model_zoo`` is not imported: it needs ``pkg_resources``, which current
+    setuptools no longer ships); ``None`` is ``mask_rcnn_R_50_FPN_3x.yaml`` from values written
+    out here, which needs no YAML file. Raises ImportError when torch or detectron2 is not
+    installed, FileNotFoundError when the YAML is not there.
     """
     import torch
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultPredictor
 
     cfg = get_cfg()
+    if config is not None:
+        import detectron2  # not detectron2.model_zoo: importing it needs pkg_resources
+
+        yaml = pathlib.Path(detectron2.__file__).resolve().parent / "model_zoo" / "configs" / config
+        if not yaml.is_file():
+            raise FileNotFoundError(f"config {config!r}: no {yaml} in this detectron2 install")
+        cfg.merge_from_file(str(yaml))
+        cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
+                             "INPUT.MIN_SIZE_TEST", min_size, "INPUT.MAX_SIZE_TEST", max_size])
+        return _load_into(DefaultPredictor(cfg), weights, config, torch)
     # configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml over Base-RCNN-FPN.yaml, at
     # inference (the training-only keys do not matter here).
     cfg.merge_from_list([
@@ -146,12 +171,15 @@ def detectron2_default_predictor(
         "INPUT.MIN_SIZE_TEST", min_size,
         "INPUT.MAX_SIZE_TEST", max_size,
     ])
-    predictor = DefaultPredictor(cfg)
+    return _load_into(DefaultPredictor(cfg), weights, "mask_rcnn_R_50_FPN_3x.yaml", torch)
+
+
+def _load_into(predictor: Any, weights: dict[str, np.ndarray], config: str, torch: Any) -> Any:
     missing, unexpected = predictor.model.load_state_dict(
         {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, strict=False
     )
     if missing or unexpected:  # pixel_mean/std and anchors are non-persistent: nothing may differ
-        raise ValueError(f"not a Mask R-CNN R50-FPN state dict: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"not a state dict of {config}: missing {missing}, unexpected {unexpected}")
     return predictor
 
 
