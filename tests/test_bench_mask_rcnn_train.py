@@ -24,15 +24,15 @@ def _leaves(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_batch_is_two_photos_at_512_and_800_with_ellipse_masks_in_their_boxes():
+def test_batch_is_two_photos_at_512_with_ellipse_masks_in_their_boxes():
     from detlayers.models import mask_rcnn_R_50_FPN_3x_config
 
     cfg = mask_rcnn_R_50_FPN_3x_config()
     batch = mask_rcnn_train.train_batch(cfg)
     arrays = batch.arrays
-    # ResizeShortestEdge: chelsea 300x451 -> 512 x 769.7, coffee 400x600 -> 800 x 1200; padded to 32s
-    np.testing.assert_array_equal(arrays["image_hw"], [[512, 770], [800, 1200]])
-    assert arrays["images"].shape == (2, 800, 1216, 3) and arrays["gt_masks"].shape == (2, 3, 800, 1216)
+    # ResizeShortestEdge: chelsea 300x451 -> 512 x 769.7, coffee 400x600 -> 512 x 768; padded to 32s
+    np.testing.assert_array_equal(arrays["image_hw"], [[512, 770], [512, 768]])
+    assert arrays["images"].shape == (2, 512, 800, 3) and arrays["gt_masks"].shape == (2, 3, 512, 800)
     mean, std = np.asarray(cfg.MODEL.PIXEL_MEAN), np.asarray(cfg.MODEL.PIXEL_STD)
     import skimage.data
 
@@ -47,8 +47,8 @@ def test_batch_is_two_photos_at_512_and_800_with_ellipse_masks_in_their_boxes():
         np.testing.assert_allclose(photo.reshape(-1, 3).mean(0)[::-1], rgb.reshape(-1, 3).mean(0), atol=1.0)
     np.testing.assert_array_equal(arrays["gt_valid"], [[True, True, True], [True, True, False]])
     np.testing.assert_array_equal(arrays["gt_classes"], [[15, 15, 0], [41, 45, 0]])
-    # coffee's cup: (0.16, 0.12, 0.78, 0.78) of 1200 x 800
-    np.testing.assert_allclose(arrays["gt_boxes"][1, 0], [192.0, 96.0, 936.0, 624.0], rtol=1e-6)
+    # coffee's cup: (0.16, 0.12, 0.78, 0.78) of 768 x 512
+    np.testing.assert_allclose(arrays["gt_boxes"][1, 0], [122.88, 61.44, 599.04, 399.36], rtol=1e-6)
     for i, k in np.argwhere(arrays["gt_valid"]):
         x1, y1, x2, y2 = arrays["gt_boxes"][i, k]
         mask = arrays["gt_masks"][i, k].astype(bool)
