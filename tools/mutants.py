@@ -642,6 +642,9 @@ MUTANTS: tuple[Mutant, ...] = (
            'annotations = list(record["annotations"])', TRAINER, "mapper"),
     Mutant("trainer-frozen-stem-uses-batch-statistics", "detlayers/models/backbone/resnet.py",
            "x, train and self.freeze_at < 1)", "x, train)", TRAINER, "frozen_stem"),
+    Mutant("deconv-kernel-eq-stride-blocks-transposed", "detlayers/wrappers.py",
+           'out = jnp.einsum("nijc,abco->niajbo", x,', 'out = jnp.einsum("nijc,abco->nibjao", x,',
+           ("tests/test_wrappers.py",), "transpose"),
     # ---- benchmark of the training step (detlayers/bench/mask_rcnn_train.py) ---------------------------
     Mutant("bench-train-images-not-mean-subtracted", "detlayers/bench/mask_rcnn_train.py",
            "[(p.astype(np.float32) - mean) / std for p in bgr]", "[p.astype(np.float32) / std for p in bgr]",
