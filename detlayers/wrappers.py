@@ -311,6 +311,19 @@ def conv_transpose2d(
         out_hw.append((size - 1) * s - 2 * p + d * (k - 1) + op + 1)
     if min(out_hw) <= 0 and x.shape[1] > 0 and x.shape[2] > 0:
         raise ValueError(f"conv_transpose2d: output size {tuple(out_hw)} is not positive (input {x.shape})")
+    if (kh, kw) == (sh, sw) and (ph, pw, oph, opw, dh, dw, groups) == (0, 0, 0, 0, 1, 1, 1):
+        # Kernel == stride (Mask R-CNN's 2x2/2 deconv): the taps do not overlap, and each input pixel
+        # writes one kh x kw block, out[n, i*sh + a, j*sw + b] = x[n, i, j] @ kernel[a, b]: one matmul.
+        # XLA:CPU computes the kernel gradient of the lhs-dilated convolution below ~250x slower than
+        # the forward; this form's gradients are matmuls too.
+        n, h, w = x.shape[:3]
+        dtype = operand_dtype(x)  # _nhwc_conv's dtype rule
+        out = jnp.einsum("nijc,abco->niajbo", x, kernel.astype(dtype), precision=precision,
+                         preferred_element_type=jnp.float32)
+        out = out.reshape(n, h * sh, w * sw, kernel.shape[-1])
+        if bias is not None:
+            out = out + bias.astype(jnp.float32)
+        return out.astype(dtype)
     # A transposed convolution is the forward convolution of the stride-dilated input with the
     # spatially flipped kernel, padded by d*(k-1) - p on each side (+ output_padding on the high
     # side). Negative padding crops, which XLA supports directly.

@@ -70,6 +70,7 @@ ROI = ("tests/test_roi_align.py",)
 ROI_ROT = ("tests/test_roi_align_rotated.py",)
 BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
+BENCH_TRAIN = ("tests/test_bench_mask_rcnn_train.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 TRAIN_STEP = ("tests/test_mask_rcnn_train.py",)
@@ -664,6 +665,22 @@ MUTANTS: tuple[Mutant, ...] = (
            'annotations = list(record["annotations"])', TRAINER, "mapper"),
     Mutant("trainer-frozen-stem-uses-batch-statistics", "detlayers/models/backbone/resnet.py",
            "x, train and self.freeze_at < 1)", "x, train)", TRAINER, "frozen_stem"),
+    Mutant("deconv-kernel-eq-stride-blocks-transposed", "detlayers/wrappers.py",
+           'out = jnp.einsum("nijc,abco->niajbo", x,', 'out = jnp.einsum("nijc,abco->nibjao", x,',
+           ("tests/test_wrappers.py",), "transpose"),
+    # ---- benchmark of the training step (detlayers/bench/mask_rcnn_train.py) ---------------------------
+    Mutant("bench-train-images-not-mean-subtracted", "detlayers/bench/mask_rcnn_train.py",
+           "[(p.astype(np.float32) - mean) / std for p in bgr]", "[p.astype(np.float32) / std for p in bgr]",
+           BENCH_TRAIN, "batch"),
+    Mutant("bench-train-mask-radii-swapped", "detlayers/bench/mask_rcnn_train.py",
+           "out[k] = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0",
+           "out[k] = ((x - cx) / ry) ** 2 + ((y - cy) / rx) ** 2 <= 1.0", BENCH_TRAIN, "batch"),
+    Mutant("bench-train-backward-share-from-backbone", "detlayers/bench/mask_rcnn_train.py",
+           '"backward+SGD": (step - seconds["forward"]) / step', '"backward+SGD": (step - seconds["backbone"]) / step',
+           BENCH_TRAIN, "shares"),
+    Mutant("bench-train-state-not-carried", "detlayers/bench/mask_rcnn_train.py",
+           "self.state = (params, batch_stats, opt_state)", "self.last = (params, batch_stats, opt_state)",
+           BENCH_TRAIN, "tiny"),
     # ---- weights back to detectron2 ------------------------------------------------------------------
     Mutant("save-weights-linear-not-transposed", "detlayers/torch_weights.py",
            "    if value.ndim == 2:  # Linear: [in, out] -> [out, in]\n        return value.T",
