@@ -15,6 +15,26 @@ __all__ = [
 ]
 
 
+def _coco_3x_schedule(base_lr: float) -> dict[str, Any]:
+    """The training part every ``Base-*.yaml`` shares: COCO 2017, 16 images a batch, LR steps at
+    60k and 80k of 90k iterations (the ``*_3x`` files then stretch it), multi-scale training sizes."""
+    return {
+        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
+        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": base_lr, "STEPS": (60000, 80000), "MAX_ITER": 90000},
+        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
+        "VERSION": 2,
+    }
+
+
+def _two_fc_box_head_four_conv_mask_head() -> dict[str, Any]:
+    """``Base-RCNN-FPN.yaml``'s and ``Base-RCNN-DilatedC5.yaml``'s heads: 2 FC layers on 7x7, 4 convs
+    on 14x14."""
+    return {
+        "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7},
+        "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14},
+    }
+
+
 def _base_rcnn_fpn() -> dict[str, Any]:
     """``configs/Base-RCNN-FPN.yaml``: ResNet-FPN on res2-res5, RPN on P2-P6 (1000 proposals a
     level before NMS and 1000 after at test time), 2-FC box head on 7x7 ROIAlignV2, 4-conv mask
@@ -34,13 +54,9 @@ def _base_rcnn_fpn() -> dict[str, Any]:
                 "POST_NMS_TOPK_TEST": 1000,
             },
             "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["p2", "p3", "p4", "p5"]},
-            "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7},
-            "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14},
+            **_two_fc_box_head_four_conv_mask_head(),
         },
-        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
-        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": (60000, 80000), "MAX_ITER": 90000},
-        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
-        "VERSION": 2,
+        **_coco_3x_schedule(base_lr=0.02),
     }
 
 
@@ -59,10 +75,7 @@ def _base_retinanet() -> dict[str, Any]:
             "FPN": {"IN_FEATURES": ["res3", "res4", "res5"]},
             "RETINANET": {"IOU_THRESHOLDS": [0.4, 0.5], "IOU_LABELS": [0, -1, 1], "SMOOTH_L1_LOSS_BETA": 0.0},
         },
-        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
-        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.01, "STEPS": (60000, 80000), "MAX_ITER": 90000},
-        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
-        "VERSION": 2,
+        **_coco_3x_schedule(base_lr=0.01),
     }
 
 
@@ -75,10 +88,7 @@ def _base_rcnn_c4() -> dict[str, Any]:
             "RPN": {"PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
             "ROI_HEADS": {"NAME": "Res5ROIHeads"},
         },
-        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
-        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": (60000, 80000), "MAX_ITER": 90000},
-        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
-        "VERSION": 2,
+        **_coco_3x_schedule(base_lr=0.02),
     }
 
 
@@ -92,13 +102,9 @@ def _base_rcnn_dilated_c5() -> dict[str, Any]:
             "RESNETS": {"OUT_FEATURES": ["res5"], "RES5_DILATION": 2},
             "RPN": {"IN_FEATURES": ["res5"], "PRE_NMS_TOPK_TEST": 6000, "POST_NMS_TOPK_TEST": 1000},
             "ROI_HEADS": {"NAME": "StandardROIHeads", "IN_FEATURES": ["res5"]},
-            "ROI_BOX_HEAD": {"NAME": "FastRCNNConvFCHead", "NUM_FC": 2, "POOLER_RESOLUTION": 7},
-            "ROI_MASK_HEAD": {"NAME": "MaskRCNNConvUpsampleHead", "NUM_CONV": 4, "POOLER_RESOLUTION": 14},
+            **_two_fc_box_head_four_conv_mask_head(),
         },
-        "DATASETS": {"TRAIN": ("coco_2017_train",), "TEST": ("coco_2017_val",)},
-        "SOLVER": {"IMS_PER_BATCH": 16, "BASE_LR": 0.02, "STEPS": (60000, 80000), "MAX_ITER": 90000},
-        "INPUT": {"MIN_SIZE_TRAIN": (640, 672, 704, 736, 768, 800)},
-        "VERSION": 2,
+        **_coco_3x_schedule(base_lr=0.02),
     }
 
 
