@@ -83,7 +83,7 @@ class TrainBatch:
     """One training batch in both frameworks' forms.
 
     Attributes:
-      arrays: the training call's arrays (``detlayers.models.engine.step.BATCH_KEYS``): ``images
+      arrays: the training call's arrays (the names in ``BATCH_KEYS`` of ``detlayers.models.engine.step``): ``images
         float32[N, Hp, Wp, 3]`` normalised and zero-padded, ``image_hw int32[N, 2]``, ``gt_boxes
         float32[N, G, 4]`` (resized pixels, x1 y1 x2 y2), ``gt_classes int32[N, G]``, ``gt_masks
         uint8[N, G, Hp, Wp]``, ``gt_valid bool[N, G]`` (G: the largest object count).
