@@ -121,7 +121,7 @@ def test_demo_runs_end_to_end_and_reports_pycocotools_numbers(tmp_path, capsys):
     from detlayers.demo.run import run_demo
 
     assert len(jax.devices()) >= 2  # conftest's forced host devices
-    args = parse_args(["--steps", "3", "--devices", "2", "--batch-size", "2", "--eval-images", "6",
+    args = parse_args(["--steps", "1", "--devices", "2", "--batch-size", "2", "--eval-images", "6",
                        "--show-images", "2", "--out", str(tmp_path / "pred.png"),
                        "--no-progress"])
     result = run_demo(args)
@@ -179,7 +179,8 @@ def test_train_step_synchronizes_batch_norm_statistics_over_devices():
     of the whole global batch, not an average of per-device statistics.
 
     The step is the demo's own (``train``), with the settings of the end-to-end run above (64x64
-    images, 2 devices x 2 images), so it loads that run's executables from the test session's
+    images, 2 devices x 2 images, 1 step: the solver's learning-rate table is a constant of the
+    step, sized by the step count), so it loads that run's executables from the test session's
     compilation cache instead of compiling them again."""
     from detlayers.demo.model import build_detector, demo_cfg, model_batch
     from detlayers.demo.train import TrainConfig, init_state, make_mesh, train
