@@ -17,7 +17,6 @@ pytest.importorskip("pycocotools")
 
 from detlayers.demo import data as shapes  # noqa: E402
 from detlayers.demo.evaluate import Detections, coco_ap  # noqa: E402
-from detlayers.demo.model import first_k_per_group  # noqa: E402
 
 CONFIG = shapes.ShapesConfig()
 
@@ -51,6 +50,28 @@ def test_process_shards_concatenate_to_the_global_batch():
     assert whole["image"].shape == (6, 64, 64, 3)
     assert whole["masks"].shape == (6, 3, 64, 64)
     np.testing.assert_array_equal(whole["valid"], whole["classes"] >= 0)
+
+
+def test_model_batch_normalises_and_pads_images_and_ground_truth_to_the_fpn_stride():
+    from detlayers.demo.model import model_batch
+
+    small = shapes.ShapesConfig(image_size=48)  # not a multiple of the FPN's 32: padded to 64
+    batch = shapes.train_batch(small, 2, 0, 4)
+    out = model_batch(batch)
+    assert out["images"].shape == (4, 64, 64, 3) and out["gt_masks"].shape == (4, 3, 64, 64)
+    np.testing.assert_array_equal(out["image_hw"], [[48, 48]] * 4)
+    # float64: colours in [0, 1] centred at 0.5 and scaled by 1 / 0.25; zeros in the padding
+    expected = (batch["image"].astype(np.float64) - 0.5) / 0.25
+    np.testing.assert_allclose(out["images"][:, :48, :48], expected, rtol=1e-6, atol=1e-6)
+    assert not out["images"][:, 48:].any() and not out["images"][:, :, 48:].any()
+    np.testing.assert_array_equal(out["gt_masks"][:, :, :48, :48], batch["masks"])
+    assert not out["gt_masks"][:, :, 48:].any() and not out["gt_masks"][:, :, :, 48:].any()
+    np.testing.assert_array_equal(out["gt_boxes"], batch["boxes"])
+    np.testing.assert_array_equal(out["gt_valid"], batch["valid"])
+    valid = batch["valid"]
+    assert not valid.all()  # some images hold fewer than 3 shapes: padded rows exist
+    np.testing.assert_array_equal(out["gt_classes"][valid], batch["classes"][valid])
+    assert out["gt_classes"].min() >= 0
 
 
 def _perfect(examples):
@@ -89,20 +110,6 @@ def test_coco_ap_counts_wrong_classes_and_missed_objects():
     assert coco_ap(examples, wrong)["box_AP50"] == 0.0
 
 
-def test_first_k_per_group_matches_a_python_loop():
-    rng = np.random.default_rng(0)
-    indices = np.full(40, -1, np.int32)
-    indices[:30] = rng.permutation(50)[:30]
-    group_of = rng.integers(0, 5, size=50).astype(np.int32)  # group 4 means "drop"
-    got = np.asarray(first_k_per_group(jnp.asarray(indices), jnp.asarray(group_of), 4, 3))
-    expected = np.full((4, 3), -1)
-    for i in indices[indices >= 0]:
-        g = group_of[i]
-        if g < 4 and (expected[g] >= 0).sum() < 3:
-            expected[g, (expected[g] >= 0).sum()] = i
-    np.testing.assert_array_equal(got, expected)
-
-
 # The training tests run on one xdist worker, in this order: the second loads the executables the
 # first compiled from the session's compilation cache (tests/conftest.py).
 DEMO_TRAINING = pytest.mark.xdist_group("demo_training")
@@ -114,7 +121,7 @@ def test_demo_runs_end_to_end_and_reports_pycocotools_numbers(tmp_path, capsys):
     from detlayers.demo.run import run_demo
 
     assert len(jax.devices()) >= 2  # conftest's forced host devices
-    args = parse_args(["--steps", "3", "--devices", "2", "--batch-size", "2", "--eval-images", "6",
+    args = parse_args(["--steps", "1", "--devices", "2", "--batch-size", "2", "--eval-images", "6",
                        "--show-images", "2", "--out", str(tmp_path / "pred.png"),
                        "--no-progress"])
     result = run_demo(args)
@@ -153,12 +160,14 @@ def test_readme_python_examples_run():
 
 
 def _stem_conv_float64(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """The backbone's first conv (3x3, stride 2, padding 1, no bias) in float64 NumPy, NHWC."""
-    padded = np.pad(images.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    """detectron2's ResNet stem conv (7x7, stride 2, padding 3, no bias) in float64 NumPy, NHWC."""
+    size = kernel.shape[0]
+    pad = size // 2
+    padded = np.pad(images.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     b, h, w, _ = images.shape
     out = np.zeros((b, h // 2, w // 2, kernel.shape[-1]))
-    for i in range(3):
-        for j in range(3):
+    for i in range(size):
+        for j in range(size):
             patch = padded[:, i:i + h:2, j:j + w:2, :]
             out += np.einsum("bhwc,co->bhwo", patch, kernel[i, j].astype(np.float64))
     return out
@@ -166,38 +175,41 @@ def _stem_conv_float64(images: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 @DEMO_TRAINING
 def test_train_step_synchronizes_batch_norm_statistics_over_devices():
-    """One data-parallel step on 2 devices: the stem's running statistics are those of the whole
-    global batch (NaiveSyncBatchNorm), not an average of per-device statistics.
+    """One data-parallel step on 2 devices: the stem's running statistics (``SyncBN``) are those
+    of the whole global batch, not an average of per-device statistics.
 
     The step is the demo's own (``train``), with the settings of the end-to-end run above (64x64
-    images, 2 devices x 2 images), so it loads that run's executables from the test session's
+    images, 2 devices x 2 images, 1 step: the solver's learning-rate table is a constant of the
+    step, sized by the step count), so it loads that run's executables from the test session's
     compilation cache instead of compiling them again."""
-    from detlayers.demo.model import DetectorConfig, ShapesDetector
-    from detlayers.demo.train import TrainConfig, init_state, make_mesh, make_optimizer, train
+    from detlayers.demo.model import build_detector, demo_cfg, model_batch
+    from detlayers.demo.train import TrainConfig, init_state, make_mesh, train
 
-    model = ShapesDetector(DetectorConfig())
+    model = build_detector(demo_cfg())
     config = TrainConfig(steps=1, batch_per_device=2, seed=0)
-    state = init_state(model, make_optimizer(config), seed=0)
-    kernel = np.asarray(state.params["backbone"]["stem"]["kernel"])
+    state = init_state(model, config, num_devices=2)
+    kernel = np.asarray(state.params["backbone"]["bottom_up"]["stem"]["conv1"]["kernel"])
     after_step = []
     train(model, CONFIG, config, make_mesh(2), state, progress=False,
           on_step=lambda new_state, metrics: after_step.append((new_state, metrics)))
     assert len(after_step) == 1
     stats, losses = after_step[0][0].batch_stats, after_step[0][1]
-    batch = shapes.train_batch(CONFIG, 0, 0, 4)  # what train() draws first: seed 0, position 0
+    # what train() draws first: seed 0, position 0, as the model sees it (normalised)
+    images = model_batch(shapes.train_batch(CONFIG, 0, 0, 4))["images"]
 
-    y = _stem_conv_float64(batch["image"], kernel).reshape(-1, kernel.shape[-1])
+    y = _stem_conv_float64(images, kernel).reshape(-1, kernel.shape[-1])
     momentum = 0.1  # PyTorch's default: r += momentum * (batch - r), from mean 0 and var 1
-    new = stats["backbone"]["stem"]["norm"]
+    new = stats["backbone"]["bottom_up"]["stem"]["conv1"]["norm"]
     np.testing.assert_allclose(new["mean"], momentum * y.mean(0), rtol=1e-4, atol=1e-6)
-    # detectron2's NaiveSyncBatchNorm writes the biased variance into the running statistics
-    np.testing.assert_allclose(new["var"], (1 - momentum) + momentum * y.var(0),
+    # SyncBN (PyTorch's SyncBatchNorm) writes the unbiased variance of the global batch
+    np.testing.assert_allclose(new["var"], (1 - momentum) + momentum * y.var(0, ddof=1),
                                rtol=1e-4, atol=1e-6)
     # per-device statistics (what a non-synchronized BN would give) are measurably different
     halves = y.reshape(2, -1, y.shape[-1])
-    local_var = (1 - momentum) + momentum * halves.var(1).mean(0)
+    local_var = (1 - momentum) + momentum * halves.var(1, ddof=1).mean(0)
     assert np.abs(local_var - np.asarray(new["var"])).max() > 1e-3
-    assert all(np.isfinite(float(v)) for v in losses.values())
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask", "total"}
+    assert all(np.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])
@@ -225,7 +237,7 @@ def test_training_without_tqdm_installed_when_progress_is_off():
 
         def fake_factory(model, optimizer, mesh):
             def step(params, batch_stats, opt_state, batch, rng):
-                return jax.tree.map(lambda p: p + 1.0, params), batch_stats, opt_state, {"total": jnp.ones(())}
+                return jax.tree.map(lambda p: p + 1.0, params), batch_stats, opt_state, {"loss_cls": jnp.ones(())}
             return step
 
         t.make_train_step = fake_factory

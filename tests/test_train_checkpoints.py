@@ -304,7 +304,7 @@ def test_nan_loss_stops_training_and_leaves_the_last_good_checkpoint(tmp_path, m
         def step(params, batch_stats, opt_state, batch, rng):
             params = jax.tree.map(lambda p: p + 1.0, params)
             loss = jnp.where(params["w"][0] >= 3.0, jnp.nan, 1.0 / params["w"][0])
-            return params, batch_stats, opt_state, {"total": loss}
+            return params, batch_stats, opt_state, {"loss_cls": loss}
         return step
 
     monkeypatch.setattr(train_module, "make_train_step", fake_step_factory)

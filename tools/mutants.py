@@ -336,6 +336,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "out_of_memory"),
     Mutant("demo-train-step-not-blocked", "detlayers/demo/train.py",
            "jax.block_until_ready(step_fn(", "(step_fn(", ("tests/test_demo_out_of_memory.py",)),
+    # ---- the demo's shapes batches as the Mask R-CNN's inputs ------------------------------------
+    Mutant("demo-images-not-scaled-by-pixel-std", "detlayers/demo/model.py",
+           "PIXEL_STD = (0.25, 0.25, 0.25)", "PIXEL_STD = (1.0, 1.0, 1.0)", ("tests/test_demo.py",), "model_batch"),
+    Mutant("demo-masks-padded-top-left", "detlayers/demo/model.py",
+           'masks[:, :, :h, :w] = batch["masks"]', 'masks[:, :, -h:, -w:] = batch["masks"]',
+           ("tests/test_demo.py",), "model_batch"),
     # ---- benchmark: the mixed-size stream and its summary -----------------------------------------
     Mutant("bench-mixed-crop-not-centered", "detlayers/bench/predictor_mixed_sizes.py",
            "top, left = (h - crop_h) // 2, (w - crop_w) // 2", "top, left = 0, 0", ("tests/test_bench.py",),

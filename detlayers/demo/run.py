@@ -27,7 +27,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
     from detlayers import distributed
     from detlayers.demo import run_records as records
     from detlayers.demo.evaluate import coco_ap
-    from detlayers.demo.model import DetectorConfig, ShapesDetector
+    from detlayers.demo.model import DetectorConfig, build_detector, demo_cfg
     from detlayers.demo.train import TrainConfig, detect, make_mesh, train
     from detlayers.demo.visualize import save_predictions_png
 
@@ -43,8 +43,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, float]:
           f"{args.batch_size} images/device/step, {args.steps} steps", flush=True)
 
     data_config = shapes.ShapesConfig(image_size=args.image_size)
-    model = ShapesDetector(DetectorConfig(image_size=args.image_size,
-                                          max_objects=data_config.max_objects))
+    model = build_detector(demo_cfg(DetectorConfig(image_size=args.image_size,
+                                                   max_objects=data_config.max_objects)))
     train_config = TrainConfig(steps=args.steps, batch_per_device=args.batch_size,
                                learning_rate=args.lr, seed=args.seed)
     config = records.run_config(args, mesh.size)

@@ -100,10 +100,19 @@ def restore_state(ckpt: TrainCheckpointer, model, train_config, mesh, config: di
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from detlayers.demo.train import TrainState, init_state, make_optimizer
+    from detlayers.demo.train import TrainState, make_optimizer
+    from detlayers.models.checkpoint import example_inputs
+    from detlayers.models.engine.train_loop import create_variables
 
-    optimizer = make_optimizer(train_config)
-    shapes = jax.eval_shape(lambda: _tree(init_state(model, optimizer, train_config.seed)))
+    # the tree, shapes and dtypes of a fresh state, traced (no initialisation is computed)
+    def fresh_tree():
+        variables = model.init(jax.random.key(0), example_inputs()[0], method=create_variables)
+        params = variables["params"]
+        optimizer = make_optimizer(train_config, params, mesh.size)
+        return dict(params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(0)))
+
+    shapes = jax.eval_shape(fresh_tree)
     replicated = NamedSharding(mesh, PartitionSpec())
     template = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)

@@ -1,22 +1,26 @@
-"""Data-parallel training of the shapes detector with ``shard_map`` over a device mesh.
+"""Data-parallel training of the demo's Mask R-CNN with the models trainer's step.
 
-The step is a pure function ``(params, batch_stats, opt_state, batch, rng) -> (params,
-batch_stats, opt_state, metrics)``: every device runs the model on its slice of the batch (axis
-name ``"batch"``), ``NaiveSyncBatchNorm`` averages its statistics over that axis, and gradients
-are averaged with ``jax.lax.pmean``.  The loop state is explicit - :class:`TrainState` holds the
-arrays, ``step`` and ``data_position`` (the index of the next training example) are plain ints -
-so a run can be checkpointed and resumed exactly: step ``s`` always sees the examples
-``s * global_batch ...`` and the random key ``fold_in(rng, s)``.
+The step is :func:`detlayers.models.engine.step.make_train_step`, the one ``python -m
+detlayers.models.train`` runs: ``(params, batch_stats, opt_state, batch, key) -> (params,
+batch_stats, opt_state, losses)``, jitted over a ``shard_map`` of the device mesh (axis
+``"batch"``): every device computes detectron2's loss dict on its slice of the batch, ``SyncBN``
+normalises with the statistics of the whole global batch, gradients are averaged with
+``jax.lax.pmean``, and detectron2's SGD (:func:`solver_cfg`) updates every replica alike.
+
+The loop state is explicit - :class:`TrainState` holds the arrays, ``step`` and
+``data_position`` (the index of the next training example) are plain ints - so a run can be
+checkpointed and resumed exactly: step ``s`` always sees the examples ``s * global_batch ...``
+and draws its sampling priorities from ``fold_in(rng, s)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -28,7 +32,9 @@ from detlayers._out_of_memory import out_of_memory_as
 from detlayers._prefetch import prefetched
 from detlayers.demo import data as shapes
 from detlayers.demo.evaluate import Detections
-from detlayers.demo.model import ShapesDetector
+from detlayers.demo.model import model_batch, model_images
+from detlayers.models.engine.step import make_train_step
+from detlayers.models.engine.train_loop import build_solver, init_variables
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,13 +70,13 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings.  ``global_batch = batch_per_device * number of devices``."""
+    """The solver settings.  ``global_batch = batch_per_device * number of devices``; they become
+    detectron2's ``SOLVER`` keys in :func:`solver_cfg`."""
 
-    steps: int = 500
-    batch_per_device: int = 8
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    grad_clip: float = 5.0
+    steps: int = 400
+    batch_per_device: int = 4
+    learning_rate: float = 0.04
+    warmup_steps: int = 50
     seed: int = 0
 
 
@@ -81,7 +87,7 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    rng: jax.Array          # base key; step s uses fold_in(rng, s)
+    rng: jax.Array          # base key; step s draws its sampling priorities from fold_in(rng, s)
     step: int = 0
     data_position: int = 0  # index of the next training example (global, over all processes)
 
@@ -112,93 +118,81 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return data_parallel.make_mesh(num_devices, argument="--devices")
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1),
-        end_value=0.02 * config.learning_rate)
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(schedule))
+def solver_cfg(config: TrainConfig, num_devices: int, cfg: Any = None) -> Any:
+    """``cfg`` (default: the demo's model config, :func:`detlayers.demo.model.demo_cfg`) with
+    detectron2's ``SOLVER`` set from ``config``: SGD with momentum 0.9 and weight decay 1e-4 at
+    ``BASE_LR = learning_rate``, a linear warmup over ``warmup_steps`` from 0.001x, and the
+    learning rate divided by 10 for the last fifth of the ``steps`` (``WarmupMultiStepLR``)."""
+    from detlayers.demo.model import demo_cfg
+
+    cfg = (cfg if cfg is not None else demo_cfg()).clone()
+    cfg.merge_from_list([
+        "SOLVER.IMS_PER_BATCH", config.batch_per_device * num_devices,
+        "SOLVER.BASE_LR", config.learning_rate,
+        "SOLVER.MAX_ITER", config.steps,
+        "SOLVER.STEPS", [max(1, (4 * config.steps) // 5)],
+        "SOLVER.WARMUP_ITERS", config.warmup_steps,
+        "SOLVER.WARMUP_FACTOR", 0.001,
+    ])
+    return cfg
 
 
-def init_state(model: ShapesDetector, optimizer: optax.GradientTransformation,
-               seed: int) -> TrainState:
-    """Fresh parameters (the same on every process: they depend only on ``seed``)."""
-    init_key, loop_key = jax.random.split(jax.random.key(seed))
-    size = model.config.image_size
-    variables = jax.jit(model.init)(init_key, jnp.zeros((1, size, size, 3), jnp.float32))
+def make_optimizer(config: TrainConfig, params: Any, num_devices: int = 1) -> optax.GradientTransformation:
+    """detectron2's solver for ``config`` (:func:`detlayers.models.engine.train_loop.build_solver`)."""
+    return build_solver(solver_cfg(config, num_devices), params)
+
+
+def init_state(model: Any, config: TrainConfig, num_devices: int = 1) -> TrainState:
+    """Fresh variables (the layers' own initialisation, the same on every process: they depend
+    only on ``config.seed``) and the solver's initial state."""
+    variables = init_variables(solver_cfg(config, num_devices), model, config.seed)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    return TrainState(params, batch_stats, optimizer.init(params), loop_key)
+    optimizer = make_optimizer(config, params, num_devices)
+    loop_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    return TrainState(params, batch_stats, jax.jit(optimizer.init)(params), loop_key)
 
 
-def make_train_step(model: ShapesDetector, optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> Callable[..., tuple[Any, Any, Any, dict[str, jax.Array]]]:
-    """The jitted, data-parallel step ``(params, batch_stats, opt_state, batch, rng) -> ...``.
+def make_predict(model: Any, mesh: Mesh, canvas_hw: tuple[int, int]) -> Callable[..., dict]:
+    """Jitted inference ``(variables, images, image_hw) -> detections`` of the ``GeneralizedRCNN``
+    ``model``, images sharded over the mesh, masks pasted into a ``canvas_hw`` canvas."""
 
-    ``batch`` arrays are sharded along their first axis over ``"batch"``; everything else is
-    replicated.  Returns the new params, batch_stats and opt_state and the mean losses.
-    """
+    def per_device(variables, images, image_hw):
+        out = model.apply(variables, images, image_hw, image_hw, canvas_hw=canvas_hw)
+        return {k: out[k] for k in ("pred_boxes", "scores", "pred_classes", "valid", "pred_masks")}
 
-    def per_device(params, batch_stats, opt_state, batch, rng):
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
-
-        def loss_fn(params):
-            losses, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats}, batch, rng, train=True,
-                method=ShapesDetector.losses, mutable=["batch_stats"])
-            return sum(losses.values()), (losses, updates["batch_stats"])
-
-        grads, (losses, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
-        grads = jax.lax.pmean(grads, AXIS)
-        # statistics are already synchronized by NaiveSyncBatchNorm; pmean is a no-op on values
-        # and tells shard_map the result is replicated
-        new_batch_stats = jax.lax.pmean(new_batch_stats, AXIS)
-        losses = jax.lax.pmean(losses, AXIS)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        losses["total"] = sum(losses.values())
-        return params, new_batch_stats, opt_state, losses
-
-    step = jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(P(), P(), P(), P(AXIS), P()),
-                         out_specs=(P(), P(), P(), P()), check_vma=False)
-    return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def make_predict(model: ShapesDetector, mesh: Mesh) -> Callable[[Any, jax.Array], dict]:
-    """Jitted inference ``(variables, images) -> detections``, images sharded over the mesh."""
-
-    def per_device(variables, images):
-        return model.apply(variables, images, method=ShapesDetector.predict)
-
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
                                  out_specs=P(AXIS), check_vma=False))
 
 
 def batches(data_config: shapes.ShapesConfig, seed: int, position: int, global_batch: int,
             process_index: int = 0, process_count: int = 1,
             prefetch: int = 4) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Endless ``(position, local batch)`` pairs from ``position`` on, made in a background thread."""
-    return prefetched(lambda pos: shapes.train_batch(data_config, seed, pos, global_batch, process_index,
-                                                     process_count),
+    """Endless ``(position, local batch)`` pairs from ``position`` on, made in a background thread;
+    the batches are the training call's arrays (:func:`detlayers.demo.model.model_batch`)."""
+    return prefetched(lambda pos: model_batch(shapes.train_batch(data_config, seed, pos, global_batch,
+                                                                 process_index, process_count)),
                       position, stride=global_batch, depth=prefetch, failure="making a training batch failed")
 
 
-def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: TrainConfig,
+def train(model: Any, data_config: shapes.ShapesConfig, config: TrainConfig,
           mesh: Mesh, state: TrainState | None = None, *, progress: bool = True,
           on_step: Callable[[TrainState, dict[str, float]], None] | None = None) -> TrainState:
     """Runs the loop from ``state`` (or a fresh one) up to ``config.steps``; returns the state.
 
+    ``model`` is the demo's ``GeneralizedRCNN`` (:func:`detlayers.demo.model.build_detector`).
     ``on_step(state, metrics)`` is called after every step (e.g. to save a checkpoint);
-    ``metrics`` is the step's losses as a dict of 0-d device arrays.
+    ``metrics`` is the step's losses (detectron2's ``loss_rpn_cls`` ... ``loss_mask``, averaged
+    over devices) and their sum ``total``, as floats.
 
-    A step whose total loss is NaN or infinite raises :class:`NonFiniteLossError` before
-    ``on_step`` sees it, so the last checkpoint written stays the last good one.  (Reading the
-    loss each step waits for the step to finish; the next step's batch is made meanwhile.)
-    A step that runs out of memory raises :class:`DemoOutOfMemoryError` (each step is blocked on
-    before anything reads its outputs: that read can hang after XLA's allocation failure).
+    A step whose loss is NaN or infinite raises :class:`NonFiniteLossError` before ``on_step``
+    sees it, so the last checkpoint written stays the last good one.  (Reading the losses each
+    step waits for the step to finish; the next step's batch is made meanwhile.)  A step that runs
+    out of memory raises :class:`DemoOutOfMemoryError` (each step is blocked on before anything
+    reads its outputs: that read can hang after XLA's allocation failure).
     """
-    optimizer = make_optimizer(config)
     if state is None:
-        state = init_state(model, optimizer, config.seed)
+        state = init_state(model, config, mesh.size)
+    optimizer = make_optimizer(config, state.params, mesh.size)
     step_fn = make_train_step(model, optimizer, mesh)
     global_batch = config.batch_per_device * mesh.size
     process_count = jax.process_count()
@@ -214,21 +208,20 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
     bar = _progress_bar(config.steps, state.step, progress)
     stream = batches(data_config, config.seed, state.data_position, global_batch,
                      jax.process_index(), process_count)
-    step = state.step
     try:
         for step in range(state.step, config.steps):
             position, local_batch = next(stream)
             batch = shard_batch(local_batch, mesh)
             with out_of_memory_as(_training_out_of_memory(step + 1, config, mesh.size,
-                                                          int(local_batch["image"].shape[1]))):
+                                                          data_config.image_size)):
                 # blocks here: reading the outputs of a step that ran out of memory can hang
-                params, batch_stats, opt_state, metrics = jax.block_until_ready(step_fn(
+                params, batch_stats, opt_state, losses = jax.block_until_ready(step_fn(
                     params, batch_stats, opt_state, batch, jax.random.fold_in(rng, step)))
-            total = float(metrics["total"])
-            if not np.isfinite(total):
-                losses = {k: float(v) for k, v in sorted(metrics.items())}
+            metrics = {k: float(v) for k, v in sorted(jax.device_get(losses).items())}
+            metrics["total"] = math.fsum(metrics.values())
+            if not all(math.isfinite(v) for v in metrics.values()):
                 raise NonFiniteLossError(
-                    f"training stopped at step {step + 1}: the loss is not finite ({losses}); "
+                    f"training stopped at step {step + 1}: the loss is not finite ({metrics}); "
                     "nothing of this step was saved, so the newest checkpoint (if any) is the "
                     "last good state: lower the learning rate or check the data, then --resume")
             bar.update(1)
@@ -236,8 +229,8 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
                 on_step(TrainState(params, batch_stats, opt_state, rng, step + 1,
                                    position + global_batch), metrics)
             if step % 20 == 0 or step == config.steps - 1:
-                bar.set_postfix({k: f"{float(v):.3f}" for k, v in metrics.items()
-                                 if k in ("total", "cls", "mask")}, refresh=False)
+                bar.set_postfix({k.removeprefix("loss_"): f"{v:.3f}" for k, v in metrics.items()
+                                 if k in ("total", "loss_cls", "loss_mask")}, refresh=False)
     finally:
         stream.close()
         bar.close()
@@ -246,27 +239,30 @@ def train(model: ShapesDetector, data_config: shapes.ShapesConfig, config: Train
                       state.data_position + (steps_done - state.step) * global_batch)
 
 
-def detect(model: ShapesDetector, state: TrainState, examples: list[shapes.Example],
+def detect(model: Any, state: TrainState, examples: list[shapes.Example],
            mesh: Mesh, batch_per_device: int = 16) -> list[Detections]:
-    """Runs inference over ``examples`` (padded to whole sharded batches); unpadded detections."""
-    predict = make_predict(model, mesh)
+    """Runs inference over ``examples`` (padded to whole sharded batches); unpadded detections
+    with masks pasted into the image."""
+    size = int(examples[0].image.shape[0])
+    predict = make_predict(model, mesh, (size, size))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     chunk = batch_per_device * mesh.size
+    sharding = NamedSharding(mesh, P(AXIS))
     results: list[Detections] = []
-    size = model.config.image_size
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
         images = np.zeros((chunk, size, size, 3), np.float32)
         images[:len(part)] = np.stack([e.image for e in part])
+        inputs, image_hw = model_images(images)
         with out_of_memory_as(lambda xla: DemoOutOfMemoryError(
                 f"out of memory in evaluation: {chunk} images of {size}x{size} a batch "
                 f"({batch_per_device} per device on {mesh.size} device(s)) do not fit; lower "
                 f"--image-size (now {size}). XLA said: {xla}")):
-            out = jax.device_get(jax.block_until_ready(predict(variables, jax.device_put(
-                images, NamedSharding(mesh, P(AXIS))))))
+            out = jax.device_get(jax.block_until_ready(predict(
+                variables, jax.device_put(inputs, sharding), jax.device_put(image_hw, sharding))))
         for i in range(len(part)):
             keep = out["valid"][i]
-            results.append(Detections(boxes=out["boxes"][i][keep], scores=out["scores"][i][keep],
-                                      classes=out["classes"][i][keep],
-                                      masks=out["masks"][i][keep]))
+            results.append(Detections(boxes=out["pred_boxes"][i][keep], scores=out["scores"][i][keep],
+                                      classes=out["pred_classes"][i][keep],
+                                      masks=out["pred_masks"][i][keep]))
     return results
