@@ -184,7 +184,7 @@ class Predictor:
         else:
             self.variables = load_detectron2_weights(self.model, weights)
         # detectron2 pads a batch for its backbone: multiples of 32 for an FPN, none for a plain ResNet
-        self.size_divisibility = int(getattr(self.model.backbone, "size_divisibility", 32))
+        self.size_divisibility = int(self.model.backbone.size_divisibility)
         self._forward = jax.jit(self.model.apply, static_argnames=("canvas_hw", "return_intermediates"))
         self._paste = jax.jit(paste_instance_masks, static_argnames=("canvas_hw",))
 

@@ -184,7 +184,7 @@ def train(args: argparse.Namespace) -> int:
                 f.write(config["config"])
         backbone = model.backbone
         batches = build_training_batches(cfg, seed=seed, bucket=args.bucket, max_gt=args.max_gt_per_image,
-                                         size_divisibility=getattr(backbone, "size_divisibility", 32))
+                                         size_divisibility=backbone.size_divisibility)
         rows = process_rows(batches.global_batch, mesh)
         write_metrics = metrics_writer(os.path.join(output_dir, "metrics.json")) if info.is_main else None
 
