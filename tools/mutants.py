@@ -538,7 +538,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "padding=self.dilation, dilation=self.dilation, groups=self.num_groups, bias=False,",
            "padding=1, dilation=1, groups=self.num_groups, bias=False,", C4, "dc5_parity"),
     Mutant("c4-predictor-pads-to-32-whatever-the-backbone", "detlayers/models/predictor.py",
-           "self.size_divisibility = int(getattr(self.model.backbone, \"size_divisibility\", 32))",
+           "self.size_divisibility = int(self.model.backbone.size_divisibility)",
            "self.size_divisibility = 32", C4, "largest_image"),
     Mutant("c4-batch-padded-to-multiples-of-32", "detlayers/models/predictor.py",
            "divisor = max(int(size_divisibility), 1)", "divisor = max(int(size_divisibility), 32)", C4,
