@@ -86,6 +86,9 @@ ARTIFACT = ("tests/test_export_artifact.py",)
 FLAGS = ("tests/test_demo_flags.py",)
 RETINANET = ("tests/test_retinanet.py",)
 BRANCHES = ("tests/test_models_branches.py",)
+PANOPTIC = ("tests/test_panoptic_fpn.py",)
+_PANOPTIC_PY = "detlayers/models/meta_arch/panoptic_fpn.py"
+_SEM_SEG_PY = "detlayers/models/meta_arch/semantic_seg.py"
 ROBUST = ("tests/test_predictor_robust.py",)
 EDGES = ("tests/test_sample_edges.py",)
 
@@ -543,6 +546,41 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("c4-batch-padded-to-multiples-of-32", "detlayers/models/predictor.py",
            "divisor = max(int(size_divisibility), 1)", "divisor = max(int(size_divisibility), 32)", C4,
            "c4_parity_with_detectron2"),
+    # ---- Panoptic FPN: the combination on boundary inputs (fast), the network against detectron2 -----
+    Mutant("panoptic-overlap-at-threshold-skipped", _PANOPTIC_PY,
+           "jnp.maximum(area, 1).astype(jnp.float32) > overlap_thresh)",
+           "jnp.maximum(area, 1).astype(jnp.float32) >= overlap_thresh)", PANOPTIC, "combination"),
+    Mutant("panoptic-score-at-threshold-dropped", _PANOPTIC_PY,
+           "keep = ok & (score >= instances_score_thresh)", "keep = ok & (score > instances_score_thresh)",
+           PANOPTIC, "combination"),
+    Mutant("panoptic-stuff-area-at-limit-dropped", _PANOPTIC_PY,
+           "~(area < stuff_area_thresh)", "(area > stuff_area_thresh)", PANOPTIC, "combination"),
+    Mutant("panoptic-things-label-made-stuff", _PANOPTIC_PY,
+           "stuff = present & (labels != 0) &", "stuff = present &", PANOPTIC, "combination"),
+    Mutant("panoptic-canvas-past-the-image-counted", _PANOPTIC_PY,
+           "flat = jnp.where(in_image, semantic, num_semantic_classes).reshape(-1)",
+           "flat = semantic.reshape(-1)", PANOPTIC, "combination"),
+    Mutant("sem-seg-head-keeps-only-the-last-level", _SEM_SEG_PY,
+           "total = x if total is None else total + x", "total = x", PANOPTIC,
+           "parity_with_detectron2 and not keys"),
+    Mutant("sem-seg-final-upsampling-nearest", _SEM_SEG_PY,
+           'scale_factor=float(self.common_stride), mode="bilinear", align_corners=False)',
+           'scale_factor=float(self.common_stride), mode="nearest")', PANOPTIC,
+           "parity_with_detectron2 and not keys"),
+    Mutant("sem-seg-postprocess-without-the-crop", "detlayers/models/postprocessing.py",
+           "x = _resample(x, 2, *_bilinear_taps(image_hw[:, 1], output_hw[:, 1], width))",
+           "x = _resample(x, 2, *_bilinear_taps(jnp.full_like(image_hw[:, 1], x.shape[2]), output_hw[:, 1], width))",
+           PANOPTIC, "parity_with_detectron2 and not keys"),
+    Mutant("panoptic-enabled-false-resets-the-stuff-limit", _PANOPTIC_PY,
+           "combine_stuff_area_thresh=float(combine.STUFF_AREA_LIMIT)",
+           "combine_stuff_area_thresh=float(combine.STUFF_AREA_LIMIT if combine.ENABLED else 4096)", PANOPTIC,
+           "non_default_keys"),
+    Mutant("panoptic-overlap-thresh-key-ignored", _PANOPTIC_PY,
+           "combine_overlap_thresh=float(combine.OVERLAP_THRESH)", "combine_overlap_thresh=0.5", PANOPTIC,
+           "non_default_keys"),
+    Mutant("panoptic-instances-confidence-key-ignored", _PANOPTIC_PY,
+           "combine_instances_score_thresh=float(combine.INSTANCES_CONFIDENCE_THRESH)",
+           "combine_instances_score_thresh=0.5", PANOPTIC, "non_default_keys"),
     # ---- detlayers.models past the default config (fast: small synthetic inputs) -------------------
     Mutant("models-scale-clamp-dh-unclamped", "detlayers/boxes.py",
            "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "deform_conv": "detlayers.bench.deform_conv",
     "sync_bn": "detlayers.bench.sync_bn",
     "mask_rcnn": "detlayers.bench.mask_rcnn",
+    "panoptic_fpn": "detlayers.bench.panoptic_fpn",
     "mask_rcnn_train": "detlayers.bench.mask_rcnn_train",
     "predictor_mixed_sizes": "detlayers.bench.predictor_mixed_sizes",
 }

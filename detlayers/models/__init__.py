@@ -2,8 +2,9 @@
 
 Laid out as detectron2's ``modeling/``: ``backbone/`` (ResNet, FPN), ``proposal_generator/``
 (RPN), ``roi_heads/`` (StandardROIHeads and its box and mask heads), ``meta_arch/``
-(GeneralizedRCNN, ``build_model``), ``poolers``, ``anchor_generator``, ``box_regression``,
-``postprocessing``, ``checkpoint`` (detectron2 weights in and out) and ``predictor``, plus
+(GeneralizedRCNN, RetinaNet, PanopticFPN and its ``SemSegFPNHead``, ``build_model``), ``poolers``,
+``anchor_generator``, ``box_regression``, ``postprocessing``, ``checkpoint`` (detectron2 weights
+in and out) and ``predictor``, plus
 ``solver`` (detectron2's ``solver/``: learning-rate schedule and SGD, as optax), ``data``
 (detectron2's ``data/``: COCO-format datasets, augmentation, static-shape batches), ``engine``
 (the data-parallel training step and loop) and ``train`` (the CLI ``python -m
@@ -24,9 +25,12 @@ _EXPORTS = exports_by_name({
     "config": (
         "CfgNode", "Config", "get_cfg", "add_deeplab_config", "mask_rcnn_R_50_FPN_3x_config",
         "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config", "retinanet_R_50_FPN_3x_config",
+        "panoptic_fpn_R_50_3x_config",
     ),
     "meta_arch.rcnn": ("GeneralizedRCNN",),
     "meta_arch.retinanet": ("RetinaNet",),
+    "meta_arch.panoptic_fpn": ("PanopticFPN",),
+    "meta_arch.semantic_seg": ("SemSegFPNHead",),
     "meta_arch.build": ("build_model",),
     "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
     "predictor": ("Predictor", "PredictorOutOfMemoryError", "preprocess_image", "batch_images",

@@ -102,7 +102,8 @@ def export_predictor(
     the bytes to ship, in the checked format of this module's docstring (read them with
     :func:`load_exported`). The outputs are
     :class:`detlayers.models.meta_arch.rcnn.GeneralizedRCNN`'s dict (static shapes, ``num_instances``
-    valid slots first).
+    valid slots first); a :class:`detlayers.models.meta_arch.panoptic_fpn.PanopticFPN` with a
+    ``canvas_hw`` adds its semantic and panoptic outputs.
     """
     import importlib
 

@@ -48,6 +48,11 @@ without FPN (``faster_rcnn_R_50_{C4,DC5}_3x.yaml``: the ResNet directly under ``
 of 15 anchors a cell on res4 / res5, ``roi_heads.res5`` or the 2-fc box head on 7x7 res5 ROIs), with
 their own calibration files (``tools/fixtures/make_faster_rcnn_c4.py``).
 
+:func:`panoptic_fpn_r50_state_dict` gives ``panoptic_fpn_R_50_3x.yaml``'s: the Mask R-CNN one (the
+same values for the same seed, so the Mask R-CNN calibration serves it) followed by
+``sem_seg_head`` (``SemSegFPNHead``: every conv and the predictor ``c2_msra_fill``, bias 0; GN
+weight 1, bias 0).
+
 Variants (``variant=``, detectron2's ``configs/Misc``): ``mask_rcnn_R_50_FPN_3x_gn`` has GroupNorm
 (weight 1, bias 0, as constructed) wherever the default has FrozenBN or no norm, bias-free convs
 under each GN, and a box head of four 3x3 convs (``c2_msra_fill``) and one fc;
@@ -74,7 +79,7 @@ import numpy as np
 __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
     "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
-    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict",
+    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict", "panoptic_fpn_r50_state_dict",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -483,6 +488,52 @@ def faster_rcnn_r50_dc5_state_dict(
     _check_seed(seed)
     _check_num_classes(num_classes)
     return _state_dict(_dc5_entries(int(num_classes)), int(seed), calibration, "Faster R-CNN R50-DC5")
+
+
+# SemSegFPNHead of Base-Panoptic-FPN.yaml: P2-P5 (stride 4..32) to COMMON_STRIDE 4, CONVS_DIM 128.
+_SEM_SEG_STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
+_SEM_SEG_COMMON_STRIDE = 4
+_SEM_SEG_CONVS_DIM = 128
+
+
+def _sem_seg_entries(num_classes: int, norm: str) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``sem_seg_head`` in detectron2's order: per feature the ``nn.Sequential`` of 3x3 convs (each
+    followed by an upsampling layer, which takes an index, unless the feature is at the common
+    stride), then the 1x1 ``predictor``; every conv ``c2_msra_fill``."""
+    for feature, stride in _SEM_SEG_STRIDES.items():
+        length = max(1, int(math.log2(stride) - math.log2(_SEM_SEG_COMMON_STRIDE)))
+        step = 1 if stride == _SEM_SEG_COMMON_STRIDE else 2
+        channels = _FPN_OUT
+        for k in range(length):
+            yield from _conv_with_norm(f"sem_seg_head.{feature}.{k * step}", _SEM_SEG_CONVS_DIM, channels, 3, norm)
+            channels = _SEM_SEG_CONVS_DIM
+    yield "sem_seg_head.predictor.weight", (num_classes, _SEM_SEG_CONVS_DIM, 1, 1), ("msra",)
+    yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
+
+
+def panoptic_fpn_r50_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+    sem_seg_classes: int = 54,
+    sem_seg_norm: str = "GN",
+) -> dict[str, np.ndarray]:
+    """detectron2's Panoptic FPN R50 state dict (``panoptic_fpn_R_50_3x.yaml``): the Mask R-CNN one
+    of :func:`mask_rcnn_r50_fpn_state_dict` (same values for the same seed), then ``sem_seg_head``
+    with ``sem_seg_classes`` (``MODEL.SEM_SEG_HEAD.NUM_CLASSES``) and ``sem_seg_norm``
+    (``MODEL.SEM_SEG_HEAD.NORM``: ``"GN"`` or ``""``, biased convs). ``calibration`` as in
+    :func:`mask_rcnn_r50_fpn_state_dict`, e.g. ``tests/fixtures/mask_rcnn_bn_calibration.npz``."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    _check_num_classes(sem_seg_classes)
+    if sem_seg_norm not in ("", "GN"):
+        raise ValueError(f"sem_seg_norm must be '' or 'GN', got {sem_seg_norm!r}")
+
+    def entries():
+        yield from _entries(int(num_classes))
+        yield from _sem_seg_entries(int(sem_seg_classes), sem_seg_norm)
+
+    return _state_dict(entries(), int(seed), calibration, "Panoptic FPN R50")
 
 
 def _check_seed(seed: int) -> None:

@@ -11,7 +11,7 @@ from detlayers.models.config.node import CfgNode
 __all__ = [
     "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
     "retinanet_R_50_FPN_3x_config", "mask_rcnn_R_50_FPN_3x_gn_config", "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
-    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config",
+    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config", "panoptic_fpn_R_50_3x_config",
 ]
 
 
@@ -184,4 +184,18 @@ def mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config() -> CfgNode:
     cfg.merge_from_other_cfg(CfgNode({"MODEL": {
         "RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True], "DEFORM_MODULATED": False},
     }}))
+    return cfg
+
+
+def panoptic_fpn_R_50_3x_config() -> CfgNode:
+    """``COCO-PanopticSegmentation/panoptic_fpn_R_50_3x.yaml`` over ``Base-Panoptic-FPN.yaml``:
+    Mask R-CNN R50-FPN as ``PanopticFPN`` with the ``SemSegFPNHead`` (54 classes on P2-P5, 128-wide
+    GN convs to stride 4), the panoptic-separated COCO datasets, semantic loss weight 0.5."""
+    cfg = _mask_rcnn_fpn_3x(50)
+    cfg.merge_from_other_cfg(CfgNode({
+        "MODEL": {"META_ARCHITECTURE": "PanopticFPN", "SEM_SEG_HEAD": {"LOSS_WEIGHT": 0.5}},
+        "DATASETS": {"TRAIN": ("coco_2017_train_panoptic_separated",),
+                     "TEST": ("coco_2017_val_panoptic_separated",)},
+        "DATALOADER": {"FILTER_EMPTY_ANNOTATIONS": False},
+    }))
     return cfg

@@ -1,8 +1,10 @@
-"""Meta-architectures (detectron2's ``modeling/meta_arch/``): ``GeneralizedRCNN``, ``RetinaNet`` and
-``build_model``."""
+"""Meta-architectures (detectron2's ``modeling/meta_arch/``): ``GeneralizedRCNN``, ``RetinaNet``,
+``PanopticFPN`` (with the ``SemSegFPNHead`` semantic head) and ``build_model``."""
 
 from detlayers.models.meta_arch.build import build_model
+from detlayers.models.meta_arch.panoptic_fpn import PanopticFPN
 from detlayers.models.meta_arch.rcnn import GeneralizedRCNN
 from detlayers.models.meta_arch.retinanet import RetinaNet
+from detlayers.models.meta_arch.semantic_seg import SemSegFPNHead
 
-__all__ = ["build_model", "GeneralizedRCNN", "RetinaNet"]
+__all__ = ["build_model", "GeneralizedRCNN", "RetinaNet", "PanopticFPN", "SemSegFPNHead"]
