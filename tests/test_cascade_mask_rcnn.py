@@ -218,10 +218,17 @@ def test_unsupported_values_raise_naming_the_key(pairs, key):
 
 def test_training_is_refused_naming_what_is_supported():
     from detlayers.models import build_model
+    from detlayers.models.train import check_trainable
 
     heads = build_model(_config()).roi_heads
     with pytest.raises(NotImplementedError, match="CascadeROIHeads: training .*StandardROIHeads"):
         heads.proposal_append_gt  # noqa: B018 - what GeneralizedRCNN reads before training the heads
+    with pytest.raises(NotImplementedError, match="CascadeROIHeads: training"):
+        heads.apply({}, {}, jnp.zeros((1, 2, 4)), jnp.ones((1, 2), bool), jnp.ones((1, 2), jnp.int32), train=True)
+    # the trainer refuses it before building anything
+    with pytest.raises(NotImplementedError, match="MODEL.ROI_HEADS.NAME 'CascadeROIHeads' is inference only"):
+        check_trainable(_config())
+    check_trainable(_config("MODEL.ROI_HEADS.NAME", "StandardROIHeads"))
 
 
 # --------------------------------------------------------------------------------------------
