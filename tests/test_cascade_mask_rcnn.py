@@ -206,6 +206,7 @@ def test_stages_follow_the_cascade_keys():
     (["MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS", ((10.0, 10.0, 5.0, 5.0), (1.0, 2.0, 3.0), (1.0, 1, 1, 1))],
      r"BBOX_REG_WEIGHTS\[1\] must hold 4"),
     (["MODEL.KEYPOINT_ON", True], "MODEL.KEYPOINT_ON"),
+    (["MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", True], "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE"),
     (["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIPool"], "MODEL.ROI_BOX_HEAD.POOLER_TYPE"),
     (["MODEL.ROI_HEADS.NAME", "CascadeROIHead"], "MODEL.ROI_HEADS.NAME"),
 ])

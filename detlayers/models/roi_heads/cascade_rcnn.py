@@ -86,7 +86,8 @@ class CascadeROIHeads(nn.Module):
         ``MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS`` (its box weights; ``IOUS``, the training
         matchers' thresholds, must have the same length and start with
         ``MODEL.ROI_HEADS.IOU_THRESHOLDS[0]``, as detectron2 asserts).
-        ``MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG`` must be True and ``MODEL.KEYPOINT_ON`` False."""
+        ``MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG`` must be True, ``USE_SIGMOID_CE`` and
+        ``MODEL.KEYPOINT_ON`` False."""
         model = cfg.MODEL
         cascade = model.ROI_BOX_CASCADE_HEAD
         weights, ious = tuple(cascade.BBOX_REG_WEIGHTS), tuple(cascade.IOUS)
@@ -103,6 +104,10 @@ class CascadeROIHeads(nn.Module):
                              "(detectron2's cascade supports class-agnostic regression only)")
         if model.KEYPOINT_ON:
             raise ValueError("CascadeROIHeads: MODEL.KEYPOINT_ON True is not supported (no keypoint head)")
+        if model.ROI_BOX_HEAD.USE_SIGMOID_CE:
+            # detectron2 then averages per-class sigmoids; the stages here average softmax probabilities
+            raise ValueError("CascadeROIHeads: MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE True is not supported (softmax "
+                             "class scores only)")
         # The pooler, the in-feature checks and the mask branch are StandardROIHeads'.
         base = StandardROIHeads.from_config(cfg, input_shape)
         size = base.box_pooler.output_size
