@@ -80,6 +80,7 @@ CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
 FREEZE = ("tests/test_freeze.py",)
 C4 = ("tests/test_faster_rcnn_c4.py",)
+CASCADE = ("tests/test_cascade_mask_rcnn.py",)
 CKPT = ("tests/test_train_checkpoints.py",)
 WEIGHTS = ("tests/test_torch_weights.py",)
 ARTIFACT = ("tests/test_export_artifact.py",)
@@ -543,6 +544,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("c4-batch-padded-to-multiples-of-32", "detlayers/models/predictor.py",
            "divisor = max(int(size_divisibility), 1)", "divisor = max(int(size_divisibility), 32)", C4,
            "c4_parity_with_detectron2"),
+    # ---- Cascade Mask R-CNN (tests/test_cascade_mask_rcnn.py: one R50 compile per case) ------------
+    Mutant("cascade-scores-of-the-last-stage-only", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "probs_sum = probs if probs_sum is None else probs_sum + probs", "probs_sum = probs", CASCADE,
+           "two_stages"),
+    Mutant("cascade-stage-decodes-with-the-next-stages-weights", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "boxes = cascade_stage_boxes(predictor.box2box_transform, deltas,",
+           "boxes = cascade_stage_boxes(self.box_predictor[stage + 1].box2box_transform, deltas,", CASCADE,
+           "two_stages"),
+    Mutant("cascade-stage-boxes-not-clipped", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "return jnp.where(valid[..., None], clipped, 0.0)", "return jnp.where(valid[..., None], decoded, 0.0)",
+           CASCADE, "parity_with_detectron2 or clip_to_each_image"),
+    Mutant("cascade-trainer-accepts-inference-only-heads", "detlayers/models/train.py",
+           "if cfg.MODEL.ROI_HEADS.NAME in INFERENCE_ONLY_ROI_HEADS:",
+           "if cfg.MODEL.ROI_HEADS.NAME in INFERENCE_ONLY_ROI_HEADS[1:]:", CASCADE, "training"),
+    Mutant("cascade-final-boxes-not-refined-by-the-last-stage", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "final_boxes = last.box2box_transform.apply_deltas(deltas, boxes)", "final_boxes = boxes", CASCADE,
+           "two_stages"),
     # ---- detlayers.models past the default config (fast: small synthetic inputs) -------------------
     Mutant("models-scale-clamp-dh-unclamped", "detlayers/boxes.py",
            "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",

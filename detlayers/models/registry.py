@@ -133,7 +133,8 @@ ANCHOR_GENERATOR_REGISTRY = Registry(
 )
 RPN_HEAD_REGISTRY = Registry("RPN_HEAD", "MODEL.RPN.HEAD_NAME", (_MODELS + "proposal_generator.rpn",))
 ROI_HEADS_REGISTRY = Registry(
-    "ROI_HEADS", "MODEL.ROI_HEADS.NAME", (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads")
+    "ROI_HEADS", "MODEL.ROI_HEADS.NAME",
+    (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads", _MODELS + "roi_heads.cascade_rcnn"),
 )
 ROI_BOX_HEAD_REGISTRY = Registry("ROI_BOX_HEAD", "MODEL.ROI_BOX_HEAD.NAME", (_MODELS + "roi_heads.box_head",))
 ROI_MASK_HEAD_REGISTRY = Registry(

@@ -48,6 +48,13 @@ without FPN (``faster_rcnn_R_50_{C4,DC5}_3x.yaml``: the ResNet directly under ``
 of 15 anchors a cell on res4 / res5, ``roi_heads.res5`` or the 2-fc box head on 7x7 res5 ROIs), with
 their own calibration files (``tools/fixtures/make_faster_rcnn_c4.py``).
 
+
+:func:`cascade_mask_rcnn_r50_fpn_state_dict` gives ``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``'s:
+the Mask R-CNN backbone, RPN and mask head (same values for the same seed), and per cascade stage
+``k`` a 2-fc box head ``roi_heads.box_head.{k}`` and a class-agnostic predictor
+``roi_heads.box_predictor.{k}`` (``bbox_pred`` 4 outputs), with its own calibration file
+(``tools/fixtures/make_cascade_mask_rcnn.py``).
+
 Variants (``variant=``, detectron2's ``configs/Misc``): ``mask_rcnn_R_50_FPN_3x_gn`` has GroupNorm
 (weight 1, bias 0, as constructed) wherever the default has FrozenBN or no norm, bias-free convs
 under each GN, and a box head of four 3x3 convs (``c2_msra_fill``) and one fc;
@@ -74,7 +81,7 @@ import numpy as np
 __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
     "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
-    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict",
+    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict", "cascade_mask_rcnn_r50_fpn_state_dict",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -203,17 +210,20 @@ def _rpn_head_entries(channels: int, num_anchors: int) -> Iterator[tuple[str, tu
     yield f"{rpn}.anchor_deltas.bias", (4 * num_anchors,), ("const", 0.0)
 
 
-def _box_predictor_entries(num_classes: int, features: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """``FastRCNNOutputLayers`` over ``features`` inputs (class-specific boxes)."""
-    predictor = "roi_heads.box_predictor"
+def _box_predictor_entries(
+    num_classes: int, features: int, predictor: str = "roi_heads.box_predictor", num_reg: int | None = None
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``FastRCNNOutputLayers`` ``predictor`` over ``features`` inputs (``num_reg`` boxes a
+    proposal: ``num_classes`` by default, 1 when class agnostic)."""
+    num_reg = num_classes if num_reg is None else num_reg
     yield f"{predictor}.cls_score.weight", (num_classes + 1, features), ("normal", 0.01)
     yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
-    yield f"{predictor}.bbox_pred.weight", (4 * num_classes, features), ("normal", 0.001)
-    yield f"{predictor}.bbox_pred.bias", (4 * num_classes,), ("const", 0.0)
+    yield f"{predictor}.bbox_pred.weight", (4 * num_reg, features), ("normal", 0.001)
+    yield f"{predictor}.bbox_pred.bias", (4 * num_reg,), ("const", 0.0)
 
 
 def _entries(
-    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True
+    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True, cascade_stages: int = 0
 ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """Every state-dict entry of (Mask/Faster) R-CNN R50-FPN (``variant``'s config) in detectron2's
     order (module registration order)."""
@@ -223,6 +233,30 @@ def _entries(
 
     yield from _rpn_head_entries(_FPN_OUT, _NUM_ANCHORS)
 
+    if cascade_stages:
+        yield from _cascade_box_entries(num_classes, cascade_stages)
+    else:
+        yield from _box_entries(num_classes, variant)
+    if not mask_on:
+        return
+    yield from _mask_head_entries(num_classes, variant)
+
+
+def _cascade_box_entries(num_classes: int, stages: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``CascadeROIHeads``' ``box_head.{k}`` (2 fc, c2_xavier_fill) for every stage, then its
+    class-agnostic ``box_predictor.{k}`` (the ``nn.ModuleList`` registration order)."""
+    for k in range(stages):
+        features = _FPN_OUT * _BOX_POOLER**2
+        for fc in (1, 2):
+            yield f"roi_heads.box_head.{k}.fc{fc}.weight", (_FC_DIM, features), ("xavier",)
+            yield f"roi_heads.box_head.{k}.fc{fc}.bias", (_FC_DIM,), ("const", 0.0)
+            features = _FC_DIM
+    for k in range(stages):
+        yield from _box_predictor_entries(num_classes, _FC_DIM, f"roi_heads.box_predictor.{k}", num_reg=1)
+
+
+def _box_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``StandardROIHeads``' box head (``variant``'s convs and fcs) and predictor."""
     box_head = "roi_heads.box_head"
     channels = _FPN_OUT
     for k in range(1, variant.box_head_convs + 1):  # FastRCNNConvFCHead convs: c2_msra_fill
@@ -234,9 +268,10 @@ def _entries(
         yield f"{box_head}.fc{k}.bias", (_FC_DIM,), ("const", 0.0)
         features = _FC_DIM
     yield from _box_predictor_entries(num_classes, _FC_DIM)
-    if not mask_on:
-        return
 
+
+def _mask_head_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``MaskRCNNConvUpsampleHead``: 4 convs (``variant``'s norm), deconv and predictor."""
     mask_head = "roi_heads.mask_head"
     for k in range(1, _MASK_NUM_CONV + 1):
         in_channels = _FPN_OUT if k == 1 else _MASK_CONV_DIM
@@ -425,6 +460,35 @@ def retinanet_r50_fpn_state_dict(
         raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob!r}")
     entries = _retinanet_entries(int(num_classes), int(num_convs), norm, float(prior_prob))
     return _state_dict(entries, int(seed), calibration, "RetinaNet R50-FPN")
+
+
+def cascade_mask_rcnn_r50_fpn_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+    num_stages: int = 3,
+    mask_on: bool = True,
+) -> dict[str, np.ndarray]:
+    """detectron2's Cascade Mask R-CNN R50-FPN state dict (``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``
+    with ``num_stages`` entries in ``MODEL.ROI_BOX_CASCADE_HEAD``): the backbone, RPN and mask head of
+    :func:`mask_rcnn_r50_fpn_state_dict` (the same values for the same seed), and per stage ``k`` the
+    2-fc ``roi_heads.box_head.{k}`` and the class-agnostic ``roi_heads.box_predictor.{k}``, each
+    drawn from its own name's stream (so the first two stages of a 3-stage model equal a 2-stage
+    one's); ``mask_on`` False leaves ``roi_heads.mask_head`` out (``MODEL.MASK_ON`` False).
+    ``calibration``: as in :func:`mask_rcnn_r50_fpn_state_dict`, e.g.
+    ``tests/fixtures/cascade_mask_rcnn_calibration.npz`` (written by
+    ``tools/fixtures/make_cascade_mask_rcnn.py``); scales of stages this model lacks are ignored."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, (int, np.integer)) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+    entries = _entries(int(num_classes), mask_on=bool(mask_on), cascade_stages=int(num_stages))
+    if calibration is not None:
+        names = {name for name, _, _ in _entries(int(num_classes), mask_on=bool(mask_on),
+                                                  cascade_stages=int(num_stages))}
+        calibration = {k: v for k, v in _read_calibration(calibration).items()
+                       if not k.startswith((_SCALE_PREFIX, _VALUE_PREFIX)) or k.split(".", 1)[1] in names}
+    return _state_dict(entries, int(seed), calibration, "Cascade Mask R-CNN R50-FPN")
 
 
 # C4 / DC5 (no FPN): one backbone map, five anchor sizes x three aspect ratios a cell.

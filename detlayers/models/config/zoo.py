@@ -11,7 +11,7 @@ from detlayers.models.config.node import CfgNode
 __all__ = [
     "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
     "retinanet_R_50_FPN_3x_config", "mask_rcnn_R_50_FPN_3x_gn_config", "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
-    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config",
+    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config", "cascade_mask_rcnn_R_50_FPN_3x_config",
 ]
 
 
@@ -183,5 +183,18 @@ def mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config() -> CfgNode:
     cfg = _mask_rcnn_fpn_3x(50)
     cfg.merge_from_other_cfg(CfgNode({"MODEL": {
         "RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True], "DEFORM_MODULATED": False},
+    }}))
+    return cfg
+
+
+def cascade_mask_rcnn_R_50_FPN_3x_config() -> CfgNode:
+    """``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``: Mask R-CNN R50-FPN with ``CascadeROIHeads``
+    (three box stages of ``MODEL.ROI_BOX_CASCADE_HEAD``, class-agnostic box regression) and 2000
+    proposals an image in training."""
+    cfg = _mask_rcnn_fpn_3x(50)
+    cfg.merge_from_other_cfg(CfgNode({"MODEL": {
+        "ROI_HEADS": {"NAME": "CascadeROIHeads"},
+        "ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True},
+        "RPN": {"POST_NMS_TOPK_TRAIN": 2000},
     }}))
     return cfg
