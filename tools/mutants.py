@@ -417,7 +417,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("models-top-block-reads-p5-not-c5", "detlayers/models/backbone/fpn.py",
            "top_input = features[source]", "top_input = results[f\"p{top}\"]", LAYOUT, "top_block"),
     Mutant("models-resnet-dilated-res5-stride-32", "detlayers/models/backbone/resnet.py",
-           "if not (stage == 5 and self.res5_dilation == 2) and stage > 2:", "if stage > 2:", LAYOUT,
+           "if stage > 2 and self._stage_dilation(stage) == 1:", "if stage > 2:", LAYOUT,
            "resnet_from_config"),
     Mutant("models-rpn-pre-nms-topk-from-post", "detlayers/models/proposal_generator/rpn.py",
            "pre_nms_topk=rpn.PRE_NMS_TOPK_TEST", "pre_nms_topk=rpn.POST_NMS_TOPK_TEST", LAYOUT, "rpn_and_anchor"),
