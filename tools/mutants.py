@@ -80,6 +80,7 @@ CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
 FREEZE = ("tests/test_freeze.py",)
 C4 = ("tests/test_faster_rcnn_c4.py",)
+DEEPLAB = ("tests/test_deeplab.py",)
 CKPT = ("tests/test_train_checkpoints.py",)
 WEIGHTS = ("tests/test_torch_weights.py",)
 ARTIFACT = ("tests/test_export_artifact.py",)
@@ -543,6 +544,33 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("c4-batch-padded-to-multiples-of-32", "detlayers/models/predictor.py",
            "divisor = max(int(size_divisibility), 1)", "divisor = max(int(size_divisibility), 32)", C4,
            "c4_parity_with_detectron2"),
+    # ---- DeepLab (projects/DeepLab) -----------------------------------------------------------------
+    Mutant("deeplab-res5-multi-grid-ignored", "detlayers/models/backbone/resnet.py",
+           "return dilation * int(self.res5_multi_grid[block_index])", "return dilation", DEEPLAB,
+           "zoo_backbone"),
+    Mutant("deeplab-stem-stride-on-conv2", "detlayers/models/backbone/resnet.py",
+           '(("conv1", self.in_channels, half, 2), ("conv2", half, half, 1),',
+           '(("conv1", self.in_channels, half, 1), ("conv2", half, half, 2),', DEEPLAB, "zoo_backbone"),
+    Mutant("deeplab-dilated-res4-still-strided", "detlayers/models/backbone/resnet.py",
+           "first_stride = 1 if stage_index == 0 or self._stage_dilation(stage) > 1 else 2",
+           "first_stride = 1 if stage_index == 0 or (stage == 5 and self._stage_dilation(stage) > 1) else 2",
+           DEEPLAB, "non_default_keys"),
+    Mutant("deeplab-decoder-concat-swapped", "detlayers/models/deeplab/semantic_seg.py",
+           "y = jax.numpy.concatenate([proj, y], axis=-1)", "y = jax.numpy.concatenate([y, proj], axis=-1)",
+           DEEPLAB, "zoo_backbone"),
+    Mutant("deeplab-aspp-window-from-finest-stride", "detlayers/models/deeplab/semantic_seg.py",
+           "aspp_pool_kernel=_aspp_pool_kernel(cfg, shapes[-1][1].stride, head),",
+           "aspp_pool_kernel=_aspp_pool_kernel(cfg, shapes[0][1].stride, head),", DEEPLAB, "zoo_backbone"),
+    Mutant("deeplab-head-upsamples-by-4-whatever-common-stride", "detlayers/models/deeplab/semantic_seg.py",
+           "        return interpolate(y, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=False)",
+           "        return interpolate(y, scale_factor=4, mode=\"bilinear\", align_corners=False)", DEEPLAB,
+           "non_default_keys"),
+    Mutant("sem-seg-postprocess-resizes-the-padded-map", "detlayers/models/postprocessing.py",
+           "crop_h = jnp.minimum(image_hw[0], logits.shape[0])", "crop_h = jnp.asarray(logits.shape[0])", DEEPLAB,
+           "zoo_sem_seg"),
+    Mutant("sem-seg-postprocess-without-half-pixel", "detlayers/models/postprocessing.py",
+           "real = jnp.maximum(scale * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0))",
+           "real = scale * dst", DEEPLAB, "zoo_sem_seg"),
     # ---- detlayers.models past the default config (fast: small synthetic inputs) -------------------
     Mutant("models-scale-clamp-dh-unclamped", "detlayers/boxes.py",
            "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",
