@@ -38,10 +38,16 @@ pytestmark = pytest.mark.xdist_group("deeplab")
 LOGIT_RTOL = 3e-4
 
 
-def _config(case: dict | None = None):
-    from detlayers.models.config import deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config
+def _config(case: dict | None = None, head: str = "DeepLabV3PlusHead"):
+    from detlayers.models.config import (
+        deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config,
+        deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config,
+    )
 
-    cfg = deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config()
+    if head == "DeepLabV3PlusHead":
+        cfg = deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config()
+    else:
+        cfg = deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config()
     if case is not None:
         cfg.merge_from_list(parity.overrides(case))
     return cfg
@@ -55,8 +61,9 @@ def _predictor(case: dict, calibration: str, extra: tuple = ()):
     path = parity.FIXTURES / f"{calibration}.npz"
     if not path.is_file():
         pytest.skip(f"no {path.name}: generate it with tools/fixtures/make_deeplab.py (needs detectron2)")
-    state = deeplab_v3_plus_state_dict(seed=0, calibration=path, **parity.weights_kwargs(case))
-    cfg = _config(case)
+    kwargs = parity.weights_kwargs(case)
+    state = deeplab_v3_plus_state_dict(seed=0, calibration=path, **kwargs)
+    cfg = _config(case, kwargs.get("head", "DeepLabV3PlusHead"))
     cfg.merge_from_list(list(extra))
     return Predictor(cfg, state)
 
@@ -84,14 +91,13 @@ def _check_sem_seg(sem_seg: np.ndarray, case: dict, i: int) -> None:
     assert len(np.unique(labels)) >= 10  # a meaningful map, not one class everywhere
 
 
-@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
-def zoo_run() -> tuple[dict, dict]:
-    """detlayers on the zoo case's batch (each photograph at its own size, one padded batch),
-    with intermediates, on a bucketed canvas."""
+def _run_batch(stem: str, calibration: str) -> tuple[dict, dict]:
+    """detlayers on a case's batch (each photograph at its own size, one padded batch), with
+    intermediates, on a bucketed canvas."""
     from detlayers.models import batch_images, preprocess_image
 
-    case = parity.load_case("deeplab_v3_plus")
-    predictor = _predictor(case, "deeplab_calibration")
+    case = parity.load_case(stem)
+    predictor = _predictor(case, calibration)
     assert predictor.size_divisibility == 0 and predictor.is_semantic
     photos = [parity.photo_bgr(str(name)) for name in case["image_names"]]
     resized = []
@@ -110,6 +116,11 @@ def zoo_run() -> tuple[dict, dict]:
     return case, jax.device_get(out)
 
 
+@pytest.fixture(scope="session")  # not module: see tests/conftest.py (xdist groups)
+def zoo_run() -> tuple[dict, dict]:
+    return _run_batch("deeplab_v3_plus", "deeplab_calibration")
+
+
 def test_zoo_backbone_and_logits_match_detectron2(zoo_run):
     case, out = zoo_run
     for name in ("res2", "res5"):
@@ -124,6 +135,17 @@ def test_zoo_sem_seg_matches_detectron2(zoo_run):
     for i, (h, w) in enumerate(case["image_hw"].tolist()):
         _check_sem_seg(out["sem_seg"][i, :h, :w], case, i)
         assert not out["sem_seg"][i, h:].any() and not out["sem_seg"][i, :, w:].any()
+
+
+def test_deeplab_v3_head_matches_detectron2():
+    """``deeplab_v3_R_103_os16_mg124_poly_90k_bs16.yaml``: ``DeepLabV3Head`` (the ASPP on res5,
+    its pooling window ``CROP.SIZE / COMMON_STRIDE``, logits upsampled by 16) on its own weights."""
+    case, out = _run_batch("deeplab_v3", "deeplab_v3_calibration")
+    assert "res2" not in out and out["res5"].shape[1:3] == (20, 30)
+    _check_logits(out["res5"][..., case["res5_channels"]], case["res5"], "res5")
+    _check_logits(out["sem_seg_logits"][:, ::8, ::8, ::3], case["sem_seg_logits"], "head logits")
+    for i, (h, w) in enumerate(case["image_hw"].tolist()):
+        _check_sem_seg(out["sem_seg"][i, :h, :w], case, i)
 
 
 def test_non_default_keys_match_detectron2():
@@ -148,13 +170,13 @@ def test_non_default_keys_match_detectron2():
 # configs, names and errors (no compile)
 
 
-def test_zoo_function_equals_the_yaml_file():
+@pytest.mark.parametrize("head, name", [("DeepLabV3PlusHead", "deeplab_v3_plus"), ("DeepLabV3Head", "deeplab_v3")])
+def test_zoo_functions_equal_the_yaml_files(head, name):
     from test_config import CASES as CONFIG_CASES
     from test_config import assert_same_flat, flatten
 
-    yaml = ("projects/DeepLab/configs/Cityscapes-SemanticSegmentation/"
-            "deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16.yaml")
-    assert_same_flat(flatten(_config()), CONFIG_CASES[yaml]["flat"])
+    yaml = f"projects/DeepLab/configs/Cityscapes-SemanticSegmentation/{name}_R_103_os16_mg124_poly_90k_bs16.yaml"
+    assert_same_flat(flatten(_config(head=head)), CONFIG_CASES[yaml]["flat"])
 
 
 def test_zoo_model_structure_follows_the_config():
@@ -198,6 +220,20 @@ def test_unsupported_values_raise_naming_the_key(pairs, key):
         build_model(cfg)
 
 
+@pytest.mark.parametrize("pairs, key", [
+    (["MODEL.SEM_SEG_HEAD.CONVS_DIM", 128], "MODEL.SEM_SEG_HEAD.CONVS_DIM"),
+    (["MODEL.SEM_SEG_HEAD.IN_FEATURES", ["res4", "res5"]], "MODEL.SEM_SEG_HEAD.IN_FEATURES"),
+    (["INPUT.CROP.SIZE", (512, 1000)], "INPUT.CROP.SIZE"),
+])
+def test_unsupported_v3_values_raise_naming_the_key(pairs, key):
+    from detlayers.models import build_model
+
+    cfg = _config(head="DeepLabV3Head")
+    cfg.merge_from_list(pairs)
+    with pytest.raises(ValueError, match=key):
+        build_model(cfg)
+
+
 def test_deeplab_keys_are_needed():
     """The project's keys come from ``add_deeplab_config``; without them the builder says so."""
     from detlayers.models import build_model
@@ -220,3 +256,41 @@ def test_training_is_refused():
     hw = jnp.array([[512, 1024]])
     with pytest.raises(NotImplementedError, match="SemanticSegmentor: training"):
         jax.eval_shape(lambda: model.init(jax.random.key(0), images, hw, hw, train=True))
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_round_trip():
+    """A narrow DeepLabV3+ (random weights, 64x96 input) exported with its weights, serialized and
+    loaded back: the same logits at the original size."""
+    from detlayers.models import Predictor, build_model, export_predictor, load_exported
+
+    cfg = _config()
+    cfg.merge_from_list([
+        "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.STEM_OUT_CHANNELS", 8, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
+        "MODEL.RESNETS.WIDTH_PER_GROUP", 4, "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 8, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 8,
+        "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", [4], "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 3, "INPUT.CROP.ENABLED", False,
+        "INPUT.MIN_SIZE_TEST", 0,
+    ])
+    model = build_model(cfg)
+    images = jax.numpy.zeros((1, 64, 96, 3))
+    sizes = jax.numpy.asarray([[60, 90]], jax.numpy.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images, sizes, sizes)
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):  # He-normal kernels, unit batch-norm statistics, zero biases
+        name = getattr(path[-1], "key", None)
+        if name == "kernel":
+            return rng.normal(0.0, (2.0 / np.prod(leaf.shape[:-1])) ** 0.5, leaf.shape).astype(np.float32)
+        return np.full(leaf.shape, 1.0 if name in ("var", "scale") else 0.0, np.float32)
+
+    predictor = Predictor(cfg, jax.tree_util.tree_map_with_path(draw, shapes))
+    image = np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    inputs = predictor.inputs([image])
+    expected = jax.device_get(predictor.run(*inputs))["sem_seg"]
+    assert expected.shape == (1, 60, 90, 3) and np.isfinite(expected).all() and expected.std() > 0
+    exported = export_predictor(predictor, 1, inputs[0].shape[1:3], inputs[3])
+    got = jax.device_get(load_exported(exported.serialize()).call(*inputs[:3]))["sem_seg"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())

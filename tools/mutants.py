@@ -565,6 +565,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "        return interpolate(y, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=False)",
            "        return interpolate(y, scale_factor=4, mode=\"bilinear\", align_corners=False)", DEEPLAB,
            "non_default_keys"),
+    Mutant("deeplab-v3-upsampled-with-aligned-corners", "detlayers/models/deeplab/semantic_seg.py",
+           "        return interpolate(x, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=False)",
+           "        return interpolate(x, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=True)",
+           DEEPLAB, "v3_head"),
+    Mutant("deeplab-v3-aspp-dilations-reversed", "detlayers/models/deeplab/semantic_seg.py",
+           "            aspp_dilations=tuple(int(d) for d in sem.ASPP_DILATIONS), "
+           "aspp_dropout=float(sem.ASPP_DROPOUT),\n"
+           "            aspp_pool_kernel=_aspp_pool_kernel(cfg, int(sem.COMMON_STRIDE), head),",
+           "            aspp_dilations=tuple(int(d) for d in sem.ASPP_DILATIONS)[::-1], "
+           "aspp_dropout=float(sem.ASPP_DROPOUT),\n"
+           "            aspp_pool_kernel=_aspp_pool_kernel(cfg, int(sem.COMMON_STRIDE), head),", DEEPLAB, "v3_head"),
     Mutant("sem-seg-postprocess-resizes-the-padded-map", "detlayers/models/postprocessing.py",
            "crop_h = jnp.minimum(image_hw[0], logits.shape[0])", "crop_h = jnp.asarray(logits.shape[0])", DEEPLAB,
            "zoo_sem_seg"),
