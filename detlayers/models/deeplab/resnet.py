@@ -15,7 +15,8 @@ __all__ = ["build_resnet_deeplab_backbone"]
 
 @BACKBONE_REGISTRY.register()
 def build_resnet_deeplab_backbone(cfg: Any, input_shape: ShapeSpec | None = None) -> ResNet:
-    """detectron2's ``build_resnet_deeplab_backbone``: :meth:`ResNet.from_config` plus
+    """detectron2's ``build_resnet_deeplab_backbone``:
+    :meth:`detlayers.models.backbone.resnet.ResNet.from_config` plus
     ``MODEL.RESNETS.STEM_TYPE`` (``"basic"``: one 7x7 conv; ``"deeplab"``: three 3x3 convs),
     ``RES4_DILATION`` (1 or 2), ``RES5_DILATION`` (1, 2 or 4; 4 when res4 is dilated) and
     ``RES5_MULTI_GRID`` (res5 block ``i`` dilated ``RES5_DILATION * RES5_MULTI_GRID[i]``).

@@ -137,7 +137,8 @@ class _Decoder(nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class DeepLabV3PlusHead(nn.Module):
-    """detectron2's ``DeepLabV3PlusHead`` (:paper:`DeepLabV3+`), inference.
+    """detectron2's ``DeepLabV3PlusHead`` (Chen et al., "Encoder-Decoder with Atrous Separable
+    Convolution", 2018), inference.
 
     Fields: ``in_features`` ordered by stride (finest first) with their ``in_channels``; the
     coarsest feeds the ASPP (``aspp_channels`` out, ``aspp_dilations``, ``aspp_dropout``, pooling
@@ -209,9 +210,9 @@ class DeepLabV3PlusHead(nn.Module):
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class DeepLabV3Head(nn.Module):
-    """detectron2's ``DeepLabV3Head`` (:paper:`DeepLabV3`), inference: the ASPP ``aspp`` on the
-    one feature ``in_feature``, the 1x1 ``predictor``, then logits upsampled by ``common_stride``
-    (bilinear). ``__call__(features, train=False) -> [N, H * s, W * s, num_classes]``."""
+    """detectron2's ``DeepLabV3Head`` (Chen et al., "Rethinking Atrous Convolution", 2017), inference:
+    the ASPP ``aspp`` on the one feature ``in_feature``, the 1x1 ``predictor``, then logits
+    upsampled by ``common_stride`` (bilinear). ``__call__(features, train=False) -> [N, H * s, W * s, num_classes]``."""
 
     in_feature: str
     in_channels: int
