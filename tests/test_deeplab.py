@@ -294,3 +294,19 @@ def test_export_round_trip():
     exported = export_predictor(predictor, 1, inputs[0].shape[1:3], inputs[3])
     got = jax.device_get(load_exported(exported.serialize()).call(*inputs[:3]))["sem_seg"]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_benchmark_photo_is_half_a_cityscapes_frame_that_the_resize_keeps():
+    """The ``deeplab`` benchmark's photograph: BGR uint8 512x1024, which ``ResizeShortestEdge(512,
+    1024)`` leaves as it is, so res5 (stride 16) is the zoo ASPP's 32x64 window."""
+    from detlayers.bench import FAMILIES
+    from detlayers.bench import deeplab as bench_deeplab
+    from detlayers.models import resize_shortest_edge_shape
+
+    image = bench_deeplab.benchmark_image()
+    assert image.shape == (512, 1024, 3) and image.dtype == np.uint8
+    assert resize_shortest_edge_shape(512, 1024, 512, 1024) == (512, 1024)
+    assert FAMILIES["deeplab"] == "detlayers.bench.deeplab"
+    crop = parity.photo_bgr("coffee")[50:350]
+    assert abs(float(image.mean()) - float(crop.mean())) < 2  # the same photograph, channel order kept
+    np.testing.assert_allclose(image.reshape(-1, 3).mean(0), crop.reshape(-1, 3).mean(0), atol=2)

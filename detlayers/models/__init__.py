@@ -2,7 +2,8 @@
 
 Laid out as detectron2's ``modeling/``: ``backbone/`` (ResNet, FPN), ``proposal_generator/``
 (RPN), ``roi_heads/`` (StandardROIHeads and its box and mask heads), ``meta_arch/``
-(GeneralizedRCNN, ``build_model``), ``poolers``, ``anchor_generator``, ``box_regression``,
+(GeneralizedRCNN, RetinaNet, SemanticSegmentor, ``build_model``), ``deeplab/`` (detectron2's
+``projects/DeepLab``: its backbone and the DeepLabV3+ / V3 heads), ``poolers``, ``anchor_generator``, ``box_regression``,
 ``postprocessing``, ``checkpoint`` (detectron2 weights in and out) and ``predictor``, plus
 ``solver`` (detectron2's ``solver/``: learning-rate schedule and SGD, as optax), ``data``
 (detectron2's ``data/``: COCO-format datasets, augmentation, static-shape batches), ``engine``
@@ -27,6 +28,7 @@ _EXPORTS = exports_by_name({
     ),
     "meta_arch.rcnn": ("GeneralizedRCNN",),
     "meta_arch.retinanet": ("RetinaNet",),
+    "meta_arch.semantic_seg": ("SemanticSegmentor",),
     "meta_arch.build": ("build_model",),
     "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
     "predictor": ("Predictor", "PredictorOutOfMemoryError", "preprocess_image", "batch_images",
