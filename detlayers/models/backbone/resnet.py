@@ -183,8 +183,8 @@ class ResNet(nn.Module):
     width_per_group`` bottleneck channels. A dilated stage (``res4_dilation``, ``res5_dilation``
     above 1) keeps its input's stride; ``res5_multi_grid`` multiplies the dilation of each res5
     block; ``stem_type`` "deeplab" is :class:`DeepLabStem` (these three are what DeepLab's
-    ``build_resnet_deeplab_backbone`` sets; the plain builder allows ``res5_dilation`` 1 or 2). ``freeze_at`` stops gradients as detectron2's
-    ``freeze()`` does: 1 freezes the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}``
+    ``build_resnet_deeplab_backbone`` sets; the plain builder allows ``res5_dilation`` 1 or 2).
+    ``freeze_at`` stops gradients as detectron2's ``freeze()`` does: 1 freezes the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}``
     (``lax.stop_gradient`` on their outputs; their parameters then get zero gradients).
     """
 
