@@ -175,17 +175,18 @@ class ResNet(nn.Module):
 
     ``__call__(x [N, H, W, in_channels], train=False) -> {"res2": [N, H/4, W/4, C2], ..., "res5":
     ...}`` (the stages in ``out_features``; :meth:`output_shape` gives their channels and strides).
-    ``train`` is handed to every norm: ``BN``/``SyncBN`` normalise with batch statistics (and
-    update their running statistics when ``batch_stats`` is mutable); FrozenBN and GN ignore it,
-    and so do the frozen stages (``freeze_at``), which keep normalising with their running
-    statistics as detectron2's ``freeze()`` turns their norms into FrozenBatchNorm. Depth 18/34
-    builds ``BasicBlock`` stages, 50/101/152 ``BottleneckBlock`` stages of ``num_groups x
-    width_per_group`` bottleneck channels. A dilated stage (``res4_dilation``, ``res5_dilation``
-    above 1) keeps its input's stride; ``res5_multi_grid`` multiplies the dilation of each res5
-    block; ``stem_type`` "deeplab" is :class:`DeepLabStem` (these three are what DeepLab's
+    ``train`` is handed to every norm: ``BN``/``SyncBN`` normalise with batch statistics (and update
+    their running statistics when ``batch_stats`` is mutable); FrozenBN and GN ignore it, and so do
+    the frozen stages (``freeze_at``), which keep normalising with their running statistics as
+    detectron2's ``freeze()`` turns their norms into FrozenBatchNorm. Depth 18/34 builds
+    ``BasicBlock`` stages, 50/101/152 ``BottleneckBlock`` stages of ``num_groups x width_per_group``
+    bottleneck channels. A dilated stage (``res4_dilation``, ``res5_dilation`` above 1) keeps its
+    input's stride; ``res5_multi_grid`` multiplies the dilation of each res5 block; ``stem_type``
+    "deeplab" is :class:`DeepLabStem` (these three are what DeepLab's
     ``build_resnet_deeplab_backbone`` sets; the plain builder allows ``res5_dilation`` 1 or 2).
-    ``freeze_at`` stops gradients as detectron2's ``freeze()`` does: 1 freezes the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}``
-    (``lax.stop_gradient`` on their outputs; their parameters then get zero gradients).
+    ``freeze_at`` stops gradients as detectron2's ``freeze()`` does: 1 freezes the stem, ``k >= 2``
+    the stem and stages ``res2`` ... ``res{k}`` (``lax.stop_gradient`` on their outputs; their
+    parameters then get zero gradients).
     """
 
     depth: int = 50
