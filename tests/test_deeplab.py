@@ -14,7 +14,8 @@ batch). SyncBN at inference is a batch norm with running statistics.
   compared: a few channels of res2 and res5, the head's logits at the padded input size and the
   final ``sem_seg`` logits at each original size (a subsample of pixels and classes) and their
   argmax at every pixel.
-* ``keys``: own weights (``STEM_TYPE`` "basic", ``USE_DEPTHWISE_SEPARABLE_CONV`` True) with
+* ``keys``: own weights (``STEM_TYPE`` "basic", ``USE_DEPTHWISE_SEPARABLE_CONV`` True, a decoder on
+  res2 and res3 with ``PROJECT_CHANNELS`` [48, 32]) with
   ``RES4_DILATION`` 2 / ``RES5_DILATION`` 4, ``RES5_MULTI_GRID`` [1, 3, 2], ``ASPP_DILATIONS``
   [3, 6, 9], ``INPUT.CROP.ENABLED`` False (global image pooling) and ``COMMON_STRIDE`` 2, both
   photographs at 128 through ``Predictor.predict_batch``: the final ``sem_seg``.
@@ -149,18 +150,22 @@ def test_deeplab_v3_head_matches_detectron2():
 
 
 def test_non_default_keys_match_detectron2():
-    """Basic stem, depthwise-separable ASPP and decoder, res4 dilated (output stride 8), a
-    multi-grid of 1, 3, 2, ASPP dilations 3/6/9, global image pooling and COMMON_STRIDE 2, on
-    their own weights, through ``Predictor.predict_batch``."""
+    """Basic stem, depthwise-separable ASPP and decoder, a two-stage decoder (res3 projected to 32,
+    then res2 to 48), res4 dilated (output stride 8), a multi-grid of 1, 3, 2, ASPP dilations
+    3/6/9, global image pooling and COMMON_STRIDE 2, on their own weights, through
+    ``Predictor.predict_batch``."""
     case = parity.load_case("deeplab_v3_plus_keys")
     keys = {str(k) for k in case["overrides"][0::2]}
     assert {"MODEL.RESNETS.STEM_TYPE", "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV",
             "MODEL.RESNETS.RES5_MULTI_GRID", "MODEL.SEM_SEG_HEAD.ASPP_DILATIONS", "MODEL.RESNETS.RES4_DILATION",
-            "INPUT.CROP.ENABLED", "MODEL.SEM_SEG_HEAD.COMMON_STRIDE"} <= keys
+            "INPUT.CROP.ENABLED", "MODEL.SEM_SEG_HEAD.COMMON_STRIDE", "MODEL.SEM_SEG_HEAD.IN_FEATURES",
+            "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS"} <= keys
     (min_size,) = set(case["min_sizes"].tolist())
     predictor = _predictor(case, "deeplab_keys_calibration", ("INPUT.MIN_SIZE_TEST", min_size))
     assert predictor.model.backbone.output_shape()["res5"].stride == 8
-    assert predictor.model.sem_seg_head.aspp_pool_kernel is None
+    head = predictor.model.sem_seg_head
+    assert head.aspp_pool_kernel is None and head.in_features == ("res2", "res3", "res5")
+    assert head.project_channels == (48, 32)
     results = predictor.predict_batch([parity.photo_bgr(str(name)) for name in case["image_names"]])
     for i, result in enumerate(results):
         _check_sem_seg(result["sem_seg"], case, i)

@@ -576,6 +576,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "            aspp_dilations=tuple(int(d) for d in sem.ASPP_DILATIONS)[::-1], "
            "aspp_dropout=float(sem.ASPP_DROPOUT),\n"
            "            aspp_pool_kernel=_aspp_pool_kernel(cfg, int(sem.COMMON_STRIDE), head),", DEEPLAB, "v3_head"),
+    Mutant("deeplab-decoder-middle-stage-dropped", "detlayers/models/deeplab/semantic_seg.py",
+           "for index in reversed(range(last + 1)):", "for index in sorted({last, 0}, reverse=True):", DEEPLAB,
+           "non_default_keys"),
+    Mutant("sem-seg-postprocess-crop-beyond-a-smaller-map", "detlayers/models/postprocessing.py",
+           "crop_w = jnp.minimum(image_hw[1], logits.shape[1])", "crop_w = image_hw[1]", DEEPLAB, "non_default_keys"),
     Mutant("sem-seg-postprocess-resizes-the-padded-map", "detlayers/models/postprocessing.py",
            "crop_h = jnp.minimum(image_hw[0], logits.shape[0])", "crop_h = jnp.asarray(logits.shape[0])", DEEPLAB,
            "zoo_sem_seg"),

@@ -511,11 +511,12 @@ _R_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 def _deeplab_entries(
     depth: int, stem_type: str, num_classes: int, use_depthwise_separable_conv: bool, plus: bool,
-    norm: str = "SyncBN",
+    decoder: tuple[tuple[str, int], ...] = (("res2", 48),), norm: str = "SyncBN",
 ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """``SemanticSegmentor`` with ``build_resnet_deeplab_backbone`` and ``DeepLabV3PlusHead`` (the
-    Cityscapes config: res2 projected to 48, ASPP and decoder 256 wide; ``plus`` False:
-    ``DeepLabV3Head``, the ASPP on res5) in detectron2's order."""
+    Cityscapes config: ``decoder`` stages ``(feature, projected channels)`` finest first, res2
+    projected to 48; ASPP on res5, ASPP and decoder 256 wide; ``plus`` False: ``DeepLabV3Head``,
+    the ASPP on res5) in detectron2's order."""
     stem_out = _DEEPLAB_STEM_OUT if stem_type == "deeplab" else _STEM_OUT
     if stem_type == "deeplab":  # DeepLabStem: three 3x3 convs, c2_msra_fill
         yield from _conv_with_norm("backbone.stem.conv1", stem_out // 2, 3, 3, norm)
@@ -541,14 +542,17 @@ def _deeplab_entries(
         yield "sem_seg_head.predictor.weight", (num_classes, width, 1, 1), ("normal", 0.001)
         yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
         return
-    head, project = "sem_seg_head.decoder", 48
-    yield from _conv_with_norm(f"{head}.res2.project_conv", project, _RES2_OUT, 1, norm, ("xavier",))
-    if use_depthwise_separable_conv:  # one 5x5 DepthwiseSeparableConv2d, c2_msra_fill
-        yield from _conv_with_norm(f"{head}.res2.fuse_conv.depthwise", project + width, 1, 5, norm)
-        yield from _conv_with_norm(f"{head}.res2.fuse_conv.pointwise", width, project + width, 1, norm)
-    else:
-        yield from _conv_with_norm(f"{head}.res2.fuse_conv.0", width, project + width, 3, norm, ("xavier",))
-        yield from _conv_with_norm(f"{head}.res2.fuse_conv.1", width, width, 3, norm, ("xavier",))
+    head = "sem_seg_head.decoder"
+    for feature, project in decoder:  # finest first, as detectron2 registers the stages
+        stage = f"{head}.{feature}"
+        in_ch = _RES2_OUT * 2 ** (int(feature[3:]) - 2)
+        yield from _conv_with_norm(f"{stage}.project_conv", project, in_ch, 1, norm, ("xavier",))
+        if use_depthwise_separable_conv:  # one 5x5 DepthwiseSeparableConv2d, c2_msra_fill
+            yield from _conv_with_norm(f"{stage}.fuse_conv.depthwise", project + width, 1, 5, norm)
+            yield from _conv_with_norm(f"{stage}.fuse_conv.pointwise", width, project + width, 1, norm)
+        else:
+            yield from _conv_with_norm(f"{stage}.fuse_conv.0", width, project + width, 3, norm, ("xavier",))
+            yield from _conv_with_norm(f"{stage}.fuse_conv.1", width, width, 3, norm, ("xavier",))
     yield from _aspp_entries(f"{head}.res5.project_conv", res5, width, use_depthwise_separable_conv, norm)
     yield "sem_seg_head.predictor.weight", (num_classes, width, 1, 1), ("normal", 0.001)
     yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
@@ -562,6 +566,8 @@ def deeplab_v3_plus_state_dict(
     num_classes: int = 19,
     use_depthwise_separable_conv: bool = False,
     head: str = "DeepLabV3PlusHead",
+    decoder_features: tuple[str, ...] = ("res2",),
+    project_channels: tuple[int, ...] = (48,),
 ) -> dict[str, np.ndarray]:
     """detectron2's DeepLabV3+ state dict (``projects/DeepLab``'s
     ``deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16.yaml``: ``SemanticSegmentor``, SyncBN
@@ -573,7 +579,9 @@ def deeplab_v3_plus_state_dict(
     ``calibration``: as in :func:`mask_rcnn_r50_fpn_state_dict` (every ``running_mean`` /
     ``running_var``, and ``scale.`` factors), e.g. ``tests/fixtures/deeplab_calibration.npz``
     written by ``tools/fixtures/make_deeplab.py``. ``head="DeepLabV3Head"`` gives
-    ``deeplab_v3_R_103_os16_mg124_poly_90k_bs16.yaml``'s (``sem_seg_head.aspp`` and the predictor)."""
+    ``deeplab_v3_R_103_os16_mg124_poly_90k_bs16.yaml``'s (``sem_seg_head.aspp`` and the predictor).
+    ``decoder_features`` / ``project_channels``: the DeepLabV3+ decoder's features besides res5
+    (``SEM_SEG_HEAD.IN_FEATURES`` but the last, finest first) and their ``PROJECT_CHANNELS``."""
     _check_seed(seed)
     if head not in ("DeepLabV3PlusHead", "DeepLabV3Head"):
         raise ValueError(f"head must be 'DeepLabV3PlusHead' or 'DeepLabV3Head', got {head!r}")
@@ -582,8 +590,12 @@ def deeplab_v3_plus_state_dict(
         raise ValueError(f"depth must be one of {sorted(_R_BLOCKS)}, got {depth!r}")
     if stem_type not in ("basic", "deeplab"):
         raise ValueError(f"stem_type must be 'basic' or 'deeplab', got {stem_type!r}")
+    if len(decoder_features) != len(project_channels) or not set(decoder_features) <= {"res2", "res3", "res4"}:
+        raise ValueError(f"decoder_features {decoder_features} (of res2-res4) need one project_channels entry "
+                         f"each, got {project_channels}")
+    decoder = tuple((f, int(c)) for f, c in zip(decoder_features, project_channels))
     entries = _deeplab_entries(int(depth), stem_type, int(num_classes), bool(use_depthwise_separable_conv),
-                               head == "DeepLabV3PlusHead")
+                               head == "DeepLabV3PlusHead", decoder)
     state = _state_dict(entries, int(seed), calibration, "DeepLabV3+")
     for name in state:
         if name.endswith(".num_batches_tracked"):

@@ -181,7 +181,8 @@ class DeepLabV3PlusHead(nn.Module):
         if unknown or not sem.IN_FEATURES:
             raise ValueError(f"{head}: MODEL.SEM_SEG_HEAD.IN_FEATURES {list(sem.IN_FEATURES)} must be backbone "
                              f"outputs {list(input_shape)}")
-        shapes = sorted(((f, input_shape[f]) for f in sem.IN_FEATURES), key=lambda item: item[1].stride)
+        # by stride, ties in the backbone's order (detectron2 sorts the backbone's filtered outputs)
+        shapes = sorted(((f, s) for f, s in input_shape.items() if f in sem.IN_FEATURES), key=lambda i: i[1].stride)
         if len(sem.PROJECT_CHANNELS) != len(shapes) - 1:
             raise ValueError(f"{head}: MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS needs {len(shapes) - 1} entries (one per "
                              f"IN_FEATURES but the coarsest), got {list(sem.PROJECT_CHANNELS)}")
