@@ -556,7 +556,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "first_stride = 1 if stage_index == 0 or (stage == 5 and self._stage_dilation(stage) > 1) else 2",
            DEEPLAB, "non_default_keys"),
     Mutant("deeplab-decoder-concat-swapped", "detlayers/models/deeplab/semantic_seg.py",
-           "y = jax.numpy.concatenate([proj, y], axis=-1)", "y = jax.numpy.concatenate([y, proj], axis=-1)",
+           "y = jnp.concatenate([proj, y], axis=-1)", "y = jnp.concatenate([y, proj], axis=-1)",
            DEEPLAB, "zoo_backbone"),
     Mutant("deeplab-aspp-window-from-finest-stride", "detlayers/models/deeplab/semantic_seg.py",
            "aspp_pool_kernel=_aspp_pool_kernel(cfg, shapes[-1][1].stride, head),",

@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from detlayers.aspp import ASPP
 from detlayers.blocks import DepthwiseSeparableConv2d
@@ -89,7 +90,7 @@ class _DecoderStage(nn.Module):
         proj = Conv2d(self.in_channels, self.project_channels, 1, bias=use_bias, norm=self.norm,
                       activation=jax.nn.relu, name="project_conv")(x, train=train)
         y = interpolate(y, size=(proj.shape[1], proj.shape[2]), mode="bilinear", align_corners=False)
-        y = jax.numpy.concatenate([proj, y], axis=-1)
+        y = jnp.concatenate([proj, y], axis=-1)
         fused_in = self.project_channels + self.previous_channels
         if self.use_depthwise_separable_conv:
             # one 5x5 depthwise-separable conv instead of two 3x3 convs (same receptive field)
