@@ -1,4 +1,5 @@
-"""detectron2's ``detector_postprocess`` (``modeling/postprocessing.py``) on static-shape outputs."""
+"""detectron2's ``detector_postprocess`` and ``sem_seg_postprocess`` (``modeling/postprocessing.py``) on
+static-shape outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from detlayers.mask_ops import paste_masks_in_image
 
 Array = jax.Array
 
-__all__ = ["detector_postprocess", "paste_instance_masks"]
+__all__ = ["detector_postprocess", "paste_instance_masks", "sem_seg_postprocess"]
 
 
 def detector_postprocess(
@@ -69,3 +70,51 @@ def paste_instance_masks(mask_probs: Array, boxes: Array, valid: Array, canvas_h
         (int(canvas_hw[0]), int(canvas_hw[1])), 0.5,
     )
     return pasted.reshape(n, d, *pasted.shape[1:]) & valid[:, :, None, None]
+
+
+def _bilinear_taps(in_size: Array, out_size: Array, length: int) -> tuple[Array, Array, Array, Array]:
+    """PyTorch's bilinear source taps (``align_corners=False``, scale ``in / out`` in float32)
+    for ``length`` output positions, with traced ``in_size``/``out_size``: ``(i0, i1, w0, w1)``."""
+    scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
+    dst = jnp.arange(length, dtype=jnp.float32)
+    real = jnp.maximum(scale * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0))
+    i0 = jnp.minimum(jnp.floor(real).astype(jnp.int32), in_size - 1)
+    w1 = jnp.clip(real - i0.astype(jnp.float32), 0.0, 1.0)
+    i1 = jnp.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, 1.0 - w1, w1
+
+
+def _resize_one(logits: Array, image_hw: Array, output_hw: Array, canvas_hw: tuple[int, int]) -> Array:
+    """One image: ``logits [Hp, Wp, C]`` cropped to ``image_hw`` and resized to ``output_hw`` on a
+    ``canvas_hw`` canvas (zero outside)."""
+    # a crop beyond the map keeps the whole map, as slicing does (a head whose output is smaller
+    # than its input, COMMON_STRIDE below the decoder's stride)
+    crop_h = jnp.minimum(image_hw[0], logits.shape[0])
+    crop_w = jnp.minimum(image_hw[1], logits.shape[1])
+    r0, r1, rw0, rw1 = _bilinear_taps(crop_h, output_hw[0], canvas_hw[0])
+    c0, c1, cw0, cw1 = _bilinear_taps(crop_w, output_hw[1], canvas_hw[1])
+    # along W first, then H, as PyTorch's kernel sums h0 * (w0 * x00 + w1 * x01) + h1 * (...)
+    cols = logits[:, c0] * cw0[None, :, None] + logits[:, c1] * cw1[None, :, None]
+    out = cols[r0] * rw0[:, None, None] + cols[r1] * rw1[:, None, None]
+    inside = (jnp.arange(canvas_hw[0])[:, None] < output_hw[0]) & (jnp.arange(canvas_hw[1])[None, :] < output_hw[1])
+    return jnp.where(inside[:, :, None], out, 0.0).astype(logits.dtype)
+
+
+def sem_seg_postprocess(logits: Array, image_hw: Array, output_hw: Array, canvas_hw: tuple[int, int]) -> Array:
+    """detectron2's ``sem_seg_postprocess`` on a padded batch: per image, the logits of its input
+    region ``[:h, :w]`` resized (bilinear, ``align_corners=False``) to its original size.
+
+    ``logits``: ``float[N, Hp, Wp, C]`` at the padded input size; ``image_hw``/``output_hw``:
+    ``int32[N, 2]`` input and original sizes (traced: one compile serves every size);
+    ``canvas_hw``: static ``(H, W)`` at least every ``output_hw``. Returns ``[N, H, W, C]``: image
+    ``i``'s logits in ``[:oh_i, :ow_i]``, zero elsewhere.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"sem_seg_postprocess: logits must be [N, H, W, C], got shape {logits.shape}")
+    n = logits.shape[0]
+    for name, value in (("image_hw", image_hw), ("output_hw", output_hw)):
+        if tuple(value.shape) != (n, 2):
+            raise ValueError(f"sem_seg_postprocess: {name} must be [N, 2] = [{n}, 2], got shape {value.shape}")
+    canvas = (int(canvas_hw[0]), int(canvas_hw[1]))
+    return jax.vmap(lambda x, i, o: _resize_one(x, i, o, canvas))(
+        logits, image_hw.astype(jnp.int32), output_hw.astype(jnp.int32))

@@ -154,8 +154,10 @@ class Predictor:
     ``predictor(image_bgr)`` takes ``uint8[H, W, 3]`` in BGR (cv2) order and returns a dict of NumPy
     arrays with only the valid instances, by decreasing score: ``pred_boxes float32[K, 4]``
     (original-image pixels), ``scores float32[K]``, ``pred_classes int64[K]`` and, with masks,
-    ``pred_masks bool[K, H, W]``. ``predict_batch(images)`` runs several images in ONE jitted call
-    (padded to a common size, as detectron2 batches them) and returns one dict each.
+    ``pred_masks bool[K, H, W]``; a ``SemanticSegmentor`` (DeepLab) returns ``{"sem_seg":
+    float32[H, W, num_classes]}``, the logits at the original size (detectron2's ``[C, H, W]``, NHWC
+    here). ``predict_batch(images)`` runs several images in ONE jitted call (padded to a common
+    size, as detectron2 batches them) and returns one dict each.
 
     Compilation: the network is compiled once per (batch size, padded size); the padded size is
     detectron2's (for an FPN a multiple of 32 of the resized image, so at most ``MAX_SIZE_TEST / 32``
@@ -210,9 +212,18 @@ class Predictor:
         h, w = _canvas(np.asarray(output_hw))
         return bucket_size(h, self.size_buckets), bucket_size(w, self.size_buckets)
 
+    @property
+    def is_semantic(self) -> bool:
+        """Whether the model segments (``SemanticSegmentor``: per-pixel logits) instead of detecting."""
+        return hasattr(self.model, "sem_seg_head")
+
     def _compute(self, images: np.ndarray, image_hw: np.ndarray, originals: np.ndarray) -> dict[str, np.ndarray]:
         """Network, then mask pasting on the bucketed canvas; blocks on both, so an out-of-memory
-        error surfaces here (fetching the results of a failed computation can hang)."""
+        error surfaces here (fetching the results of a failed computation can hang). A segmenter
+        resizes its logits into the bucketed canvas itself."""
+        if self.is_semantic:
+            return jax.device_get(jax.block_until_ready(self.run(images, image_hw, originals,
+                                                                 self.mask_canvas(originals))))
         out = self.run(images, image_hw, originals, None)
         if "mask_probs" in out:
             out["pred_masks"] = self._paste(out["mask_probs"], out["pred_boxes"], out["valid"],
@@ -229,6 +240,9 @@ class Predictor:
                 f"INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST (now {self.cfg.INPUT.MIN_SIZE_TEST} / "
                 f"{self.cfg.INPUT.MAX_SIZE_TEST}) or pass fewer images per predict_batch call. XLA said: {xla}")):
             out = self._compute(images, image_hw, originals)
+        if self.is_semantic:  # detectron2's {"sem_seg": logits at the original size}, HWC here
+            return [{"sem_seg": np.asarray(out["sem_seg"][i, :h, :w], np.float32)}
+                    for i, (h, w) in enumerate(originals.tolist())]
         results = []
         for i, (h, w) in enumerate(originals.tolist()):
             k = int(out["num_instances"][i])

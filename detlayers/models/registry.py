@@ -120,10 +120,12 @@ class Registry:
 _MODELS = "detlayers.models."
 
 META_ARCH_REGISTRY = Registry(
-    "META_ARCH", "MODEL.META_ARCHITECTURE", (_MODELS + "meta_arch.rcnn", _MODELS + "meta_arch.retinanet")
+    "META_ARCH", "MODEL.META_ARCHITECTURE",
+    (_MODELS + "meta_arch.rcnn", _MODELS + "meta_arch.retinanet", _MODELS + "meta_arch.semantic_seg"),
 )
 BACKBONE_REGISTRY = Registry(
-    "BACKBONE", "MODEL.BACKBONE.NAME", (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn")
+    "BACKBONE", "MODEL.BACKBONE.NAME",
+    (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn", _MODELS + "deeplab.resnet"),
 )
 PROPOSAL_GENERATOR_REGISTRY = Registry(
     "PROPOSAL_GENERATOR", "MODEL.PROPOSAL_GENERATOR.NAME", (_MODELS + "proposal_generator.rpn",)
@@ -140,7 +142,7 @@ ROI_BOX_HEAD_REGISTRY = Registry("ROI_BOX_HEAD", "MODEL.ROI_BOX_HEAD.NAME", (_MO
 ROI_MASK_HEAD_REGISTRY = Registry(
     "ROI_MASK_HEAD", "MODEL.ROI_MASK_HEAD.NAME", (_MODELS + "roi_heads.mask_head",)
 )
-SEM_SEG_HEADS_REGISTRY = Registry("SEM_SEG_HEADS", "MODEL.SEM_SEG_HEAD.NAME")
+SEM_SEG_HEADS_REGISTRY = Registry("SEM_SEG_HEADS", "MODEL.SEM_SEG_HEAD.NAME", (_MODELS + "deeplab.semantic_seg",))
 
 ALL_REGISTRIES: tuple[Registry, ...] = (
     META_ARCH_REGISTRY, BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, ANCHOR_GENERATOR_REGISTRY,

@@ -82,6 +82,7 @@ __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
     "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
     "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict", "cascade_mask_rcnn_r50_fpn_state_dict",
+    "deeplab_v3_plus_state_dict",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -143,6 +144,10 @@ def _norm_entries(prefix: str, out_ch: int, norm: str) -> Iterator[tuple[str, tu
     if norm == "FrozenBN":
         yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
         yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0 - FROZEN_BN_EPS)
+    elif norm in ("BN", "SyncBN"):  # torch's BatchNorm2d / SyncBatchNorm buffers
+        yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
+        yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0)
+        yield f"{prefix}.norm.num_batches_tracked", (), ("const", 0.0)
     elif norm != "GN":  # pragma: no cover - VARIANTS only uses these
         raise AssertionError(norm)
 
@@ -547,6 +552,120 @@ def faster_rcnn_r50_dc5_state_dict(
     _check_seed(seed)
     _check_num_classes(num_classes)
     return _state_dict(_dc5_entries(int(num_classes)), int(seed), calibration, "Faster R-CNN R50-DC5")
+
+
+# DeepLab (projects/DeepLab): ResNet with the three-conv stem, DeepLabV3+ head.
+
+
+def _aspp_entries(prefix: str, in_ch: int, width: int, separable: bool, norm: str
+                  ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """detectron2's ``ASPP``: ``convs.0`` (1x1), ``convs.1..3`` (3x3, or depthwise-separable:
+    ``c2_msra_fill``), ``convs.4.1`` (the pooled 1x1: bias, no norm), ``project``; c2_xavier_fill."""
+    yield from _conv_with_norm(f"{prefix}.convs.0", width, in_ch, 1, norm, ("xavier",))
+    for k in (1, 2, 3):
+        if separable:
+            yield from _conv_with_norm(f"{prefix}.convs.{k}.depthwise", in_ch, 1, 3, norm)
+            yield from _conv_with_norm(f"{prefix}.convs.{k}.pointwise", width, in_ch, 1, norm)
+        else:
+            yield from _conv_with_norm(f"{prefix}.convs.{k}", width, in_ch, 3, norm, ("xavier",))
+    yield from _conv_with_norm(f"{prefix}.convs.4.1", width, in_ch, 1, "", ("xavier",))
+    yield from _conv_with_norm(f"{prefix}.project", width, 5 * width, 1, norm, ("xavier",))
+_DEEPLAB_STEM_OUT = 128
+_R_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def _deeplab_entries(
+    depth: int, stem_type: str, num_classes: int, use_depthwise_separable_conv: bool, plus: bool,
+    decoder: tuple[tuple[str, int], ...] = (("res2", 48),), norm: str = "SyncBN",
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``SemanticSegmentor`` with ``build_resnet_deeplab_backbone`` and ``DeepLabV3PlusHead`` (the
+    Cityscapes config: ``decoder`` stages ``(feature, projected channels)`` finest first, res2
+    projected to 48; ASPP on res5, ASPP and decoder 256 wide; ``plus`` False: ``DeepLabV3Head``,
+    the ASPP on res5) in detectron2's order."""
+    stem_out = _DEEPLAB_STEM_OUT if stem_type == "deeplab" else _STEM_OUT
+    if stem_type == "deeplab":  # DeepLabStem: three 3x3 convs, c2_msra_fill
+        yield from _conv_with_norm("backbone.stem.conv1", stem_out // 2, 3, 3, norm)
+        yield from _conv_with_norm("backbone.stem.conv2", stem_out // 2, stem_out // 2, 3, norm)
+        yield from _conv_with_norm("backbone.stem.conv3", stem_out, stem_out // 2, 3, norm)
+    else:
+        yield from _conv_with_norm("backbone.stem.conv1", stem_out, 3, 7, norm)
+    in_ch = stem_out
+    for stage_index, blocks in enumerate(_R_BLOCKS[depth]):
+        out_ch = _RES2_OUT * 2**stage_index
+        bottleneck = _BOTTLENECK_RES2 * 2**stage_index
+        for b in range(blocks):
+            block = f"backbone.res{stage_index + 2}.{b}"
+            if in_ch != out_ch:
+                yield from _conv_with_norm(f"{block}.shortcut", out_ch, in_ch, 1, norm)
+            yield from _conv_with_norm(f"{block}.conv1", bottleneck, in_ch, 1, norm)
+            yield from _conv_with_norm(f"{block}.conv2", bottleneck, bottleneck, 3, norm)
+            yield from _conv_with_norm(f"{block}.conv3", out_ch, bottleneck, 1, norm)
+            in_ch = out_ch
+    width, res5 = 256, _RES2_OUT * 8
+    if not plus:  # DeepLabV3Head: the ASPP on res5, then the predictor
+        yield from _aspp_entries("sem_seg_head.aspp", res5, width, use_depthwise_separable_conv, norm)
+        yield "sem_seg_head.predictor.weight", (num_classes, width, 1, 1), ("normal", 0.001)
+        yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
+        return
+    head = "sem_seg_head.decoder"
+    for feature, project in decoder:  # finest first, as detectron2 registers the stages
+        stage = f"{head}.{feature}"
+        in_ch = _RES2_OUT * 2 ** (int(feature[3:]) - 2)
+        yield from _conv_with_norm(f"{stage}.project_conv", project, in_ch, 1, norm, ("xavier",))
+        if use_depthwise_separable_conv:  # one 5x5 DepthwiseSeparableConv2d, c2_msra_fill
+            yield from _conv_with_norm(f"{stage}.fuse_conv.depthwise", project + width, 1, 5, norm)
+            yield from _conv_with_norm(f"{stage}.fuse_conv.pointwise", width, project + width, 1, norm)
+        else:
+            yield from _conv_with_norm(f"{stage}.fuse_conv.0", width, project + width, 3, norm, ("xavier",))
+            yield from _conv_with_norm(f"{stage}.fuse_conv.1", width, width, 3, norm, ("xavier",))
+    yield from _aspp_entries(f"{head}.res5.project_conv", res5, width, use_depthwise_separable_conv, norm)
+    yield "sem_seg_head.predictor.weight", (num_classes, width, 1, 1), ("normal", 0.001)
+    yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
+
+
+def deeplab_v3_plus_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    depth: int = 101,
+    stem_type: str = "deeplab",
+    num_classes: int = 19,
+    use_depthwise_separable_conv: bool = False,
+    head: str = "DeepLabV3PlusHead",
+    decoder_features: tuple[str, ...] = ("res2",),
+    project_channels: tuple[int, ...] = (48,),
+) -> dict[str, np.ndarray]:
+    """detectron2's DeepLabV3+ state dict (``projects/DeepLab``'s
+    ``deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16.yaml``: ``SemanticSegmentor``, SyncBN
+    everywhere) with detectron2's init from a NumPy seed: ResNet-``depth`` (50 or 101; 101 is the
+    zoo's R-103) with the ``"deeplab"`` stem (three 3x3 convs, 128 channels) or the ``"basic"`` one
+    (one 7x7 conv, 64), every conv ``c2_msra_fill``; the head's convs ``c2_xavier_fill`` (the
+    depthwise-separable ones, ``use_depthwise_separable_conv``, ``c2_msra_fill``), the predictor
+    normal std 0.001; BN weight 1, bias 0, mean 0, var 1, ``num_batches_tracked`` 0.
+    ``calibration``: as in :func:`mask_rcnn_r50_fpn_state_dict` (every ``running_mean`` /
+    ``running_var``, and ``scale.`` factors), e.g. ``tests/fixtures/deeplab_calibration.npz``
+    written by ``tools/fixtures/make_deeplab.py``. ``head="DeepLabV3Head"`` gives
+    ``deeplab_v3_R_103_os16_mg124_poly_90k_bs16.yaml``'s (``sem_seg_head.aspp`` and the predictor).
+    ``decoder_features`` / ``project_channels``: the DeepLabV3+ decoder's features besides res5
+    (``SEM_SEG_HEAD.IN_FEATURES`` but the last, finest first) and their ``PROJECT_CHANNELS``."""
+    _check_seed(seed)
+    if head not in ("DeepLabV3PlusHead", "DeepLabV3Head"):
+        raise ValueError(f"head must be 'DeepLabV3PlusHead' or 'DeepLabV3Head', got {head!r}")
+    _check_num_classes(num_classes)
+    if depth not in _R_BLOCKS:
+        raise ValueError(f"depth must be one of {sorted(_R_BLOCKS)}, got {depth!r}")
+    if stem_type not in ("basic", "deeplab"):
+        raise ValueError(f"stem_type must be 'basic' or 'deeplab', got {stem_type!r}")
+    if len(decoder_features) != len(project_channels) or not set(decoder_features) <= {"res2", "res3", "res4"}:
+        raise ValueError(f"decoder_features {decoder_features} (of res2-res4) need one project_channels entry "
+                         f"each, got {project_channels}")
+    decoder = tuple((f, int(c)) for f, c in zip(decoder_features, project_channels))
+    entries = _deeplab_entries(int(depth), stem_type, int(num_classes), bool(use_depthwise_separable_conv),
+                               head == "DeepLabV3PlusHead", decoder)
+    state = _state_dict(entries, int(seed), calibration, "DeepLabV3+")
+    for name in state:
+        if name.endswith(".num_batches_tracked"):
+            state[name] = np.zeros((), np.int64)
+    return state
 
 
 def _check_seed(seed: int) -> None:
