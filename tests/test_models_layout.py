@@ -25,16 +25,18 @@ VARIABLES = pathlib.Path(__file__).parent / "fixtures" / "mask_rcnn_R_50_FPN_var
 
 # (registry, config key, the names detectron2 registers that are built here)
 REGISTRIES = [
-    (reg.META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE", ["GeneralizedRCNN", "PanopticFPN", "RetinaNet"]),
+    (reg.META_ARCH_REGISTRY, "MODEL.META_ARCHITECTURE",
+     ["GeneralizedRCNN", "PanopticFPN", "RetinaNet", "SemanticSegmentor"]),
     (reg.BACKBONE_REGISTRY, "MODEL.BACKBONE.NAME",
-     ["build_resnet_backbone", "build_resnet_fpn_backbone", "build_retinanet_resnet_fpn_backbone"]),
+     ["build_resnet_backbone", "build_resnet_deeplab_backbone", "build_resnet_fpn_backbone",
+      "build_retinanet_resnet_fpn_backbone"]),
     (reg.PROPOSAL_GENERATOR_REGISTRY, "MODEL.PROPOSAL_GENERATOR.NAME", ["RPN"]),
     (reg.ANCHOR_GENERATOR_REGISTRY, "MODEL.ANCHOR_GENERATOR.NAME", ["DefaultAnchorGenerator"]),
     (reg.RPN_HEAD_REGISTRY, "MODEL.RPN.HEAD_NAME", ["StandardRPNHead"]),
-    (reg.ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", ["Res5ROIHeads", "StandardROIHeads"]),
+    (reg.ROI_HEADS_REGISTRY, "MODEL.ROI_HEADS.NAME", ["CascadeROIHeads", "Res5ROIHeads", "StandardROIHeads"]),
     (reg.ROI_BOX_HEAD_REGISTRY, "MODEL.ROI_BOX_HEAD.NAME", ["FastRCNNConvFCHead"]),
     (reg.ROI_MASK_HEAD_REGISTRY, "MODEL.ROI_MASK_HEAD.NAME", ["MaskRCNNConvUpsampleHead"]),
-    (reg.SEM_SEG_HEADS_REGISTRY, "MODEL.SEM_SEG_HEAD.NAME", ["SemSegFPNHead"]),
+    (reg.SEM_SEG_HEADS_REGISTRY, "MODEL.SEM_SEG_HEAD.NAME", ["DeepLabV3Head", "DeepLabV3PlusHead", "SemSegFPNHead"]),
 ]
 
 

@@ -210,8 +210,9 @@ def test_parity_with_detectron2_non_default_keys(keys_case):
 
 
 def test_predictor_outputs_are_detectron2s_per_image_fields(zoo_case):
-    """``Predictor.predict_batch``'s host side: detectron2's ``sem_seg [C, h, w]``, ``panoptic_seg``
-    as ``(map, segments_info)`` and the instances, each cut to its image."""
+    """``Predictor.predict_batch``'s host side: detectron2's ``sem_seg`` (NHWC here: ``[h, w, C]``, as
+    the ``SemanticSegmentor``'s), ``panoptic_seg`` as ``(map, segments_info)`` and the instances,
+    each cut to its image."""
     from detlayers.models.predictor import split_batch_outputs
 
     case, out, _ = zoo_case
@@ -219,8 +220,9 @@ def test_predictor_outputs_are_detectron2s_per_image_fields(zoo_case):
     for i, ((h, w), result) in enumerate(zip(case["image_hw"], results)):
         k = int(out["num_instances"][i])
         assert result["pred_masks"].shape == (k, h, w) and result["scores"].shape == (k,)
-        assert result["sem_seg"].shape == (54, h, w)
-        np.testing.assert_array_equal(result["sem_seg"].argmax(axis=0), out["sem_seg_map"][i, :h, :w])
+        assert result["sem_seg"].shape == (h, w, 54) and result["sem_seg"].dtype == np.float32
+        np.testing.assert_array_equal(result["sem_seg"], out["sem_seg"][i, :h, :w])
+        np.testing.assert_array_equal(result["sem_seg"].argmax(axis=-1), out["sem_seg_map"][i, :h, :w])
         panoptic, info = result["panoptic_seg"]
         assert panoptic.shape == (h, w) and len(info) == int(out["num_segments"][i])
         assert sorted(np.unique(panoptic[panoptic > 0]).tolist()) == [s["id"] for s in info]
@@ -233,7 +235,7 @@ def test_predictor_runs_a_panoptic_model_on_the_mask_canvas(zoo_case, monkeypatc
 
     case, out, variables = zoo_case
     predictor = Predictor(_config(), variables, size_buckets=128)
-    assert predictor.panoptic
+    assert predictor.panoptic and not predictor.is_semantic
     calls = []
     monkeypatch.setattr(predictor, "run", lambda *args: calls.append(args[3]) or out)
     predictor._compute(np.zeros((2, 320, 480, 3), np.float32), case["input_hw"], case["image_hw"])

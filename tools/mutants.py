@@ -80,6 +80,8 @@ CONFIG = ("tests/test_config.py",)
 BOXES = ("tests/test_boxes.py",)
 FREEZE = ("tests/test_freeze.py",)
 C4 = ("tests/test_faster_rcnn_c4.py",)
+CASCADE = ("tests/test_cascade_mask_rcnn.py",)
+DEEPLAB = ("tests/test_deeplab.py",)
 CKPT = ("tests/test_train_checkpoints.py",)
 WEIGHTS = ("tests/test_torch_weights.py",)
 ARTIFACT = ("tests/test_export_artifact.py",)
@@ -420,7 +422,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("models-top-block-reads-p5-not-c5", "detlayers/models/backbone/fpn.py",
            "top_input = features[source]", "top_input = results[f\"p{top}\"]", LAYOUT, "top_block"),
     Mutant("models-resnet-dilated-res5-stride-32", "detlayers/models/backbone/resnet.py",
-           "if not (stage == 5 and self.res5_dilation == 2) and stage > 2:", "if stage > 2:", LAYOUT,
+           "if stage > 2 and self._stage_dilation(stage) == 1:", "if stage > 2:", LAYOUT,
            "resnet_from_config"),
     Mutant("models-rpn-pre-nms-topk-from-post", "detlayers/models/proposal_generator/rpn.py",
            "pre_nms_topk=rpn.PRE_NMS_TOPK_TEST", "pre_nms_topk=rpn.POST_NMS_TOPK_TEST", LAYOUT, "rpn_and_anchor"),
@@ -568,8 +570,7 @@ MUTANTS: tuple[Mutant, ...] = (
            'scale_factor=float(self.common_stride), mode="nearest")', PANOPTIC,
            "parity_with_detectron2 and not keys"),
     Mutant("sem-seg-postprocess-without-the-crop", "detlayers/models/postprocessing.py",
-           "x = _resample(x, 2, *_bilinear_taps(image_hw[:, 1], output_hw[:, 1], width))",
-           "x = _resample(x, 2, *_bilinear_taps(jnp.full_like(image_hw[:, 1], x.shape[2]), output_hw[:, 1], width))",
+           "crop_w = jnp.minimum(image_hw[1], logits.shape[1])", "crop_w = jnp.asarray(logits.shape[1])",
            PANOPTIC, "parity_with_detectron2 and not keys"),
     Mutant("panoptic-enabled-false-resets-the-stuff-limit", _PANOPTIC_PY,
            "combine_stuff_area_thresh=float(combine.STUFF_AREA_LIMIT)",
@@ -581,6 +582,66 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("panoptic-instances-confidence-key-ignored", _PANOPTIC_PY,
            "combine_instances_score_thresh=float(combine.INSTANCES_CONFIDENCE_THRESH)",
            "combine_instances_score_thresh=0.5", PANOPTIC, "non_default_keys"),
+    # ---- Cascade Mask R-CNN (tests/test_cascade_mask_rcnn.py: one R50 compile per case) ------------
+    Mutant("cascade-scores-of-the-last-stage-only", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "probs_sum = probs if probs_sum is None else probs_sum + probs", "probs_sum = probs", CASCADE,
+           "two_stages"),
+    Mutant("cascade-stage-decodes-with-the-next-stages-weights", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "boxes = cascade_stage_boxes(predictor.box2box_transform, deltas,",
+           "boxes = cascade_stage_boxes(self.box_predictor[stage + 1].box2box_transform, deltas,", CASCADE,
+           "two_stages"),
+    Mutant("cascade-stage-boxes-not-clipped", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "return jnp.where(valid[..., None], clipped, 0.0)", "return jnp.where(valid[..., None], decoded, 0.0)",
+           CASCADE, "parity_with_detectron2 or clip_to_each_image"),
+    Mutant("cascade-trainer-accepts-inference-only-heads", "detlayers/models/train.py",
+           "if cfg.MODEL.ROI_HEADS.NAME in INFERENCE_ONLY_ROI_HEADS:",
+           "if cfg.MODEL.ROI_HEADS.NAME in INFERENCE_ONLY_ROI_HEADS[1:]:", CASCADE, "training"),
+    Mutant("cascade-final-boxes-not-refined-by-the-last-stage", "detlayers/models/roi_heads/cascade_rcnn.py",
+           "final_boxes = last.box2box_transform.apply_deltas(deltas, boxes)", "final_boxes = boxes", CASCADE,
+           "two_stages"),
+    # ---- DeepLab (projects/DeepLab) -----------------------------------------------------------------
+    Mutant("deeplab-res5-multi-grid-ignored", "detlayers/models/backbone/resnet.py",
+           "return dilation * int(self.res5_multi_grid[block_index])", "return dilation", DEEPLAB,
+           "zoo_backbone"),
+    Mutant("deeplab-stem-stride-on-conv2", "detlayers/models/backbone/resnet.py",
+           '(("conv1", self.in_channels, half, 2), ("conv2", half, half, 1),',
+           '(("conv1", self.in_channels, half, 1), ("conv2", half, half, 2),', DEEPLAB, "zoo_backbone"),
+    Mutant("deeplab-dilated-res4-still-strided", "detlayers/models/backbone/resnet.py",
+           "first_stride = 1 if stage_index == 0 or self._stage_dilation(stage) > 1 else 2",
+           "first_stride = 1 if stage_index == 0 or (stage == 5 and self._stage_dilation(stage) > 1) else 2",
+           DEEPLAB, "non_default_keys"),
+    Mutant("deeplab-decoder-concat-swapped", "detlayers/models/deeplab/semantic_seg.py",
+           "y = jnp.concatenate([proj, y], axis=-1)", "y = jnp.concatenate([y, proj], axis=-1)",
+           DEEPLAB, "zoo_backbone"),
+    Mutant("deeplab-aspp-window-from-finest-stride", "detlayers/models/deeplab/semantic_seg.py",
+           "aspp_pool_kernel=_aspp_pool_kernel(cfg, shapes[-1][1].stride, head),",
+           "aspp_pool_kernel=_aspp_pool_kernel(cfg, shapes[0][1].stride, head),", DEEPLAB, "zoo_backbone"),
+    Mutant("deeplab-head-upsamples-by-4-whatever-common-stride", "detlayers/models/deeplab/semantic_seg.py",
+           "        return interpolate(y, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=False)",
+           "        return interpolate(y, scale_factor=4, mode=\"bilinear\", align_corners=False)", DEEPLAB,
+           "non_default_keys"),
+    Mutant("deeplab-v3-upsampled-with-aligned-corners", "detlayers/models/deeplab/semantic_seg.py",
+           "        return interpolate(x, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=False)",
+           "        return interpolate(x, scale_factor=self.common_stride, mode=\"bilinear\", align_corners=True)",
+           DEEPLAB, "v3_head"),
+    Mutant("deeplab-v3-aspp-dilations-reversed", "detlayers/models/deeplab/semantic_seg.py",
+           "            aspp_dilations=tuple(int(d) for d in sem.ASPP_DILATIONS), "
+           "aspp_dropout=float(sem.ASPP_DROPOUT),\n"
+           "            aspp_pool_kernel=_aspp_pool_kernel(cfg, int(sem.COMMON_STRIDE), head),",
+           "            aspp_dilations=tuple(int(d) for d in sem.ASPP_DILATIONS)[::-1], "
+           "aspp_dropout=float(sem.ASPP_DROPOUT),\n"
+           "            aspp_pool_kernel=_aspp_pool_kernel(cfg, int(sem.COMMON_STRIDE), head),", DEEPLAB, "v3_head"),
+    Mutant("deeplab-decoder-middle-stage-dropped", "detlayers/models/deeplab/semantic_seg.py",
+           "for index in reversed(range(last + 1)):", "for index in sorted({last, 0}, reverse=True):", DEEPLAB,
+           "non_default_keys"),
+    Mutant("sem-seg-postprocess-crop-beyond-a-smaller-map", "detlayers/models/postprocessing.py",
+           "crop_w = jnp.minimum(image_hw[1], logits.shape[1])", "crop_w = image_hw[1]", DEEPLAB, "non_default_keys"),
+    Mutant("sem-seg-postprocess-resizes-the-padded-map", "detlayers/models/postprocessing.py",
+           "crop_h = jnp.minimum(image_hw[0], logits.shape[0])", "crop_h = jnp.asarray(logits.shape[0])", DEEPLAB,
+           "zoo_sem_seg"),
+    Mutant("sem-seg-postprocess-without-half-pixel", "detlayers/models/postprocessing.py",
+           "real = jnp.maximum(scale * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0))",
+           "real = scale * dst", DEEPLAB, "zoo_sem_seg"),
     # ---- detlayers.models past the default config (fast: small synthetic inputs) -------------------
     Mutant("models-scale-clamp-dh-unclamped", "detlayers/boxes.py",
            "        dh = _clamp_scale(_over(d[..., 3], wh), self.scale_clamp)\n\n        pred_ctr_x",

@@ -1,15 +1,16 @@
 """Reference detectron2 architectures built from detlayers layers (imported lazily).
 
-Laid out as detectron2's ``modeling/``: ``backbone/`` (ResNet, FPN), ``proposal_generator/``
-(RPN), ``roi_heads/`` (StandardROIHeads and its box and mask heads), ``meta_arch/``
-(GeneralizedRCNN, RetinaNet, PanopticFPN and its ``SemSegFPNHead``, ``build_model``), ``poolers``,
-``anchor_generator``, ``box_regression``, ``postprocessing``, ``checkpoint`` (detectron2 weights
-in and out) and ``predictor``, plus
+Laid out as detectron2's ``modeling/``: ``backbone/`` (ResNet, FPN), ``proposal_generator/`` (RPN),
+``roi_heads/`` (StandardROIHeads and its box and mask heads, CascadeROIHeads), ``meta_arch/``
+(GeneralizedRCNN, RetinaNet, PanopticFPN, SemanticSegmentor and the ``SemSegFPNHead`` semantic head,
+``build_model``), ``deeplab/`` (detectron2's ``projects/DeepLab``: its backbone and the DeepLabV3+ /
+V3 heads), ``poolers``, ``anchor_generator``, ``box_regression``, ``postprocessing``, ``checkpoint``
+(detectron2 weights in and out) and ``predictor``, plus
 ``solver`` (detectron2's ``solver/``: learning-rate schedule and SGD, as optax), ``data``
-(detectron2's ``data/``: COCO-format datasets, augmentation, static-shape batches), ``engine``
-(the data-parallel training step and loop) and ``train`` (the CLI ``python -m
-detlayers.models.train``); parts are
-looked up by detectron2's registered names in the registries of :mod:`detlayers.models.registry`.
+(detectron2's ``data/``: COCO-format datasets, augmentation, static-shape batches), ``engine`` (the
+data-parallel training step and loop) and ``train`` (the CLI ``python -m detlayers.models.train``);
+parts are looked up by detectron2's registered names in the registries of
+:mod:`detlayers.models.registry`.
 
 ``from detlayers.models import mask_rcnn_R_50_FPN_3x_config, Predictor`` ::
 
@@ -30,7 +31,7 @@ _EXPORTS = exports_by_name({
     "meta_arch.rcnn": ("GeneralizedRCNN",),
     "meta_arch.retinanet": ("RetinaNet",),
     "meta_arch.panoptic_fpn": ("PanopticFPN",),
-    "meta_arch.semantic_seg": ("SemSegFPNHead",),
+    "meta_arch.semantic_seg": ("SemanticSegmentor", "SemSegFPNHead"),
     "meta_arch.build": ("build_model",),
     "checkpoint": ("load_detectron2_weights", "save_detectron2_weights"),
     "predictor": ("Predictor", "PredictorOutOfMemoryError", "preprocess_image", "batch_images",

@@ -26,8 +26,9 @@ def example_inputs(batch: int = 1, hw: tuple[int, int] = (64, 64)) -> tuple:
 
 
 def load_detectron2_weights(model: nn.Module, weights: Any) -> dict:
-    """Variables of ``model`` (a ``GeneralizedRCNN`` or ``RetinaNet``) from detectron2 weights: a model-zoo
-    ``.pkl``, a ``.pth`` or a ``{name: array}`` dict with ``GeneralizedRCNN.state_dict()`` names.
+    """Variables of ``model`` (a ``GeneralizedRCNN``, ``RetinaNet`` or ``SemanticSegmentor``) from
+    detectron2 weights: a model-zoo ``.pkl``, a ``.pth`` or a ``{name: array}`` dict with the
+    model's ``state_dict()`` names.
 
     ``pixel_mean``/``pixel_std`` and anchor buffers are ignored (they come from the config), as are
     ``num_batches_tracked``. Any missing, unexpected or mis-shaped key raises ONE ``ValueError``
@@ -39,7 +40,9 @@ def load_detectron2_weights(model: nn.Module, weights: Any) -> dict:
     state = {
         k: v for k, v in state.items() if k not in _NON_WEIGHT_KEYS and not k.startswith(_NON_WEIGHT_PREFIXES)
     }
-    return load_torch_state_dict(model, state, *example_inputs())
+    # a model whose input size is constrained (a DeepLab head pooling over a fixed window) says which
+    hw = model.example_input_hw() if hasattr(model, "example_input_hw") else (64, 64)
+    return load_torch_state_dict(model, state, *example_inputs(hw=hw))
 
 
 def _model_of(variables: Mapping) -> nn.Module:

@@ -91,8 +91,11 @@ def export_predictor(
     Args:
       predictor: a :class:`detlayers.models.Predictor`.
       batch_size, padded_hw: the shape of ``images`` (``float32[batch, Hp, Wp, 3]``, Hp and Wp
-        multiples of 32), as :meth:`detlayers.models.predictor.Predictor.inputs` makes them.
-      canvas_hw: the static mask canvas (the largest original image size), or None for no masks.
+        multiples of the predictor's ``size_divisibility``: 32 for an FPN), as
+        :meth:`detlayers.models.predictor.Predictor.inputs` makes them.
+      canvas_hw: the static mask canvas (the largest original image size), or None for no masks;
+        for a ``PanopticFPN`` also the canvas of its semantic and panoptic maps (None: instances
+        only); for a ``SemanticSegmentor`` the canvas of the logits at the original size (None: ``padded_hw``).
       with_weights: bake the variables into the artifact (call it as ``exp.call(images,
         image_hw, output_hw)``); False exports ``exp.call(variables, images, image_hw, output_hw)``.
       nms_backend: ``"auto"`` or ``"xla"`` for this trace (default: :func:`detlayers.nms.get_backend`).
@@ -100,18 +103,22 @@ def export_predictor(
 
     Returns an :class:`ExportedPredictor` (a :class:`jax.export.Exported`); ``.serialize()`` gives
     the bytes to ship, in the checked format of this module's docstring (read them with
-    :func:`load_exported`). The outputs are
-    :class:`detlayers.models.meta_arch.rcnn.GeneralizedRCNN`'s dict (static shapes, ``num_instances``
-    valid slots first); a :class:`detlayers.models.meta_arch.panoptic_fpn.PanopticFPN` with a
-    ``canvas_hw`` adds its semantic and panoptic outputs.
+    :func:`load_exported`). The outputs are the model's dict: for
+    :class:`detlayers.models.meta_arch.rcnn.GeneralizedRCNN` static shapes with ``num_instances``
+    valid slots first; a :class:`detlayers.models.meta_arch.panoptic_fpn.PanopticFPN` with a
+    ``canvas_hw`` adds its semantic (``sem_seg [N, H, W, C]``) and panoptic outputs; for
+    :class:`detlayers.models.meta_arch.semantic_seg.SemanticSegmentor` ``sem_seg [N, H, W, C]``.
     """
     import importlib
 
     nms = importlib.import_module("detlayers.nms")  # the module (the package attribute is the function)
 
     hp, wp = (int(v) for v in padded_hw)
-    if hp % 32 or wp % 32:
-        raise ValueError(f"export_predictor: padded_hw must be multiples of 32, got {padded_hw}")
+    # the padding the predictor's backbone asks for (32 for an FPN; none for a plain ResNet)
+    divisor = max(int(getattr(predictor, "size_divisibility", 32)), 1)
+    if hp % divisor or wp % divisor:
+        raise ValueError(f"export_predictor: padded_hw must be multiples of {divisor} (the backbone's "
+                         f"size_divisibility), got {padded_hw}")
     images = jax.ShapeDtypeStruct((batch_size, hp, wp, 3), jnp.float32)
     sizes = jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)
     canvas = None if canvas_hw is None else (int(canvas_hw[0]), int(canvas_hw[1]))

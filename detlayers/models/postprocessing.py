@@ -1,5 +1,5 @@
-"""detectron2's ``detector_postprocess`` and ``sem_seg_postprocess`` (``modeling/postprocessing.py``)
-on static-shape outputs."""
+"""detectron2's ``detector_postprocess`` and ``sem_seg_postprocess`` (``modeling/postprocessing.py``) on
+static-shape outputs."""
 
 from __future__ import annotations
 
@@ -72,56 +72,49 @@ def paste_instance_masks(mask_probs: Array, boxes: Array, valid: Array, canvas_h
     return pasted.reshape(n, d, *pasted.shape[1:]) & valid[:, :, None, None]
 
 
-def _bilinear_taps(in_size: Array, out_size: Array, length: int) -> tuple[Array, Array]:
-    """PyTorch's ``F.interpolate(size=out_size, mode="bilinear", align_corners=False)`` taps along
-    one axis with traced sizes ``int32[N]``: source indices ``int32[N, length, 2]`` and weights
-    ``float32[N, length, 2]`` for output positions ``0..length-1`` (those past ``out_size`` are
-    computed the same way and meaningless). The arithmetic is PyTorch's CPU kernel's in float32:
-    ``scale = in / out``, ``src = max(scale * (dst + 0.5) - 0.5, 0)``, index ``floor(src)`` capped
-    at ``in - 1``, the second tap one further unless at the border (``out == in`` gives a copy)."""
-    scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)  # [N]
+def _bilinear_taps(in_size: Array, out_size: Array, length: int) -> tuple[Array, Array, Array, Array]:
+    """PyTorch's bilinear source taps (``align_corners=False``, scale ``in / out`` in float32)
+    for ``length`` output positions, with traced ``in_size``/``out_size``: ``(i0, i1, w0, w1)``."""
+    scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
     dst = jnp.arange(length, dtype=jnp.float32)
-    real = jnp.maximum(scale[:, None] * (dst[None, :] + 0.5) - 0.5, 0.0)
-    last = (in_size - 1)[:, None]
-    i0 = jnp.minimum(jnp.floor(real).astype(jnp.int32), last)
+    real = jnp.maximum(scale * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0))
+    i0 = jnp.minimum(jnp.floor(real).astype(jnp.int32), in_size - 1)
     w1 = jnp.clip(real - i0.astype(jnp.float32), 0.0, 1.0)
-    i1 = jnp.where(i0 < last, i0 + 1, i0)
-    return jnp.stack([i0, i1], -1), jnp.stack([1.0 - w1, w1], -1)
+    i1 = jnp.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, 1.0 - w1, w1
 
 
-def _resample(x: Array, axis: int, index: Array, weight: Array) -> Array:
-    """``y[n, ..., o, ...] = sum_k weight[n, o, k] * x[n, ..., index[n, o, k], ...]`` along ``axis``
-    (1 or 2) of ``x [N, H, W, C]``, with per-image taps."""
-    n, length = index.shape[:2]
-    shape = [n, 1, 1, 1]
-    shape[axis] = length * 2
-    gathered = jnp.take_along_axis(x, index.reshape(shape), axis=axis)
-    gathered = gathered.reshape(x.shape[:axis] + (length, 2) + x.shape[axis + 1:])
-    wshape = [n, 1, 1, 1, 1]
-    wshape[axis], wshape[axis + 1] = length, 2
-    return jnp.sum(gathered * weight.reshape(wshape), axis=axis + 1)
+def _resize_one(logits: Array, image_hw: Array, output_hw: Array, canvas_hw: tuple[int, int]) -> Array:
+    """One image: ``logits [Hp, Wp, C]`` cropped to ``image_hw`` and resized to ``output_hw`` on a
+    ``canvas_hw`` canvas (zero outside)."""
+    # a crop beyond the map keeps the whole map, as slicing does (a head whose output is smaller
+    # than its input, COMMON_STRIDE below the decoder's stride)
+    crop_h = jnp.minimum(image_hw[0], logits.shape[0])
+    crop_w = jnp.minimum(image_hw[1], logits.shape[1])
+    r0, r1, rw0, rw1 = _bilinear_taps(crop_h, output_hw[0], canvas_hw[0])
+    c0, c1, cw0, cw1 = _bilinear_taps(crop_w, output_hw[1], canvas_hw[1])
+    # along W first, then H, as PyTorch's kernel sums h0 * (w0 * x00 + w1 * x01) + h1 * (...)
+    cols = logits[:, c0] * cw0[None, :, None] + logits[:, c1] * cw1[None, :, None]
+    out = cols[r0] * rw0[:, None, None] + cols[r1] * rw1[:, None, None]
+    inside = (jnp.arange(canvas_hw[0])[:, None] < output_hw[0]) & (jnp.arange(canvas_hw[1])[None, :] < output_hw[1])
+    return jnp.where(inside[:, :, None], out, 0.0).astype(logits.dtype)
 
 
 def sem_seg_postprocess(logits: Array, image_hw: Array, output_hw: Array, canvas_hw: tuple[int, int]) -> Array:
-    """detectron2's ``sem_seg_postprocess`` for a batch: each image's logits cropped to its input
-    size ``image_hw`` and resized bilinearly (``align_corners=False``) to its original size
-    ``output_hw``, on a static ``canvas_hw`` canvas.
+    """detectron2's ``sem_seg_postprocess`` on a padded batch: per image, the logits of its input
+    region ``[:h, :w]`` resized (bilinear, ``align_corners=False``) to its original size.
 
-    Args:
-      logits: ``[N, Hp, Wp, C]`` at the padded input size (the semantic head's output).
-      image_hw: ``int32[N, 2]`` input sizes before padding (at most ``(Hp, Wp)``).
-      output_hw: ``int32[N, 2]`` original sizes (at most ``canvas_hw``).
-      canvas_hw: static ``(H, W)``.
-
-    Returns ``float32[N, H, W, C]``: image ``i``'s result in ``[:h_i, :w_i]`` (what detectron2
-    returns as ``[C, h_i, w_i]``), values past it meaningless. The sizes are traced, so a batch of
-    images of different sizes needs one compile; the source positions and weights follow PyTorch's
-    CPU kernel in float32 (W first, then H, as ``detlayers.interpolate`` sums).
+    ``logits``: ``float[N, Hp, Wp, C]`` at the padded input size; ``image_hw``/``output_hw``:
+    ``int32[N, 2]`` input and original sizes (traced: one compile serves every size);
+    ``canvas_hw``: static ``(H, W)`` at least every ``output_hw``. Returns ``[N, H, W, C]``: image
+    ``i``'s logits in ``[:oh_i, :ow_i]``, zero elsewhere.
     """
-    if logits.ndim != 4 or image_hw.shape != (logits.shape[0], 2) or output_hw.shape != image_hw.shape:
-        raise ValueError(f"sem_seg_postprocess: logits [N, Hp, Wp, C] = {logits.shape} needs image_hw and "
-                         f"output_hw [N, 2], got {image_hw.shape} and {output_hw.shape}")
-    height, width = int(canvas_hw[0]), int(canvas_hw[1])
-    x = logits.astype(jnp.float32)
-    x = _resample(x, 2, *_bilinear_taps(image_hw[:, 1], output_hw[:, 1], width))
-    return _resample(x, 1, *_bilinear_taps(image_hw[:, 0], output_hw[:, 0], height))
+    if logits.ndim != 4:
+        raise ValueError(f"sem_seg_postprocess: logits must be [N, H, W, C], got shape {logits.shape}")
+    n = logits.shape[0]
+    for name, value in (("image_hw", image_hw), ("output_hw", output_hw)):
+        if tuple(value.shape) != (n, 2):
+            raise ValueError(f"sem_seg_postprocess: {name} must be [N, 2] = [{n}, 2], got shape {value.shape}")
+    canvas = (int(canvas_hw[0]), int(canvas_hw[1]))
+    return jax.vmap(lambda x, i, o: _resize_one(x, i, o, canvas))(
+        logits, image_hw.astype(jnp.int32), output_hw.astype(jnp.int32))

@@ -154,10 +154,12 @@ class Predictor:
     ``predictor(image_bgr)`` takes ``uint8[H, W, 3]`` in BGR (cv2) order and returns a dict of NumPy
     arrays with only the valid instances, by decreasing score: ``pred_boxes float32[K, 4]``
     (original-image pixels), ``scores float32[K]``, ``pred_classes int64[K]`` and, with masks,
-    ``pred_masks bool[K, H, W]``; a ``PanopticFPN`` adds detectron2's ``sem_seg`` (``float32[C, H,
-    W]`` logits) and ``panoptic_seg`` (``(int32[H, W], segments_info)``, :func:`split_batch_outputs`).
-    ``predict_batch(images)`` runs several images in ONE jitted call (padded to a common size, as
-    detectron2 batches them) and returns one dict each.
+    ``pred_masks bool[K, H, W]``; a ``PanopticFPN`` adds detectron2's ``sem_seg`` and ``panoptic_seg``
+    (``(int32[H, W], segments_info)``); a ``SemanticSegmentor`` (DeepLab) returns only ``sem_seg``.
+    ``sem_seg`` is ``float32[H, W, num_classes]``, the logits at the original size (detectron2's
+    ``[C, H, W]``, NHWC here, as every map of the package). ``predict_batch(images)`` runs several
+    images in ONE jitted call (padded to a common size, as detectron2 batches them) and returns one
+    dict each (:func:`split_batch_outputs`).
 
     Compilation: the network is compiled once per (batch size, padded size); the padded size is
     detectron2's (for an FPN a multiple of 32 of the resized image, so at most ``MAX_SIZE_TEST / 32``
@@ -167,9 +169,10 @@ class Predictor:
     with ``size_buckets`` (default: multiples of 128; None: the exact size, one compile per
     original size) and cropped on the host, which leaves every mask unchanged. The network input
     is NOT bucketed beyond detectron2's padding: extra padding adds anchors and moves the zero
-    border the convolutions see, which changes detections. A ``PanopticFPN`` pastes its masks and
-    resizes its semantic logits inside the network on that bucketed canvas (the panoptic
-    combination needs both), so it compiles once per (batch size, padded size, canvas).
+    border the convolutions see, which changes detections. A ``SemanticSegmentor`` resizes its
+    logits, and a ``PanopticFPN`` pastes its masks and resizes its semantic logits (the panoptic
+    combination needs both), inside the network on that bucketed canvas, so they compile once per
+    (batch size, padded size, canvas).
 
     Out of memory: a batch too large for the machine raises :class:`PredictorOutOfMemoryError`
     (a ``MemoryError``) naming the sizes, instead of failing later or hanging.
@@ -189,8 +192,10 @@ class Predictor:
             self.variables = load_detectron2_weights(self.model, weights)
         # detectron2 pads a batch for its backbone: multiples of 32 for an FPN, none for a plain ResNet
         self.size_divisibility = int(self.model.backbone.size_divisibility)
-        # PanopticFPN combines instances and semantic labels inside the network, on the mask canvas
-        self.panoptic = hasattr(self.model, "sem_seg_head")
+        # PanopticFPN and SemanticSegmentor resize their semantic logits inside the network onto the
+        # mask canvas (PanopticFPN also combines them there with its instances)
+        self.segments = hasattr(self.model, "sem_seg_head")
+        self.panoptic = self.segments and hasattr(self.model, "roi_heads")
         self._forward = jax.jit(self.model.apply, static_argnames=("canvas_hw", "return_intermediates"))
         self._paste = jax.jit(paste_instance_masks, static_argnames=("canvas_hw",))
 
@@ -216,11 +221,17 @@ class Predictor:
         h, w = _canvas(np.asarray(output_hw))
         return bucket_size(h, self.size_buckets), bucket_size(w, self.size_buckets)
 
+    @property
+    def is_semantic(self) -> bool:
+        """Whether the model only segments (``SemanticSegmentor``: per-pixel logits, no instances)."""
+        return self.segments and not self.panoptic
+
     def _compute(self, images: np.ndarray, image_hw: np.ndarray, originals: np.ndarray) -> dict[str, np.ndarray]:
         """Network, then mask pasting on the bucketed canvas; blocks on both, so an out-of-memory
-        error surfaces here (fetching the results of a failed computation can hang). A panoptic
-        model pastes its masks itself: it combines them with the semantic map on that canvas."""
-        if self.panoptic:
+        error surfaces here (fetching the results of a failed computation can hang). A segmenter
+        (``SemanticSegmentor``, ``PanopticFPN``) resizes its logits into the bucketed canvas itself,
+        and a panoptic model pastes its masks there too: it combines them with the semantic map."""
+        if self.segments:
             out = self.run(images, image_hw, originals, self.mask_canvas(originals))
             return jax.device_get(jax.block_until_ready(out))
         out = self.run(images, image_hw, originals, None)
@@ -247,24 +258,25 @@ class Predictor:
 
 def split_batch_outputs(out: Mapping[str, Any], originals: np.ndarray) -> list[dict[str, Any]]:
     """A batch's outputs (host arrays) as one dict per image of original size ``originals[i]``:
-    the valid instances (``pred_boxes``, ``scores``, ``pred_classes`` and, with masks,
-    ``pred_masks`` cut to the image) and, for a panoptic model, detectron2's ``sem_seg``
-    (``float32[C, h, w]`` logits) and ``panoptic_seg`` (``(int32[h, w], segments_info)``)."""
-    from detlayers.models.meta_arch.panoptic_fpn import segments_info
-
+    for a detector the valid instances (``pred_boxes``, ``scores``, ``pred_classes`` and, with
+    masks, ``pred_masks`` cut to the image); for a segmenter (``SemanticSegmentor``,
+    ``PanopticFPN``) detectron2's ``sem_seg`` as ``float32[h, w, C]`` logits (NHWC; detectron2's
+    ``[C, h, w]``); for a panoptic model also ``panoptic_seg`` (``(int32[h, w], segments_info)``)."""
     results = []
     for i, (h, w) in enumerate(np.asarray(originals).tolist()):
-        k = int(out["num_instances"][i])
-        result = {
-            "pred_boxes": np.asarray(out["pred_boxes"][i, :k], np.float32),
-            "scores": np.asarray(out["scores"][i, :k], np.float32),
-            "pred_classes": np.asarray(out["pred_classes"][i, :k], np.int64),
-        }
-        if "pred_masks" in out:
-            result["pred_masks"] = np.asarray(out["pred_masks"][i, :k, :h, :w], bool)
+        result: dict[str, Any] = {}
+        if "num_instances" in out:
+            k = int(out["num_instances"][i])
+            result["pred_boxes"] = np.asarray(out["pred_boxes"][i, :k], np.float32)
+            result["scores"] = np.asarray(out["scores"][i, :k], np.float32)
+            result["pred_classes"] = np.asarray(out["pred_classes"][i, :k], np.int64)
+            if "pred_masks" in out:
+                result["pred_masks"] = np.asarray(out["pred_masks"][i, :k, :h, :w], bool)
+        if "sem_seg" in out:
+            result["sem_seg"] = np.asarray(out["sem_seg"][i, :h, :w], np.float32)
         if "panoptic_seg" in out:
-            logits = np.asarray(out["sem_seg"][i, :h, :w], np.float32)
-            result["sem_seg"] = np.ascontiguousarray(logits.transpose(2, 0, 1))
+            from detlayers.models.meta_arch.panoptic_fpn import segments_info
+
             result["panoptic_seg"] = (np.asarray(out["panoptic_seg"][i, :h, :w], np.int32), segments_info(out, i))
         results.append(result)
     return results

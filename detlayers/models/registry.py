@@ -121,10 +121,12 @@ _MODELS = "detlayers.models."
 
 META_ARCH_REGISTRY = Registry(
     "META_ARCH", "MODEL.META_ARCHITECTURE",
-    (_MODELS + "meta_arch.rcnn", _MODELS + "meta_arch.retinanet", _MODELS + "meta_arch.panoptic_fpn"),
+    (_MODELS + "meta_arch.rcnn", _MODELS + "meta_arch.retinanet", _MODELS + "meta_arch.panoptic_fpn",
+     _MODELS + "meta_arch.semantic_seg"),
 )
 BACKBONE_REGISTRY = Registry(
-    "BACKBONE", "MODEL.BACKBONE.NAME", (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn")
+    "BACKBONE", "MODEL.BACKBONE.NAME",
+    (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn", _MODELS + "deeplab.resnet"),
 )
 PROPOSAL_GENERATOR_REGISTRY = Registry(
     "PROPOSAL_GENERATOR", "MODEL.PROPOSAL_GENERATOR.NAME", (_MODELS + "proposal_generator.rpn",)
@@ -134,14 +136,15 @@ ANCHOR_GENERATOR_REGISTRY = Registry(
 )
 RPN_HEAD_REGISTRY = Registry("RPN_HEAD", "MODEL.RPN.HEAD_NAME", (_MODELS + "proposal_generator.rpn",))
 ROI_HEADS_REGISTRY = Registry(
-    "ROI_HEADS", "MODEL.ROI_HEADS.NAME", (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads")
+    "ROI_HEADS", "MODEL.ROI_HEADS.NAME",
+    (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads", _MODELS + "roi_heads.cascade_rcnn"),
 )
 ROI_BOX_HEAD_REGISTRY = Registry("ROI_BOX_HEAD", "MODEL.ROI_BOX_HEAD.NAME", (_MODELS + "roi_heads.box_head",))
 ROI_MASK_HEAD_REGISTRY = Registry(
     "ROI_MASK_HEAD", "MODEL.ROI_MASK_HEAD.NAME", (_MODELS + "roi_heads.mask_head",)
 )
 SEM_SEG_HEADS_REGISTRY = Registry(
-    "SEM_SEG_HEADS", "MODEL.SEM_SEG_HEAD.NAME", (_MODELS + "meta_arch.semantic_seg",)
+    "SEM_SEG_HEADS", "MODEL.SEM_SEG_HEAD.NAME", (_MODELS + "meta_arch.semantic_seg", _MODELS + "deeplab.semantic_seg")
 )
 
 ALL_REGISTRIES: tuple[Registry, ...] = (

@@ -48,6 +48,12 @@ without FPN (``faster_rcnn_R_50_{C4,DC5}_3x.yaml``: the ResNet directly under ``
 of 15 anchors a cell on res4 / res5, ``roi_heads.res5`` or the 2-fc box head on 7x7 res5 ROIs), with
 their own calibration files (``tools/fixtures/make_faster_rcnn_c4.py``).
 
+:func:`cascade_mask_rcnn_r50_fpn_state_dict` gives ``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``'s:
+the Mask R-CNN backbone, RPN and mask head (same values for the same seed), and per cascade stage
+``k`` a 2-fc box head ``roi_heads.box_head.{k}`` and a class-agnostic predictor
+``roi_heads.box_predictor.{k}`` (``bbox_pred`` 4 outputs), with its own calibration file
+(``tools/fixtures/make_cascade_mask_rcnn.py``).
+
 :func:`panoptic_fpn_r50_state_dict` gives ``panoptic_fpn_R_50_3x.yaml``'s: the Mask R-CNN one (the
 same values for the same seed, so the Mask R-CNN calibration serves it) followed by
 ``sem_seg_head`` (``SemSegFPNHead``: every conv and the predictor ``c2_msra_fill``, bias 0; GN
@@ -79,7 +85,8 @@ import numpy as np
 __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
     "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
-    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict", "panoptic_fpn_r50_state_dict",
+    "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict", "cascade_mask_rcnn_r50_fpn_state_dict",
+    "deeplab_v3_plus_state_dict", "panoptic_fpn_r50_state_dict",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -141,6 +148,10 @@ def _norm_entries(prefix: str, out_ch: int, norm: str) -> Iterator[tuple[str, tu
     if norm == "FrozenBN":
         yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
         yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0 - FROZEN_BN_EPS)
+    elif norm in ("BN", "SyncBN"):  # torch's BatchNorm2d / SyncBatchNorm buffers
+        yield f"{prefix}.norm.running_mean", (out_ch,), ("const", 0.0)
+        yield f"{prefix}.norm.running_var", (out_ch,), ("const", 1.0)
+        yield f"{prefix}.norm.num_batches_tracked", (), ("const", 0.0)
     elif norm != "GN":  # pragma: no cover - VARIANTS only uses these
         raise AssertionError(norm)
 
@@ -208,17 +219,20 @@ def _rpn_head_entries(channels: int, num_anchors: int) -> Iterator[tuple[str, tu
     yield f"{rpn}.anchor_deltas.bias", (4 * num_anchors,), ("const", 0.0)
 
 
-def _box_predictor_entries(num_classes: int, features: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """``FastRCNNOutputLayers`` over ``features`` inputs (class-specific boxes)."""
-    predictor = "roi_heads.box_predictor"
+def _box_predictor_entries(
+    num_classes: int, features: int, predictor: str = "roi_heads.box_predictor", num_reg: int | None = None
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``FastRCNNOutputLayers`` ``predictor`` over ``features`` inputs (``num_reg`` boxes a
+    proposal: ``num_classes`` by default, 1 when class agnostic)."""
+    num_reg = num_classes if num_reg is None else num_reg
     yield f"{predictor}.cls_score.weight", (num_classes + 1, features), ("normal", 0.01)
     yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
-    yield f"{predictor}.bbox_pred.weight", (4 * num_classes, features), ("normal", 0.001)
-    yield f"{predictor}.bbox_pred.bias", (4 * num_classes,), ("const", 0.0)
+    yield f"{predictor}.bbox_pred.weight", (4 * num_reg, features), ("normal", 0.001)
+    yield f"{predictor}.bbox_pred.bias", (4 * num_reg,), ("const", 0.0)
 
 
 def _entries(
-    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True
+    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True, cascade_stages: int = 0
 ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """Every state-dict entry of (Mask/Faster) R-CNN R50-FPN (``variant``'s config) in detectron2's
     order (module registration order)."""
@@ -228,6 +242,30 @@ def _entries(
 
     yield from _rpn_head_entries(_FPN_OUT, _NUM_ANCHORS)
 
+    if cascade_stages:
+        yield from _cascade_box_entries(num_classes, cascade_stages)
+    else:
+        yield from _box_entries(num_classes, variant)
+    if not mask_on:
+        return
+    yield from _mask_head_entries(num_classes, variant)
+
+
+def _cascade_box_entries(num_classes: int, stages: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``CascadeROIHeads``' ``box_head.{k}`` (2 fc, c2_xavier_fill) for every stage, then its
+    class-agnostic ``box_predictor.{k}`` (the ``nn.ModuleList`` registration order)."""
+    for k in range(stages):
+        features = _FPN_OUT * _BOX_POOLER**2
+        for fc in (1, 2):
+            yield f"roi_heads.box_head.{k}.fc{fc}.weight", (_FC_DIM, features), ("xavier",)
+            yield f"roi_heads.box_head.{k}.fc{fc}.bias", (_FC_DIM,), ("const", 0.0)
+            features = _FC_DIM
+    for k in range(stages):
+        yield from _box_predictor_entries(num_classes, _FC_DIM, f"roi_heads.box_predictor.{k}", num_reg=1)
+
+
+def _box_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``StandardROIHeads``' box head (``variant``'s convs and fcs) and predictor."""
     box_head = "roi_heads.box_head"
     channels = _FPN_OUT
     for k in range(1, variant.box_head_convs + 1):  # FastRCNNConvFCHead convs: c2_msra_fill
@@ -239,9 +277,10 @@ def _entries(
         yield f"{box_head}.fc{k}.bias", (_FC_DIM,), ("const", 0.0)
         features = _FC_DIM
     yield from _box_predictor_entries(num_classes, _FC_DIM)
-    if not mask_on:
-        return
 
+
+def _mask_head_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``MaskRCNNConvUpsampleHead``: 4 convs (``variant``'s norm), deconv and predictor."""
     mask_head = "roi_heads.mask_head"
     for k in range(1, _MASK_NUM_CONV + 1):
         in_channels = _FPN_OUT if k == 1 else _MASK_CONV_DIM
@@ -432,6 +471,35 @@ def retinanet_r50_fpn_state_dict(
     return _state_dict(entries, int(seed), calibration, "RetinaNet R50-FPN")
 
 
+def cascade_mask_rcnn_r50_fpn_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+    num_stages: int = 3,
+    mask_on: bool = True,
+) -> dict[str, np.ndarray]:
+    """detectron2's Cascade Mask R-CNN R50-FPN state dict (``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``
+    with ``num_stages`` entries in ``MODEL.ROI_BOX_CASCADE_HEAD``): the backbone, RPN and mask head of
+    :func:`mask_rcnn_r50_fpn_state_dict` (the same values for the same seed), and per stage ``k`` the
+    2-fc ``roi_heads.box_head.{k}`` and the class-agnostic ``roi_heads.box_predictor.{k}``, each
+    drawn from its own name's stream (so the first two stages of a 3-stage model equal a 2-stage
+    one's); ``mask_on`` False leaves ``roi_heads.mask_head`` out (``MODEL.MASK_ON`` False).
+    ``calibration``: as in :func:`mask_rcnn_r50_fpn_state_dict`, e.g.
+    ``tests/fixtures/cascade_mask_rcnn_calibration.npz`` (written by
+    ``tools/fixtures/make_cascade_mask_rcnn.py``); scales of stages this model lacks are ignored."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, (int, np.integer)) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+    entries = _entries(int(num_classes), mask_on=bool(mask_on), cascade_stages=int(num_stages))
+    if calibration is not None:
+        names = {name for name, _, _ in _entries(int(num_classes), mask_on=bool(mask_on),
+                                                  cascade_stages=int(num_stages))}
+        calibration = {k: v for k, v in _read_calibration(calibration).items()
+                       if not k.startswith((_SCALE_PREFIX, _VALUE_PREFIX)) or k.split(".", 1)[1] in names}
+    return _state_dict(entries, int(seed), calibration, "Cascade Mask R-CNN R50-FPN")
+
+
 # C4 / DC5 (no FPN): one backbone map, five anchor sizes x three aspect ratios a cell.
 _SINGLE_LEVEL_ANCHORS = 15
 _RES4_OUT = _RES2_OUT * 4
@@ -534,6 +602,120 @@ def panoptic_fpn_r50_state_dict(
         yield from _sem_seg_entries(int(sem_seg_classes), sem_seg_norm)
 
     return _state_dict(entries(), int(seed), calibration, "Panoptic FPN R50")
+
+
+# DeepLab (projects/DeepLab): ResNet with the three-conv stem, DeepLabV3+ head.
+
+
+def _aspp_entries(prefix: str, in_ch: int, width: int, separable: bool, norm: str
+                  ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """detectron2's ``ASPP``: ``convs.0`` (1x1), ``convs.1..3`` (3x3, or depthwise-separable:
+    ``c2_msra_fill``), ``convs.4.1`` (the pooled 1x1: bias, no norm), ``project``; c2_xavier_fill."""
+    yield from _conv_with_norm(f"{prefix}.convs.0", width, in_ch, 1, norm, ("xavier",))
+    for k in (1, 2, 3):
+        if separable:
+            yield from _conv_with_norm(f"{prefix}.convs.{k}.depthwise", in_ch, 1, 3, norm)
+            yield from _conv_with_norm(f"{prefix}.convs.{k}.pointwise", width, in_ch, 1, norm)
+        else:
+            yield from _conv_with_norm(f"{prefix}.convs.{k}", width, in_ch, 3, norm, ("xavier",))
+    yield from _conv_with_norm(f"{prefix}.convs.4.1", width, in_ch, 1, "", ("xavier",))
+    yield from _conv_with_norm(f"{prefix}.project", width, 5 * width, 1, norm, ("xavier",))
+_DEEPLAB_STEM_OUT = 128
+_R_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def _deeplab_entries(
+    depth: int, stem_type: str, num_classes: int, use_depthwise_separable_conv: bool, plus: bool,
+    decoder: tuple[tuple[str, int], ...] = (("res2", 48),), norm: str = "SyncBN",
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``SemanticSegmentor`` with ``build_resnet_deeplab_backbone`` and ``DeepLabV3PlusHead`` (the
+    Cityscapes config: ``decoder`` stages ``(feature, projected channels)`` finest first, res2
+    projected to 48; ASPP on res5, ASPP and decoder 256 wide; ``plus`` False: ``DeepLabV3Head``,
+    the ASPP on res5) in detectron2's order."""
+    stem_out = _DEEPLAB_STEM_OUT if stem_type == "deeplab" else _STEM_OUT
+    if stem_type == "deeplab":  # DeepLabStem: three 3x3 convs, c2_msra_fill
+        yield from _conv_with_norm("backbone.stem.conv1", stem_out // 2, 3, 3, norm)
+        yield from _conv_with_norm("backbone.stem.conv2", stem_out // 2, stem_out // 2, 3, norm)
+        yield from _conv_with_norm("backbone.stem.conv3", stem_out, stem_out // 2, 3, norm)
+    else:
+        yield from _conv_with_norm("backbone.stem.conv1", stem_out, 3, 7, norm)
+    in_ch = stem_out
+    for stage_index, blocks in enumerate(_R_BLOCKS[depth]):
+        out_ch = _RES2_OUT * 2**stage_index
+        bottleneck = _BOTTLENECK_RES2 * 2**stage_index
+        for b in range(blocks):
+            block = f"backbone.res{stage_index + 2}.{b}"
+            if in_ch != out_ch:
+                yield from _conv_with_norm(f"{block}.shortcut", out_ch, in_ch, 1, norm)
+            yield from _conv_with_norm(f"{block}.conv1", bottleneck, in_ch, 1, norm)
+            yield from _conv_with_norm(f"{block}.conv2", bottleneck, bottleneck, 3, norm)
+            yield from _conv_with_norm(f"{block}.conv3", out_ch, bottleneck, 1, norm)
+            in_ch = out_ch
+    width, res5 = 256, _RES2_OUT * 8
+    if not plus:  # DeepLabV3Head: the ASPP on res5, then the predictor
+        yield from _aspp_entries("sem_seg_head.aspp", res5, width, use_depthwise_separable_conv, norm)
+        yield "sem_seg_head.predictor.weight", (num_classes, width, 1, 1), ("normal", 0.001)
+        yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
+        return
+    head = "sem_seg_head.decoder"
+    for feature, project in decoder:  # finest first, as detectron2 registers the stages
+        stage = f"{head}.{feature}"
+        in_ch = _RES2_OUT * 2 ** (int(feature[3:]) - 2)
+        yield from _conv_with_norm(f"{stage}.project_conv", project, in_ch, 1, norm, ("xavier",))
+        if use_depthwise_separable_conv:  # one 5x5 DepthwiseSeparableConv2d, c2_msra_fill
+            yield from _conv_with_norm(f"{stage}.fuse_conv.depthwise", project + width, 1, 5, norm)
+            yield from _conv_with_norm(f"{stage}.fuse_conv.pointwise", width, project + width, 1, norm)
+        else:
+            yield from _conv_with_norm(f"{stage}.fuse_conv.0", width, project + width, 3, norm, ("xavier",))
+            yield from _conv_with_norm(f"{stage}.fuse_conv.1", width, width, 3, norm, ("xavier",))
+    yield from _aspp_entries(f"{head}.res5.project_conv", res5, width, use_depthwise_separable_conv, norm)
+    yield "sem_seg_head.predictor.weight", (num_classes, width, 1, 1), ("normal", 0.001)
+    yield "sem_seg_head.predictor.bias", (num_classes,), ("const", 0.0)
+
+
+def deeplab_v3_plus_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    depth: int = 101,
+    stem_type: str = "deeplab",
+    num_classes: int = 19,
+    use_depthwise_separable_conv: bool = False,
+    head: str = "DeepLabV3PlusHead",
+    decoder_features: tuple[str, ...] = ("res2",),
+    project_channels: tuple[int, ...] = (48,),
+) -> dict[str, np.ndarray]:
+    """detectron2's DeepLabV3+ state dict (``projects/DeepLab``'s
+    ``deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16.yaml``: ``SemanticSegmentor``, SyncBN
+    everywhere) with detectron2's init from a NumPy seed: ResNet-``depth`` (50 or 101; 101 is the
+    zoo's R-103) with the ``"deeplab"`` stem (three 3x3 convs, 128 channels) or the ``"basic"`` one
+    (one 7x7 conv, 64), every conv ``c2_msra_fill``; the head's convs ``c2_xavier_fill`` (the
+    depthwise-separable ones, ``use_depthwise_separable_conv``, ``c2_msra_fill``), the predictor
+    normal std 0.001; BN weight 1, bias 0, mean 0, var 1, ``num_batches_tracked`` 0.
+    ``calibration``: as in :func:`mask_rcnn_r50_fpn_state_dict` (every ``running_mean`` /
+    ``running_var``, and ``scale.`` factors), e.g. ``tests/fixtures/deeplab_calibration.npz``
+    written by ``tools/fixtures/make_deeplab.py``. ``head="DeepLabV3Head"`` gives
+    ``deeplab_v3_R_103_os16_mg124_poly_90k_bs16.yaml``'s (``sem_seg_head.aspp`` and the predictor).
+    ``decoder_features`` / ``project_channels``: the DeepLabV3+ decoder's features besides res5
+    (``SEM_SEG_HEAD.IN_FEATURES`` but the last, finest first) and their ``PROJECT_CHANNELS``."""
+    _check_seed(seed)
+    if head not in ("DeepLabV3PlusHead", "DeepLabV3Head"):
+        raise ValueError(f"head must be 'DeepLabV3PlusHead' or 'DeepLabV3Head', got {head!r}")
+    _check_num_classes(num_classes)
+    if depth not in _R_BLOCKS:
+        raise ValueError(f"depth must be one of {sorted(_R_BLOCKS)}, got {depth!r}")
+    if stem_type not in ("basic", "deeplab"):
+        raise ValueError(f"stem_type must be 'basic' or 'deeplab', got {stem_type!r}")
+    if len(decoder_features) != len(project_channels) or not set(decoder_features) <= {"res2", "res3", "res4"}:
+        raise ValueError(f"decoder_features {decoder_features} (of res2-res4) need one project_channels entry "
+                         f"each, got {project_channels}")
+    decoder = tuple((f, int(c)) for f, c in zip(decoder_features, project_channels))
+    entries = _deeplab_entries(int(depth), stem_type, int(num_classes), bool(use_depthwise_separable_conv),
+                               head == "DeepLabV3PlusHead", decoder)
+    state = _state_dict(entries, int(seed), calibration, "DeepLabV3+")
+    for name in state:
+        if name.endswith(".num_batches_tracked"):
+            state[name] = np.zeros((), np.int64)
+    return state
 
 
 def _check_seed(seed: int) -> None:

@@ -69,11 +69,19 @@ def setup(args: argparse.Namespace) -> Any:
     return cfg
 
 
+# ROI heads built for inference only: their modules refuse training (NotImplementedError).
+INFERENCE_ONLY_ROI_HEADS = ("CascadeROIHeads", "Res5ROIHeads")
+
+
 def check_trainable(cfg: Any) -> None:
-    """Refuses what this trainer does not train (``ValueError`` naming the key)."""
+    """Refuses what this trainer does not train (``ValueError`` naming the key;
+    ``NotImplementedError`` for the inference-only ROI heads), before any work."""
     if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
         raise ValueError(f"train: MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r}: only GeneralizedRCNN "
                          "(Mask / Faster R-CNN) trains here")
+    if cfg.MODEL.ROI_HEADS.NAME in INFERENCE_ONLY_ROI_HEADS:
+        raise NotImplementedError(f"train: MODEL.ROI_HEADS.NAME {cfg.MODEL.ROI_HEADS.NAME!r} is inference only; "
+                                  "'StandardROIHeads' trains")
     batch_norms = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
     for key in ("ROI_BOX_HEAD", "ROI_MASK_HEAD"):
         if cfg.MODEL[key].NORM in batch_norms:

@@ -21,7 +21,10 @@ from detlayers.models.registry import BACKBONE_REGISTRY
 from detlayers.shape_spec import ShapeSpec
 from detlayers.wrappers import Conv2d
 
-__all__ = ["BasicStem", "BottleneckBlock", "DeformBottleneckBlock", "BasicBlock", "ResNet", "build_resnet_backbone"]
+__all__ = [
+    "BasicStem", "DeepLabStem", "BottleneckBlock", "DeformBottleneckBlock", "BasicBlock", "ResNet",
+    "build_resnet_backbone",
+]
 
 Array = jax.Array
 
@@ -46,6 +49,29 @@ class BasicStem(nn.Module):
         x = Conv2d(self.in_channels, self.out_channels, 7, stride=2, padding=3, bias=False,
                    norm=self.norm, name="conv1")(x, train=train)
         return max_pool_3x3_s2_p1(jax.nn.relu(x))
+
+
+class DeepLabStem(nn.Module):
+    """DeepLab's stem (``projects/DeepLab``'s ``DeepLabStem``): three 3x3 convs (no bias) with
+    norm + ReLU, ``conv1`` stride 2 to ``out_channels // 2``, ``conv2`` keeping that width,
+    ``conv3`` to ``out_channels``, then the 3x3/2 max pool with padding 1: stride 4, as
+    :class:`BasicStem`."""
+
+    in_channels: int = 3
+    out_channels: int = 128
+    norm: str = "BN"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        half = self.out_channels // 2
+        for name, c_in, c_out, stride in (("conv1", self.in_channels, half, 2), ("conv2", half, half, 1),
+                                          ("conv3", half, self.out_channels, 1)):
+            x = jax.nn.relu(Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False, norm=self.norm,
+                                   name=name)(x, train=train))
+        return max_pool_3x3_s2_p1(x)
+
+
+STEM_TYPES = ("basic", "deeplab")
 
 
 class BottleneckBlock(nn.Module):
@@ -149,14 +175,18 @@ class ResNet(nn.Module):
 
     ``__call__(x [N, H, W, in_channels], train=False) -> {"res2": [N, H/4, W/4, C2], ..., "res5":
     ...}`` (the stages in ``out_features``; :meth:`output_shape` gives their channels and strides).
-    ``train`` is handed to every norm: ``BN``/``SyncBN`` normalise with batch statistics (and
-    update their running statistics when ``batch_stats`` is mutable); FrozenBN and GN ignore it,
-    and so do the frozen stages (``freeze_at``), which keep normalising with their running
-    statistics as detectron2's ``freeze()`` turns their norms into FrozenBatchNorm. Depth 18/34
-    builds ``BasicBlock`` stages, 50/101/152 ``BottleneckBlock`` stages of ``num_groups x
-    width_per_group`` bottleneck channels. ``freeze_at`` stops gradients as detectron2's
-    ``freeze()`` does: 1 freezes the stem, ``k >= 2`` the stem and stages ``res2`` ... ``res{k}``
-    (``lax.stop_gradient`` on their outputs; their parameters then get zero gradients).
+    ``train`` is handed to every norm: ``BN``/``SyncBN`` normalise with batch statistics (and update
+    their running statistics when ``batch_stats`` is mutable); FrozenBN and GN ignore it, and so do
+    the frozen stages (``freeze_at``), which keep normalising with their running statistics as
+    detectron2's ``freeze()`` turns their norms into FrozenBatchNorm. Depth 18/34 builds
+    ``BasicBlock`` stages, 50/101/152 ``BottleneckBlock`` stages of ``num_groups x width_per_group``
+    bottleneck channels. A dilated stage (``res4_dilation``, ``res5_dilation`` above 1) keeps its
+    input's stride; ``res5_multi_grid`` multiplies the dilation of each res5 block; ``stem_type``
+    "deeplab" is :class:`DeepLabStem` (these three are what DeepLab's
+    ``build_resnet_deeplab_backbone`` sets; the plain builder allows ``res5_dilation`` 1 or 2).
+    ``freeze_at`` stops gradients as detectron2's ``freeze()`` does: 1 freezes the stem, ``k >= 2``
+    the stem and stages ``res2`` ... ``res{k}`` (``lax.stop_gradient`` on their outputs; their
+    parameters then get zero gradients).
     """
 
     depth: int = 50
@@ -173,6 +203,12 @@ class ResNet(nn.Module):
     deform_on_per_stage: Sequence[bool] = (False, False, False, False)
     deform_modulated: bool = False
     deform_num_groups: int = 1
+    # DeepLab's backbone (``build_resnet_deeplab_backbone``): its stem, a dilated res4 and the
+    # res5 "multi-grid" (block i of res5 dilated ``res5_dilation * res5_multi_grid[i]``; None: every
+    # block ``res5_dilation``, as the plain ResNet).
+    stem_type: str = "basic"
+    res4_dilation: int = 1
+    res5_multi_grid: Sequence[int] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, input_shape: ShapeSpec | None = None) -> ResNet:
@@ -213,7 +249,7 @@ class ResNet(nn.Module):
         shapes = {"stem": ShapeSpec(channels=self.stem_out_channels, stride=4)}
         stride = 4
         for stage in range(2, 6):
-            if not (stage == 5 and self.res5_dilation == 2) and stage > 2:
+            if stage > 2 and self._stage_dilation(stage) == 1:  # a dilated stage keeps its input's stride
                 stride *= 2
             shapes[f"res{stage}"] = ShapeSpec(channels=self.res2_out_channels * 2 ** (stage - 2), stride=stride)
         unknown = [name for name in self.out_features if name not in shapes]
@@ -221,19 +257,41 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: out_features {unknown} are not among {list(shapes)}")
         return {name: shapes[name] for name in self.out_features}
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+    def _stage_dilation(self, stage: int) -> int:
+        """The dilation of stage ``res{stage}`` (before the res5 multi-grid)."""
+        return {4: self.res4_dilation, 5: self.res5_dilation}.get(stage, 1)
+
+    def _block_dilation(self, stage: int, block_index: int) -> int:
+        """The 3x3 conv's dilation in block ``block_index`` of ``res{stage}``."""
+        dilation = self._stage_dilation(stage)
+        if stage == 5 and self.res5_multi_grid is not None:
+            return dilation * int(self.res5_multi_grid[block_index])
+        return dilation
+
+    def _check_fields(self) -> None:
         if self.depth not in _BLOCKS_PER_STAGE:
             raise ValueError(f"ResNet: depth must be one of {sorted(_BLOCKS_PER_STAGE)}, got {self.depth}")
-        if self.res5_dilation not in (1, 2):
-            raise ValueError(f"ResNet: res5_dilation must be 1 or 2, got {self.res5_dilation}")
+        if self.res5_dilation not in (1, 2, 4):
+            raise ValueError(f"ResNet: res5_dilation must be 1, 2 or 4, got {self.res5_dilation}")
+        if self.res4_dilation not in (1, 2):
+            raise ValueError(f"ResNet: res4_dilation must be 1 or 2, got {self.res4_dilation}")
+        if self.stem_type not in STEM_TYPES:
+            raise ValueError(f"ResNet: stem_type must be one of {STEM_TYPES}, got {self.stem_type!r}")
+        res5_blocks = _BLOCKS_PER_STAGE[self.depth][3]
+        if self.res5_multi_grid is not None and len(self.res5_multi_grid) != res5_blocks:
+            raise ValueError(f"ResNet: res5_multi_grid needs one entry per res5 block ({res5_blocks}), "
+                             f"got {tuple(self.res5_multi_grid)}")
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+        self._check_fields()
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"ResNet: input must be NHWC [N, H, W, {self.in_channels}], got shape {x.shape}")
         outputs = {}
         # frozen stages normalise with running statistics, as detectron2's freeze() makes their
         # norms FrozenBatchNorm: their batch statistics neither normalise nor update anything
-        x = BasicStem(self.in_channels, self.stem_out_channels, self.norm, name="stem")(
-            x, train and self.freeze_at < 1)
+        stem = DeepLabStem if self.stem_type == "deeplab" else BasicStem
+        x = stem(self.in_channels, self.stem_out_channels, self.norm, name="stem")(x, train and self.freeze_at < 1)
         if self.freeze_at >= 1:
             x = lax.stop_gradient(x)
         if "stem" in self.out_features:
@@ -246,13 +304,13 @@ class ResNet(nn.Module):
             stage = stage_index + 2
             if stage > last_stage:
                 break
-            dilation = self.res5_dilation if stage == 5 else 1
-            first_stride = 1 if stage_index == 0 or (stage == 5 and dilation == 2) else 2
+            first_stride = 1 if stage_index == 0 or self._stage_dilation(stage) > 1 else 2
             if self.depth < 50:  # BasicBlock stages: RES2_OUT_CHANNELS (64 in detectron2) doubling
                 out_channels = self.res2_out_channels * 2**stage_index
             stage_trains = train and self.freeze_at < stage
             for block_index in range(num_blocks):
                 stride = first_stride if block_index == 0 else 1
+                dilation = self._block_dilation(stage, block_index)
                 name = f"res{stage}_{block_index}"
                 if self.depth >= 50 and self.deform_on_per_stage[stage_index]:
                     x = DeformBottleneckBlock(in_channels, out_channels, bottleneck, stride, self.num_groups,

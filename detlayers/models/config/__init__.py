@@ -19,6 +19,9 @@ from detlayers.models.config.deeplab import add_deeplab_config
 from detlayers.models.config.defaults import CONFIG_VERSION, get_cfg
 from detlayers.models.config.node import BASE_KEY, CfgNode
 from detlayers.models.config.zoo import (
+    cascade_mask_rcnn_R_50_FPN_3x_config,
+    deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config,
+    deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config,
     faster_rcnn_R_50_C4_3x_config,
     faster_rcnn_R_50_DC5_3x_config,
     faster_rcnn_R_50_FPN_3x_config,
@@ -43,6 +46,9 @@ __all__ = [
     "retinanet_R_50_FPN_3x_config",
     "mask_rcnn_R_50_FPN_3x_gn_config",
     "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
+    "cascade_mask_rcnn_R_50_FPN_3x_config",
+    "deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config",
+    "deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config",
     "panoptic_fpn_R_50_3x_config",
     "BASE_KEY",
     "CONFIG_VERSION",

@@ -11,7 +11,9 @@ from detlayers.models.config.node import CfgNode
 __all__ = [
     "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
     "retinanet_R_50_FPN_3x_config", "mask_rcnn_R_50_FPN_3x_gn_config", "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
-    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config", "panoptic_fpn_R_50_3x_config",
+    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config", "cascade_mask_rcnn_R_50_FPN_3x_config",
+    "deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config", "deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config",
+    "panoptic_fpn_R_50_3x_config",
 ]
 
 
@@ -184,6 +186,95 @@ def mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config() -> CfgNode:
     cfg.merge_from_other_cfg(CfgNode({"MODEL": {
         "RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True], "DEFORM_MODULATED": False},
     }}))
+    return cfg
+
+
+def cascade_mask_rcnn_R_50_FPN_3x_config() -> CfgNode:
+    """``Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml``: Mask R-CNN R50-FPN with ``CascadeROIHeads``
+    (three box stages of ``MODEL.ROI_BOX_CASCADE_HEAD``, class-agnostic box regression) and 2000
+    proposals an image in training."""
+    cfg = _mask_rcnn_fpn_3x(50)
+    cfg.merge_from_other_cfg(CfgNode({"MODEL": {
+        "ROI_HEADS": {"NAME": "CascadeROIHeads"},
+        "ROI_BOX_HEAD": {"CLS_AGNOSTIC_BBOX_REG": True},
+        "RPN": {"POST_NMS_TOPK_TRAIN": 2000},
+    }}))
+    return cfg
+
+
+def _deeplab_os16_semantic() -> CfgNode:
+    """``Base-DeepLabV3-OS16-Semantic.yaml`` over ``Base-RCNN-DilatedC5.yaml``, on ``get_cfg()`` with
+    :func:`detlayers.models.config.add_deeplab_config`'s keys: ``SemanticSegmentor``, no frozen
+    stage, ``DeepLabV3Head`` on res5 (ASPP 256 channels, dilations 6/12/18, dropout 0.1; 19
+    Cityscapes classes; hard pixel mining), Cityscapes crops of 512x1024, test size 1024/2048."""
+    from detlayers.models.config.deeplab import add_deeplab_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    cfg.merge_from_other_cfg(CfgNode(_base_rcnn_dilated_c5()))
+    cfg.merge_from_other_cfg(CfgNode({
+        "MODEL": {
+            "META_ARCHITECTURE": "SemanticSegmentor",
+            "BACKBONE": {"FREEZE_AT": 0},
+            "SEM_SEG_HEAD": {
+                "NAME": "DeepLabV3Head", "IN_FEATURES": ["res5"], "ASPP_CHANNELS": 256, "ASPP_DILATIONS": [6, 12, 18],
+                "ASPP_DROPOUT": 0.1, "CONVS_DIM": 256, "COMMON_STRIDE": 16, "NUM_CLASSES": 19,
+                "LOSS_TYPE": "hard_pixel_mining",
+            },
+        },
+        "DATASETS": {"TRAIN": ("cityscapes_fine_sem_seg_train",), "TEST": ("cityscapes_fine_sem_seg_val",)},
+        "SOLVER": {"BASE_LR": 0.01, "MAX_ITER": 90000, "LR_SCHEDULER_NAME": "WarmupPolyLR", "IMS_PER_BATCH": 16},
+        "INPUT": {
+            "MIN_SIZE_TRAIN": (512, 768, 1024, 1280, 1536, 1792, 2048), "MIN_SIZE_TRAIN_SAMPLING": "choice",
+            "MIN_SIZE_TEST": 1024, "MAX_SIZE_TRAIN": 4096, "MAX_SIZE_TEST": 2048,
+            "CROP": {"ENABLED": True, "TYPE": "absolute", "SIZE": (512, 1024), "SINGLE_CATEGORY_MAX_AREA": 1.0},
+        },
+        "DATALOADER": {"NUM_WORKERS": 10},
+    }))
+    return cfg
+
+
+def _deeplab_r103(head: dict[str, Any], out_features: dict[str, Any]) -> dict[str, Any]:
+    """What both R-103 files set: the DeepLab backbone (ResNet-101, three-conv stem of 128, SyncBN,
+    stride on the 3x3 conv, multi-grid 1/2/4), SyncBN in the head, ImageNet mean/std in RGB."""
+    return {
+        "MODEL": {
+            "WEIGHTS": "detectron2://DeepLab/R-103.pkl",
+            "PIXEL_MEAN": [123.675, 116.280, 103.530], "PIXEL_STD": [58.395, 57.120, 57.375],
+            "BACKBONE": {"NAME": "build_resnet_deeplab_backbone"},
+            "RESNETS": {
+                "DEPTH": 101, "NORM": "SyncBN", **out_features, "RES5_MULTI_GRID": [1, 2, 4],
+                "STEM_TYPE": "deeplab", "STEM_OUT_CHANNELS": 128, "STRIDE_IN_1X1": False,
+            },
+            "SEM_SEG_HEAD": {**head, "NORM": "SyncBN"},
+        },
+        "INPUT": {"FORMAT": "RGB"},
+    }
+
+
+def deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config() -> CfgNode:
+    """``projects/DeepLab/configs/Cityscapes-SemanticSegmentation/deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16.yaml``:
+    ``SemanticSegmentor`` with ``build_resnet_deeplab_backbone`` (R-103: ResNet-101 with the
+    three-conv DeepLab stem of 128 channels, SyncBN, stride on the 3x3 conv, res5 dilated 2 with
+    multi-grid 1, 2, 4: output stride 16) and ``DeepLabV3PlusHead`` (ASPP 256 channels, dilations
+    6/12/18, pooling window ``INPUT.CROP.SIZE / 16`` = 32x64; decoder on res2 projected to 48
+    channels; 19 Cityscapes classes), RGB input with ImageNet mean/std, test size 1024/2048."""
+    cfg = _deeplab_os16_semantic()
+    cfg.merge_from_other_cfg(CfgNode(_deeplab_r103(
+        {"NAME": "DeepLabV3PlusHead", "IN_FEATURES": ["res2", "res5"], "PROJECT_FEATURES": ["res2"],
+         "PROJECT_CHANNELS": [48], "COMMON_STRIDE": 4},
+        {"OUT_FEATURES": ["res2", "res5"]},
+    )))
+    return cfg
+
+
+def deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config() -> CfgNode:
+    """``projects/DeepLab/configs/Cityscapes-SemanticSegmentation/deeplab_v3_R_103_os16_mg124_poly_90k_bs16.yaml``:
+    the R-103 backbone of :func:`deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config` (res5 only)
+    with ``DeepLabV3Head`` (the ASPP on res5, pooling window ``INPUT.CROP.SIZE / COMMON_STRIDE``,
+    then the predictor; logits upsampled by 16)."""
+    cfg = _deeplab_os16_semantic()
+    cfg.merge_from_other_cfg(CfgNode(_deeplab_r103({"NAME": "DeepLabV3Head"}, {})))
     return cfg
 
 
