@@ -4,7 +4,7 @@ re-exports): PyTorch's output sizes and sampling positions in the modes ``neares
 
 The taps (source indices and weights along each spatial axis) depend only on static shapes, so
 they are computed at trace time with NumPy in float32, in the order PyTorch's CPU kernels round;
-the resampling itself is one gather and a weighted sum per axis.
+the resampling itself is one gather per tap and a weighted sum per axis.
 """
 
 from __future__ import annotations
@@ -149,14 +149,22 @@ def _area_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _resample_axis(x: Array, axis: int, indices: np.ndarray, weights: np.ndarray | None) -> Array:
     """``y[..., o, ...] = sum_k weights[o, k] * x[..., indices[o, k], ...]`` along ``axis``
-    (static taps: one gather and a weighted sum; a plain gather without weights)."""
+    (static taps: one gather per tap, summed in tap order as PyTorch's kernels add them; a plain
+    gather without weights).
+
+    One gather per tap, not one gather of every tap reshaped to ``[out, taps]`` and reduced over
+    the taps: XLA:CPU (jax 0.10.2) miscompiles that form when two resampled maps of different
+    sizes meet under ``jit`` (``up(a) + up(up(b))`` returned values of 1e22 and more; eagerly
+    and in this form the values are right; ``tests/test_interpolate.py`` guards it)."""
     out_size, taps = indices.shape
     if weights is None:
         return jnp.take(x, jnp.asarray(indices[:, 0], jnp.int32), axis=axis)
-    gathered = jnp.take(x, jnp.asarray(indices.reshape(-1), jnp.int32), axis=axis)
-    gathered = gathered.reshape(x.shape[:axis] + (out_size, taps) + x.shape[axis + 1:])
     w = jnp.asarray(weights, x.dtype).reshape((out_size, taps) + (1,) * (x.ndim - axis - 1))
-    return jnp.sum(gathered * w, axis=axis + 1)
+    total = None
+    for k in range(taps):
+        term = jnp.take(x, jnp.asarray(indices[:, k], jnp.int32), axis=axis) * w[:, k]
+        total = term if total is None else total + term
+    return total
 
 
 def interpolate(

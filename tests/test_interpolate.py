@@ -193,3 +193,22 @@ def test_interpolate_new_modes_keep_dtype_and_run_under_jit_and_vmap():
         np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.05)
         stacked = jax.vmap(lambda v, m=mode: L.interpolate(v, size=(4, 9), mode=m))(x[:, None])
         np.testing.assert_allclose(stacked[:, 0], L.interpolate(x, size=(4, 9), mode=mode), rtol=1e-6)
+
+
+def test_bilinear_maps_of_two_sizes_summed_under_jit_equal_eager():
+    """The Panoptic FPN semantic head's pattern: a map upsampled once plus a coarser one upsampled
+    twice. XLA:CPU (jax 0.10.2) miscompiled it under ``jit`` when the taps were gathered at once and
+    reduced (values of 1e22 and more); one gather per tap is compiled right."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((1, 8, 12, 32)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((1, 4, 6, 32)), jnp.float32)
+
+    def up(x):
+        return L.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    def heads(a, b):
+        return up(a) + up(up(b))
+
+    eager = np.asarray(heads(a, b))
+    assert np.abs(eager).max() < 10
+    np.testing.assert_allclose(np.asarray(jax.jit(heads)(a, b)), eager, rtol=1e-6, atol=1e-6)

@@ -211,3 +211,86 @@ def test_predict_batch_is_one_call_with_per_image_results(tiny):
         assert result["scores"].dtype == np.float32 and np.all(np.diff(result["scores"]) <= 0)
         assert result["pred_classes"].dtype == np.int64
         assert result["pred_masks"].shape == (k, 60, 90) and result["pred_masks"].dtype == bool
+
+
+# --------------------------------------------------------------------------------------------
+# every other architecture: the pure-XLA artifact in a fresh process (jax alone)
+
+# (zoo config function, overrides making it tiny): ResNet-18, narrow layers; each keeps the
+# architecture's own code paths (three cascade stages; the panoptic semantic head with GroupNorm
+# and the panoptic combination; DeepLabV3+'s ASPP and decoder).
+_TINY_RCNN = [
+    "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
+    "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+    "MODEL.ROI_HEADS.NUM_CLASSES", 5, "MODEL.RPN.PRE_NMS_TOPK_TEST", 300, "MODEL.RPN.POST_NMS_TOPK_TEST", 100,
+    "TEST.DETECTIONS_PER_IMAGE", 20, "INPUT.MIN_SIZE_TEST", 0,
+]
+ARCHITECTURES = {
+    "cascade_mask_rcnn": ("cascade_mask_rcnn_R_50_FPN_3x_config", _TINY_RCNN),
+    "panoptic_fpn": ("panoptic_fpn_R_50_3x_config", _TINY_RCNN + [
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 6]),
+    "deeplab_v3_plus": ("deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config", [
+        "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
+        "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 32,
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS", [8],
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 4, "INPUT.CROP.SIZE", [64, 96], "INPUT.MIN_SIZE_TEST", 0]),
+}
+
+
+def _tiny_variables(model, *example_args) -> dict:
+    """As :func:`random_variables`, for trees that also hold normalization layers without a
+    kernel (GroupNorm, BatchNorm's ``scale``/``bias``): those get scale 1, bias 0."""
+    rng = np.random.default_rng(0)
+    norm_stats = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 4.0}
+
+    def fill(collection: str, tree: dict) -> dict:
+        out = {}
+        for name, leaf in tree.items():
+            if isinstance(leaf, dict):
+                out[name] = fill(collection, leaf)
+            elif collection == "batch_stats" or "kernel" not in tree:
+                out[name] = np.full(leaf.shape, norm_stats[name], leaf.dtype)
+            else:
+                bound = 1.0 / np.sqrt(np.prod(tree["kernel"].shape[:-1]))
+                out[name] = rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
+        return out
+
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *example_args)
+    return {collection: fill(collection, tree) for collection, tree in shapes.items()}
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_every_architecture_round_trips_through_a_jax_only_artifact(architecture, tmp_path):
+    import detlayers.models.config as configs
+    from detlayers.models import Predictor, build_model, export_predictor
+
+    config_function, overrides = ARCHITECTURES[architecture]
+    cfg = getattr(configs, config_function)()
+    cfg.merge_from_list(overrides)
+    model = build_model(cfg)
+    images = jnp.zeros((1, 64, 96, 3), jnp.float32)
+    sizes = jnp.asarray([[60, 90]], jnp.int32)
+    predictor = Predictor(cfg, _tiny_variables(model, images, sizes, sizes))
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    inputs = predictor.inputs([image])
+    expected = jax.device_get(predictor.run(*inputs))
+    if "num_instances" in expected:
+        assert int(expected["num_instances"][0]) > 0, "the test model should detect something"
+    exported = export_predictor(predictor, 1, inputs[0].shape[1:3], inputs[3], nms_backend="xla")
+    assert "detlayers_" not in exported.mlir_module()
+    got = _run_fresh(
+        tmp_path, exported.serialize(), inputs,
+        "import hashlib\n"
+        "data = open('model.bin', 'rb').read()\n"
+        "assert hashlib.sha256(data[60:]).digest() == data[28:60]\n"
+        "exported = jax.export.deserialize(bytearray(data[60:]))\n"
+        "assert not any(m.startswith('detlayers') for m in sys.modules)",
+    )
+    # the artifact computes what the predictor computes (weights baked in as constants XLA may
+    # fold: floats to rounding, every decision exactly)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-3, err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
