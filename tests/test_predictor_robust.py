@@ -77,6 +77,8 @@ def _random_variables(cfg, seed: int = 0):
     ("TEST.DETECTIONS_PER_IMAGE", 0, "TEST.DETECTIONS_PER_IMAGE 0 keeps no detection"),
     ("INPUT.MIN_SIZE_TEST", -1, "INPUT.MIN_SIZE_TEST must be >= 0"),
     ("INPUT.MAX_SIZE_TEST", 0, "INPUT.MAX_SIZE_TEST must be positive"),
+    ("MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE", True, "MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE True is not supported"),
+    ("MODEL.ROI_BOX_HEAD.USE_FED_LOSS", True, "MODEL.ROI_BOX_HEAD.USE_FED_LOSS True is not supported"),
 ])
 def test_bad_config_values_fail_at_construction_naming_the_key(key, value, message):
     from detlayers.models import Predictor

@@ -145,12 +145,18 @@ class FastRCNNOutputLayers(nn.Module):
         """``MODEL.ROI_HEADS.{NUM_CLASSES, SCORE_THRESH_TEST, NMS_THRESH_TEST}``,
         ``MODEL.ROI_BOX_HEAD.{BBOX_REG_WEIGHTS, CLS_AGNOSTIC_BBOX_REG, SMOOTH_L1_BETA,
         BBOX_REG_LOSS_WEIGHT}``, ``TEST.DETECTIONS_PER_IMAGE`` (negative: no limit, as detectron2;
-        0 is refused)."""
+        0 is refused). ``MODEL.ROI_BOX_HEAD.{USE_SIGMOID_CE, USE_FED_LOSS}`` True raise (not
+        implemented; detectron2 would score with sigmoids / train with the federated loss)."""
         heads, box = cfg.MODEL.ROI_HEADS, cfg.MODEL.ROI_BOX_HEAD
         if cfg.TEST.DETECTIONS_PER_IMAGE == 0:
             # detectron2 would return no detection at all; a zero-size output is surely a mistake.
             raise ValueError("FastRCNNOutputLayers: TEST.DETECTIONS_PER_IMAGE 0 keeps no detection; "
                              "use a positive limit, or a negative value for no limit (detectron2's -1)")
+        for key in ("USE_SIGMOID_CE", "USE_FED_LOSS"):
+            # sigmoid scores change inference, the federated loss training: refused, not ignored
+            if box.get(key, False):
+                raise ValueError(f"FastRCNNOutputLayers: MODEL.ROI_BOX_HEAD.{key} True is not supported "
+                                 "(softmax cross-entropy scores only); set it to False")
         if box.BBOX_REG_LOSS_TYPE != "smooth_l1":
             raise ValueError(f"FastRCNNOutputLayers: MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE {box.BBOX_REG_LOSS_TYPE!r} "
                              "is not supported (only 'smooth_l1')")
