@@ -126,14 +126,16 @@ BACKBONE_REGISTRY = Registry(
     "BACKBONE", "MODEL.BACKBONE.NAME", (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn")
 )
 PROPOSAL_GENERATOR_REGISTRY = Registry(
-    "PROPOSAL_GENERATOR", "MODEL.PROPOSAL_GENERATOR.NAME", (_MODELS + "proposal_generator.rpn",)
+    "PROPOSAL_GENERATOR", "MODEL.PROPOSAL_GENERATOR.NAME",
+    (_MODELS + "proposal_generator.rpn", _MODELS + "proposal_generator.rrpn"),
 )
 ANCHOR_GENERATOR_REGISTRY = Registry(
     "ANCHOR_GENERATOR", "MODEL.ANCHOR_GENERATOR.NAME", (_MODELS + "anchor_generator",)
 )
 RPN_HEAD_REGISTRY = Registry("RPN_HEAD", "MODEL.RPN.HEAD_NAME", (_MODELS + "proposal_generator.rpn",))
 ROI_HEADS_REGISTRY = Registry(
-    "ROI_HEADS", "MODEL.ROI_HEADS.NAME", (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads")
+    "ROI_HEADS", "MODEL.ROI_HEADS.NAME", (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads",
+                                     _MODELS + "roi_heads.rotated_fast_rcnn")
 )
 ROI_BOX_HEAD_REGISTRY = Registry("ROI_BOX_HEAD", "MODEL.ROI_BOX_HEAD.NAME", (_MODELS + "roi_heads.box_head",))
 ROI_MASK_HEAD_REGISTRY = Registry(

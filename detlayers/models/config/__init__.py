@@ -27,6 +27,7 @@ from detlayers.models.config.zoo import (
     mask_rcnn_R_50_FPN_3x_gn_config,
     mask_rcnn_R_101_FPN_3x_config,
     retinanet_R_50_FPN_3x_config,
+    rotated_faster_rcnn_R_50_FPN_3x_config,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "retinanet_R_50_FPN_3x_config",
     "mask_rcnn_R_50_FPN_3x_gn_config",
     "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
+    "rotated_faster_rcnn_R_50_FPN_3x_config",
     "BASE_KEY",
     "CONFIG_VERSION",
 ]

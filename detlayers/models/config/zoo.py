@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 from detlayers.models.config.defaults import get_cfg
@@ -11,7 +12,8 @@ from detlayers.models.config.node import CfgNode
 __all__ = [
     "mask_rcnn_R_50_FPN_3x_config", "mask_rcnn_R_101_FPN_3x_config", "faster_rcnn_R_50_FPN_3x_config",
     "retinanet_R_50_FPN_3x_config", "mask_rcnn_R_50_FPN_3x_gn_config", "mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config",
-    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config",
+    "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config", "rotated_faster_rcnn_R_50_FPN_3x_config",
+    "ROTATED_FASTER_RCNN_YAML",
 ]
 
 
@@ -183,5 +185,26 @@ def mask_rcnn_R_50_FPN_3x_dconv_c3_c5_config() -> CfgNode:
     cfg = _mask_rcnn_fpn_3x(50)
     cfg.merge_from_other_cfg(CfgNode({"MODEL": {
         "RESNETS": {"DEFORM_ON_PER_STAGE": [False, True, True, True], "DEFORM_MODULATED": False},
+    }}))
+    return cfg
+
+
+# The committed YAML of the rotated model (detectron2 has no zoo file for it).
+ROTATED_FASTER_RCNN_YAML = pathlib.Path(__file__).with_name("rotated_faster_rcnn_R_50_FPN_3x.yaml")
+
+
+def rotated_faster_rcnn_R_50_FPN_3x_config() -> CfgNode:
+    """``rotated_faster_rcnn_R_50_FPN_3x.yaml`` (:data:`ROTATED_FASTER_RCNN_YAML`, next to this
+    module): ``faster_rcnn_R_50_FPN_3x.yaml`` with detectron2's rotated parts as its own rotated
+    tests set them: ``RRPN`` over ``RotatedAnchorGenerator`` (sizes 32-512, ratios 0.5/1/2, angles
+    -90..90 every 30 degrees: 21 anchors a cell; deltas weighted ``(1, 1, 1, 1, 1)``) and
+    ``RROIHeads`` (7x7 ``ROIAlignRotated``, 2-fc box head, deltas weighted ``(10, 10, 5, 5, 1)``)."""
+    cfg = faster_rcnn_R_50_FPN_3x_config()
+    cfg.merge_from_other_cfg(CfgNode({"MODEL": {
+        "PROPOSAL_GENERATOR": {"NAME": "RRPN"},
+        "ANCHOR_GENERATOR": {"NAME": "RotatedAnchorGenerator", "ANGLES": [[-90, -60, -30, 0, 30, 60, 90]]},
+        "RPN": {"BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0, 1.0, 1.0)},
+        "ROI_HEADS": {"NAME": "RROIHeads"},
+        "ROI_BOX_HEAD": {"POOLER_TYPE": "ROIAlignRotated", "BBOX_REG_WEIGHTS": (10.0, 10.0, 5.0, 5.0, 1.0)},
     }}))
     return cfg
