@@ -154,7 +154,8 @@ class Predictor:
     ``predictor(image_bgr)`` takes ``uint8[H, W, 3]`` in BGR (cv2) order and returns a dict of NumPy
     arrays with only the valid instances, by decreasing score: ``pred_boxes float32[K, 4]``
     (original-image pixels; ``[K, 5]`` rotated boxes for the rotated Faster R-CNN),
-    ``scores float32[K]``, ``pred_classes int64[K]`` and, with masks, ``pred_masks bool[K, H, W]``. ``predict_batch(images)`` runs several images in ONE jitted call
+    ``scores float32[K]``, ``pred_classes int64[K]`` and, with masks, ``pred_masks bool[K, H, W]``.
+    ``predict_batch(images)`` runs several images in ONE jitted call
     (padded to a common size, as detectron2 batches them) and returns one dict each.
 
     Compilation: the network is compiled once per (batch size, padded size); the padded size is
