@@ -10,10 +10,11 @@ neither torch nor detectron2 is needed. The zoo case is ONE batch of two photogr
 (chelsea at a short side of 256, coffee at 320), padded to a multiple of 32; compared: a few channels
 of p2-p6, every image's rotated RPN proposals and its rotated instances ``(xc, yc, w, h, angle)``, at
 the Mask R-CNN test's bounds (``detection_parity``). The ``keys`` case runs the same weights on
-chelsea at 256 with non-default ``ANCHOR_GENERATOR.ANGLES`` and ``OFFSET``, ``RPN.BBOX_REG_WEIGHTS``,
+the same batch with non-default ``ANCHOR_GENERATOR.ANGLES`` and ``OFFSET``, ``RPN.BBOX_REG_WEIGHTS``,
 ``ROI_BOX_HEAD.BBOX_REG_WEIGHTS``, ``ROI_BOX_HEAD.POOLER_SAMPLING_RATIO`` and
-``PROPOSAL_GENERATOR.MIN_SIZE``. Both keep 100 proposals an image (``RPN.POST_NMS_TOPK_TEST``, 1000 in
-the YAML); one compile per case.
+``PROPOSAL_GENERATOR.MIN_SIZE``; none of them touches the backbone, so only the RPN and the ROI heads
+are compiled for it and run on the zoo run's FPN maps. Both keep 100 proposals an image
+(``RPN.POST_NMS_TOPK_TEST``, 1000 in the YAML).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+LEVELS = ("p2", "p3", "p4", "p5", "p6")
 # One worker builds every predictor of this module, each compiled once (tests/conftest.py).
 pytestmark = pytest.mark.xdist_group("rotated_faster_rcnn")
 
@@ -53,15 +55,10 @@ def rotated_variables() -> dict:
     return load_detectron2_weights(build_model(_config()), state)
 
 
-def _run_case(stem: str, variables: dict) -> tuple[dict, dict]:
-    """detlayers on the case's batch (each photograph at its own size, one padded batch) with the
-    case's overrides: ``(case, outputs with intermediates)``."""
-    from detlayers.models import Predictor, batch_images, preprocess_image
+def _batch(case: dict, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The case's photographs, each resized to its own size, as one padded batch."""
+    from detlayers.models import batch_images, preprocess_image
 
-    case = parity.load_case(stem)
-    cfg = _config()
-    cfg.merge_from_list(parity.overrides(case))
-    predictor = Predictor(cfg, variables)
     photos = [parity.photo_bgr(str(name)) for name in case["image_names"]]
     np.testing.assert_array_equal([p.shape[:2] for p in photos], case["image_hw"])
     resized = []
@@ -69,16 +66,29 @@ def _run_case(stem: str, variables: dict) -> tuple[dict, dict]:
         sized = cfg.clone()
         sized.merge_from_list(["INPUT.MIN_SIZE_TEST", int(min_size), "INPUT.MAX_SIZE_TEST", int(case["max_size"])])
         resized.append(preprocess_image(photo, sized))
-    images, image_hw = batch_images(resized, predictor.size_divisibility)
+    images, image_hw = batch_images(resized, 32)
     np.testing.assert_array_equal(image_hw, case["input_hw"])
     assert tuple(images.shape[1:3]) == tuple(case["padded_hw"])
+    return images, image_hw
+
+
+@pytest.fixture(scope="session")
+def zoo_run(rotated_variables) -> tuple[dict, dict]:
+    """The YAML's model on the zoo case's batch: ``(case, outputs with intermediates)``."""
+    from detlayers.models import Predictor
+
+    case = parity.load_case("rotated_faster_rcnn")
+    cfg = _config()
+    cfg.merge_from_list(parity.overrides(case))
+    predictor = Predictor(cfg, rotated_variables)
+    assert predictor.size_divisibility == 32
+    images, image_hw = _batch(case, cfg)
     out = predictor.run(images, image_hw, np.asarray(case["image_hw"], np.int32), None, return_intermediates=True)
     return case, jax.device_get(out)
 
 
-def _check_case(case: dict, out: dict) -> list[int]:
-    """FPN channels, every image's rotated proposals and instances; returns instances compared per image."""
-    parity.check_fpn_levels(out, case, ("p2", "p3", "p4", "p5", "p6"))
+def _check_proposals_and_instances(case: dict, out: dict) -> list[int]:
+    """Every image's rotated proposals and instances; returns instances compared per image."""
     assert out["proposal_boxes"].shape[-1] == 5 and out["pred_boxes"].shape[-1] == 5
     starts = np.concatenate([[0], np.cumsum(case["num_proposals"])])
     for i in range(len(case["num_proposals"])):
@@ -87,27 +97,54 @@ def _check_case(case: dict, out: dict) -> list[int]:
     return parity.check_instances(out, case)
 
 
-def test_rotated_parity_with_detectron2(rotated_variables):
-    case, out = _run_case("rotated_faster_rcnn", rotated_variables)
+def test_rotated_parity_with_detectron2(zoo_run):
+    case, out = zoo_run
     # the case exercises what is rotated: tilted proposals and instances, unclipped boxes reaching
     # outside the image, proposals on several levels
     angles = np.abs(case["pred_boxes"][:, 4])
     assert ((angles > 1) & (angles < 179)).sum() >= 50
     assert (np.abs(case["proposal_boxes"][:, 4]) > 1).sum() >= 50
-    checked = _check_case(case, out)
+    parity.check_fpn_levels(out, case, LEVELS)
+    checked = _check_proposals_and_instances(case, out)
     assert sum(checked) >= 150, checked
 
 
-def test_rotated_parity_with_detectron2_non_default_keys(rotated_variables):
+def test_rotated_parity_with_detectron2_non_default_keys(rotated_variables, zoo_run):
     """The same weights (21 anchors a cell still) with other angles, anchor offset, delta weights,
-    2x2 samples a bin in ROIAlignRotated and a minimum proposal size."""
-    case, out = _run_case("rotated_faster_rcnn_keys", rotated_variables)
+    2x2 samples a bin in ROIAlignRotated and a minimum proposal size. None of them touches the
+    backbone, and the batch is the zoo case's: only the RPN, the ROI heads and the rescaling run
+    (compiled here), on the zoo run's FPN maps."""
+    import flax.linen as nn
+
+    from detlayers.models import build_model
+    from detlayers.models.postprocessing import detector_postprocess
+
+    zoo_case, zoo_out = zoo_run
+    case = parity.load_case("rotated_faster_rcnn_keys")
     assert {str(k) for k in case["overrides"][2::2]} == {
         "MODEL.ANCHOR_GENERATOR.ANGLES", "MODEL.ANCHOR_GENERATOR.OFFSET", "MODEL.RPN.BBOX_REG_WEIGHTS",
         "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO",
         "MODEL.PROPOSAL_GENERATOR.MIN_SIZE"}
-    checked = _check_case(case, out)
-    assert sum(checked) >= 70, checked
+    for key in ("image_names", "min_sizes", "image_hw", "input_hw", "padded_hw"):
+        np.testing.assert_array_equal(case[key], zoo_case[key], err_msg=key)
+    # detectron2's maps of this run are the zoo run's (same weights, batch and backbone keys)
+    for level in LEVELS:
+        np.testing.assert_array_equal(case[level], zoo_case[level], err_msg=level)
+    cfg = _config()
+    cfg.merge_from_list(parity.overrides(case))
+    model = build_model(cfg)
+
+    def heads(rcnn, features, image_hw, output_hw):
+        proposals, logits, valid = rcnn.proposal_generator(features, image_hw)
+        out = detector_postprocess(rcnn.roi_heads(features, proposals, valid, image_hw), image_hw, output_hw, None)
+        out.update(proposal_boxes=proposals, proposal_logits=logits, proposal_valid=valid)
+        return out
+
+    features = {level: zoo_out[level] for level in LEVELS}
+    image_hw = np.asarray(case["input_hw"], np.int32)
+    out = jax.jit(nn.apply(heads, model))(rotated_variables, features, image_hw, np.asarray(case["image_hw"], np.int32))
+    checked = _check_proposals_and_instances(case, jax.device_get(out))
+    assert sum(checked) >= 150, checked
 
 
 # --------------------------------------------------------------------------------------------
