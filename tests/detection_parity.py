@@ -24,6 +24,7 @@ SCORE_CUT_MARGIN = 1e-3
 SCORE_ATOL = 1e-4
 BOX_ATOL = 1e-2
 FPN_RTOL = 1e-4
+ROTATED_MATCH = 1.0  # rotated instances pair up when every coordinate is this close (px, degrees)
 MASK_PROB_MARGIN = 1e-4  # mask pixels whose probability lies this close to 0.5 may flip with float32 rounding
 
 
@@ -62,6 +63,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
+def rotated_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[A, B]`` largest coordinate difference between rotated boxes ``(xc, yc, w, h, angle)``:
+    pixels for the first four, degrees (wrapped into ``[-180, 180)``) for the angle."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sides = np.abs(a[:, None, :4] - b[None, :, :4]).max(axis=-1)
+    angle = np.abs((a[:, None, 4] - b[None, :, 4] + 180.0) % 360.0 - 180.0)
+    return np.maximum(sides, angle)
+
+
 def _near_cut(scores: np.ndarray, score_thresh: float, topk: int, next_score: float = -1.0) -> np.ndarray:
     near = scores < score_thresh + SCORE_CUT_MARGIN
     if len(scores) >= topk:
@@ -72,9 +82,16 @@ def _near_cut(scores: np.ndarray, score_thresh: float, topk: int, next_score: fl
 
 
 def _match(ref_boxes, ref_classes, boxes, classes) -> np.ndarray:
-    """For each reference instance the same-class instance with the highest box IoU (> 0.5), or -1."""
+    """For each reference instance the same-class instance with the highest box IoU (> 0.5), or -1;
+    rotated boxes ``[.., 5]``: the nearest same-class one within ``ROTATED_MATCH`` (pixels and
+    degrees, :func:`rotated_distance`)."""
     if len(boxes) == 0:
         return np.full(len(ref_boxes), -1)
+    if ref_boxes.shape[-1] == 5:
+        distance = rotated_distance(ref_boxes, boxes)
+        distance[ref_classes[:, None] != classes[None, :]] = np.inf
+        best = distance.argmin(axis=1)
+        return np.where(distance[np.arange(len(ref_boxes)), best] < ROTATED_MATCH, best, -1)
     iou = box_iou(ref_boxes, boxes)
     iou[ref_classes[:, None] != classes[None, :]] = 0
     best = iou.argmax(axis=1)
@@ -140,12 +157,20 @@ def check_fpn_and_proposals(out: dict, case: dict) -> None:
 
 def check_proposals(out: dict, ref_boxes: np.ndarray, ref_logits: np.ndarray, image: int = 0) -> None:
     """Image ``image``'s RPN proposals against detectron2's ``ref_boxes``/``ref_logits``: the same
-    count within 2, and each of detectron2's proposals among ours (IoU > 0.999, logit within 1e-3
-    relative; a proposal whose logit nearly ties with another may swap places with it, so 99%)."""
+    count within 2, and each of detectron2's proposals among ours (IoU > 0.999, or for rotated
+    boxes every coordinate within ``BOX_ATOL`` plus 1e-4 of the box's largest, the angle within
+    ``BOX_ATOL`` degrees; logit within 1e-3 relative; a proposal whose logit nearly ties with
+    another may swap places with it, so 99%)."""
     valid = out["proposal_valid"][image]
     boxes, logits = out["proposal_boxes"][image][valid], out["proposal_logits"][image][valid]
     assert abs(len(boxes) - len(ref_boxes)) <= 2, (len(boxes), len(ref_boxes))
-    iou = box_iou(ref_boxes, boxes)
+    if ref_boxes.shape[-1] == 5:  # rotated: every coordinate within BOX_ATOL (+1e-4 relative), angle in degrees
+        tolerance = BOX_ATOL + 1e-4 * np.abs(ref_boxes[:, :4]).max(axis=1)
+        close = np.abs(ref_boxes[:, None, :4] - boxes[None, :, :4]).max(axis=-1) <= tolerance[:, None]
+        angle = np.abs((ref_boxes[:, None, 4] - boxes[None, :, 4] + 180.0) % 360.0 - 180.0)
+        iou = (close & (angle <= BOX_ATOL)).astype(np.float64)
+    else:
+        iou = box_iou(ref_boxes, boxes)
     best = iou.argmax(axis=1)
     found = (iou[np.arange(len(ref_boxes)), best] > 0.999) & (
         np.abs(logits[best] - ref_logits) <= 1e-3 * np.maximum(1.0, np.abs(ref_logits))

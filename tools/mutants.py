@@ -94,6 +94,8 @@ _SEM_SEG_PY = "detlayers/models/meta_arch/semantic_seg.py"
 ROBUST = ("tests/test_predictor_robust.py",)
 EDGES = ("tests/test_sample_edges.py",)
 
+ROTATED = ("tests/test_rotated_faster_rcnn.py",)
+
 MUTANTS: tuple[Mutant, ...] = (
     # ---- NMS: pure-XLA path -----------------------------------------------------------------
     Mutant("nms-xla-threshold-ge", "detlayers/_nms_xla.py",
@@ -786,6 +788,30 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("bench-train-state-not-carried", "detlayers/bench/mask_rcnn_train.py",
            "self.state = (params, batch_stats, opt_state)", "self.last = (params, batch_stats, opt_state)",
            BENCH_TRAIN, "tiny"),
+    # ---- rotated Faster R-CNN (RRPN, RotatedAnchorGenerator, RROIHeads) -----------------------------
+    Mutant("rotated-anchors-width-height-swapped", "detlayers/models/anchor_generator.py",
+           "anchors.extend([0.0, 0.0, w, h, float(angle)] for angle in angles)",
+           "anchors.extend([0.0, 0.0, h, w, float(angle)] for angle in angles)", ROTATED, "anchors or parity"),
+    Mutant("rotated-anchors-offset-ignored", "detlayers/models/anchor_generator.py",
+           "grid_rotated_anchors((int(hw[0]), int(hw[1])), stride, s, r, a, self.offset)",
+           "grid_rotated_anchors((int(hw[0]), int(hw[1])), stride, s, r, a)", ROTATED, "non_default"),
+    Mutant("rrpn-clips-tilted-boxes", "detlayers/models/proposal_generator/rrpn.py",
+           "boxes_n = clip_rotated_boxes(jnp.where(finite[:, None], boxes_n, 0.0), hw[0], hw[1])",
+           "boxes_n = clip_rotated_boxes(jnp.where(finite[:, None], boxes_n, 0.0), hw[0], hw[1], 180.0)",
+           ROTATED, "parity_with_detectron2 and not non_default"),
+    Mutant("rrpn-min-size-ignored", "detlayers/models/proposal_generator/rrpn.py",
+           "keep = finite & nonempty_rotated(boxes_n, min_box_size)", "keep = finite & nonempty_rotated(boxes_n)",
+           ROTATED, "non_default"),
+    Mutant("rotated-pooler-level-from-width", "detlayers/models/poolers.py",
+           "sizes = jnp.sqrt(flat[:, 2] * flat[:, 3])", "sizes = flat[:, 2]", ROTATED,
+           "parity_with_detectron2 and not non_default"),
+    Mutant("rotated-postprocess-x-scaled-by-height", "detlayers/models/postprocessing.py",
+           "boxes[..., 0] * scale_x,", "boxes[..., 0] * scale_y,", ROTATED,
+           "parity_with_detectron2 and not non_default"),
+    Mutant("rotated-box-predictor-weights-ignored", "detlayers/models/roi_heads/rotated_fast_rcnn.py",
+           "return Box2BoxTransformRotated(weights=weights)",
+           "return Box2BoxTransformRotated(weights=(1.0, 1.0, 1.0, 1.0, 1.0))", ROTATED,
+           "non_default"),
     # ---- weights back to detectron2 ------------------------------------------------------------------
     Mutant("save-weights-linear-not-transposed", "detlayers/torch_weights.py",
            "    if value.ndim == 2:  # Linear: [in, out] -> [out, in]\n        return value.T",

@@ -1,4 +1,5 @@
-"""detectron2's ``ROIPooler`` (``modeling/poolers.py``): multi-level ROIAlign over an FPN.
+"""detectron2's ``ROIPooler`` (``modeling/poolers.py``): multi-level ROIAlign over an FPN, and
+ROIAlignRotated for rotated boxes.
 
 Static shapes: every image carries a fixed number of box slots with a ``valid`` mask.
 """
@@ -14,23 +15,87 @@ import jax.numpy as jnp
 
 from detlayers.boxes import box_area
 from detlayers.roi_align import roi_align
+from detlayers.roi_align_rotated import roi_align_rotated
 
 Array = jax.Array
 
-__all__ = ["ROIPooler", "assign_boxes_to_levels", "multilevel_roi_align", "POOLER_TYPES"]
+__all__ = [
+    "ROIPooler", "assign_boxes_to_levels", "multilevel_roi_align", "multilevel_roi_align_rotated", "POOLER_TYPES",
+    "ROTATED_POOLER_TYPE",
+]
 
-# The pooler types built: ROIAlignV2 is ROIAlign with aligned=True (half-pixel offset).
+# The pooler types built for axis-aligned boxes: ROIAlignV2 is ROIAlign with aligned=True
+# (half-pixel offset).
 POOLER_TYPES = {"ROIAlignV2": True, "ROIAlign": False}
+# The pooler type of rotated boxes (x_center, y_center, width, height, angle_degrees).
+ROTATED_POOLER_TYPE = "ROIAlignRotated"
+
+
+def _level_of_size(sizes: Array, min_level: int, max_level: int, canonical_box_size: float,
+                   canonical_level: int) -> Array:
+    """FPN paper eq. 1 on box sizes ``sqrt(area)``: ``int32`` level minus ``min_level``."""
+    level = jnp.floor(canonical_level + jnp.log2(sizes / canonical_box_size + 1e-8))
+    level = jnp.clip(level, min_level, max_level)
+    return level.astype(jnp.int32) - min_level
 
 
 def assign_boxes_to_levels(
     boxes: Array, min_level: int, max_level: int, canonical_box_size: float = 224.0, canonical_level: int = 4
 ) -> Array:
     """detectron2's ``assign_boxes_to_levels`` (FPN paper eq. 1): ``int32[...]`` level minus ``min_level``."""
-    sizes = jnp.sqrt(box_area(boxes))
-    level = jnp.floor(canonical_level + jnp.log2(sizes / canonical_box_size + 1e-8))
-    level = jnp.clip(level, min_level, max_level)
-    return level.astype(jnp.int32) - min_level
+    return _level_of_size(jnp.sqrt(box_area(boxes)), min_level, max_level, canonical_box_size, canonical_level)
+
+
+def _consecutive_levels(strides: Sequence[int], num_features: int, fn: str) -> list[int]:
+    levels = [int(round(math.log2(s))) for s in strides]
+    if levels != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(f"{fn}: strides must be consecutive powers of 2, got {strides}")
+    if num_features != len(strides):
+        raise ValueError(f"{fn}: {num_features} feature maps but {len(strides)} strides")
+    return levels
+
+
+def multilevel_roi_align_rotated(
+    features: Sequence[Array],
+    boxes: Array,
+    valid: Array,
+    output_size: int,
+    strides: Sequence[int],
+    sampling_ratio: int = 0,
+    canonical_box_size: float = 224.0,
+    canonical_level: int = 4,
+) -> Array:
+    """detectron2's ``ROIPooler`` with ``ROIAlignRotated``: ``[N*R, S, S, C]``.
+
+    Args:
+      features: per level ``[N, Hi, Wi, C]`` with strides ``strides`` (powers of 2, consecutive).
+      boxes: ``[N, R, 5]`` rotated boxes ``(xc, yc, w, h, angle_degrees)`` in input-image pixels;
+        valid: ``bool[N, R]`` (invalid slots pool to 0).
+    Each ROI is pooled from the level of its size ``sqrt(w * h)`` (``RotatedBoxes.area``, FPN eq. 1).
+    Rotated boxes may reach outside the image (detectron2 clips only nearly horizontal ones), and
+    ROIAlignRotated reads zeros beyond a map's border, so the levels are not packed into one
+    padded map as :func:`multilevel_roi_align` does: each level pools the ROIs assigned to it
+    (the others get batch index -1, which pools nothing) and the results are summed.
+    """
+    levels = _consecutive_levels(strides, len(features), "multilevel_roi_align_rotated")
+    n, r = boxes.shape[:2]
+    flat = boxes.reshape(n * r, 5).astype(jnp.float32)
+    flat_valid = valid.reshape(n * r)
+    batch_index = jnp.repeat(jnp.arange(n, dtype=jnp.float32), r)
+    if len(features) == 1:
+        assigned = jnp.zeros((n * r,), jnp.int32)
+    else:
+        sizes = jnp.sqrt(flat[:, 2] * flat[:, 3])
+        assigned = _level_of_size(sizes, levels[0], levels[-1], canonical_box_size, canonical_level)
+    pooled = None
+    for i, (feature, stride) in enumerate(zip(features, strides)):
+        mine = flat_valid & (assigned == i)
+        rois = jnp.concatenate([jnp.where(mine, batch_index, -1.0)[:, None], jnp.where(mine[:, None], flat, 0.0)],
+                               axis=1)
+        level = roi_align_rotated(feature, rois, output_size, 1.0 / stride, sampling_ratio)
+        level = jnp.where(mine[:, None, None, None], level, 0.0)
+        pooled = level if pooled is None else pooled + level
+    return pooled
 
 
 def multilevel_roi_align(
@@ -52,11 +117,7 @@ def multilevel_roi_align(
     Each ROI is pooled from the level ``assign_boxes_to_levels`` picks. Boxes must lie inside the
     (unpadded) image, as detectron2's clipped proposals and detections do.
     """
-    levels = [int(round(math.log2(s))) for s in strides]
-    if levels != list(range(levels[0], levels[0] + len(levels))):
-        raise ValueError(f"multilevel_roi_align: strides must be consecutive powers of 2, got {strides}")
-    if len(features) != len(strides):
-        raise ValueError(f"multilevel_roi_align: {len(features)} feature maps but {len(strides)} strides")
+    levels = _consecutive_levels(strides, len(features), "multilevel_roi_align")
     n, r = boxes.shape[:2]
     flat = boxes.reshape(n * r, 4).astype(jnp.float32)
     flat_valid = valid.reshape(n * r)
@@ -90,10 +151,12 @@ class ROIPooler:
     ``output_size x output_size`` from the level ``assign_boxes_to_levels`` picks.
 
     ``scales`` are ``1 / stride`` of the levels (detectron2's argument); ``pooler_type`` is
-    ``"ROIAlignV2"`` (aligned) or ``"ROIAlign"``. No weights; immutable and hashable.
+    ``"ROIAlignV2"`` (aligned) or ``"ROIAlign"``, or ``"ROIAlignRotated"`` for rotated boxes. No
+    weights; immutable and hashable.
 
-    ``pooler(features [N, Hi, Wi, C] per level, boxes [N, R, 4], valid bool[N, R])`` returns
-    ``[N*R, S, S, C]`` (invalid slots are 0), see :func:`multilevel_roi_align`.
+    ``pooler(features [N, Hi, Wi, C] per level, boxes [N, R, 4 or 5], valid bool[N, R])`` returns
+    ``[N*R, S, S, C]`` (invalid slots are 0), see :func:`multilevel_roi_align` and
+    :func:`multilevel_roi_align_rotated`.
     """
 
     output_size: int
@@ -104,9 +167,9 @@ class ROIPooler:
     canonical_level: int = 4
 
     def __post_init__(self) -> None:
-        if self.pooler_type not in POOLER_TYPES:
+        if self.pooler_type not in POOLER_TYPES and self.pooler_type != ROTATED_POOLER_TYPE:
             raise ValueError(f"ROIPooler: pooler_type {self.pooler_type!r} is not supported "
-                             f"(only {sorted(POOLER_TYPES)})")
+                             f"(only {sorted([*POOLER_TYPES, ROTATED_POOLER_TYPE])})")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     @property
@@ -114,6 +177,13 @@ class ROIPooler:
         return tuple(int(round(1.0 / s)) for s in self.scales)
 
     def __call__(self, features: Sequence[Array], boxes: Array, valid: Array) -> Array:
+        if self.pooler_type == ROTATED_POOLER_TYPE:
+            if boxes.shape[-1] != 5:
+                raise ValueError(f"ROIPooler: ROIAlignRotated pools rotated boxes [N, R, 5], got {boxes.shape}")
+            return multilevel_roi_align_rotated(
+                features, boxes, valid, self.output_size, self.strides, self.sampling_ratio,
+                self.canonical_box_size, self.canonical_level,
+            )
         return multilevel_roi_align(
             features, boxes, valid, self.output_size, self.strides, self.sampling_ratio,
             POOLER_TYPES[self.pooler_type], self.canonical_box_size, self.canonical_level,

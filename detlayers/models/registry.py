@@ -129,7 +129,8 @@ BACKBONE_REGISTRY = Registry(
     (_MODELS + "backbone.resnet", _MODELS + "backbone.fpn", _MODELS + "deeplab.resnet"),
 )
 PROPOSAL_GENERATOR_REGISTRY = Registry(
-    "PROPOSAL_GENERATOR", "MODEL.PROPOSAL_GENERATOR.NAME", (_MODELS + "proposal_generator.rpn",)
+    "PROPOSAL_GENERATOR", "MODEL.PROPOSAL_GENERATOR.NAME",
+    (_MODELS + "proposal_generator.rpn", _MODELS + "proposal_generator.rrpn"),
 )
 ANCHOR_GENERATOR_REGISTRY = Registry(
     "ANCHOR_GENERATOR", "MODEL.ANCHOR_GENERATOR.NAME", (_MODELS + "anchor_generator",)
@@ -137,7 +138,8 @@ ANCHOR_GENERATOR_REGISTRY = Registry(
 RPN_HEAD_REGISTRY = Registry("RPN_HEAD", "MODEL.RPN.HEAD_NAME", (_MODELS + "proposal_generator.rpn",))
 ROI_HEADS_REGISTRY = Registry(
     "ROI_HEADS", "MODEL.ROI_HEADS.NAME",
-    (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads", _MODELS + "roi_heads.cascade_rcnn"),
+    (_MODELS + "roi_heads.roi_heads", _MODELS + "roi_heads.res5_roi_heads", _MODELS + "roi_heads.cascade_rcnn",
+     _MODELS + "roi_heads.rotated_fast_rcnn"),
 )
 ROI_BOX_HEAD_REGISTRY = Registry("ROI_BOX_HEAD", "MODEL.ROI_BOX_HEAD.NAME", (_MODELS + "roi_heads.box_head",))
 ROI_MASK_HEAD_REGISTRY = Registry(

@@ -37,7 +37,9 @@ the features are well scaled, the detection scores spread out and the masks are 
 ``tests/fixtures/mask_rcnn_bn_calibration.npz`` holds these for ``seed=0``, written by
 ``tools/fixtures/make_mask_rcnn.py``.
 
-:func:`faster_rcnn_r50_fpn_state_dict` is the same without the mask head;
+:func:`faster_rcnn_r50_fpn_state_dict` is the same without the mask head, and
+:func:`rotated_faster_rcnn_r50_fpn_state_dict` that with 5 deltas an anchor and a class (RRPN,
+RROIHeads);
 :func:`retinanet_r50_fpn_state_dict` gives ``retinanet_R_50_FPN_3x.yaml``'s (FPN on res3-res5,
 ``LastLevelP6P7`` with ``c2_xavier_fill``, the RetinaNet head with normal std 0.01 and the
 prior-probability ``cls_score`` bias), with the same ResNet-50 values for the same seed, so the
@@ -86,7 +88,8 @@ __all__ = [
     "mask_rcnn_r50_fpn_state_dict", "mask_rcnn_r50_fpn_shapes", "faster_rcnn_r50_fpn_state_dict",
     "retinanet_r50_fpn_state_dict", "retinanet_calibration", "RETINANET_CLS_BIAS", "VARIANTS",
     "faster_rcnn_r50_c4_state_dict", "faster_rcnn_r50_dc5_state_dict", "cascade_mask_rcnn_r50_fpn_state_dict",
-    "deeplab_v3_plus_state_dict", "panoptic_fpn_r50_state_dict",
+    "deeplab_v3_plus_state_dict", "panoptic_fpn_r50_state_dict", "rotated_faster_rcnn_r50_fpn_state_dict",
+    "rotated_faster_rcnn_calibration",
 ]
 
 FROZEN_BN_EPS = 1e-5
@@ -208,44 +211,50 @@ def _resnet50_entries(
         in_ch = _RES2_OUT * 2**i
 
 
-def _rpn_head_entries(channels: int, num_anchors: int) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
-    """``StandardRPNHead`` over ``channels``-wide maps with ``num_anchors`` a cell (normal std 0.01)."""
+def _rpn_head_entries(
+    channels: int, num_anchors: int, box_dim: int = 4
+) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+    """``StandardRPNHead`` over ``channels``-wide maps with ``num_anchors`` a cell of ``box_dim``
+    deltas each (normal std 0.01)."""
     rpn = "proposal_generator.rpn_head"
     yield f"{rpn}.conv.weight", (channels, channels, 3, 3), ("normal", 0.01)
     yield f"{rpn}.conv.bias", (channels,), ("const", 0.0)
     yield f"{rpn}.objectness_logits.weight", (num_anchors, channels, 1, 1), ("normal", 0.01)
     yield f"{rpn}.objectness_logits.bias", (num_anchors,), ("const", 0.0)
-    yield f"{rpn}.anchor_deltas.weight", (4 * num_anchors, channels, 1, 1), ("normal", 0.01)
-    yield f"{rpn}.anchor_deltas.bias", (4 * num_anchors,), ("const", 0.0)
+    yield f"{rpn}.anchor_deltas.weight", (box_dim * num_anchors, channels, 1, 1), ("normal", 0.01)
+    yield f"{rpn}.anchor_deltas.bias", (box_dim * num_anchors,), ("const", 0.0)
 
 
 def _box_predictor_entries(
-    num_classes: int, features: int, predictor: str = "roi_heads.box_predictor", num_reg: int | None = None
+    num_classes: int, features: int, predictor: str = "roi_heads.box_predictor", num_reg: int | None = None,
+    box_dim: int = 4,
 ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """``FastRCNNOutputLayers`` ``predictor`` over ``features`` inputs (``num_reg`` boxes a
-    proposal: ``num_classes`` by default, 1 when class agnostic)."""
+    proposal of ``box_dim`` deltas each: ``num_classes`` by default, 1 when class agnostic)."""
     num_reg = num_classes if num_reg is None else num_reg
     yield f"{predictor}.cls_score.weight", (num_classes + 1, features), ("normal", 0.01)
     yield f"{predictor}.cls_score.bias", (num_classes + 1,), ("const", 0.0)
-    yield f"{predictor}.bbox_pred.weight", (4 * num_reg, features), ("normal", 0.001)
-    yield f"{predictor}.bbox_pred.bias", (4 * num_reg,), ("const", 0.0)
+    yield f"{predictor}.bbox_pred.weight", (box_dim * num_reg, features), ("normal", 0.001)
+    yield f"{predictor}.bbox_pred.bias", (box_dim * num_reg,), ("const", 0.0)
 
 
 def _entries(
-    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True, cascade_stages: int = 0
+    num_classes: int, variant: _Variant = _DEFAULT, mask_on: bool = True, cascade_stages: int = 0,
+    num_anchors: int = _NUM_ANCHORS, box_dim: int = 4,
 ) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """Every state-dict entry of (Mask/Faster) R-CNN R50-FPN (``variant``'s config) in detectron2's
-    order (module registration order)."""
+    order (module registration order); ``box_dim`` 5 and ``num_anchors`` from the angles for the
+    rotated model."""
     # FPN: detectron2 registers fpn_lateral{s}/fpn_output{s} for s = 2..5, then bottom_up.
     yield from _fpn_entries((2, 3, 4, 5), variant.fpn_norm)
     yield from _resnet50_entries(variant)
 
-    yield from _rpn_head_entries(_FPN_OUT, _NUM_ANCHORS)
+    yield from _rpn_head_entries(_FPN_OUT, num_anchors, box_dim)
 
     if cascade_stages:
         yield from _cascade_box_entries(num_classes, cascade_stages)
     else:
-        yield from _box_entries(num_classes, variant)
+        yield from _box_entries(num_classes, variant, box_dim)
     if not mask_on:
         return
     yield from _mask_head_entries(num_classes, variant)
@@ -264,7 +273,7 @@ def _cascade_box_entries(num_classes: int, stages: int) -> Iterator[tuple[str, t
         yield from _box_predictor_entries(num_classes, _FC_DIM, f"roi_heads.box_predictor.{k}", num_reg=1)
 
 
-def _box_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
+def _box_entries(num_classes: int, variant: _Variant, box_dim: int = 4) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
     """``StandardROIHeads``' box head (``variant``'s convs and fcs) and predictor."""
     box_head = "roi_heads.box_head"
     channels = _FPN_OUT
@@ -276,7 +285,7 @@ def _box_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tup
         yield f"{box_head}.fc{k}.weight", (_FC_DIM, features), ("xavier",)
         yield f"{box_head}.fc{k}.bias", (_FC_DIM,), ("const", 0.0)
         features = _FC_DIM
-    yield from _box_predictor_entries(num_classes, _FC_DIM)
+    yield from _box_predictor_entries(num_classes, _FC_DIM, box_dim=box_dim)
 
 
 def _mask_head_entries(num_classes: int, variant: _Variant) -> Iterator[tuple[str, tuple[int, ...], _Init]]:
@@ -420,6 +429,42 @@ def faster_rcnn_r50_fpn_state_dict(
         calibration = {k: v for k, v in _read_calibration(calibration).items()
                        if not k.startswith(("scale.roi_heads.mask_head.", "value.roi_heads.mask_head."))}
     return _state_dict(_entries(int(num_classes), mask_on=False), int(seed), calibration, "Faster R-CNN R50-FPN")
+
+
+def rotated_faster_rcnn_r50_fpn_state_dict(
+    seed: int = 0,
+    calibration: str | os.PathLike[str] | dict[str, np.ndarray] | None = None,
+    num_classes: int = 80,
+    num_anchors: int = 21,
+) -> dict[str, np.ndarray]:
+    """detectron2's rotated Faster R-CNN R50-FPN state dict
+    (``detlayers/models/config/rotated_faster_rcnn_R_50_FPN_3x.yaml``): the Faster R-CNN one of
+    :func:`faster_rcnn_r50_fpn_state_dict` (same backbone and box-head values for the same seed)
+    with 5 deltas an anchor in ``rpn_head.anchor_deltas`` (``num_anchors`` a cell: sizes x ratios x
+    angles, 21 for the YAML's 1 x 3 x 7) and 5 a class in ``box_predictor.bbox_pred``.
+    ``calibration``: as :func:`mask_rcnn_r50_fpn_state_dict`'s, e.g.
+    :func:`rotated_faster_rcnn_calibration` (mask-head entries are ignored)."""
+    _check_seed(seed)
+    _check_num_classes(num_classes)
+    if calibration is not None:
+        calibration = {k: v for k, v in _read_calibration(calibration).items()
+                       if not k.startswith(("scale.roi_heads.mask_head.", "value.roi_heads.mask_head."))}
+    entries = _entries(int(num_classes), mask_on=False, num_anchors=int(num_anchors), box_dim=5)
+    return _state_dict(entries, int(seed), calibration, "rotated Faster R-CNN R50-FPN")
+
+
+def rotated_faster_rcnn_calibration(
+    frozen_bn_source: str | os.PathLike[str] | dict[str, np.ndarray],
+    head_scales: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """The calibration of :func:`rotated_faster_rcnn_r50_fpn_state_dict`: the FrozenBN statistics of
+    ``frozen_bn_source`` (a Mask R-CNN calibration such as
+    ``tests/fixtures/mask_rcnn_bn_calibration.npz``: the same seed gives the same ResNet-50) and the
+    output-layer factors ``head_scales`` (``{"scale.roi_heads.box_predictor.cls_score.weight": ...}``,
+    measured by ``tools/fixtures/make_rotated_faster_rcnn.py`` and stored in its fixture)."""
+    stats = {k: v for k, v in _read_calibration(frozen_bn_source).items()
+             if k.endswith((".norm.running_mean", ".norm.running_var"))}
+    return {**stats, **dict(head_scales or {})}
 
 
 # detectron2's prior-probability init (bias -4.6) leaves every RetinaNet score near 0.01, under

@@ -31,6 +31,7 @@ from detlayers.models.config.zoo import (
     mask_rcnn_R_101_FPN_3x_config,
     panoptic_fpn_R_50_3x_config,
     retinanet_R_50_FPN_3x_config,
+    rotated_faster_rcnn_R_50_FPN_3x_config,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config",
     "deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config",
     "panoptic_fpn_R_50_3x_config",
+    "rotated_faster_rcnn_R_50_FPN_3x_config",
     "BASE_KEY",
     "CONFIG_VERSION",
 ]

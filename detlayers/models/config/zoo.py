@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 from detlayers.models.config.defaults import get_cfg
@@ -14,6 +15,7 @@ __all__ = [
     "faster_rcnn_R_50_C4_3x_config", "faster_rcnn_R_50_DC5_3x_config", "cascade_mask_rcnn_R_50_FPN_3x_config",
     "deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config", "deeplab_v3_R_103_os16_mg124_poly_90k_bs16_config",
     "panoptic_fpn_R_50_3x_config",
+    "rotated_faster_rcnn_R_50_FPN_3x_config", "ROTATED_FASTER_RCNN_YAML",
 ]
 
 
@@ -289,4 +291,25 @@ def panoptic_fpn_R_50_3x_config() -> CfgNode:
                      "TEST": ("coco_2017_val_panoptic_separated",)},
         "DATALOADER": {"FILTER_EMPTY_ANNOTATIONS": False},
     }))
+    return cfg
+
+
+# The committed YAML of the rotated model (detectron2 has no zoo file for it).
+ROTATED_FASTER_RCNN_YAML = pathlib.Path(__file__).with_name("rotated_faster_rcnn_R_50_FPN_3x.yaml")
+
+
+def rotated_faster_rcnn_R_50_FPN_3x_config() -> CfgNode:
+    """``rotated_faster_rcnn_R_50_FPN_3x.yaml`` (:data:`ROTATED_FASTER_RCNN_YAML`, next to this
+    module): ``faster_rcnn_R_50_FPN_3x.yaml`` with detectron2's rotated parts as its own rotated
+    tests set them: ``RRPN`` over ``RotatedAnchorGenerator`` (sizes 32-512, ratios 0.5/1/2, angles
+    -90..90 every 30 degrees: 21 anchors a cell; deltas weighted ``(1, 1, 1, 1, 1)``) and
+    ``RROIHeads`` (7x7 ``ROIAlignRotated``, 2-fc box head, deltas weighted ``(10, 10, 5, 5, 1)``)."""
+    cfg = faster_rcnn_R_50_FPN_3x_config()
+    cfg.merge_from_other_cfg(CfgNode({"MODEL": {
+        "PROPOSAL_GENERATOR": {"NAME": "RRPN"},
+        "ANCHOR_GENERATOR": {"NAME": "RotatedAnchorGenerator", "ANGLES": [[-90, -60, -30, 0, 30, 60, 90]]},
+        "RPN": {"BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0, 1.0, 1.0)},
+        "ROI_HEADS": {"NAME": "RROIHeads"},
+        "ROI_BOX_HEAD": {"POOLER_TYPE": "ROIAlignRotated", "BBOX_REG_WEIGHTS": (10.0, 10.0, 5.0, 5.0, 1.0)},
+    }}))
     return cfg

@@ -46,7 +46,8 @@ class GeneralizedRCNN(nn.Module):
     * ``canvas_hw``: static ``(H, W)`` at least every ``output_hw``; masks are pasted into that
       canvas (crop ``[:h, :w]`` per image). ``None`` skips pasting.
 
-    Returns a dict with ``pred_boxes [N, D, 4]`` (original-image pixels), ``scores [N, D]``,
+    Returns a dict with ``pred_boxes [N, D, 4]`` (original-image pixels; ``[N, D, 5]`` rotated
+    boxes ``(xc, yc, w, h, angle_degrees)`` with ``RRPN``/``RROIHeads``), ``scores [N, D]``,
     ``pred_classes int32[N, D]``, ``valid bool[N, D]`` (valid slots first, by decreasing score),
     ``num_instances int32[N]``, ``mask_probs [N, D, 28, 28]`` and ``pred_masks bool[N, D, H, W]``
     when masks are on (and a canvas is given); with ``return_intermediates`` also the backbone maps

@@ -35,8 +35,8 @@ __all__ = ["StandardRPNHead", "RPN", "find_top_rpn_proposals", "rpn_losses", "bu
 @RPN_HEAD_REGISTRY.register()
 class StandardRPNHead(nn.Module):
     """``conv`` 3x3 + ReLU shared by all levels, then 1x1 ``objectness_logits`` (A channels) and
-    ``anchor_deltas`` (A*4). Returns per level ``logits [N, H*W*A]`` and ``deltas [N, H*W*A, 4]``
-    in detectron2's (y, x, anchor) order."""
+    ``anchor_deltas`` (A*box_dim: 4, or 5 over rotated anchors). Returns per level
+    ``logits [N, H*W*A]`` and ``deltas [N, H*W*A, box_dim]`` in detectron2's (y, x, anchor) order."""
 
     in_channels: int
     num_anchors: int
@@ -49,7 +49,9 @@ class StandardRPNHead(nn.Module):
         if tuple(cfg.MODEL.RPN.CONV_DIMS) != (-1,):
             raise ValueError("StandardRPNHead: MODEL.RPN.CONV_DIMS must be [-1] (one conv of the input width)")
         channels, num_anchors = head_input_geometry(cfg, input_shape, "StandardRPNHead")
-        return cls(in_channels=channels, num_anchors=num_anchors)
+        # 4 deltas an anchor, 5 for rotated anchors (detectron2 reads the generator's box_dim)
+        box_dim = getattr(build_anchor_generator(cfg, input_shape), "box_dim", 4)
+        return cls(in_channels=channels, num_anchors=num_anchors, box_dim=box_dim)
 
     @nn.compact
     def __call__(self, features: Sequence[Array]) -> tuple[list[Array], list[Array]]:
@@ -219,6 +221,13 @@ class RPN(nn.Module):
     def from_config(cls, cfg: Any, input_shape: Mapping[str, ShapeSpec]) -> RPN:
         """``MODEL.RPN.*`` (top-k, NMS, matching, sampling, loss), ``MODEL.PROPOSAL_GENERATOR.MIN_SIZE``,
         the head ``MODEL.RPN.HEAD_NAME`` and the anchor generator, over ``MODEL.RPN.IN_FEATURES``."""
+        fields = cls.fields_from_config(cfg, input_shape)
+        return cls(box2box_transform=Box2BoxTransform(weights=tuple(cfg.MODEL.RPN.BBOX_REG_WEIGHTS)), **fields)
+
+    @classmethod
+    def fields_from_config(cls, cfg: Any, input_shape: Mapping[str, ShapeSpec]) -> dict[str, Any]:
+        """Every field :meth:`from_config` reads except ``box2box_transform`` (which the rotated
+        RPN makes from the same key)."""
         rpn = cfg.MODEL.RPN
         in_features = tuple(rpn.IN_FEATURES)
         missing = [name for name in in_features if name not in input_shape]
@@ -234,10 +243,9 @@ class RPN(nn.Module):
             raise ValueError(f"RPN: MODEL.RPN.BBOX_REG_LOSS_TYPE {rpn.BBOX_REG_LOSS_TYPE!r} is not supported "
                              "(only 'smooth_l1')")
         shapes = [input_shape[name] for name in in_features]
-        return cls(
+        return dict(
             in_features=in_features, rpn_head=build_rpn_head(cfg, shapes),
             anchor_generator=build_anchor_generator(cfg, shapes),
-            box2box_transform=Box2BoxTransform(weights=tuple(rpn.BBOX_REG_WEIGHTS)),
             pre_nms_topk=rpn.PRE_NMS_TOPK_TEST, post_nms_topk=rpn.POST_NMS_TOPK_TEST, nms_thresh=rpn.NMS_THRESH,
             min_box_size=float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE),
             pre_nms_topk_train=rpn.PRE_NMS_TOPK_TRAIN, post_nms_topk_train=rpn.POST_NMS_TOPK_TRAIN,

@@ -124,7 +124,7 @@ def fast_rcnn_losses(
 
 
 class FastRCNNOutputLayers(nn.Module):
-    """``cls_score`` (K+1 logits) and ``bbox_pred`` (4 per class, or 4 when class agnostic) over
+    """``cls_score`` (K+1 logits) and ``bbox_pred`` (``box_dim`` = 4 per class, or 4 when class agnostic) over
     the box head's output ``input_shape``, their test-time :meth:`inference` and training :meth:`losses`.
 
     ``__call__(x [M, ...]) -> (logits [M, K+1], deltas [M, K*4 or 4])``.
@@ -139,6 +139,7 @@ class FastRCNNOutputLayers(nn.Module):
     test_topk_per_image: int = 100
     smooth_l1_beta: float = 0.0
     box_reg_loss_weight: float = 1.0
+    box_dim: int = 4  # deltas a class: 5 for rotated boxes (RotatedFastRCNNOutputLayers)
 
     @classmethod
     def from_config(cls, cfg: Any, input_shape: ShapeSpec) -> FastRCNNOutputLayers:
@@ -162,11 +163,19 @@ class FastRCNNOutputLayers(nn.Module):
                              "is not supported (only 'smooth_l1')")
         return cls(
             input_shape=input_shape, num_classes=heads.NUM_CLASSES,
-            box2box_transform=Box2BoxTransform(weights=tuple(box.BBOX_REG_WEIGHTS)),
+            box2box_transform=cls.transform_from_weights(tuple(box.BBOX_REG_WEIGHTS)),
             cls_agnostic_bbox_reg=box.CLS_AGNOSTIC_BBOX_REG, test_score_thresh=heads.SCORE_THRESH_TEST,
             test_nms_thresh=heads.NMS_THRESH_TEST, test_topk_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
             smooth_l1_beta=float(box.SMOOTH_L1_BETA), box_reg_loss_weight=float(box.BBOX_REG_LOSS_WEIGHT),
         )
+
+    @classmethod
+    def transform_from_weights(cls, weights: tuple[float, ...]) -> Any:
+        """The box transform of ``MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS`` (4 weights)."""
+        if len(weights) != 4:
+            raise ValueError(f"FastRCNNOutputLayers: MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS must hold 4 weights, "
+                             f"got {weights}")
+        return Box2BoxTransform(weights=weights)
 
     @property
     def input_dim(self) -> int:
@@ -181,7 +190,7 @@ class FastRCNNOutputLayers(nn.Module):
                              f"input_shape {self.input_shape} says {self.input_dim}")
         scores = Linear(self.input_dim, self.num_classes + 1, name="cls_score")(x)
         num_reg = 1 if self.cls_agnostic_bbox_reg else self.num_classes
-        deltas = Linear(self.input_dim, num_reg * 4, name="bbox_pred")(x)
+        deltas = Linear(self.input_dim, num_reg * self.box_dim, name="bbox_pred")(x)
         return scores, deltas
 
     def inference(
