@@ -74,7 +74,7 @@ def test_rows_build_their_models_once_when_timed_and_release_the_previous(monkey
 
     def theirs(arch, weights, device):
         assert device == "cpu"
-        return lambda image: image.sum()
+        return lambda image: image.reshape(-1)[:1]  # one "instance"
 
     toy = dict(state_dict=state_dict, ours=ours, theirs=theirs, theirs_available=lambda arch: True)
     calibrated = models.Architecture("toy A", "Misc/toy_a.yaml", calibration=("mask_rcnn_gn_calibration.npz",), **toy)
@@ -91,6 +91,8 @@ def test_rows_build_their_models_once_when_timed_and_release_the_previous(monkey
     assert previous_alive == [[], []]  # A's models were released before B's were built
     assert state_dict_args == [(models.fixture_file("mask_rcnn_gn_calibration.npz"),), ()]
     assert "toy B 8x12 end-to-end uncalibrated" in capsys.readouterr().out
+    # the summary counts the instances of each side's last output (ours: 2 boxes; theirs: a sum)
+    assert rows[0]["summary"] == {"instances (ours)": 2, "instances (detectron2)": 1}
 
 
 def test_detectron2_rows_return_the_boxes_tensor_on_the_host(monkeypatch):

@@ -218,13 +218,26 @@ def case(arch: Architecture, image: np.ndarray, platform: str, loaded: _Loaded, 
     if not calibrated:
         name += " uncalibrated"
 
+    last: dict[str, Any] = {}  # each side's latest output, for the summary
+
     def run_ours() -> Any:
-        return loaded.get(arch, device, with_theirs)[0](image)[arch.output]
+        last["ours"] = loaded.get(arch, device, with_theirs)[0](image)[arch.output]
+        return last["ours"]
 
     def run_theirs() -> Any:
-        return loaded.get(arch, device, with_theirs)[1](image)
+        last["theirs"] = loaded.get(arch, device, with_theirs)[1](image)
+        return last["theirs"]
 
-    return Case("models", name, run_ours, run_theirs if with_theirs else None, warmup=1, min_repeats=3)
+    def instances(ours_s: float, torch_s: float | None) -> dict[str, Any]:
+        """How many instances each side returned: the rows time the same work only if they agree
+        (about; the two frameworks' float rounding moves a few scores across the threshold)."""
+        counts = {"instances (ours)": len(last["ours"])}
+        if "theirs" in last:
+            counts["instances (detectron2)"] = len(last["theirs"])
+        return counts
+
+    return Case("models", name, run_ours, run_theirs if with_theirs else None, warmup=1, min_repeats=3,
+                summary=None if arch.output == "sem_seg" else instances)
 
 
 def cases(platform: str) -> list[Case]:
