@@ -18,7 +18,9 @@ Both calls are what a user times: host resize, the network, postprocessing (mask
 size) and the row's output copied back to NumPy. The weights are the parity tests' synthetic ones
 (``detlayers.models.synthetic_weights``, seed 0), calibrated with the ``tests/fixtures`` files the
 parity tests use when they are found (a source checkout), so the detections are realistic; without
-them a row says "uncalibrated". DeepLab's are uncalibrated, as in the ``deeplab`` family.
+them a row says "uncalibrated". DeepLab's are uncalibrated, as in the ``deeplab`` family. A line
+under each detection row gives the instances each side returned (the two rows time the same work
+only if these agree).
 
 The models are built when their row is timed, one architecture at a time (the previous one is
 released first): nine sets of weights in both frameworks would not fit beside each other on a small
