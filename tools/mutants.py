@@ -71,6 +71,7 @@ ROI_ROT = ("tests/test_roi_align_rotated.py",)
 BN = ("tests/test_batch_norm.py", "tests/test_sync_batch_norm.py")
 ROT_IOU = ("tests/test_rotated_iou.py",)
 BENCH_TRAIN = ("tests/test_bench_mask_rcnn_train.py",)
+BENCH_MODELS = ("tests/test_bench_models.py",)
 CUDA_SIM = ("tests/test_cuda_simulation.py",)
 ROT_XLA = ("tests/test_nms_rotated_xla.py",)
 TRAIN_STEP = ("tests/test_mask_rcnn_train.py",)
@@ -359,6 +360,19 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_bench.py",), "stream_summary"),
     Mutant("bench-summary-not-in-json", "detlayers/bench/__main__.py",
            '                row["summary"] = summary\n', "", ("tests/test_bench.py",), "summary"),
+    # ---- benchmark: the models family (one row per architecture, built lazily) ---------------------
+    Mutant("bench-models-row-left-out", "detlayers/bench/models.py",
+           "            for arch in ARCHITECTURES]", "            for arch in ARCHITECTURES[1:]]", BENCH_MODELS,
+           "one_row_per_zoo"),
+    Mutant("bench-models-rebuilt-every-call", "detlayers/bench/models.py",
+           "        if self.arch is not arch:", "        if True:", BENCH_MODELS, "rows_build"),
+    Mutant("bench-models-previous-kept-while-building", "detlayers/bench/models.py",
+           "            self.arch = self.predictors = None\n", "", BENCH_MODELS, "rows_build"),
+    Mutant("bench-models-calibration-ignored", "detlayers/bench/models.py",
+           "            return self.state_dict(*paths), True", "            return self.state_dict(), True",
+           BENCH_MODELS, "rows_build"),
+    Mutant("bench-models-detectron2-boxes-object", "detlayers/bench/models.py",
+           'return getattr(value, "tensor", value).cpu()', "return value", BENCH_MODELS, "boxes_tensor"),
     Mutant("oom-any-xla-error-converted", "detlayers/_out_of_memory.py",
            ' and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)', "", ("tests/test_demo_out_of_memory.py",),
            "out_of_memory_as"),

@@ -29,6 +29,7 @@ FAMILIES: dict[str, str] = {
     "mask_rcnn_train": "detlayers.bench.mask_rcnn_train",
     "predictor_mixed_sizes": "detlayers.bench.predictor_mixed_sizes",
     "deeplab": "detlayers.bench.deeplab",
+    "models": "detlayers.bench.models",
 }
 
 

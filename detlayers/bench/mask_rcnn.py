@@ -46,6 +46,9 @@ import numpy as np
 
 from detlayers.bench import Case
 
+# fixture_file and detectron2_default_predictor are also imported from here (the port notebook)
+from detlayers.bench.end_to_end import coffee_bgr, detectron2_default_predictor, fixture_file
+
 IMAGE_HW = (800, 1333)
 # (height, width) of the mixed-size row's photos: COCO's common sizes and camera aspect ratios.
 MIXED_SIZES = ((480, 640), (640, 480), (427, 640), (375, 500), (600, 800), (720, 1280), (1024, 768), (333, 500))
@@ -71,21 +74,7 @@ def mixed_size_images() -> list[np.ndarray]:
 
 def benchmark_image() -> np.ndarray:
     """uint8 [800, 1333, 3] BGR: skimage's coffee() center-cropped to 3:5 and resized with PIL."""
-    import skimage.data
-    from PIL import Image
-
-    rgb = skimage.data.coffee()  # 400 x 600
-    top = (rgb.shape[0] - 360) // 2
-    crop = rgb[top : top + 360]
-    resized = np.asarray(Image.fromarray(crop).resize(IMAGE_HW[::-1], Image.BILINEAR))
-    return np.ascontiguousarray(resized[..., ::-1])
-
-
-def fixture_file(name: str) -> pathlib.Path | None:
-    """``tests/fixtures/<name>`` if this is a source checkout holding it, else ``None`` (an
-    installed package has no tests folder)."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / name
-    return path if path.is_file() else None
+    return coffee_bgr(IMAGE_HW)
 
 
 def calibration_file() -> pathlib.Path | None:
@@ -112,80 +101,9 @@ def _our_predictor(weights: dict[str, np.ndarray]) -> Any:
     return Predictor(cfg, weights)
 
 
-def detectron2_default_predictor(
-    weights: dict[str, np.ndarray],
-    *,
-    config: str | None = None,
-    device: str = "cpu",
-    min_size: int = MIN_SIZE,
-    max_size: int = MAX_SIZE,
-) -> Any:
-    """detectron2's ``DefaultPredictor`` for a model-zoo config holding ``weights``.
-
-    ``config`` is a path under detectron2's ``configs/`` (``"COCO-Detection/retinanet_R_50_FPN_3x.yaml"``),
-    read from the ``model_zoo/configs`` folder of the installed detectron2 (a source install has
-    it; ``detectron2.model_zoo`` is not imported: it needs ``pkg_resources``, which current
-    setuptools no longer ships); ``None`` is ``mask_rcnn_R_50_FPN_3x.yaml`` from values written
-    out here, which needs no YAML file. Raises ImportError when torch or detectron2 is not
-    installed, FileNotFoundError when the YAML is not there.
-    """
-    import torch
-    from detectron2.config import get_cfg
-    from detectron2.engine import DefaultPredictor
-
-    cfg = get_cfg()
-    if config is not None:
-        import detectron2  # not detectron2.model_zoo: importing it needs pkg_resources
-
-        yaml = pathlib.Path(detectron2.__file__).resolve().parent / "model_zoo" / "configs" / config
-        if not yaml.is_file():
-            raise FileNotFoundError(f"config {config!r}: no {yaml} in this detectron2 install")
-        cfg.merge_from_file(str(yaml))
-        cfg.merge_from_list(["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
-                             "INPUT.MIN_SIZE_TEST", min_size, "INPUT.MAX_SIZE_TEST", max_size])
-        return _load_into(DefaultPredictor(cfg), weights, config, torch)
-    # configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml over Base-RCNN-FPN.yaml, at
-    # inference (the training-only keys do not matter here).
-    cfg.merge_from_list([
-        "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
-        "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone",
-        "MODEL.RESNETS.DEPTH", 50,
-        "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-        "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"],
-        "MODEL.ANCHOR_GENERATOR.SIZES", [[32], [64], [128], [256], [512]],
-        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", [[0.5, 1.0, 2.0]],
-        "MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"],
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", 1000,
-        "MODEL.RPN.POST_NMS_TOPK_TEST", 1000,
-        "MODEL.ROI_HEADS.NAME", "StandardROIHeads",
-        "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"],
-        "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
-        "MODEL.ROI_BOX_HEAD.NUM_FC", 2,
-        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7,
-        "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
-        "MODEL.ROI_MASK_HEAD.NUM_CONV", 4,
-        "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", 14,
-        "MODEL.MASK_ON", True,
-        "MODEL.DEVICE", device,
-        "MODEL.WEIGHTS", "",
-        "INPUT.MIN_SIZE_TEST", min_size,
-        "INPUT.MAX_SIZE_TEST", max_size,
-    ])
-    return _load_into(DefaultPredictor(cfg), weights, "mask_rcnn_R_50_FPN_3x.yaml", torch)
-
-
-def _load_into(predictor: Any, weights: dict[str, np.ndarray], config: str, torch: Any) -> Any:
-    missing, unexpected = predictor.model.load_state_dict(
-        {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, strict=False
-    )
-    if missing or unexpected:  # pixel_mean/std and anchors are non-persistent: nothing may differ
-        raise ValueError(f"not a state dict of {config}: missing {missing}, unexpected {unexpected}")
-    return predictor
-
-
 def _detectron2_predictor(weights: dict[str, np.ndarray], device: str) -> Callable[[np.ndarray], Any] | None:
     try:
-        predictor = detectron2_default_predictor(weights, device=device)
+        predictor = detectron2_default_predictor(weights, device=device, min_size=MIN_SIZE, max_size=MAX_SIZE)
     except ImportError:
         return None
 

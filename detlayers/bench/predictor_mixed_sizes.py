@@ -94,7 +94,7 @@ def stream_summary(images: int, ours_s: float, theirs_s: float | None, compiles:
 
 
 def _predictors(weights: dict[str, np.ndarray], device: str) -> tuple[Any, Callable[[np.ndarray], Any] | None]:
-    from detlayers.bench.mask_rcnn import detectron2_default_predictor
+    from detlayers.bench.end_to_end import detectron2_default_predictor
     from detlayers.models import Predictor, mask_rcnn_R_50_FPN_3x_config
 
     cfg = mask_rcnn_R_50_FPN_3x_config()
