@@ -155,7 +155,8 @@ class Predictor:
     arrays with only the valid instances, by decreasing score: ``pred_boxes float32[K, 4]``
     (original-image pixels; ``[K, 5]`` rotated boxes for the rotated Faster R-CNN),
     ``scores float32[K]``, ``pred_classes int64[K]`` and, with masks, ``pred_masks bool[K, H, W]``;
-    a ``PanopticFPN`` adds detectron2's ``sem_seg`` and ``panoptic_seg`` (``(int32[H, W], segments_info)``); a ``SemanticSegmentor`` (DeepLab) returns only ``sem_seg``.
+    a ``PanopticFPN`` adds detectron2's ``sem_seg`` and ``panoptic_seg`` (``(int32[H, W], segments_info)``);
+    a ``SemanticSegmentor`` (DeepLab) returns only ``sem_seg``.
     ``sem_seg`` is ``float32[H, W, num_classes]``, the logits at the original size (detectron2's
     ``[C, H, W]``, NHWC here, as every map of the package). ``predict_batch(images)`` runs several
     images in ONE jitted call (padded to a common size, as detectron2 batches them) and returns one
