@@ -218,7 +218,7 @@ def test_predict_batch_is_one_call_with_per_image_results(tiny):
 
 # (zoo config function, overrides making it tiny): ResNet-18, narrow layers; each keeps the
 # architecture's own code paths (three cascade stages; the panoptic semantic head with GroupNorm
-# and the panoptic combination; DeepLabV3+'s ASPP and decoder).
+# and the panoptic combination; RRPN, ROIAlignRotated and rotated NMS; DeepLabV3+'s ASPP and decoder).
 _TINY_RCNN = [
     "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
     "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
@@ -229,6 +229,7 @@ ARCHITECTURES = {
     "cascade_mask_rcnn": ("cascade_mask_rcnn_R_50_FPN_3x_config", _TINY_RCNN),
     "panoptic_fpn": ("panoptic_fpn_R_50_3x_config", _TINY_RCNN + [
         "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32, "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 6]),
+    "rotated_faster_rcnn": ("rotated_faster_rcnn_R_50_FPN_3x_config", _TINY_RCNN),
     "deeplab_v3_plus": ("deeplab_v3_plus_R_103_os16_mg124_poly_90k_bs16_config", [
         "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.RES2_OUT_CHANNELS", 16,
         "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.SEM_SEG_HEAD.NORM", "BN", "MODEL.SEM_SEG_HEAD.ASPP_CHANNELS", 32,
