@@ -7,6 +7,7 @@ The rows themselves build full models (minutes of compilation, and detectron2) a
 
 import gc
 import json
+import pathlib
 import weakref
 
 import numpy as np
@@ -15,6 +16,16 @@ import pytest
 import detlayers.bench as bench
 from detlayers.bench import models
 from detlayers.bench.__main__ import main
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _fixtures_of_this_checkout(monkeypatch):
+    """The calibration files are this checkout's fixtures (the installed package has no tests folder)."""
+    from detlayers.bench.end_to_end import FIXTURES_ENV
+
+    monkeypatch.setenv(FIXTURES_ENV, str(FIXTURES))
 
 
 def test_one_row_per_zoo_config_function_and_nothing_built_to_list_them(monkeypatch):

@@ -40,7 +40,8 @@ def random_variables(model, *example_args) -> dict:
 
     Kernels and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default; ``fan_in`` the
     product of all kernel axes but the last), FrozenBN scale 1, bias 0, mean 0 and variance 4:
-    statistics that keep activations in range (identity ones let them grow through the backbone).
+    statistics that keep activations in range (identity ones let them grow through the backbone);
+    the scale and bias of a norm layer without a kernel (GroupNorm, BatchNorm), 1 and 0.
     """
     rng = np.random.default_rng(0)
     frozen_bn = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 4.0}
@@ -50,7 +51,7 @@ def random_variables(model, *example_args) -> dict:
         for name, leaf in tree.items():
             if isinstance(leaf, dict):
                 out[name] = fill(collection, leaf)
-            elif collection == "batch_stats":
+            elif collection == "batch_stats" or "kernel" not in tree:  # a norm layer's statistics or affine
                 out[name] = np.full(leaf.shape, frozen_bn[name], leaf.dtype)
             else:  # a layer's kernel and bias
                 bound = 1.0 / np.sqrt(np.prod(tree["kernel"].shape[:-1]))
@@ -238,28 +239,6 @@ ARCHITECTURES = {
 }
 
 
-def _tiny_variables(model, *example_args) -> dict:
-    """As :func:`random_variables`, for trees that also hold normalization layers without a
-    kernel (GroupNorm, BatchNorm's ``scale``/``bias``): those get scale 1, bias 0."""
-    rng = np.random.default_rng(0)
-    norm_stats = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 4.0}
-
-    def fill(collection: str, tree: dict) -> dict:
-        out = {}
-        for name, leaf in tree.items():
-            if isinstance(leaf, dict):
-                out[name] = fill(collection, leaf)
-            elif collection == "batch_stats" or "kernel" not in tree:
-                out[name] = np.full(leaf.shape, norm_stats[name], leaf.dtype)
-            else:
-                bound = 1.0 / np.sqrt(np.prod(tree["kernel"].shape[:-1]))
-                out[name] = rng.uniform(-bound, bound, leaf.shape).astype(leaf.dtype)
-        return out
-
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *example_args)
-    return {collection: fill(collection, tree) for collection, tree in shapes.items()}
-
-
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_every_architecture_round_trips_through_a_jax_only_artifact(architecture, tmp_path):
     import detlayers.models.config as configs
@@ -271,7 +250,7 @@ def test_every_architecture_round_trips_through_a_jax_only_artifact(architecture
     model = build_model(cfg)
     images = jnp.zeros((1, 64, 96, 3), jnp.float32)
     sizes = jnp.asarray([[60, 90]], jnp.int32)
-    predictor = Predictor(cfg, _tiny_variables(model, images, sizes, sizes))
+    predictor = Predictor(cfg, random_variables(model, images, sizes, sizes))
     image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
     inputs = predictor.inputs([image])
     expected = jax.device_get(predictor.run(*inputs))

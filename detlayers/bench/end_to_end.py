@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 SOURCE_ENV = "DETLAYERS_DETECTRON2_SOURCE"
+# A folder holding the test fixtures (an installed package has no tests folder next to it).
+FIXTURES_ENV = "DETLAYERS_FIXTURES_DIR"
 
 
 def coffee_bgr(image_hw: tuple[int, int]) -> np.ndarray:
@@ -36,9 +38,12 @@ def coffee_bgr(image_hw: tuple[int, int]) -> np.ndarray:
 
 
 def fixture_file(name: str) -> pathlib.Path | None:
-    """``tests/fixtures/<name>`` if this is a source checkout holding it, else ``None`` (an
-    installed package has no tests folder)."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / name
+    """``<DETLAYERS_FIXTURES_DIR>/<name>`` when that variable is set, else ``tests/fixtures/<name>``
+    of a source checkout; ``None`` when the file is not there (an installed package has no tests
+    folder: point the variable at a checkout's ``tests/fixtures``)."""
+    env = os.environ.get(FIXTURES_ENV)
+    folder = pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+    path = folder / name
     return path if path.is_file() else None
 
 
