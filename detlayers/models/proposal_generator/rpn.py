@@ -8,7 +8,7 @@ order (decreasing objectness).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +78,9 @@ def find_top_rpn_proposals(
     pre_nms_topk: int,
     post_nms_topk: int,
     min_box_size: float,
+    clip: Callable[[Array, Array, Array], Array] = clip_boxes,
+    is_nonempty: Callable[[Array, float], Array] = nonempty,
+    nms: Callable[..., Any] = batched_nms,
 ) -> tuple[Array, Array, Array]:
     """detectron2's ``find_top_rpn_proposals`` (inference), batched with static shapes.
 
@@ -91,6 +94,10 @@ def find_top_rpn_proposals(
       ``P = min(post_nms_topk, sum_i min(Hi*Wi*A, pre_nms_topk))``. Per level the
       ``pre_nms_topk`` best logits are decoded; per image non-finite and empty boxes (after
       clipping, ``min_box_size``) are dropped, then NMS per level at ``nms_thresh``.
+
+    ``clip(boxes, height, width)``, ``is_nonempty(boxes, min_size)`` and ``nms`` (``batched_nms``'s
+    arguments) are the box kind's operations: the axis-aligned ones by default, the rotated ones
+    for :func:`detlayers.models.proposal_generator.rrpn.find_top_rrpn_proposals`.
     """
     top_boxes, top_logits, level_ids = [], [], []
     for level, (anchors_i, deltas_i, logits_i) in enumerate(zip(anchors, deltas, logits)):
@@ -108,13 +115,14 @@ def find_top_rpn_proposals(
 
     def per_image(boxes_n: Array, scores_n: Array, hw: Array) -> tuple[Array, Array, Array]:
         finite = jnp.all(jnp.isfinite(boxes_n), axis=1) & jnp.isfinite(scores_n)
-        boxes_n = clip_boxes(boxes_n, hw[0], hw[1])
-        keep = finite & nonempty(boxes_n, min_box_size)
+        # (non-finite boxes are dropped below; zeroed first so no clip sees them)
+        boxes_n = clip(jnp.where(finite[:, None], boxes_n, 0.0), hw[0], hw[1])
+        keep = finite & is_nonempty(boxes_n, min_box_size)
         # Dropped candidates become empty boxes ranked last: they can neither suppress nor
         # precede a kept one, so the kept prefix is detectron2's.
         masked_scores = jnp.where(keep, scores_n, -jnp.inf)
         masked_boxes = jnp.where(keep[:, None], boxes_n, 0.0)
-        result = batched_nms(masked_boxes, masked_scores, levels, nms_thresh, max_output_size=num_out)
+        result = nms(masked_boxes, masked_scores, levels, nms_thresh, max_output_size=num_out)
         index = jnp.maximum(result.indices, 0)
         valid = (jnp.arange(num_out) < result.count) & keep[index]
         out_boxes = jnp.where(valid[:, None], masked_boxes[index], 0.0)

@@ -13,15 +13,13 @@ from typing import Any
 
 import flax.linen as nn  # noqa: F401 - names in the annotations of RPN's fields (the API docs resolve them here)
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from detlayers.boxes import clip_rotated_boxes, nonempty_rotated
 from detlayers.models.anchor_generator import DefaultAnchorGenerator  # noqa: F401 - as nn above
 from detlayers.models.box_regression import Box2BoxTransform, Box2BoxTransformRotated  # noqa: F401 - as nn
 from detlayers.models.matcher import Matcher  # noqa: F401 - as nn above
-from detlayers.models.proposal_generator.rpn import RPN
+from detlayers.models.proposal_generator.rpn import RPN, find_top_rpn_proposals
 from detlayers.models.registry import PROPOSAL_GENERATOR_REGISTRY
 from detlayers.nms import batched_nms_rotated
 from detlayers.shape_spec import ShapeSpec
@@ -59,36 +57,11 @@ def find_top_rrpn_proposals(
       clipped to the image (``RotatedBoxes.clip``; the others are left as they are), boxes with a
       side ``<= min_box_size`` are dropped, then rotated NMS per level at ``nms_thresh``.
     """
-    top_boxes, top_logits, level_ids = [], [], []
-    for level, (anchors_i, deltas_i, logits_i) in enumerate(zip(anchors, deltas, logits)):
-        k = min(int(logits_i.shape[1]), pre_nms_topk)
-        scores_i, index = lax.top_k(logits_i.astype(jnp.float32), k)
-        picked_deltas = jnp.take_along_axis(deltas_i.astype(jnp.float32), index[..., None], axis=1)
-        picked_anchors = jnp.take(jnp.asarray(anchors_i), index, axis=0)
-        top_boxes.append(box2box_transform.apply_deltas(picked_deltas, picked_anchors))
-        top_logits.append(scores_i)
-        level_ids.append(np.full((k,), level, np.int32))
-    boxes = jnp.concatenate(top_boxes, axis=1)
-    scores = jnp.concatenate(top_logits, axis=1)
-    levels = jnp.asarray(np.concatenate(level_ids))
-    num_out = min(post_nms_topk, int(boxes.shape[1]))
-
-    def per_image(boxes_n: Array, scores_n: Array, hw: Array) -> tuple[Array, Array, Array]:
-        finite = jnp.all(jnp.isfinite(boxes_n), axis=1) & jnp.isfinite(scores_n)
-        boxes_n = clip_rotated_boxes(jnp.where(finite[:, None], boxes_n, 0.0), hw[0], hw[1])
-        keep = finite & nonempty_rotated(boxes_n, min_box_size)
-        # Dropped candidates become empty boxes ranked last: they can neither suppress nor
-        # precede a kept one, so the kept prefix is detectron2's.
-        masked_scores = jnp.where(keep, scores_n, -jnp.inf)
-        masked_boxes = jnp.where(keep[:, None], boxes_n, 0.0)
-        result = batched_nms_rotated(masked_boxes, masked_scores, levels, nms_thresh, max_output_size=num_out)
-        index = jnp.maximum(result.indices, 0)
-        valid = (jnp.arange(num_out) < result.count) & keep[index]
-        out_boxes = jnp.where(valid[:, None], masked_boxes[index], 0.0)
-        out_scores = jnp.where(valid, scores_n[index], -jnp.inf)
-        return out_boxes, out_scores, valid
-
-    return jax.vmap(per_image)(boxes, scores, image_hw)
+    return find_top_rpn_proposals(
+        anchors, deltas, logits, image_hw, box2box_transform=box2box_transform, nms_thresh=nms_thresh,
+        pre_nms_topk=pre_nms_topk, post_nms_topk=post_nms_topk, min_box_size=min_box_size,
+        clip=clip_rotated_boxes, is_nonempty=nonempty_rotated, nms=batched_nms_rotated,
+    )
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()
